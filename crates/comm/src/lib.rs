@@ -1,0 +1,92 @@
+//! Collectives between the tensor-parallel ranks of one pipeline stage, and point-to-point
+//! transfers between stages.
+//!
+//! The model code only sees the [`Collective`] trait, so the same layer types run on one
+//! process ([`Local`], world size 1), over TCP between CPUs, or over NCCL between GPUs.
+
+use std::time::Duration;
+
+/// Why a collective failed. Every wait has a deadline, so a dead peer becomes an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("rank {peer} did not answer within {timeout:?}")]
+    Timeout { peer: usize, timeout: Duration },
+    #[error("rank {rank} is out of range for world size {world}")]
+    BadRank { rank: usize, world: usize },
+    #[error("connection to rank {peer} failed: {message}")]
+    Io { peer: usize, message: String },
+    #[error("length mismatch in {op}: this rank has {local} elements, rank {peer} has {remote}")]
+    LengthMismatch { op: &'static str, local: usize, peer: usize, remote: usize },
+}
+
+/// A group of ranks that compute together. All ranks must call the same collectives in the
+/// same order with the same lengths.
+pub trait Collective: Send + Sync {
+    /// This process's rank in `0..world_size()`.
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `buf` over all ranks, written back into every rank's `buf`.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// Concatenation of every rank's `local` in rank order.
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
+    /// `buf` on `root` is copied to every other rank's `buf`.
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError>;
+    /// Sends `buf` to `peer` (pipeline stage hand-off).
+    fn send(&self, buf: &[f32], peer: usize) -> Result<(), CommError>;
+    /// Receives exactly `buf.len()` values from `peer`.
+    fn recv(&self, buf: &mut [f32], peer: usize) -> Result<(), CommError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&self) -> Result<(), CommError>;
+}
+
+/// The collective of a world of one: every operation is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Local;
+
+impl Collective for Local {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        Ok(local.to_vec())
+    }
+    fn broadcast(&self, _buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        if root != 0 {
+            return Err(CommError::BadRank { rank: root, world: 1 });
+        }
+        Ok(())
+    }
+    fn send(&self, _buf: &[f32], peer: usize) -> Result<(), CommError> {
+        Err(CommError::BadRank { rank: peer, world: 1 })
+    }
+    fn recv(&self, _buf: &mut [f32], peer: usize) -> Result<(), CommError> {
+        Err(CommError::BadRank { rank: peer, world: 1 })
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_collectives_are_the_identity() {
+        let c = Local;
+        let mut v = vec![1.0, 2.0, 3.0];
+        c.all_reduce_sum(&mut v).unwrap();
+        assert_eq!(v, [1.0, 2.0, 3.0]);
+        assert_eq!(c.all_gather(&v).unwrap(), v);
+        assert!(c.broadcast(&mut v, 0).is_ok());
+        assert!(matches!(c.broadcast(&mut v, 1), Err(CommError::BadRank { rank: 1, world: 1 })));
+        assert!(c.send(&v, 1).is_err());
+        c.barrier().unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! Causal attention over a sequence's KV cache: a tiled online-softmax ("flash") kernel
+//! that never materialises the T×T score matrix, grouped-query and sliding-window aware,
+//! plus the naive reference it is tested against.
+
+use rayon::prelude::*;
+
+use crate::simd;
+
+/// Keys scored per tile: the tile's scores live on the stack.
+const TILE: usize = 64;
+
+/// Shape of one attention call on this rank.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Where the queries and keys sit in the sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSpan {
+    /// Absolute position of the first query; query i is at `q_pos0 + i`.
+    pub q_pos0: usize,
+    /// Absolute position of the first key held in the cache slice; key j is at `k_pos0 + j`.
+    pub k_pos0: usize,
+    /// A query at p sees key k only when p - k < window (None: every earlier key).
+    pub window: Option<usize>,
+}
+
+impl AttnSpan {
+    /// The key indices (into the cache slice) that query position `p` attends to.
+    fn keys_for(&self, p: usize, n_k: usize) -> std::ops::Range<usize> {
+        let first_pos = match self.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        };
+        let lo = first_pos.saturating_sub(self.k_pos0).min(n_k);
+        let hi = (p + 1).saturating_sub(self.k_pos0).min(n_k);
+        lo..hi.max(lo)
+    }
+}
+
+/// `out[i, h] = softmax_j(q[i, h] · k[j, g(h)]) v[j, g(h)]` over the keys query i may see.
+///
+/// `q` and `out` are `[n_q, n_heads * head_dim]`; `k` and `v` are `[n_k, n_kv_heads * head_dim]`.
+/// The caller has already scaled `q`. Runs on the current rayon pool, one task per
+/// (query, head).
+pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
+    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let kv_dim = n_kv_heads * hd;
+    let n_k = k.len() / kv_dim;
+    let group = n_heads / n_kv_heads;
+    debug_assert_eq!(q.len(), out.len());
+    debug_assert_eq!(k.len(), v.len());
+    out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+        let (i, h) = (task / n_heads, task % n_heads);
+        let g = h / group;
+        let qv = &q[task * hd..(task + 1) * hd];
+        let keys = span.keys_for(span.q_pos0 + i, n_k);
+        o.fill(0.0);
+        let mut m = f32::NEG_INFINITY;
+        let mut l = 0f32;
+        let mut scores = [0f32; TILE];
+        let mut start = keys.start;
+        while start < keys.end {
+            let end = (start + TILE).min(keys.end);
+            let s = &mut scores[..end - start];
+            let mut tile_max = f32::NEG_INFINITY;
+            for (j, sj) in (start..end).zip(s.iter_mut()) {
+                *sj = simd::dot(qv, &k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]);
+                tile_max = tile_max.max(*sj);
+            }
+            let m_new = m.max(tile_max);
+            // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
+            let correction = (m - m_new).exp();
+            if correction != 1.0 {
+                simd::scale(o, correction);
+            }
+            l *= correction;
+            for (j, &sj) in (start..end).zip(s.iter()) {
+                let p = (sj - m_new).exp();
+                l += p;
+                simd::axpy(o, p, &v[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]);
+            }
+            m = m_new;
+            start = end;
+        }
+        if l > 0.0 {
+            simd::scale(o, 1.0 / l);
+        }
+    });
+}
+
+/// The textbook version: full score rows, softmax, weighted sum. Tests only.
+pub fn naive_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
+    let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
+    let kv_dim = n_kv_heads * hd;
+    let n_k = k.len() / kv_dim;
+    let n_q = q.len() / (n_heads * hd);
+    for i in 0..n_q {
+        let p = span.q_pos0 + i;
+        for h in 0..n_heads {
+            let g = h / (n_heads / n_kv_heads);
+            let qv = &q[(i * n_heads + h) * hd..][..hd];
+            let scores: Vec<f64> = (0..n_k)
+                .map(|j| {
+                    let kp = span.k_pos0 + j;
+                    let visible = kp <= p && span.window.is_none_or(|w| p - kp < w);
+                    if visible {
+                        (0..hd).map(|d| qv[d] as f64 * k[j * kv_dim + g * hd + d] as f64).sum()
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let o = &mut out[(i * n_heads + h) * hd..][..hd];
+            for d in 0..hd {
+                let acc: f64 = (0..n_k).map(|j| w[j] * v[j * kv_dim + g * hd + d] as f64).sum();
+                o[d] = if z > 0.0 { (acc / z) as f32 } else { 0.0 };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn check(shape: AttnShape, n_q: usize, n_k: usize, span: AttnSpan, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
+        let q = r(n_q * shape.n_heads * shape.head_dim);
+        let k = r(n_k * shape.n_kv_heads * shape.head_dim);
+        let v = r(n_k * shape.n_kv_heads * shape.head_dim);
+        let mut got = vec![0f32; q.len()];
+        let mut want = vec![0f32; q.len()];
+        flash_attention(&q, &k, &v, shape, span, &mut got);
+        naive_attention(&q, &k, &v, shape, span, &mut want);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "element {i}: flash {a} vs naive {b} ({shape:?}, {span:?}, n_q {n_q}, n_k {n_k})");
+        }
+    }
+
+    #[test]
+    fn flash_equals_naive_for_odd_lengths_windows_and_grouped_heads() {
+        let shapes = [
+            AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 16 },
+            AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 8 },
+            AttnShape { n_heads: 3, n_kv_heads: 3, head_dim: 5 },
+        ];
+        let mut seed = 0;
+        for shape in shapes {
+            for (n_q, n_k) in [(1, 1), (1, 67), (13, 13), (29, 200), (7, 129)] {
+                for window in [None, Some(1), Some(5), Some(64), Some(65), Some(1000)] {
+                    seed += 1;
+                    let span = AttnSpan { q_pos0: n_k - n_q, k_pos0: 0, window };
+                    check(shape, n_q, n_k, span, seed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flash_equals_naive_when_the_cache_holds_only_a_suffix_of_the_keys() {
+        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 12 };
+        // Keys 100..170 are held; queries at 160..170 with a window of 37.
+        let span = AttnSpan { q_pos0: 160, k_pos0: 100, window: Some(37) };
+        check(shape, 10, 70, span, 99);
+    }
+
+    #[test]
+    fn a_query_sees_exactly_window_keys_including_itself() {
+        let span = AttnSpan { q_pos0: 0, k_pos0: 0, window: Some(512) };
+        assert_eq!(span.keys_for(511, 2048), 0..512);
+        assert_eq!(span.keys_for(512, 2048), 1..513);
+        assert_eq!(span.keys_for(3, 2048), 0..4);
+    }
+}

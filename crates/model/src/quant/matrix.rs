@@ -1,0 +1,307 @@
+//! [`QMatrix`]: a weight matrix in ggml blocks and its parallel quantized matmul.
+//!
+//! `matmul` quantizes the input rows once (Q8_0 or Q8_K as the weight type needs), then
+//! splits the weight rows over the *current* rayon pool (the caller sizes it with
+//! `--threads` and runs us inside `pool.install`). Decode (n = 1) splits rows evenly over
+//! the threads; prefill (n > 1) gives each task a chunk of weight rows small enough to stay
+//! in L1/L2 while all token rows stream past it four at a time.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::act::{BlockQ8K, BlockQ8_0};
+use super::blocks::QK_K;
+use super::kernels::{activation_quantizers, active_isa, select, DotKernels, Isa, Kernel};
+use super::{dequantize, GgmlDType, QuantError};
+
+/// Bytes of one weight tensor: borrowed from the mmapped GGUF file, or owned (after a column split, or made by tests).
+#[derive(Clone)]
+pub enum WeightBytes {
+    /// `len` bytes at `offset` of a mapped file, shared by every matrix cut from it.
+    Mmap { map: Arc<memmap2::Mmap>, offset: usize, len: usize },
+    /// Bytes in memory.
+    Owned(Arc<Vec<u8>>),
+}
+
+impl WeightBytes {
+    /// The bytes. An `Mmap` range outside the file reads as empty (which [`QMatrix::new`]
+    /// reports as an error), so a corrupt tensor directory cannot cause a panic here.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            WeightBytes::Mmap { map, offset, len } => {
+                offset.checked_add(*len).and_then(|end| map.get(*offset..end)).unwrap_or(&[])
+            }
+            WeightBytes::Owned(v) => v,
+        }
+    }
+
+    /// Checks an `Mmap` range against the file size.
+    fn check(&self) -> Result<(), QuantError> {
+        if let WeightBytes::Mmap { map, offset, len } = self {
+            if offset.checked_add(*len).map_or(true, |end| end > map.len()) {
+                return Err(QuantError::OutOfFile { offset: *offset, len: *len, file_len: map.len() });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for WeightBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightBytes::Mmap { offset, len, .. } => write!(f, "Mmap {{ offset: {offset}, len: {len} }}"),
+            WeightBytes::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
+        }
+    }
+}
+
+/// A weight matrix W [rows = out features, cols = in features], row-major in ggml blocks.
+#[derive(Clone)]
+pub struct QMatrix {
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: WeightBytes,
+    /// Byte offset of row 0 within `data` (non-zero after `slice_rows`).
+    start: usize,
+}
+
+impl fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "QMatrix {{ {} {}x{}, {:?} }}", self.dtype, self.rows, self.cols, self.data)
+    }
+}
+
+/// Weight bytes of a prefill task: aim for this much so the chunk stays cache-resident.
+const PREFILL_CHUNK_BYTES: usize = 24 * 1024;
+/// Below this many weight bytes a decode matmul runs on the calling thread alone.
+const SERIAL_BYTES: usize = 32 * 1024;
+/// Above this many weight bytes a decode matmul is cut into several tasks per thread, so a
+/// descheduled thread does not stall the whole (memory-bound) projection.
+const MANY_TASKS_BYTES: usize = 4 << 20;
+
+impl QMatrix {
+    /// Wraps `data` as a `rows × cols` matrix of `dtype`; checks the type is supported, rows
+    /// are whole blocks and the byte length is exact.
+    pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: WeightBytes) -> Result<Self, QuantError> {
+        if !dtype.is_supported() {
+            return Err(QuantError::Unsupported(dtype));
+        }
+        let row_bytes = dtype.bytes_for(cols).ok_or(QuantError::NotBlockMultiple {
+            dtype,
+            len: cols,
+            block: dtype.block_size(),
+        })?;
+        let expected = rows.checked_mul(row_bytes).ok_or(QuantError::ShapeOverflow { dtype, rows, cols })?;
+        data.check()?;
+        let got = data.as_slice().len();
+        if got != expected {
+            return Err(QuantError::ByteLength { dtype, elems: rows * cols, expected, got });
+        }
+        Ok(Self { dtype, rows, cols, row_bytes, data, start: 0 })
+    }
+
+    /// The block type of the weights.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Encoded bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Encoded bytes of the whole matrix (what a matmul streams from memory).
+    pub fn nbytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// The encoded rows, e.g. to write the matrix back to a file.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data.as_slice()[self.start..self.start + self.nbytes()]
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let s = self.start + r * self.row_bytes;
+        &self.data.as_slice()[s..s + self.row_bytes]
+    }
+
+    /// Rows [start, end) — cheap, shares the bytes (tensor-parallel split of output features).
+    pub fn slice_rows(&self, start: usize, end: usize) -> Result<Self, QuantError> {
+        if start > end || end > self.rows {
+            return Err(QuantError::BadRange { axis: "row", start, end, size: self.rows });
+        }
+        Ok(Self { rows: end - start, start: self.start + start * self.row_bytes, ..self.clone() })
+    }
+
+    /// Columns [start, end) — copies; both ends must fall on a block boundary (tensor-parallel split of input features).
+    pub fn slice_cols(&self, start: usize, end: usize) -> Result<Self, QuantError> {
+        if start > end || end > self.cols {
+            return Err(QuantError::BadRange { axis: "column", start, end, size: self.cols });
+        }
+        let block = self.dtype.block_size();
+        if let Some(&col) = [start, end].iter().find(|&&c| c % block != 0) {
+            return Err(QuantError::ColumnNotOnBlock { dtype: self.dtype, col, block });
+        }
+        let bpb = self.dtype.type_size();
+        let (b0, b1) = (start / block * bpb, end / block * bpb);
+        let mut bytes = Vec::with_capacity(self.rows * (b1 - b0));
+        for r in 0..self.rows {
+            bytes.extend_from_slice(&self.row(r)[b0..b1]);
+        }
+        Self::new(self.dtype, self.rows, end - start, WeightBytes::Owned(Arc::new(bytes)))
+    }
+
+    /// Dequantizes row r into out (len cols) — embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range for {} rows", self.rows);
+        assert_eq!(out.len(), self.cols, "dequantize_row: output length");
+        dequantize(self.dtype, self.row(r), out).expect("QMatrix invariants guarantee a valid row");
+    }
+
+    /// out[t * rows + r] = sum_c x[t * cols + c] * W[r, c] for t in 0..n.  x.len() == n*cols, out.len() == n*rows.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_with(active_isa(), x, n, out)
+    }
+
+    /// [`matmul`](Self::matmul) with an explicit kernel choice (tests compare both).
+    pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols, "matmul: input is not n x cols");
+        assert_eq!(out.len(), n * self.rows, "matmul: output is not n x rows");
+        if n == 0 || self.rows == 0 {
+            return;
+        }
+        if self.cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
+        let (q8_0, q8_k) = activation_quantizers(isa);
+        match kernel {
+            Kernel::F32(k) => self.run(x, self.cols, n, &k, out),
+            Kernel::Q8_0(k) => {
+                let acts = quantize_rows(x, n, self.cols / 32, BlockQ8_0::ZERO, q8_0);
+                self.run(&acts, self.cols / 32, n, &k, out)
+            }
+            Kernel::Q8K(k) => {
+                let acts = quantize_rows(x, n, self.cols / QK_K, BlockQ8K::ZERO, q8_k);
+                self.run(&acts, self.cols / QK_K, n, &k, out)
+            }
+        }
+    }
+
+    /// The parallel row loop shared by all weight types; `acts` holds `n` rows of `per_tok`
+    /// activation units (blocks, or floats for float weights).
+    fn run<A: Sync>(&self, acts: &[A], per_tok: usize, n: usize, k: &DotKernels<A>, out: &mut [f32]) {
+        let rows = self.rows;
+        let threads = rayon::current_num_threads();
+        if n == 1 {
+            let one = k.one;
+            let nbytes = self.nbytes();
+            if threads == 1 || nbytes < SERIAL_BYTES {
+                out.iter_mut().enumerate().for_each(|(r, o)| *o = one(self.row(r), acts));
+                return;
+            }
+            let tasks = if nbytes > MANY_TASKS_BYTES { threads * 8 } else { threads };
+            let chunk = rows.div_ceil(tasks);
+            out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = one(self.row(ci * chunk + j), acts);
+                }
+            });
+            return;
+        }
+
+        // Prefill: chunks of weight rows, each multiplied with all n token rows.
+        let cb: usize = std::env::var("QCHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_CHUNK_BYTES);
+        let mut chunk = (cb / self.row_bytes).max(1);
+        let min_tasks = threads * 4;
+        if rows.div_ceil(chunk) < min_tasks {
+            chunk = rows.div_ceil(min_tasks).max(1);
+        }
+        let ntasks = rows.div_ceil(chunk);
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let task = |ti: usize| {
+            let (r0, r1) = (ti * chunk, ((ti + 1) * chunk).min(rows));
+            let act = |t: usize| &acts[t * per_tok..(t + 1) * per_tok];
+            let mut t = 0;
+            while t + 4 <= n {
+                let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+                for r in r0..r1 {
+                    let v = (k.four)(self.row(r), a);
+                    for (j, v) in v.into_iter().enumerate() {
+                        // SAFETY: see `OutPtr`; (t + j) < n and r < rows.
+                        unsafe { out_ptr.write((t + j) * rows + r, v) };
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n {
+                for r in r0..r1 {
+                    // SAFETY: see `OutPtr`; t < n and r < rows.
+                    unsafe { out_ptr.write(t * rows + r, (k.one)(self.row(r), act(t))) };
+                }
+            }
+        };
+        if threads == 1 {
+            (0..ntasks).for_each(task);
+        } else {
+            (0..ntasks).into_par_iter().for_each(task);
+        }
+    }
+}
+
+/// The output of a prefill matmul, written by parallel tasks whose rows interleave in memory.
+///
+/// SAFETY: `run` creates it from `out: &mut [f32]` with `out.len() == n * rows` (asserted in
+/// `matmul_with`) and holds that exclusive borrow until every task has finished. Task `ti`
+/// writes only indices `t * rows + r` with `t < n` and `r` in its own row range
+/// `[ti * chunk, (ti + 1) * chunk)`, ranges of different tasks are disjoint, and nothing reads
+/// `out` meanwhile, so every write is in bounds and no two threads touch the same element.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: see the type's documentation: the pointer is only used for disjoint writes while
+// the owning `&mut [f32]` is borrowed by `run`.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` must be in bounds of the output and written by no other task.
+    #[inline(always)]
+    unsafe fn write(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// Quantizes `n` rows of `x` into `n * per_row` activation blocks, in parallel when large.
+fn quantize_rows<B: Copy + Send + Sync>(
+    x: &[f32],
+    n: usize,
+    per_row: usize,
+    zero: B,
+    f: impl Fn(&[f32], &mut [B]) + Sync,
+) -> Vec<B> {
+    let mut acts = vec![zero; n * per_row];
+    let cols = x.len() / n;
+    if n >= 8 && x.len() >= 1 << 15 && rayon::current_num_threads() > 1 {
+        acts.par_chunks_mut(per_row).zip(x.par_chunks(cols)).for_each(|(b, x)| f(x, b));
+    } else {
+        acts.chunks_mut(per_row).zip(x.chunks(cols)).for_each(|(b, x)| f(x, b));
+    }
+    acts
+}

@@ -1,0 +1,173 @@
+//! Portable scalar dot kernels: one weight row (ggml blocks) · one activation row.
+//!
+//! Integer sums inside each block, one f32 multiply-add per block (or sub-block scale), as
+//! llama.cpp's generic kernels do; they are the fallback on CPUs without AVX2 and the
+//! reference the SIMD kernels are tested against.
+
+use half::{bf16, f16};
+
+use super::act::{BlockQ8K, BlockQ8_0};
+use super::blocks::{f16_at, k_scales_mins, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
+
+/// Q8_0 weights · Q8_0 activations.
+pub fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q8_0_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(a) {
+        let mut s = 0i32;
+        for j in 0..32 {
+            s += b[2 + j] as i8 as i32 * y.qs[j] as i32;
+        }
+        acc += f16_at(b, 0) * y.d * s as f32;
+    }
+    acc
+}
+
+/// Q4_0 weights · Q8_0 activations.
+pub fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q4_0_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q4_0_BYTES).zip(a) {
+        let mut s = 0i32;
+        for j in 0..16 {
+            s += ((b[2 + j] & 0xF) as i32 - 8) * y.qs[j] as i32;
+            s += ((b[2 + j] >> 4) as i32 - 8) * y.qs[j + 16] as i32;
+        }
+        acc += f16_at(b, 0) * y.d * s as f32;
+    }
+    acc
+}
+
+/// Q5_0 weights · Q8_0 activations.
+pub fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q5_0_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q5_0_BYTES).zip(a) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut s = 0i32;
+        for j in 0..16 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            s += (((b[6 + j] & 0xF) as u32 | h0) as i32 - 16) * y.qs[j] as i32;
+            s += (((b[6 + j] >> 4) as u32 | h1) as i32 - 16) * y.qs[j + 16] as i32;
+        }
+        acc += f16_at(b, 0) * y.d * s as f32;
+    }
+    acc
+}
+
+/// Q4_K weights · Q8_K activations: `d·Σ sc_j·(q·a)_j − dmin·Σ mn_j·bsum_j` per super-block.
+pub fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q4_K_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q4_K_BYTES).zip(a) {
+        let (sc, mn) = k_scales_mins(&b[4..16]);
+        let qs = &b[16..144];
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for c in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                lo += (qs[32 * c + l] & 0xF) as i32 * y.qs[64 * c + l] as i32;
+                hi += (qs[32 * c + l] >> 4) as i32 * y.qs[64 * c + 32 + l] as i32;
+            }
+            sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
+        }
+        for j in 0..8 {
+            summ += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        }
+        acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
+    }
+    acc
+}
+
+/// Q5_K weights · Q8_K activations.
+pub fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q5_K_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q5_K_BYTES).zip(a) {
+        let (sc, mn) = k_scales_mins(&b[4..16]);
+        let qh = &b[16..48];
+        let qs = &b[48..176];
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for c in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for l in 0..32 {
+                let h0 = ((qh[l] >> (2 * c)) & 1) << 4;
+                let h1 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                lo += ((qs[32 * c + l] & 0xF) | h0) as i32 * y.qs[64 * c + l] as i32;
+                hi += ((qs[32 * c + l] >> 4) | h1) as i32 * y.qs[64 * c + 32 + l] as i32;
+            }
+            sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
+        }
+        for j in 0..8 {
+            summ += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        }
+        acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
+    }
+    acc
+}
+
+/// Q6_K weights · Q8_K activations.
+pub fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), a.len() * Q6_K_BYTES);
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(Q6_K_BYTES).zip(a) {
+        let mut sumi = 0i32;
+        for h in 0..2 {
+            let ql = &b[64 * h..64 * h + 64];
+            let qh = &b[128 + 32 * h..128 + 32 * h + 32];
+            let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+            let q8 = &y.qs[128 * h..128 * h + 128];
+            let mut s = [0i32; 8];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                s[is] += q1 * q8[l] as i32;
+                s[is + 2] += q2 * q8[l + 32] as i32;
+                s[is + 4] += q3 * q8[l + 64] as i32;
+                s[is + 6] += q4 * q8[l + 96] as i32;
+            }
+            for k in 0..8 {
+                sumi += sc[k] as i8 as i32 * s[k];
+            }
+        }
+        acc += f16_at(b, 208) * y.d * sumi as f32;
+    }
+    acc
+}
+
+/// Sums `f(i) * x[i]` with 8 independent accumulators so the compiler can vectorise it.
+#[inline(always)]
+fn dot_f32_by(n: usize, x: &[f32], f: impl Fn(usize) -> f32) -> f32 {
+    debug_assert_eq!(x.len(), n);
+    let mut acc = [0f32; 8];
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for k in 0..8 {
+            acc[k] += f(i + k) * x[i + k];
+        }
+    }
+    let mut r = 0f32;
+    for i in full..n {
+        r += f(i) * x[i];
+    }
+    acc.iter().sum::<f32>() + r
+}
+
+/// F32 weights (little-endian bytes) · f32 activations.
+pub fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
+    dot_f32_by(x.len(), x, |i| f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]))
+}
+
+/// F16 weights · f32 activations.
+pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    dot_f32_by(x.len(), x, |i| f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
+}
+
+/// BF16 weights · f32 activations.
+pub fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
+    dot_f32_by(x.len(), x, |i| bf16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
+}

@@ -1,0 +1,347 @@
+//! Cross-module tests of the quantized kernels: every dot kernel against dequantize-then-dot,
+//! matmul against a naive reference, matrix slicing, and malformed inputs.
+
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::act::{dequantize_q8_0, dequantize_q8_k, quantize_row_q8_0, quantize_row_q8_k, BlockQ8K, BlockQ8_0};
+use super::kernels::{avx2_available, select, Isa, Kernel};
+use super::*;
+
+const TYPES: [GgmlDType; 9] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q5_0,
+    GgmlDType::Q4_K,
+    GgmlDType::Q5_K,
+    GgmlDType::Q6_K,
+];
+
+/// The kernel sets this machine can run.
+fn isas() -> Vec<Isa> {
+    if avx2_available() {
+        vec![Isa::Scalar, Isa::Avx2]
+    } else {
+        vec![Isa::Scalar]
+    }
+}
+
+/// Byte offsets of the f16 scale fields of one block.
+fn scale_fields(dtype: GgmlDType) -> &'static [usize] {
+    match dtype {
+        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0 => &[0],
+        GgmlDType::Q4_K | GgmlDType::Q5_K => &[0, 2],
+        GgmlDType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+fn random_floats(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// One weight row of `cols` values: random bytes with sane f16 scales (odd seeds) or
+/// quantized random floats (even seeds); float types always encode random floats.
+fn random_row(dtype: GgmlDType, cols: usize, rng: &mut StdRng, raw: bool) -> Vec<u8> {
+    if !raw || scale_fields(dtype).is_empty() {
+        return quantize(dtype, &random_floats(rng, cols)).unwrap();
+    }
+    let mut bytes: Vec<u8> = (0..dtype.bytes_for(cols).unwrap()).map(|_| rng.gen()).collect();
+    for block in bytes.chunks_mut(dtype.type_size()) {
+        for &off in scale_fields(dtype) {
+            let d = half::f16::from_f32(rng.gen_range(0.01f32..0.1));
+            block[off..off + 2].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// Σ a·b in f64, and Σ |a·b| as the scale for a relative tolerance.
+fn dot_ref(a: &[f32], b: &[f32]) -> (f64, f64) {
+    a.iter().zip(b).fold((0.0, 0.0), |(s, m), (&x, &y)| (s + x as f64 * y as f64, m + (x as f64 * y as f64).abs()))
+}
+
+fn assert_close(got: f32, want: (f64, f64), rel: f64, what: &str) {
+    let err = (got as f64 - want.0).abs();
+    assert!(err <= rel * want.1 + 1e-6, "{what}: got {got}, want {}, err {err}, scale {}", want.0, want.1);
+}
+
+#[test]
+fn every_dot_kernel_equals_dequantize_then_dot_on_quantized_activations() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let cols = 4 * 256;
+    for dtype in TYPES {
+        for isa in isas() {
+            let kernel = select(dtype, isa).unwrap();
+            for trial in 0..6 {
+                let w = random_row(dtype, cols, &mut rng, trial % 2 == 1);
+                let mut wf = vec![0f32; cols];
+                dequantize(dtype, &w, &mut wf).unwrap();
+                let xs: Vec<Vec<f32>> = (0..4).map(|_| random_floats(&mut rng, cols)).collect();
+                let what = format!("{dtype} {isa:?} trial {trial}");
+                match &kernel {
+                    Kernel::F32(k) => {
+                        let a: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+                        let four = (k.four)(&w, [a[0], a[1], a[2], a[3]]);
+                        for t in 0..4 {
+                            let want = dot_ref(&wf, a[t]);
+                            assert_close((k.one)(&w, a[t]), want, 1e-5, &what);
+                            assert_close(four[t], want, 1e-5, &what);
+                        }
+                    }
+                    Kernel::Q8_0(k) => {
+                        let q: Vec<Vec<BlockQ8_0>> = xs
+                            .iter()
+                            .map(|x| {
+                                let mut b = vec![BlockQ8_0::ZERO; cols / 32];
+                                quantize_row_q8_0(x, &mut b);
+                                b
+                            })
+                            .collect();
+                        let four = (k.four)(&w, [&q[0], &q[1], &q[2], &q[3]]);
+                        for t in 0..4 {
+                            let want = dot_ref(&wf, &dequantize_q8_0(&q[t]));
+                            assert_close((k.one)(&w, &q[t]), want, 1e-4, &what);
+                            assert_close(four[t], want, 1e-4, &what);
+                        }
+                    }
+                    Kernel::Q8K(k) => {
+                        let q: Vec<Vec<BlockQ8K>> = xs
+                            .iter()
+                            .map(|x| {
+                                let mut b = vec![BlockQ8K::ZERO; cols / 256];
+                                quantize_row_q8_k(x, &mut b);
+                                b
+                            })
+                            .collect();
+                        let four = (k.four)(&w, [&q[0], &q[1], &q[2], &q[3]]);
+                        for t in 0..4 {
+                            let want = dot_ref(&wf, &dequantize_q8_k(&q[t]));
+                            assert_close((k.one)(&w, &q[t]), want, 1e-4, &what);
+                            assert_close(four[t], want, 1e-4, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn float_kernels_handle_rows_that_are_not_a_multiple_of_sixteen() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+        for cols in [1, 7, 23, 40] {
+            let m = random_matrix(dtype, 3, cols, &mut rng);
+            let x = random_floats(&mut rng, 5 * cols);
+            check_matmul_against_reference(&m, &x, 5);
+        }
+    }
+}
+
+fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut StdRng) -> QMatrix {
+    let mut bytes = Vec::new();
+    for r in 0..rows {
+        bytes.extend(random_row(dtype, cols, rng, r % 2 == 1));
+    }
+    QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap()
+}
+
+/// The activations a kernel of `dtype` really multiplies with: x itself for float weights,
+/// else x after Q8_0 / Q8_K quantization and back.
+fn effective_activations(dtype: GgmlDType, x: &[f32]) -> Vec<f32> {
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => x.to_vec(),
+        GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0 => {
+            let mut b = vec![BlockQ8_0::ZERO; x.len() / 32];
+            quantize_row_q8_0(x, &mut b);
+            dequantize_q8_0(&b)
+        }
+        _ => {
+            let mut b = vec![BlockQ8K::ZERO; x.len() / 256];
+            quantize_row_q8_k(x, &mut b);
+            dequantize_q8_k(&b)
+        }
+    }
+}
+
+/// Checks `m.matmul(x, n)` on every kernel set against a naive f64 loop over dequantized W.
+fn check_matmul_against_reference(m: &QMatrix, x: &[f32], n: usize) {
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut w = vec![0f32; rows * cols];
+    for r in 0..rows {
+        m.dequantize_row(r, &mut w[r * cols..(r + 1) * cols]);
+    }
+    for isa in isas() {
+        let mut out = vec![f32::NAN; n * rows];
+        m.matmul_with(isa, x, n, &mut out);
+        for t in 0..n {
+            let xt = &x[t * cols..(t + 1) * cols];
+            let xq = effective_activations(m.dtype(), xt);
+            for r in 0..rows {
+                let wr = &w[r * cols..(r + 1) * cols];
+                let what = format!("{} {isa:?} n={n} t={t} r={r}", m.dtype());
+                assert_close(out[t * rows + r], dot_ref(wr, &xq), 1e-4, &what);
+                // And against the unquantized input, loosely: 8-bit activations.
+                assert_close(out[t * rows + r], dot_ref(wr, xt), 2e-2, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_a_naive_reference_for_one_three_and_seventeen_tokens() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for dtype in TYPES {
+        let (rows, cols) = (37, 512);
+        let m = random_matrix(dtype, rows, cols, &mut rng);
+        for n in [1, 3, 17] {
+            let x = random_floats(&mut rng, n * cols);
+            check_matmul_against_reference(&m, &x, n);
+        }
+    }
+}
+
+#[test]
+fn matmul_of_a_large_matrix_splits_rows_over_threads_without_changing_results() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (rows, cols) = (1000, 1024);
+    let m = random_matrix(GgmlDType::Q4_K, rows, cols, &mut rng);
+    let x = random_floats(&mut rng, 9 * cols);
+    let run = |threads: usize, n: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut out = vec![0f32; n * rows];
+        pool.install(|| m.matmul(&x[..n * cols], n, &mut out));
+        out
+    };
+    for n in [1, 9] {
+        assert_eq!(run(1, n), run(3, n), "n={n}");
+    }
+    // A token's result does not depend on which other tokens share the batch.
+    assert_eq!(run(2, 1), run(2, 9)[..rows].to_vec());
+}
+
+#[test]
+fn slice_rows_gives_the_matching_rows_of_the_full_matmul() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for dtype in TYPES {
+        let m = random_matrix(dtype, 20, 256, &mut rng);
+        let x = random_floats(&mut rng, 5 * 256);
+        let mut full = vec![0f32; 5 * 20];
+        m.matmul(&x, 5, &mut full);
+        let s = m.slice_rows(6, 15).unwrap();
+        assert_eq!((s.rows(), s.cols(), s.nbytes()), (9, 256, 9 * m.row_bytes()));
+        let mut part = vec![0f32; 5 * 9];
+        s.matmul(&x, 5, &mut part);
+        for t in 0..5 {
+            assert_eq!(part[t * 9..(t + 1) * 9], full[t * 20 + 6..t * 20 + 15], "{dtype}");
+        }
+        let mut row = vec![0f32; 256];
+        let mut want = vec![0f32; 256];
+        s.dequantize_row(2, &mut row);
+        m.dequantize_row(8, &mut want);
+        assert_eq!(row, want);
+    }
+}
+
+#[test]
+fn slice_cols_halves_sum_to_the_full_matmul() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for dtype in TYPES {
+        let (rows, cols) = (12, 1024);
+        let m = random_matrix(dtype, rows, cols, &mut rng);
+        let x = random_floats(&mut rng, 3 * cols);
+        let mut full = vec![0f32; 3 * rows];
+        m.matmul(&x, 3, &mut full);
+        let (a, b) = (m.slice_cols(0, 512).unwrap(), m.slice_cols(512, 1024).unwrap());
+        let xa: Vec<f32> = x.chunks(cols).flat_map(|r| r[..512].to_vec()).collect();
+        let xb: Vec<f32> = x.chunks(cols).flat_map(|r| r[512..].to_vec()).collect();
+        let (mut oa, mut ob) = (vec![0f32; 3 * rows], vec![0f32; 3 * rows]);
+        a.matmul(&xa, 3, &mut oa);
+        b.matmul(&xb, 3, &mut ob);
+        for i in 0..3 * rows {
+            let sum = oa[i] + ob[i];
+            assert!((sum - full[i]).abs() <= 1e-4 * (1.0 + full[i].abs()), "{dtype} {i}: {sum} vs {}", full[i]);
+        }
+    }
+}
+
+#[test]
+fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
+    let owned = |n: usize| WeightBytes::Owned(Arc::new(vec![0u8; n]));
+    assert!(matches!(
+        QMatrix::new(GgmlDType::Q8_0, 2, 64, owned(135)),
+        Err(QuantError::ByteLength { expected: 136, got: 135, .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlDType::Q4_K, 2, 640, owned(0)),
+        Err(QuantError::NotBlockMultiple { len: 640, block: 256, .. })
+    ));
+    assert!(matches!(QMatrix::new(GgmlDType::Q2_K, 1, 256, owned(84)), Err(QuantError::Unsupported(_))));
+    assert!(matches!(
+        QMatrix::new(GgmlDType::F32, usize::MAX / 2, 4, owned(0)),
+        Err(QuantError::ShapeOverflow { .. })
+    ));
+    let m = QMatrix::new(GgmlDType::Q8_0, 4, 64, owned(4 * 68)).unwrap();
+    assert!(matches!(m.slice_rows(3, 5), Err(QuantError::BadRange { axis: "row", .. })));
+    assert!(matches!(m.slice_rows(3, 2), Err(QuantError::BadRange { .. })));
+    assert!(matches!(m.slice_cols(0, 96), Err(QuantError::BadRange { axis: "column", .. })));
+    assert!(matches!(m.slice_cols(16, 64), Err(QuantError::ColumnNotOnBlock { col: 16, block: 32, .. })));
+    assert_eq!(m.slice_cols(32, 64).unwrap().nbytes(), 4 * 34);
+
+    let mut file = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut file, &[0u8; 100]).unwrap();
+    // SAFETY: the temporary file is private to this test and not modified while mapped.
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+    let past_end = WeightBytes::Mmap { map: map.clone(), offset: 90, len: 34 };
+    assert!(past_end.as_slice().is_empty());
+    assert!(matches!(
+        QMatrix::new(GgmlDType::Q8_0, 1, 32, past_end),
+        Err(QuantError::OutOfFile { offset: 90, len: 34, file_len: 100 })
+    ));
+    let overflow = WeightBytes::Mmap { map: map.clone(), offset: usize::MAX, len: 2 };
+    assert!(matches!(QMatrix::new(GgmlDType::Q8_0, 1, 32, overflow), Err(QuantError::OutOfFile { .. })));
+    let ok = WeightBytes::Mmap { map, offset: 66, len: 34 };
+    assert_eq!(QMatrix::new(GgmlDType::Q8_0, 1, 32, ok).unwrap().nbytes(), 34);
+}
+
+#[test]
+fn kernel_name_reports_the_kernels_this_process_runs() {
+    let forced = std::env::var("TPSERVE_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
+    let want = if avx2_available() && !forced { "avx2" } else { "scalar" };
+    assert_eq!(kernel_name(), want);
+}
+
+#[test]
+fn asking_for_a_missing_instruction_set_falls_back_to_scalar_kernels() {
+    // On CPUs with AVX2 this only checks that both choices give kernels for every type.
+    for dtype in TYPES {
+        assert!(select(dtype, Isa::Avx2).is_some() && select(dtype, Isa::Scalar).is_some());
+    }
+    assert!(select(GgmlDType::Q3_K, Isa::Avx2).is_none());
+}
+
+#[test]
+fn simd_activation_quantizers_give_the_same_blocks_as_the_scalar_reference() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut x: Vec<f32> = (0..8 * 256).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    // Exact rounding ties and an all-zero block.
+    x[3] = 0.5 * 4.0 / 127.0;
+    x[300..556].iter_mut().for_each(|v| *v = 0.0);
+    for isa in isas() {
+        let (q8_0, q8_k) = super::kernels::activation_quantizers(isa);
+        let (mut a, mut b) = (vec![BlockQ8_0::ZERO; x.len() / 32], vec![BlockQ8_0::ZERO; x.len() / 32]);
+        q8_0(&x, &mut a);
+        quantize_row_q8_0(&x, &mut b);
+        assert_eq!(a, b, "{isa:?}");
+        let (mut a, mut b) = (vec![BlockQ8K::ZERO; x.len() / 256], vec![BlockQ8K::ZERO; x.len() / 256]);
+        q8_k(&x, &mut a);
+        quantize_row_q8_k(&x, &mut b);
+        assert_eq!(a, b, "{isa:?}");
+    }
+}

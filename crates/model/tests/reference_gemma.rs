@@ -1,0 +1,89 @@
+//! The default model (Gemma 3 270M Q4_K_M) against llama.cpp's outputs in
+//! `shared/data/reference`: greedy tokens and top-5 log-probabilities.
+
+mod common;
+
+use std::sync::Arc;
+
+use tpserve_comm::Local;
+use tpserve_model::gguf::Gguf;
+use tpserve_model::layers::TpRank;
+use tpserve_model::model::{LogitsWanted, Model, SeqChunk};
+use tpserve_types::sampling::{argmax, logsumexp};
+
+/// Our log-probabilities must be within this many nats of llama.cpp's for each of its
+/// top-5 tokens at every position (both quantize activations to 8 bits the same way).
+const LOGPROB_TOLERANCE: f32 = 0.05;
+
+fn load() -> Option<Model> {
+    let path = common::default_model()?;
+    let g = Gguf::open(path).unwrap();
+    Some(Model::load(&g, TpRank::SINGLE, Arc::new(Local)).unwrap())
+}
+
+#[test]
+fn greedy_tokens_match_llama_cpp_up_to_the_first_near_tie() {
+    let Some(model) = load() else { return };
+    let pool = common::pool(2);
+    let mut total_match = 0;
+    let mut total = 0;
+    for case in common::read_jsonl("greedy.jsonl") {
+        let prompt = common::ids(&case["prompt_ids"]);
+        let want = common::ids(&case["output_ids"]);
+        let margins: Vec<f64> = case["top2_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let got = pool.install(|| {
+            let mut cache = model.new_cache();
+            let mut b = [SeqChunk { tokens: &prompt, cache: &mut cache, logits: LogitsWanted::Last }];
+            let mut logits = model.forward(&mut b).unwrap().remove(0);
+            let mut out = Vec::new();
+            for _ in 0..want.len() {
+                let id = argmax(&logits);
+                out.push(id);
+                let mut b = [SeqChunk { tokens: &[id], cache: &mut cache, logits: LogitsWanted::Last }];
+                logits = model.forward(&mut b).unwrap().remove(0);
+            }
+            out
+        });
+        let must = margins.iter().position(|&m| m < 0.05).unwrap_or(want.len()).min(16);
+        let matched = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        println!("{:?}: {matched}/{} tokens match (required {must})", case["prompt"].as_str().unwrap(), want.len());
+        assert!(matched >= must, "prompt {:?}: only {matched} tokens match, {must} required\n got {got:?}\nwant {want:?}", case["prompt"]);
+        total_match += matched;
+        total += want.len();
+    }
+    println!("greedy: {total_match}/{total} reference tokens match in all");
+}
+
+#[test]
+fn top5_logprobs_match_llama_cpp_within_tolerance() {
+    let Some(model) = load() else { return };
+    let pool = common::pool(2);
+    let mut worst = 0f32;
+    for case in common::read_jsonl("top5-logprobs.jsonl") {
+        let prompt = common::ids(&case["prompt_ids"]);
+        let output = common::ids(&case["output_ids"]);
+        let top5 = case["top5"].as_array().or_else(|| case["top5_logprobs"].as_array()).expect("a top5 field");
+        // Teacher forcing: prompt + reference output in one pass, logits at every position.
+        let mut all = prompt.clone();
+        all.extend(&output[..output.len() - 1]);
+        let logits = pool.install(|| {
+            let mut cache = model.new_cache();
+            let mut b = [SeqChunk { tokens: &all, cache: &mut cache, logits: LogitsWanted::All }];
+            model.forward(&mut b).unwrap().remove(0)
+        });
+        let v = model.config().vocab;
+        for (i, entries) in top5.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + i) * v..(prompt.len() + i) * v];
+            let lse = logsumexp(row.iter().copied());
+            for e in entries.as_array().unwrap() {
+                let id = e[0].as_u64().unwrap() as usize;
+                let want = e[1].as_f64().unwrap() as f32;
+                let got = row[id] - lse;
+                let d = (got - want).abs();
+                worst = worst.max(d);
+                assert!(d < LOGPROB_TOLERANCE, "prompt {:?} position {i} token {id}: ours {got:.4} vs llama.cpp {want:.4}", case["prompt"]);
+            }
+        }
+    }
+    println!("top-5 logprobs: worst difference from llama.cpp {worst:.4} nats (tolerance {LOGPROB_TOLERANCE})");
+}

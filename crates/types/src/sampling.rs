@@ -1,0 +1,245 @@
+//! Sampling a next token from logits: greedy, temperature, top-k and top-p.
+//!
+//! Temperature sampling uses the Gumbel-max trick with noise that is a pure function of
+//! (seed, step, token id): `argmax_i(logit_i / T + g_i)` is an exact sample of
+//! `softmax(logit / T)`. Because the noise of a token does not depend on which process
+//! looks at it, ranks that each hold a slice of the vocabulary can each take their own
+//! argmax and the coordinator picks the best, with the same result as one process.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TokenId;
+
+/// How to pick the next token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Seed of the Gumbel noise: the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// A sampling parameter outside its domain.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// Standard Gumbel noise for (seed, step, token): deterministic, independent across tokens.
+pub fn gumbel(seed: u64, step: u64, token: TokenId) -> f32 {
+    let mut h = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (token as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    h = splitmix64(h);
+    h = splitmix64(h);
+    // Uniform in (0, 1), never 0 or 1.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (-(-u.ln()).ln()) as f32
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Index of the largest value; ties go to the lowest index; NaN never wins.
+pub fn argmax(values: &[f32]) -> TokenId {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in values.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as TokenId
+}
+
+/// log(sum(exp(v))), computed stably.
+pub fn logsumexp(values: impl Iterator<Item = f32> + Clone) -> f32 {
+    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let s: f64 = values.map(|v| ((v - max) as f64).exp()).sum();
+    max + s.ln() as f32
+}
+
+/// The `n` most likely tokens with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(TokenId, f32)> {
+    let lse = logsumexp(logits.iter().copied());
+    top_k_indices(logits, n).into_iter().map(|i| (i, logits[i as usize] - lse)).collect()
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+pub fn top_k_indices(values: &[f32], k: usize) -> Vec<TokenId> {
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<TokenId> = (0..values.len() as TokenId).collect();
+    let cmp = |a: &TokenId, b: &TokenId| {
+        values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b))
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+/// Picks the next token from full logits. `step` is the index of the token being generated
+/// (it varies the noise from one step to the next).
+pub fn sample(logits: &[f32], params: &SamplingParams, step: u64) -> TokenId {
+    if params.is_greedy() {
+        return argmax(logits);
+    }
+    let t = params.temperature;
+    let restricted = params.top_k > 0 || params.top_p < 1.0;
+    if !restricted {
+        // Gumbel-max over the whole vocabulary.
+        let mut best = 0;
+        let mut best_v = f32::NEG_INFINITY;
+        for (i, &l) in logits.iter().enumerate() {
+            let v = l / t + gumbel(params.seed, step, i as TokenId);
+            if v > best_v {
+                best_v = v;
+                best = i as TokenId;
+            }
+        }
+        return best;
+    }
+    let k = if params.top_k == 0 { logits.len() } else { params.top_k };
+    let cand = top_k_indices(logits, k);
+    let kept = top_p_prefix(&cand, logits, t, params.top_p);
+    let mut best = cand[0];
+    let mut best_v = f32::NEG_INFINITY;
+    for &i in &cand[..kept] {
+        let v = logits[i as usize] / t + gumbel(params.seed, step, i);
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best
+}
+
+/// How many of `sorted` (most likely first) the nucleus keeps: the shortest prefix whose
+/// probability under softmax(logit / t) over `sorted` reaches `top_p` (at least one).
+pub fn top_p_prefix(sorted: &[TokenId], logits: &[f32], t: f32, top_p: f32) -> usize {
+    if top_p >= 1.0 || sorted.is_empty() {
+        return sorted.len();
+    }
+    let scaled = sorted.iter().map(|&i| logits[i as usize] / t);
+    let lse = logsumexp(scaled.clone());
+    let mut cum = 0f64;
+    for (n, v) in scaled.enumerate() {
+        cum += ((v - lse) as f64).exp();
+        if cum >= top_p as f64 {
+            return n + 1;
+        }
+    }
+    sorted.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_argmax_and_breaks_ties_low() {
+        let p = SamplingParams::default();
+        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &p, 0), 1);
+    }
+
+    #[test]
+    fn gumbel_max_frequencies_match_softmax_probabilities() {
+        let logits = [1.0f32, 0.0, -1.0, 2.0];
+        let t = 0.8;
+        let p = SamplingParams { temperature: t, top_k: 0, top_p: 1.0, seed: 42 };
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for step in 0..n {
+            counts[sample(&logits, &p, step) as usize] += 1;
+        }
+        let lse = logsumexp(logits.iter().map(|l| l / t));
+        for i in 0..4 {
+            let expected = ((logits[i] / t - lse) as f64).exp();
+            let got = counts[i] as f64 / n as f64;
+            // 5 standard errors of a binomial proportion.
+            let se = (expected * (1.0 - expected) / n as f64).sqrt();
+            assert!((got - expected).abs() < 5.0 * se, "token {i}: {got} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_never_pick_outside_the_kept_set() {
+        let logits = [5.0f32, 4.9, 0.0, -3.0, 1.0];
+        let p = SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 7 };
+        for step in 0..2000 {
+            assert!(sample(&logits, &p, step) < 2);
+        }
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 7 };
+        for step in 0..2000 {
+            assert_eq!(sample(&logits, &p, step), 0);
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_same_tokens_and_other_seeds_differ() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1 };
+        let a: Vec<_> = (0..50).map(|s| sample(&logits, &p, s)).collect();
+        let b: Vec<_> = (0..50).map(|s| sample(&logits, &p, s)).collect();
+        let c: Vec<_> = (0..50).map(|s| sample(&logits, &SamplingParams { seed: 2, ..p }, s)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn top_logprobs_are_normalised_and_sorted() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let t = top_logprobs(&logits, 3);
+        assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 1, 0]);
+        let total: f32 = t.iter().map(|x| x.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected_with_the_value() {
+        let p = SamplingParams { temperature: -1.0, ..Default::default() };
+        assert_eq!(p.validate(), Err(SamplingError::Temperature(-1.0)));
+        let p = SamplingParams { top_p: 0.0, ..Default::default() };
+        assert_eq!(p.validate(), Err(SamplingError::TopP(0.0)));
+    }
+}

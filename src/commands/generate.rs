@@ -1,0 +1,144 @@
+//! `tpserve generate`: one prompt in, streamed text out (or one JSON object).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tpserve_model::chat::{self, Message};
+use tpserve_model::generate::{generate, GenerateRequest};
+use tpserve_types::SamplingParams;
+
+use super::{thread_pool, Loaded};
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The prompt text (special tokens such as `<start_of_turn>` written in it are recognised).
+    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file instead.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128, env = "TPSERVE_MAX_TOKENS")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 picks the most likely token every time (greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample only among the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probabilities add up to p (1 = no limit).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Random seed (default: a fresh one each run).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system prompt for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Print one JSON object {"prompt_ids", "output_ids", "text", "timings"} instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    /// Prompt tokens per forward pass while prefilling.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}: cannot read it as UTF-8 text", f.display()))?,
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give some text with --prompt or --prompt-file");
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens 0: ask for at least one token");
+    }
+    if args.prefill_chunk == 0 {
+        bail!("--prefill-chunk 0: must be at least 1");
+    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)),
+    };
+    sampling.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+
+    let pool = thread_pool(args.model.threads)?;
+    let loaded = Loaded::open(&args.model)?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = if args.chat {
+        let cfg = tpserve_model::config::ModelConfig::from_gguf(&loaded.gguf)?;
+        let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
+        let template = chat::template_for(file_template, cfg.arch, tok.token_id("<|start_header_id|>").is_some());
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message { role: "system".into(), content: s.clone() });
+        }
+        messages.push(Message { role: "user".into(), content: prompt });
+        let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or("").to_owned();
+        let text = chat::render(&template, &messages, &piece(tok.bos_id()), &piece(tok.eos_id()), true)?;
+        tok.encode(&text, false, true)
+    } else {
+        tok.encode(&prompt, true, true)
+    };
+    let model = pool.install(|| loaded.model())?;
+    let ctx = model.config().context_len;
+    if prompt_ids.len() >= ctx {
+        bail!("the prompt is {} tokens, but the model's context is {ctx}: shorten it", prompt_ids.len());
+    }
+    let req = GenerateRequest {
+        prompt_ids: prompt_ids.clone(),
+        max_tokens: args.max_tokens,
+        sampling,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        prefill_chunk: args.prefill_chunk,
+    };
+    let stdout = std::io::stdout();
+    let out = pool.install(|| {
+        generate(&model, tok, &req, |piece| {
+            if !args.json {
+                let mut o = stdout.lock();
+                let _ = o.write_all(piece.as_bytes());
+                let _ = o.flush();
+            }
+        })
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt_ids": prompt_ids,
+                "output_ids": out.output_ids,
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+                "timings": out.timings,
+            })
+        );
+    } else {
+        println!();
+        let t = &out.timings;
+        eprintln!(
+            "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
+            t.prefill_tokens, t.prefill_tokens_per_s, t.decode_tokens, t.decode_tokens_per_s, out.finish_reason
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! One module per subcommand, plus the model loading they share.
+
+pub mod generate;
+pub mod tokenize;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tpserve_model::gguf::Gguf;
+use tpserve_model::layers::TpRank;
+use tpserve_model::model::Model;
+use tpserve_model::tokenizer::Tokenizer;
+
+use tpserve_model::fetch;
+
+use crate::ModelArgs;
+
+/// A model file opened with its tokenizer (and, when asked, its weights).
+pub struct Loaded {
+    pub gguf: Gguf,
+    pub tokenizer: Tokenizer,
+}
+
+impl Loaded {
+    pub fn open(args: &ModelArgs) -> Result<Self> {
+        let path = fetch::resolve_model(args.model.as_deref())?;
+        let gguf = Gguf::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("cannot read the tokenizer of {}", path.display()))?;
+        Ok(Self { gguf, tokenizer })
+    }
+
+    pub fn model(&self) -> Result<Model> {
+        Model::load(&self.gguf, TpRank::SINGLE, Arc::new(tpserve_comm::Local)).context("cannot load the model weights")
+    }
+}
+
+/// The compute pool: `--threads` workers (default: available cores).
+pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let n = match threads {
+        Some(0) => bail!("--threads 0: need at least one thread"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("tpserve-compute-{i}"))
+        .build()
+        .context("cannot start compute threads")
+}

@@ -1,0 +1,70 @@
+//! `tpserve`: the command line. Parsing and dispatch only; the work lives in the crates.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tpserve_model::fetch;
+
+/// Serve large language models from a cluster of tensor- and pipeline-parallel workers.
+#[derive(Parser)]
+#[command(name = "tpserve", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the model cache.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(commands::generate::GenerateArgs),
+    /// Print the token ids of a text.
+    Tokenize(commands::tokenize::TokenizeArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Download the default model (Gemma 3 270M Q4_K_M) into $TPSERVE_HOME/models and verify it.
+    Fetch {
+        /// Download again even if a verified copy is cached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the path of the default model in the cache (fetching it if needed).
+    Path,
+}
+
+/// Which model to load and how many threads to compute with.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A GGUF model file; without it the default model is fetched and cached.
+    #[arg(long, env = "TPSERVE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Compute threads (default: the number of available cores).
+    #[arg(long, env = "TPSERVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Model { action: ModelAction::Fetch { force } } => fetch::fetch_default(force).map(|p| println!("{}", p.display())).map_err(Into::into),
+        Command::Model { action: ModelAction::Path } => fetch::fetch_default(false).map(|p| println!("{}", p.display())).map_err(Into::into),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Tokenize(args) => commands::tokenize::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
