@@ -38,6 +38,8 @@ enum ModelAction {
     },
     /// Print the path of the default model in the cache (fetching it if needed).
     Path,
+    /// Print a model file's metadata and tensor directory.
+    Info(ModelArgs),
 }
 
 /// Which model to load and how many threads to compute with.
@@ -60,6 +62,7 @@ fn main() {
     let result = match cli.command {
         Command::Model { action: ModelAction::Fetch { force } } => fetch::fetch_default(force).map(|p| println!("{}", p.display())).map_err(Into::into),
         Command::Model { action: ModelAction::Path } => fetch::fetch_default(false).map(|p| println!("{}", p.display())).map_err(Into::into),
+        Command::Model { action: ModelAction::Info(args) } => commands::info(&args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
     };

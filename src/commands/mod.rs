@@ -47,3 +47,20 @@ pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .build()
         .context("cannot start compute threads")
 }
+
+/// `tpserve model info`: metadata (arrays summarised) and tensors with their types and shapes.
+pub fn info(args: &ModelArgs) -> Result<()> {
+    let path = fetch::resolve_model(args.model.as_deref())?;
+    let g = Gguf::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+    println!("{} (GGUF v{}, {} bytes)", path.display(), g.version, g.file_len());
+    for (k, v) in &g.metadata {
+        match v.as_array() {
+            Some(a) => println!("{k} = [{} items]", a.len()),
+            None => println!("{k} = {v:?}"),
+        }
+    }
+    for t in g.tensors.values() {
+        println!("{:<32} {:<5} {:?}", t.name, t.dtype, t.dims);
+    }
+    Ok(())
+}

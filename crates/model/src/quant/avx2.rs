@@ -82,7 +82,7 @@ unsafe fn bytes_from_bits_32(p: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn nibbles_32(p: *const u8) -> __m256i {
-    let lo = load128(p as *const u8);
+    let lo = load128(p);
     let both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
 }
@@ -254,10 +254,10 @@ pub unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N
         let (d, dmin) = (f16_at(tab, b), f16_at(tab, b.add(2)));
         let (sc, mins) = k_scales(b.add(4));
         let scales = _mm256_broadcastsi128_si256(sc);
-        let hbits = load256(b.add(16) as *const u8);
+        let hbits = load256(b.add(16));
         let mut sumi = [_mm256_setzero_si256(); N];
         for j in 0..4 {
-            let q5 = load256(b.add(48 + 32 * j) as *const u8);
+            let q5 = load256(b.add(48 + 32 * j));
             // Bit 2j (resp. 2j+1) of each qh byte is bit 4 of the low (resp. high) nibble.
             let hl = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
             let hh = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
@@ -300,7 +300,7 @@ pub unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N
     for i in 0..nb {
         let b = wp.add(i * Q6_K_BYTES);
         let d = f16_at(tab, b.add(208));
-        let sc8 = load128(b.add(192) as *const u8);
+        let sc8 = load128(b.add(192));
         let sc16 = _mm256_cvtepi8_epi16(sc8);
         let mut sumi = [_mm256_setzero_si256(); N];
         for t in 0..N {
@@ -309,9 +309,9 @@ pub unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N
             sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[t]);
         }
         for h in 0..2 {
-            let ql1 = load256(b.add(64 * h) as *const u8);
-            let ql2 = load256(b.add(64 * h + 32) as *const u8);
-            let qh = load256(b.add(128 + 32 * h) as *const u8);
+            let ql1 = load256(b.add(64 * h));
+            let ql2 = load256(b.add(64 * h + 32));
+            let qh = load256(b.add(128 + 32 * h));
             for k in 0..4 {
                 let lo = match k {
                     0 => _mm256_and_si256(ql1, m4),
@@ -352,8 +352,8 @@ const K_BF16: u8 = 2;
 unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
     match K {
         K_F32 => _mm256_castsi256_ps(load256(p)),
-        K_F16 => _mm256_cvtph_ps(load128(p as *const u8)),
-        _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p as *const u8)), 16)),
+        K_F16 => _mm256_cvtph_ps(load128(p)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p)), 16)),
     }
 }
 
@@ -364,7 +364,6 @@ unsafe fn dot_float<const K: u8, const N: usize>(w: &[u8], x: [&[f32]; N], tail:
     let size = if K == K_F32 { 4 } else { 2 };
     let n = w.len() / size;
     let wp = w.as_ptr();
-    let tab = f16_table();
     let mut acc0 = [_mm256_setzero_ps(); N];
     let mut acc1 = [_mm256_setzero_ps(); N];
     let full = n / 16 * 16;
@@ -472,7 +471,7 @@ pub unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
         let top = _mm256_set1_epi32(127);
         let ones = _mm256_set1_epi8(1);
         let mut bsum_pairs = [_mm256_setzero_si256(); 8];
-        for j in 0..8 {
+        for (j, pairs) in bsum_pairs.iter_mut().enumerate() {
             let q = |k: usize| {
                 let v = _mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(32 * j + 8 * k) as *const u8)), vs);
                 let r = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -481,11 +480,11 @@ pub unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
             let packed = pack_i8(q(0), q(1), q(2), q(3));
             _mm256_storeu_si256(yb.qs.as_mut_ptr().add(32 * j) as *mut __m256i, packed);
             // 1 (unsigned) · q (signed), summed in pairs.
-            bsum_pairs[j] = _mm256_maddubs_epi16(ones, packed);
+            *pairs = _mm256_maddubs_epi16(ones, packed);
         }
-        for j in 0..8 {
+        for (j, &pairs) in bsum_pairs.iter().enumerate() {
             // 16 i16 pair sums of 32 values -> two sums of 16.
-            let s32 = _mm256_madd_epi16(bsum_pairs[j], _mm256_set1_epi16(1));
+            let s32 = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
             let lo = _mm256_castsi256_si128(s32);
             let hi = _mm256_extracti128_si256(s32, 1);
             let lo = _mm_hadd_epi32(lo, lo);

@@ -226,8 +226,7 @@ impl QMatrix {
         }
 
         // Prefill: chunks of weight rows, each multiplied with all n token rows.
-        let cb: usize = std::env::var("QCHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_CHUNK_BYTES);
-        let mut chunk = (cb / self.row_bytes).max(1);
+        let mut chunk = (PREFILL_CHUNK_BYTES / self.row_bytes).max(1);
         let min_tasks = threads * 4;
         if rows.div_ceil(chunk) < min_tasks {
             chunk = rows.div_ceil(min_tasks).max(1);

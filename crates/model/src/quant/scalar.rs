@@ -72,8 +72,8 @@ pub fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
             }
             sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
         }
-        for j in 0..8 {
-            summ += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        for (&m, b) in mn.iter().zip(y.bsums.chunks_exact(2)) {
+            summ += m as i32 * (b[0] as i32 + b[1] as i32);
         }
         acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
     }
@@ -99,8 +99,8 @@ pub fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
             }
             sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
         }
-        for j in 0..8 {
-            summ += mn[j] as i32 * (y.bsums[2 * j] as i32 + y.bsums[2 * j + 1] as i32);
+        for (&m, b) in mn.iter().zip(y.bsums.chunks_exact(2)) {
+            summ += m as i32 * (b[0] as i32 + b[1] as i32);
         }
         acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
     }
@@ -151,8 +151,8 @@ fn dot_f32_by(n: usize, x: &[f32], f: impl Fn(usize) -> f32) -> f32 {
         }
     }
     let mut r = 0f32;
-    for i in full..n {
-        r += f(i) * x[i];
+    for (i, &xv) in x.iter().enumerate().skip(full) {
+        r += f(i) * xv;
     }
     acc.iter().sum::<f32>() + r
 }

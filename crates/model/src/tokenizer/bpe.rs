@@ -51,15 +51,15 @@ impl ByteMap {
 /// Merge ranks keyed by interned piece ids, so a lookup needs no allocation.
 pub(crate) struct Merges {
     /// Every string that appears on either side of a merge.
-    intern: HashMap<String, u32>,
-    ranks: HashMap<(u32, u32), u32>,
+    intern: super::FxMap<String, u32>,
+    ranks: super::FxMap<(u32, u32), u32>,
 }
 
 impl Merges {
     /// Builds the table from `(left, right)` pairs in rank order (first = merged first).
     /// A repeated pair keeps its first (best) rank.
     pub(crate) fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let mut m = Merges { intern: HashMap::new(), ranks: HashMap::new() };
+        let mut m = Merges { intern: Default::default(), ranks: Default::default() };
         for (rank, (l, r)) in pairs.into_iter().enumerate() {
             let li = m.intern_id(l);
             let ri = m.intern_id(r);
@@ -116,7 +116,7 @@ struct Symbol {
 
 /// What the BPE algorithm needs from the vocabulary.
 pub(crate) struct BpeVocab<'a> {
-    pub piece_to_id: &'a HashMap<String, u32>,
+    pub piece_to_id: &'a super::FxMap<String, u32>,
     pub merges: &'a Merges,
     /// Llama 3 emits a word that is itself a vocabulary piece without merging it.
     pub ignore_merges: bool,
@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn lower_ranked_merges_apply_first() {
         let pieces = ["a", "b", "c", "ab", "bc", "abc"];
-        let map: HashMap<String, u32> = pieces.iter().enumerate().map(|(i, p)| (p.to_string(), i as u32)).collect();
+        let map: super::super::FxMap<String, u32> = pieces.iter().enumerate().map(|(i, p)| (p.to_string(), i as u32)).collect();
         let merges = Merges::new([("b", "c"), ("a", "b"), ("a", "bc")]);
         let v = BpeVocab { piece_to_id: &map, merges: &merges, ignore_merges: false };
         let mut out = Vec::new();

@@ -76,8 +76,37 @@ impl TokenType {
 /// The two algorithms and their model-specific data.
 enum Algorithm {
     Spm { add_space_prefix: bool, byte_tokens: Box<[Option<u32>; 256]> },
-    Bpe { pre: PreTokenizer, merges: bpe::Merges, bytes: bpe::ByteMap, ignore_merges: bool },
+    Bpe { pre: PreTokenizer, merges: bpe::Merges, bytes: Box<bpe::ByteMap>, ignore_merges: bool },
 }
+
+/// FxHash (rustc's hasher): vocabulary lookups hash every candidate merge, and SipHash made
+/// them the bulk of encoding time. The table is fixed by the model file, so a non-keyed
+/// hash exposes nothing to hash flooding from request text.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write(&[i]);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `HashMap` keyed with [`FxHasher`].
+pub(crate) type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// Texts of tokens that end generation besides EOS (llama.cpp's list).
 const EOG_TEXTS: &[&str] = &[
@@ -102,7 +131,7 @@ pub struct Tokenizer {
     pieces: Vec<String>,
     scores: Vec<f32>,
     types: Vec<TokenType>,
-    piece_to_id: HashMap<String, u32>,
+    piece_to_id: FxMap<String, u32>,
     special: SpecialMatcher,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -200,7 +229,7 @@ impl Tokenizer {
         };
 
         // Later duplicates win, as in llama.cpp's `token_to_id[text] = id`.
-        let piece_to_id: HashMap<String, u32> = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
+        let piece_to_id: FxMap<String, u32> = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
 
         let token_id = |key: &'static str| -> Result<Option<u32>, TokenizerError> {
             match gguf.get(key) {
@@ -247,7 +276,7 @@ impl Tokenizer {
             }
             let merges = bpe::Merges::new(pairs);
             let llama3 = pre == PreTokenizer::Llama3;
-            (Algorithm::Bpe { pre, merges, bytes: bpe::ByteMap::new(), ignore_merges: llama3 }, llama3)
+            (Algorithm::Bpe { pre, merges, bytes: Box::new(bpe::ByteMap::new()), ignore_merges: llama3 }, llama3)
         };
         let add_bos = flag(gguf, "tokenizer.ggml.add_bos_token", default_add_bos)?;
 

@@ -9,7 +9,7 @@
 //! UTF-8 bytes as `<0xXX>` tokens.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 /// A candidate merge of two adjacent symbols.
 struct Bigram {
@@ -50,7 +50,7 @@ struct Symbol {
 
 /// What the SPM algorithm needs from the vocabulary.
 pub(crate) struct SpmVocab<'a> {
-    pub piece_to_id: &'a HashMap<String, u32>,
+    pub piece_to_id: &'a super::FxMap<String, u32>,
     pub scores: &'a [f32],
     /// Token id of each byte's `<0xXX>` piece (falls back to `unk` when absent).
     pub byte_tokens: &'a [Option<u32>; 256],
@@ -138,8 +138,8 @@ pub(crate) fn parse_byte_piece(piece: &str) -> Option<u8> {
 mod tests {
     use super::*;
 
-    fn vocab(pieces: &[(&str, f32)]) -> (HashMap<String, u32>, Vec<f32>, [Option<u32>; 256]) {
-        let mut map = HashMap::new();
+    fn vocab(pieces: &[(&str, f32)]) -> (super::super::FxMap<String, u32>, Vec<f32>, [Option<u32>; 256]) {
+        let mut map = super::super::FxMap::default();
         let mut scores = Vec::new();
         let mut bytes = [None; 256];
         for (i, (p, s)) in pieces.iter().enumerate() {

@@ -13,10 +13,8 @@ fn open(w: &GgufWriter) -> Gguf {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tok.gguf");
     w.write(&path).unwrap();
-    // The mmap stays valid after the directory is removed on Unix; keep it simple anyway.
-    let g = Gguf::open(&path).unwrap();
-    std::mem::forget(dir);
-    g
+    // The mmap stays valid after the directory is removed when `dir` drops (Unix).
+    Gguf::open(&path).unwrap()
 }
 
 /// A byte-level BPE vocabulary: the 256 byte characters (ids 0..=255 in byte order), a few
