@@ -41,55 +41,83 @@ impl AttnSpan {
     }
 }
 
+/// Heads handled together by one task: they share a KV head, so each key and value row is
+/// read once for all of them.
+const MAX_HEADS_PER_TASK: usize = 8;
+
 /// `out[i, h] = softmax_j(q[i, h] · k[j, g(h)]) v[j, g(h)]` over the keys query i may see.
 ///
 /// `q` and `out` are `[n_q, n_heads * head_dim]`; `k` and `v` are `[n_k, n_kv_heads * head_dim]`.
-/// The caller has already scaled `q`. Runs on the current rayon pool, one task per
-/// (query, head).
+/// The caller has already scaled `q`. Runs on the current rayon pool: with many queries
+/// (prefill) one task takes one query and all the heads of a KV group; with few (decode) one
+/// task per head keeps every thread busy.
 pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
     let kv_dim = n_kv_heads * hd;
     let n_k = k.len() / kv_dim;
     let group = n_heads / n_kv_heads;
+    let n_q = q.len() / (n_heads * hd);
     debug_assert_eq!(q.len(), out.len());
     debug_assert_eq!(k.len(), v.len());
-    out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-        let (i, h) = (task / n_heads, task % n_heads);
-        let g = h / group;
-        let qv = &q[task * hd..(task + 1) * hd];
+    let many_queries = n_q >= 2 * rayon::current_num_threads();
+    let hs = if many_queries { (1..=group.min(MAX_HEADS_PER_TASK)).rev().find(|d| group % d == 0).unwrap_or(1) } else { 1 };
+    out.par_chunks_mut(hs * hd).enumerate().for_each(|(task, o)| {
+        let first = task * hs; // global (query, head) index of the task's first head
+        let (i, h0) = (first / n_heads, first % n_heads);
+        let g = h0 / group;
+        let qs = &q[first * hd..(first + hs) * hd];
         let keys = span.keys_for(span.q_pos0 + i, n_k);
-        o.fill(0.0);
-        let mut m = f32::NEG_INFINITY;
-        let mut l = 0f32;
-        let mut scores = [0f32; TILE];
-        let mut start = keys.start;
-        while start < keys.end {
-            let end = (start + TILE).min(keys.end);
-            let s = &mut scores[..end - start];
-            let mut tile_max = f32::NEG_INFINITY;
-            for (j, sj) in (start..end).zip(s.iter_mut()) {
-                *sj = simd::dot(qv, &k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]);
-                tile_max = tile_max.max(*sj);
-            }
-            let m_new = m.max(tile_max);
-            // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
-            let correction = (m - m_new).exp();
-            if correction != 1.0 {
-                simd::scale(o, correction);
-            }
-            l *= correction;
-            for (j, &sj) in (start..end).zip(s.iter()) {
-                let p = (sj - m_new).exp();
-                l += p;
-                simd::axpy(o, p, &v[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]);
-            }
-            m = m_new;
-            start = end;
-        }
-        if l > 0.0 {
-            simd::scale(o, 1.0 / l);
-        }
+        attend(qs, k, v, kv_dim, g * hd, hd, hs, keys, o);
     });
+}
+
+/// Online softmax for `hs` query heads (rows of `qs`) over the key rows in `keys`, all
+/// reading the KV head at column `kv_off`; writes the `hs` output rows into `o`.
+#[allow(clippy::too_many_arguments)]
+fn attend(qs: &[f32], k: &[f32], v: &[f32], kv_dim: usize, kv_off: usize, hd: usize, hs: usize, keys: std::ops::Range<usize>, o: &mut [f32]) {
+    o.fill(0.0);
+    let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
+    let mut l = [0f32; MAX_HEADS_PER_TASK];
+    let mut scores = [[0f32; TILE]; MAX_HEADS_PER_TASK];
+    let mut start = keys.start;
+    while start < keys.end {
+        let end = (start + TILE).min(keys.end);
+        let n = end - start;
+        for j in 0..n {
+            let krow = &k[(start + j) * kv_dim + kv_off..][..hd];
+            for h in 0..hs {
+                scores[h][j] = simd::dot(&qs[h * hd..(h + 1) * hd], krow);
+            }
+        }
+        for h in 0..hs {
+            let s = &mut scores[h][..n];
+            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = m[h].max(tile_max);
+            // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
+            let correction = (m[h] - m_new).exp();
+            if correction != 1.0 {
+                simd::scale(&mut o[h * hd..(h + 1) * hd], correction);
+            }
+            l[h] *= correction;
+            for p in s.iter_mut() {
+                *p = (*p - m_new).exp();
+                l[h] += *p;
+            }
+            m[h] = m_new;
+        }
+        for j in 0..n {
+            let vrow = &v[(start + j) * kv_dim + kv_off..][..hd];
+            for h in 0..hs {
+                simd::axpy(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
+            }
+        }
+        start = end;
+    }
+    for h in 0..hs {
+        if l[h] > 0.0 {
+            simd::scale(&mut o[h * hd..(h + 1) * hd], 1.0 / l[h]);
+        }
+    }
 }
 
 /// The textbook version: full score rows, softmax, weighted sum. Tests only.

@@ -261,7 +261,7 @@ impl Model {
             layer.gate.forward(&h, n, &mut gate);
             layer.up.forward(&h, n, &mut up);
             match cfg.activation {
-                Activation::GeluTanh => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+                Activation::GeluTanh => crate::simd::geglu(&mut gate, &up),
                 Activation::Silu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u),
             }
             layer.down.forward(&gate, n, &mut h, self.comm.as_ref())?;
@@ -316,12 +316,6 @@ impl Model {
 
 fn add_inplace(x: &mut [f32], y: &[f32]) {
     crate::simd::axpy(x, 1.0, y);
-}
-
-/// GELU with the tanh approximation, as Gemma is trained with.
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
 fn silu(x: f32) -> f32 {

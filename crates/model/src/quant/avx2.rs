@@ -102,8 +102,12 @@ const K_Q8_0: u8 = 0;
 const K_Q4_0: u8 = 1;
 const K_Q5_0: u8 = 2;
 
-/// Q8_0/Q4_0/Q5_0 weights (`K`, blocks of `bytes`) · `N` Q8_0 activation rows: decode the
-/// block to 32 signed bytes once, then `|w| · sign(a, w)` per token.
+/// Q8_0/Q4_0/Q5_0 weights (`K`, blocks of `bytes`) · `N` Q8_0 activation rows, decoding each
+/// weight block once for all `N` tokens.
+///
+/// Q4_0/Q5_0 codes are unsigned (0..15 / 0..31 for the value `q - 8` / `q - 16`), so they go
+/// straight into `maddubs` as the unsigned operand and the offset is taken off once per block
+/// through the activation block's sum. Q8_0 is signed and uses the `|w| · sign(a, w)` trick.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[BlockQ8_0]; N]) -> [f32; N] {
@@ -112,38 +116,63 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
     let ones = _mm256_set1_epi16(1);
+    let offset = match K {
+        K_Q4_0 => 8.0,
+        K_Q5_0 => 16.0,
+        _ => 0.0,
+    };
     // One token alone would serialise on the FMA latency: give it two accumulators.
     let mut acc = [_mm256_setzero_ps(); N];
     let mut acc2 = _mm256_setzero_ps();
+    // Σ_blocks d_w · d_a · Σ a, per token: the offset correction.
+    let mut corr = [0f32; N];
     for i in 0..nb {
         let b = wp.add(i * bytes);
-        let qx = match K {
-            K_Q8_0 => load256(b.add(2)),
-            K_Q4_0 => _mm256_sub_epi8(nibbles_32(b.add(2)), _mm256_set1_epi8(8)),
-            _ => {
-                // Where the fifth bit is clear, set the top four so the byte reads as `q - 16`.
-                let hi = _mm256_andnot_si256(bytes_from_bits_32(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                _mm256_or_si256(nibbles_32(b.add(6)), hi)
-            }
-        };
         let dw = f16_at(tab, b);
-        let ax = _mm256_sign_epi8(qx, qx);
-        for t in 0..N {
-            let y = &*ap[t].add(i);
-            let qy = load256(y.qs.as_ptr() as *const u8);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
-            let d = _mm256_set1_ps(dw * y.d);
-            if N == 1 && i % 2 == 1 {
-                acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
+        if K == K_Q8_0 {
+            let qx = load256(b.add(2));
+            let ax = _mm256_sign_epi8(qx, qx);
+            for t in 0..N {
+                let y = &*ap[t].add(i);
+                let qy = load256(y.qs.as_ptr() as *const u8);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
+                let d = _mm256_set1_ps(dw * y.d);
+                if N == 1 && i % 2 == 1 {
+                    acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
+                } else {
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+                }
+            }
+        } else {
+            let qx = if K == K_Q4_0 {
+                nibbles_32(b.add(2))
             } else {
-                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+                let hi = _mm256_and_si256(bytes_from_bits_32(b.add(2)), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles_32(b.add(6)), hi)
+            };
+            for t in 0..N {
+                let y = &*ap[t].add(i);
+                let qy = load256(y.qs.as_ptr() as *const u8);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
+                let dd = dw * y.d;
+                corr[t] += dd * y.sum as f32;
+                let d = _mm256_set1_ps(dd);
+                if N == 1 && i % 2 == 1 {
+                    acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
+                } else {
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
+                }
             }
         }
     }
     if N == 1 {
         acc[0] = _mm256_add_ps(acc[0], acc2);
     }
-    finish(acc)
+    let mut out = finish(acc);
+    for t in 0..N {
+        out[t] -= offset * corr[t];
+    }
+    out
 }
 
 /// Q8_0 weights · `N` Q8_0 activation rows.
@@ -438,6 +467,17 @@ unsafe fn abs_max(x: *const f32, n: usize) -> f32 {
     _mm_cvtss_f32(h)
 }
 
+/// Sum of 32 signed bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum_i8(v: __m256i) -> i32 {
+    let w = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
 /// AVX2 twin of [`super::act::quantize_row_q8_0`], bit-identical to it for finite input.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
@@ -451,6 +491,7 @@ pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let q = |k: usize| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(8 * k) as *const u8)), id)));
         let packed = pack_i8(q(0), q(1), q(2), q(3));
         _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, packed);
+        yb.sum = hsum_i8(packed);
     }
 }
 
