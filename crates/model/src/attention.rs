@@ -67,14 +67,40 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
         let g = h0 / group;
         let qs = &q[first * hd..(first + hs) * hd];
         let keys = span.keys_for(span.q_pos0 + i, n_k);
-        attend(qs, k, v, kv_dim, g * hd, hd, hs, keys, o);
+        let args = Attend { qs, k, v, kv_dim, kv_off: g * hd, hd, hs, keys };
+        #[cfg(target_arch = "x86_64")]
+        if simd::use_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { attend_avx2(args, o) };
+        }
+        attend(args, o);
     });
 }
 
-/// Online softmax for `hs` query heads (rows of `qs`) over the key rows in `keys`, all
-/// reading the KV head at column `kv_off`; writes the `hs` output rows into `o`.
-#[allow(clippy::too_many_arguments)]
-fn attend(qs: &[f32], k: &[f32], v: &[f32], kv_dim: usize, kv_off: usize, hd: usize, hs: usize, keys: std::ops::Range<usize>, o: &mut [f32]) {
+/// One task's inputs: `hs` query heads (rows of `qs`) over the key rows in `keys`, all
+/// reading the KV head at column `kv_off`.
+struct Attend<'a> {
+    qs: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_dim: usize,
+    kv_off: usize,
+    hd: usize,
+    hs: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// [`attend`] compiled for AVX2+FMA, so the dot products and axpys inline and vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
+    attend(args, o)
+}
+
+/// Online softmax over one task's keys; writes the `hs` output rows into `o`.
+#[inline(always)]
+fn attend(args: Attend<'_>, o: &mut [f32]) {
+    let Attend { qs, k, v, kv_dim, kv_off, hd, hs, keys } = args;
     o.fill(0.0);
     let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
     let mut l = [0f32; MAX_HEADS_PER_TASK];
@@ -86,7 +112,7 @@ fn attend(qs: &[f32], k: &[f32], v: &[f32], kv_dim: usize, kv_off: usize, hd: us
         for j in 0..n {
             let krow = &k[(start + j) * kv_dim + kv_off..][..hd];
             for h in 0..hs {
-                scores[h][j] = simd::dot(&qs[h * hd..(h + 1) * hd], krow);
+                scores[h][j] = simd::dot_body(&qs[h * hd..(h + 1) * hd], krow);
             }
         }
         for h in 0..hs {
@@ -96,7 +122,7 @@ fn attend(qs: &[f32], k: &[f32], v: &[f32], kv_dim: usize, kv_off: usize, hd: us
             // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
             let correction = (m[h] - m_new).exp();
             if correction != 1.0 {
-                simd::scale(&mut o[h * hd..(h + 1) * hd], correction);
+                simd::scale_body(&mut o[h * hd..(h + 1) * hd], correction);
             }
             l[h] *= correction;
             for p in s.iter_mut() {
@@ -108,14 +134,14 @@ fn attend(qs: &[f32], k: &[f32], v: &[f32], kv_dim: usize, kv_off: usize, hd: us
         for j in 0..n {
             let vrow = &v[(start + j) * kv_dim + kv_off..][..hd];
             for h in 0..hs {
-                simd::axpy(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
+                simd::axpy_body(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
             }
         }
         start = end;
     }
     for h in 0..hs {
         if l[h] > 0.0 {
-            simd::scale(&mut o[h * hd..(h + 1) * hd], 1.0 / l[h]);
+            simd::scale_body(&mut o[h * hd..(h + 1) * hd], 1.0 / l[h]);
         }
     }
 }

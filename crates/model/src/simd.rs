@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 /// Whether to use the AVX2+FMA versions (decided once per process).
-fn use_avx2() -> bool {
+pub(crate) fn use_avx2() -> bool {
     static AVX2: OnceLock<bool> = OnceLock::new();
     *AVX2.get_or_init(|| {
         if std::env::var("TPSERVE_KERNELS").as_deref() == Ok("scalar") {
@@ -23,8 +23,9 @@ fn use_avx2() -> bool {
 
 // The bodies are written with 8 independent accumulators so the compiler vectorises them
 // into one 256-bit register when AVX2 is enabled for the enclosing function.
+/// The portable body of [`dot`]; inlined into callers compiled for AVX2 it vectorises there.
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 8];
@@ -42,15 +43,17 @@ fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The portable body of [`axpy`].
 #[inline(always)]
-fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
+pub(crate) fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
 }
 
+/// The portable body of [`scale`].
 #[inline(always)]
-fn scale_body(y: &mut [f32], a: f32) {
+pub(crate) fn scale_body(y: &mut [f32], a: f32) {
     for y in y.iter_mut() {
         *y *= a;
     }

@@ -16,9 +16,9 @@ pub struct BlockQ8_0 {
     pub d: f32,
     /// Quantized values, `x ≈ d · qs`.
     pub qs: [i8; 32],
-    /// `Σ qs`: lets Q4_0/Q5_0 kernels multiply their unsigned codes directly and subtract
+    /// `d · Σ qs`: lets Q4_0/Q5_0 kernels multiply their unsigned codes directly and subtract
     /// the offset once per block (`Σ (q - o)·a = Σ q·a - o·Σ a`), as llama.cpp's Q8_1 does.
-    pub sum: i32,
+    pub s: f32,
 }
 
 /// A Q8_K activation block: 256 int8 values, their f32 scale and the sums of each 16, which
@@ -36,7 +36,7 @@ pub struct BlockQ8K {
 
 impl BlockQ8_0 {
     /// An all-zero block, for preallocating buffers.
-    pub const ZERO: Self = Self { d: 0.0, qs: [0; 32], sum: 0 };
+    pub const ZERO: Self = Self { d: 0.0, qs: [0; 32], s: 0.0 };
 }
 
 impl BlockQ8K {
@@ -81,7 +81,7 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         for (q, &v) in yb.qs.iter_mut().zip(xb) {
             *q = round_away(v * id) as i8;
         }
-        yb.sum = yb.qs.iter().map(|&q| q as i32).sum();
+        yb.s = yb.d * yb.qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
     }
 }
 
@@ -135,7 +135,7 @@ mod tests {
                 for (q, v) in qs.iter_mut().zip(xb) {
                     *q = (v * id).round() as i8;
                 }
-                BlockQ8_0 { d: f16::from_f32(d).to_f32(), qs, sum: qs.iter().map(|&q| q as i32).sum() }
+                BlockQ8_0 { d: f16::from_f32(d).to_f32(), qs, s: f16::from_f32(d).to_f32() * qs.iter().map(|&q| q as i32).sum::<i32>() as f32 }
             })
             .collect()
     }

@@ -129,6 +129,7 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
     for i in 0..nb {
         let b = wp.add(i * bytes);
         let dw = f16_at(tab, b);
+        let dwv = _mm256_set1_ps(dw);
         if K == K_Q8_0 {
             let qx = load256(b.add(2));
             let ax = _mm256_sign_epi8(qx, qx);
@@ -136,7 +137,7 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
                 let y = &*ap[t].add(i);
                 let qy = load256(y.qs.as_ptr() as *const u8);
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
-                let d = _mm256_set1_ps(dw * y.d);
+                let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
                 if N == 1 && i % 2 == 1 {
                     acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
                 } else {
@@ -154,9 +155,8 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
                 let y = &*ap[t].add(i);
                 let qy = load256(y.qs.as_ptr() as *const u8);
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-                let dd = dw * y.d;
-                corr[t] += dd * y.sum as f32;
-                let d = _mm256_set1_ps(dd);
+                corr[t] += dw * y.s;
+                let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
                 if N == 1 && i % 2 == 1 {
                     acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
                 } else {
@@ -491,7 +491,7 @@ pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let q = |k: usize| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(8 * k) as *const u8)), id)));
         let packed = pack_i8(q(0), q(1), q(2), q(3));
         _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, packed);
-        yb.sum = hsum_i8(packed);
+        yb.s = yb.d * hsum_i8(packed) as f32;
     }
 }
 
