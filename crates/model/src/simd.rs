@@ -26,19 +26,21 @@ pub(crate) fn use_avx2() -> bool {
 /// The portable body of [`dot`]; inlined into callers compiled for AVX2 it vectorises there.
 #[inline(always)]
 pub(crate) fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    // 32 independent lanes = four 256-bit accumulators, so consecutive FMAs do not wait on
+    // each other's latency.
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
+    let mut acc = [0f32; 32];
+    let mut ca = a.chunks_exact(32);
+    let mut cb = b.chunks_exact(32);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
+        for i in 0..32 {
             acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for v in acc {
-        s += v;
+    for i in 0..8 {
+        s += (acc[i] + acc[i + 8]) + (acc[i + 16] + acc[i + 24]);
     }
     s
 }

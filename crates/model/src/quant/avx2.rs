@@ -175,6 +175,109 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
     out
 }
 
+/// Two weight rows · four Q8_0 activation rows: each activation block is loaded once for both
+/// rows and each weight block decoded once for all four tokens (8 accumulators).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot2x4_32<const K: u8>(w0: *const u8, w1: *const u8, nb: usize, bytes: usize, a: [&[BlockQ8_0]; 4]) -> [[f32; 4]; 2] {
+    let tab = f16_table();
+    let ap = a.map(|r| r.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let offset = match K {
+        K_Q4_0 => 8.0,
+        K_Q5_0 => 16.0,
+        _ => 0.0,
+    };
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut corr = [[0f32; 4]; 2];
+    let decode = |b: *const u8| -> __m256i {
+        match K {
+            K_Q8_0 => load256(b.add(2)),
+            K_Q4_0 => nibbles_32(b.add(2)),
+            _ => {
+                let hi = _mm256_and_si256(bytes_from_bits_32(b.add(2)), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles_32(b.add(6)), hi)
+            }
+        }
+    };
+    for i in 0..nb {
+        let b = [w0.add(i * bytes), w1.add(i * bytes)];
+        let dw = [f16_at(tab, b[0]), f16_at(tab, b[1])];
+        let dwv = [_mm256_set1_ps(dw[0]), _mm256_set1_ps(dw[1])];
+        let qx = [decode(b[0]), decode(b[1])];
+        // Q8_0 weights are signed: multiply |w| by sign(a, w) instead.
+        let ax = if K == K_Q8_0 { [_mm256_sign_epi8(qx[0], qx[0]), _mm256_sign_epi8(qx[1], qx[1])] } else { qx };
+        for t in 0..4 {
+            let y = &*ap[t].add(i);
+            let qy = load256(y.qs.as_ptr() as *const u8);
+            let dy = _mm256_broadcast_ss(&y.d);
+            for r in 0..2 {
+                let qyr = if K == K_Q8_0 { _mm256_sign_epi8(qy, qx[r]) } else { qy };
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[r], qyr), ones);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dwv[r], dy), _mm256_cvtepi32_ps(dot), acc[r][t]);
+                if K != K_Q8_0 {
+                    corr[r][t] += dw[r] * y.s;
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 2];
+    for r in 0..2 {
+        for t in 0..4 {
+            out[r][t] = hsum(acc[r][t]) - offset * corr[r][t];
+        }
+    }
+    out
+}
+
+/// Rows × four tokens for the 32-element formats: two rows at a time, then the odd one.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+    let nb = row_bytes / bytes;
+    let rows = out.len();
+    let wp = w.as_ptr();
+    let mut r = 0;
+    while r + 2 <= rows {
+        let [o0, o1] = dot2x4_32::<K>(wp.add(r * row_bytes), wp.add((r + 1) * row_bytes), nb, bytes, a);
+        out[r] = o0;
+        out[r + 1] = o1;
+        r += 2;
+    }
+    if r < rows {
+        out[r] = dot_32::<K, 4>(&w[r * row_bytes..(r + 1) * row_bytes], bytes, a);
+    }
+}
+
+/// The multi-row entry point of each AVX2 kernel (see `kernels::DotRows4`).
+macro_rules! rows4 {
+    (dot_q8_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q8_0_ID }>($w, $rb, super::blocks::Q8_0_BYTES, $a, $out)
+    };
+    (dot_q4_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q4_0_ID }>($w, $rb, super::blocks::Q4_0_BYTES, $a, $out)
+    };
+    (dot_q5_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q5_0_ID }>($w, $rb, super::blocks::Q5_0_BYTES, $a, $out)
+    };
+    ($f:ident, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        for (wr, o) in $w.chunks_exact($rb.max(1)).zip($out.iter_mut()) {
+            *o = if $pairs {
+                let [x, y] = super::avx2::$f::<2>(wr, [$a[0], $a[1]]);
+                let [z, v] = super::avx2::$f::<2>(wr, [$a[2], $a[3]]);
+                [x, y, z, v]
+            } else {
+                super::avx2::$f::<4>(wr, $a)
+            };
+        }
+    };
+}
+pub(crate) use rows4;
+
+/// The format ids, public for [`rows4`].
+pub const K_Q8_0_ID: u8 = K_Q8_0;
+pub const K_Q4_0_ID: u8 = K_Q4_0;
+pub const K_Q5_0_ID: u8 = K_Q5_0;
+
 /// Q8_0 weights · `N` Q8_0 activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {

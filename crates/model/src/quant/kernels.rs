@@ -60,11 +60,24 @@ pub fn kernel_name() -> &'static str {
 pub(crate) type Dot1<A> = fn(&[u8], &[A]) -> f32;
 /// Weight row · four activation rows (prefill: the weight row is unpacked once for all four).
 pub(crate) type Dot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
+/// Many weight rows (back to back, `row_bytes` each) · four activation rows: `out[r][t]`.
+/// One call per task keeps the per-row call and length checks out of the prefill loop, and
+/// lets a kernel work on two rows at once.
+pub(crate) type DotRows4<A> = fn(&[u8], usize, [&[A]; 4], &mut [[f32; 4]]);
 
 /// The two entry points of one weight type's kernel, over activations of type `A`.
 pub(crate) struct DotKernels<A> {
     pub one: Dot1<A>,
     pub four: Dot4<A>,
+    pub rows4: DotRows4<A>,
+}
+
+/// Checks the lengths every multi-row entry point relies on.
+fn check_rows4<A>(w: &[u8], row_bytes: usize, unit: usize, a: &[&[A]; 4], out: &[[f32; 4]]) {
+    assert_eq!(w.len(), out.len() * row_bytes, "weight rows / output length mismatch");
+    for r in a {
+        assert_eq!(row_bytes, r.len() * unit, "weight row / activation length mismatch");
+    }
 }
 
 /// A weight type's kernels, tagged by the activation format they need.
@@ -80,7 +93,15 @@ pub(crate) enum Kernel {
 /// Scalar kernels: the four-row entry point is four one-row calls.
 macro_rules! scalar_kernels {
     ($variant:ident, $f:path, $a:ty) => {
-        Kernel::$variant(DotKernels { one: $f, four: |w: &[u8], a: [&[$a]; 4]| [$f(w, a[0]), $f(w, a[1]), $f(w, a[2]), $f(w, a[3])] })
+        Kernel::$variant(DotKernels {
+            one: $f,
+            four: |w: &[u8], a: [&[$a]; 4]| [$f(w, a[0]), $f(w, a[1]), $f(w, a[2]), $f(w, a[3])],
+            rows4: |w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]| {
+                for (wr, o) in w.chunks_exact(row_bytes.max(1)).zip(out.iter_mut()) {
+                    *o = [$f(wr, a[0]), $f(wr, a[1]), $f(wr, a[2]), $f(wr, a[3])];
+                }
+            },
+        })
     };
 }
 
@@ -110,7 +131,12 @@ macro_rules! avx2_kernels {
                 }
             }
         }
-        Kernel::$variant(DotKernels { one, four })
+        fn rows4(w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]) {
+            check_rows4(w, row_bytes, $bytes_per_unit, &a, out);
+            // SAFETY: as in `one`; `check_rows4` verified every length.
+            unsafe { super::avx2::rows4!($f, $pairs, w, row_bytes, a, out) }
+        }
+        Kernel::$variant(DotKernels { one, four, rows4 })
     }};
 }
 

@@ -236,12 +236,14 @@ impl QMatrix {
         let task = |ti: usize| {
             let (r0, r1) = (ti * chunk, ((ti + 1) * chunk).min(rows));
             let act = |t: usize| &acts[t * per_tok..(t + 1) * per_tok];
+            let w = &self.data.as_slice()[self.start + r0 * self.row_bytes..self.start + r1 * self.row_bytes];
+            let mut tile = vec![[0f32; 4]; r1 - r0];
             let mut t = 0;
             while t + 4 <= n {
                 let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
-                for r in r0..r1 {
-                    let v = (k.four)(self.row(r), a);
-                    for (j, v) in v.into_iter().enumerate() {
+                (k.rows4)(w, self.row_bytes, a, &mut tile);
+                for (r, v) in (r0..r1).zip(&tile) {
+                    for (j, &v) in v.iter().enumerate() {
                         // SAFETY: see `OutPtr`; (t + j) < n and r < rows.
                         unsafe { out_ptr.write((t + j) * rows + r, v) };
                     }
