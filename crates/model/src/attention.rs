@@ -73,7 +73,7 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
             // SAFETY: the CPU has AVX2 and FMA (checked at run time).
             return unsafe { attend_avx2(args, o) };
         }
-        attend(args, o);
+        attend::<false>(args, o);
     });
 }
 
@@ -94,12 +94,12 @@ struct Attend<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
-    attend(args, o)
+    attend::<true>(args, o)
 }
 
 /// Online softmax over one task's keys; writes the `hs` output rows into `o`.
 #[inline(always)]
-fn attend(args: Attend<'_>, o: &mut [f32]) {
+fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
     let Attend { qs, k, v, kv_dim, kv_off, hd, hs, keys } = args;
     o.fill(0.0);
     let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
@@ -112,7 +112,7 @@ fn attend(args: Attend<'_>, o: &mut [f32]) {
         for j in 0..n {
             let krow = &k[(start + j) * kv_dim + kv_off..][..hd];
             for h in 0..hs {
-                scores[h][j] = simd::dot_body(&qs[h * hd..(h + 1) * hd], krow);
+                scores[h][j] = simd::dot_body::<FMA>(&qs[h * hd..(h + 1) * hd], krow);
             }
         }
         for h in 0..hs {
@@ -134,7 +134,7 @@ fn attend(args: Attend<'_>, o: &mut [f32]) {
         for j in 0..n {
             let vrow = &v[(start + j) * kv_dim + kv_off..][..hd];
             for h in 0..hs {
-                simd::axpy_body(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
+                simd::axpy_body::<FMA>(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
             }
         }
         start = end;

