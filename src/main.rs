@@ -60,14 +60,23 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Model { action: ModelAction::Fetch { force } } => fetch::fetch_default(force).map(|p| println!("{}", p.display())).map_err(Into::into),
-        Command::Model { action: ModelAction::Path } => fetch::fetch_default(false).map(|p| println!("{}", p.display())).map_err(Into::into),
+        Command::Model { action: ModelAction::Fetch { force } } => fetch::fetch_default(force).map_err(Into::into).and_then(|p| commands::print_path(&p)),
+        Command::Model { action: ModelAction::Path } => fetch::fetch_default(false).map_err(Into::into).and_then(|p| commands::print_path(&p)),
         Command::Model { action: ModelAction::Info(args) } => commands::info(&args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
     };
     if let Err(e) = result {
+        // A closed stdout (`tpserve model info | head`) means the reader has seen enough.
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Whether the error comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }

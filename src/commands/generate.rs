@@ -3,11 +3,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tpserve_model::chat::{self, Message};
 use tpserve_model::generate::{generate, GenerateRequest};
-use tpserve_types::SamplingParams;
+use tpserve_types::{SamplingError, SamplingParams};
 
 use super::{thread_pool, Loaded};
 use crate::ModelArgs;
@@ -24,13 +24,15 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 128, env = "TPSERVE_MAX_TOKENS")]
     pub max_tokens: usize,
     /// Sampling temperature; 0 picks the most likely token every time (greedy).
-    #[arg(long, default_value_t = 0.8)]
+    // Negative numbers are read as values so that `--temperature -1` reaches `validate` and
+    // gets its real message, not clap's "unexpected argument '-1'".
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Sample only among the k most likely tokens (0 = no limit).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Sample only among the most likely tokens whose probabilities add up to p (1 = no limit).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Random seed (default: a fresh one each run).
     #[arg(long)]
@@ -47,7 +49,7 @@ pub struct GenerateArgs {
     /// A system prompt for --chat.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Print one JSON object {"prompt_ids", "output_ids", "text", "timings"} instead of streaming.
+    /// Print one JSON object {"prompt_ids", "output_ids", "text", "finish_reason", "timings"} instead of streaming.
     #[arg(long)]
     pub json: bool,
     /// Prompt tokens per forward pass while prefilling.
@@ -60,7 +62,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}: cannot read it as UTF-8 text", f.display()))?,
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}: cannot read it", f.display()))?,
         (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file FILE"),
     };
     if prompt.is_empty() {
@@ -78,7 +80,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)),
     };
-    sampling.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    // Name the flags as the user typed them (`--top-p`, not the field name `top_p`).
+    sampling.validate().map_err(|e| match e {
+        SamplingError::Temperature(t) => anyhow!("--temperature {t}: must be a finite number >= 0 (0 = greedy)"),
+        SamplingError::TopP(p) => anyhow!("--top-p {p}: must be greater than 0 and at most 1 (1 = no limit)"),
+    })?;
 
     let pool = thread_pool(args.model.threads)?;
     let loaded = Loaded::open(&args.model)?;
@@ -112,28 +118,33 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         prefill_chunk: args.prefill_chunk,
     };
     let stdout = std::io::stdout();
+    // The first failed write (e.g. the reader of a pipe went away); later pieces are dropped.
+    let mut write_error: Option<std::io::Error> = None;
     let out = pool.install(|| {
         generate(&model, tok, &req, |piece| {
-            if !args.json {
+            if !args.json && write_error.is_none() {
                 let mut o = stdout.lock();
-                let _ = o.write_all(piece.as_bytes());
-                let _ = o.flush();
+                if let Err(e) = o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
+                    write_error = Some(e);
+                }
             }
         })
     })?;
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write the generated text to standard output");
+    }
+    let mut o = stdout.lock();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "prompt_ids": prompt_ids,
-                "output_ids": out.output_ids,
-                "text": out.text,
-                "finish_reason": out.finish_reason,
-                "timings": out.timings,
-            })
-        );
+        let json = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "output_ids": out.output_ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "timings": out.timings,
+        });
+        writeln!(o, "{json}").context("cannot write the result to standard output")?;
     } else {
-        println!();
+        writeln!(o).context("cannot write the generated text to standard output")?;
         let t = &out.timings;
         eprintln!(
             "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",

@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod tokenize;
 
+use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -48,19 +49,29 @@ pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         .context("cannot start compute threads")
 }
 
+/// Prints `path` on its own line (`model fetch`, `model path`).
+pub fn print_path(path: &std::path::Path) -> Result<()> {
+    writeln!(std::io::stdout().lock(), "{}", path.display()).context("cannot write to standard output")
+}
+
 /// `tpserve model info`: metadata (arrays summarised) and tensors with their types and shapes.
 pub fn info(args: &ModelArgs) -> Result<()> {
     let path = fetch::resolve_model(args.model.as_deref())?;
     let g = Gguf::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
-    println!("{} (GGUF v{}, {} bytes)", path.display(), g.version, g.file_len());
-    for (k, v) in &g.metadata {
-        match v.as_array() {
-            Some(a) => println!("{k} = [{} items]", a.len()),
-            None => println!("{k} = {v:?}"),
+    let mut out = std::io::stdout().lock();
+    let mut write = || -> std::io::Result<()> {
+        writeln!(out, "{} (GGUF v{}, {} bytes)", path.display(), g.version, g.file_len())?;
+        for (k, v) in &g.metadata {
+            match v.as_array() {
+                Some(a) => writeln!(out, "{k} = [{} items]", a.len())?,
+                None => writeln!(out, "{k} = {v:?}")?,
+            }
         }
-    }
-    for t in g.tensors.values() {
-        println!("{:<32} {:<5} {:?}", t.name, t.dtype, t.dims);
-    }
+        for t in g.tensors.values() {
+            writeln!(out, "{:<32} {:<5} {:?}", t.name, t.dtype, t.dims)?;
+        }
+        Ok(())
+    };
+    write().context("cannot write to standard output")?;
     Ok(())
 }

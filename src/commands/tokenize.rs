@@ -1,6 +1,6 @@
 //! `tpserve tokenize`: the ids the model would see for a text.
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -32,10 +32,11 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     };
     let loaded = Loaded::open(&args.model)?;
     let ids = loaded.tokenizer.encode(&text, !args.no_bos, true);
-    if args.json {
-        println!("{}", serde_json::json!({ "ids": ids }));
+    let line = if args.json {
+        serde_json::json!({ "ids": ids }).to_string()
     } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
-    }
+        ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+    };
+    writeln!(std::io::stdout().lock(), "{line}").context("cannot write the ids to standard output")?;
     Ok(())
 }

@@ -32,7 +32,7 @@ pub enum Activation {
 pub enum ConfigError {
     #[error("unsupported model architecture {0:?} (tpserve runs \"gemma3\" and \"llama\")")]
     UnknownArch(String),
-    #[error("bad model metadata: {0}")]
+    #[error(transparent)]
     Metadata(#[from] GgufError),
     #[error("inconsistent model config: {0}")]
     Invalid(String),
@@ -101,9 +101,22 @@ impl ModelConfig {
             Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
             _ => return Err(GgufError::MissingTensor("token_embd.weight".into()).into()),
         };
+        // Refuse absurd numbers before anything is sized by them: each layer has tensors.
+        if n_layers == 0 || n_layers > g.tensors.len() {
+            return Err(ConfigError::Invalid(format!("{n_layers} layers, but the file has {} tensors", g.tensors.len())));
+        }
+        const MAX_DIM: usize = 1 << 20;
+        for (what, v) in [("hidden size", hidden), ("FFN size", ffn), ("head count", n_heads), ("KV head count", n_kv_heads), ("head dim", head_dim)] {
+            if v == 0 || v > MAX_DIM {
+                return Err(ConfigError::Invalid(format!("{what} {v} is out of range (1..={MAX_DIM})")));
+            }
+        }
         let cfg = match arch {
             Arch::Gemma3 => {
                 let window = g.get_u64(&key("attention.sliding_window")).map(|v| v as usize).ok();
+                if window == Some(0) {
+                    return Err(ConfigError::Invalid("sliding window 0: a query must see at least itself".into()));
+                }
                 // llama.cpp (and the reference implementation) fix these for Gemma 3: every
                 // 6th layer is global, local layers use RoPE base 10,000.
                 let layer_is_local = (0..n_layers).map(|il| window.is_some() && il % 6 != 5).collect();

@@ -47,7 +47,7 @@ impl KvCache {
         for (l, w) in self.layers.iter_mut().zip(windows) {
             let Some(w) = *w else { continue };
             let held = l.k.len() / self.kv_dim;
-            if held > 2 * w {
+            if held > w.saturating_mul(2) {
                 // The next query, at position len, needs keys from len + 1 - w on.
                 let keep_from = (self.len + 1).saturating_sub(w).max(l.pos0);
                 let drop = (keep_from - l.pos0) * self.kv_dim;

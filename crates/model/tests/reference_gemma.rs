@@ -23,7 +23,15 @@ const MAX_TOLERANCE: f32 = 1.0;
 
 /// Below this top-2 margin (in llama.cpp's own logits) two tokens are a near-tie that the
 /// rounding noise above may rightly flip; greedy decoding must agree up to the first one.
-const NEAR_TIE: f64 = 0.15;
+/// 0.25 nats is the 90th percentile of the difference between llama.cpp and the exact-
+/// arithmetic forward pass (0.238) and of ours (0.25-0.27); the exact forward itself diverges
+/// from llama.cpp on the haiku prompt at position 8, where llama.cpp's margin is 0.20.
+const NEAR_TIE: f64 = 0.25;
+
+/// Where we first pick another token than llama.cpp, its token must be a close second for us
+/// (within the top-5 tolerance). The widest seen: 0.72 nats on the translation prompt, where
+/// llama.cpp's own margin is 0.08 and the exact forward puts the other token first by 0.12.
+const DIVERGENCE_GAP: f32 = MAX_TOLERANCE;
 
 fn load() -> Option<Model> {
     let path = common::default_model()?;
@@ -41,23 +49,30 @@ fn greedy_tokens_match_llama_cpp_up_to_the_first_near_tie() {
         let prompt = common::ids(&case["prompt_ids"]);
         let want = common::ids(&case["output_ids"]);
         let margins: Vec<f64> = case["top2_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
-        let got = pool.install(|| {
+        // Our greedy tokens, and at each step how far the reference's token is below our pick.
+        let (got, gaps) = pool.install(|| {
             let mut cache = model.new_cache();
             let mut b = [SeqChunk { tokens: &prompt, cache: &mut cache, logits: LogitsWanted::Last }];
             let mut logits = model.forward(&mut b).unwrap().remove(0);
-            let mut out = Vec::new();
-            for _ in 0..want.len() {
+            let (mut out, mut gaps) = (Vec::new(), Vec::new());
+            for w in &want {
                 let id = argmax(&logits);
                 out.push(id);
+                gaps.push(logits[id as usize] - logits[*w as usize]);
                 let mut b = [SeqChunk { tokens: &[id], cache: &mut cache, logits: LogitsWanted::Last }];
                 logits = model.forward(&mut b).unwrap().remove(0);
             }
-            out
+            (out, gaps)
         });
         let must = margins.iter().position(|&m| m < NEAR_TIE).unwrap_or(want.len()).min(16);
         let matched = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         println!("{:?}: {matched}/{} tokens match (required {must})", case["prompt"].as_str().unwrap(), want.len());
         assert!(matched >= must, "prompt {:?}: only {matched} tokens match, {must} required\n got {got:?}\nwant {want:?}", case["prompt"]);
+        if matched < want.len() {
+            let gap = gaps[matched];
+            println!("  first divergence at {matched}: llama.cpp's token is {gap:.3} nats below ours (its margin there: {:.3})", margins[matched]);
+            assert!(gap < DIVERGENCE_GAP, "prompt {:?}: at position {matched} llama.cpp's token is {gap} nats below ours", case["prompt"]);
+        }
         total_match += matched;
         total += want.len();
     }
