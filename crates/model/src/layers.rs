@@ -145,13 +145,14 @@ impl RmsNorm {
     /// Normalises every `dim()`-long row of `x` in place.
     pub fn forward_inplace(&self, x: &mut [f32]) {
         let d = self.weight.len();
-        for row in x.chunks_exact_mut(d) {
+        let norm_row = |_: usize, row: &mut [f32]| {
             let ss: f32 = crate::simd::dot(row, row);
             let scale = 1.0 / (ss / d as f32 + self.eps).sqrt();
             for (v, w) in row.iter_mut().zip(&self.weight) {
                 *v *= scale * w;
             }
-        }
+        };
+        crate::simd::par_rows(x, d, norm_row);
     }
 
     /// out = norm(x), leaving x untouched.

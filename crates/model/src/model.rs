@@ -254,7 +254,7 @@ impl Model {
             if let Some(pn) = &layer.post_attn_norm {
                 pn.forward_inplace(&mut h);
             }
-            add_inplace(&mut x, &h);
+            crate::simd::add_inplace(&mut x, &h);
 
             // --- feed-forward ---
             layer.ffn_norm.forward(&x, &mut h);
@@ -268,7 +268,7 @@ impl Model {
             if let Some(pn) = &layer.post_ffn_norm {
                 pn.forward_inplace(&mut h);
             }
-            add_inplace(&mut x, &h);
+            crate::simd::add_inplace(&mut x, &h);
         }
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len(), &self.windows);
@@ -314,9 +314,6 @@ impl Model {
     }
 }
 
-fn add_inplace(x: &mut [f32], y: &[f32]) {
-    crate::simd::axpy(x, 1.0, y);
-}
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -350,7 +347,7 @@ impl RopeTable {
     fn apply(&self, x: &mut [f32], head_dim: usize, style: RopeStyle) {
         let half = self.half;
         let row_len = x.len() / (self.cos.len() / half.max(1)).max(1);
-        for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
+        crate::simd::par_rows(x, row_len, |t, row| {
             let cos = &self.cos[t * half..(t + 1) * half];
             let sin = &self.sin[t * half..(t + 1) * half];
             for head in row.chunks_exact_mut(head_dim) {
@@ -372,6 +369,6 @@ impl RopeTable {
                     }
                 }
             }
-        }
+        });
     }
 }

@@ -104,8 +104,45 @@ fn gelu_lookup(table: &[f32], x: f32, bits: u16) -> f32 {
     }
 }
 
+/// Elements below which element-wise work stays on the calling thread (a decode step's
+/// vectors), above which it is split over the current rayon pool (a prefill's matrices).
+const PAR_ELEMENTS: usize = 1 << 15;
+
+/// Calls `f(i, row)` for every `row_len`-long row `i` of `x`, in parallel when `x` is large.
+pub fn par_rows(x: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if x.len() >= PAR_ELEMENTS && rayon::current_num_threads() > 1 {
+        // Whole rows per task, about PAR_ELEMENTS / 4 elements each.
+        let rows_per_task = (PAR_ELEMENTS / 4 / row_len.max(1)).max(1);
+        x.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(ci, c)| {
+            c.chunks_exact_mut(row_len).enumerate().for_each(|(j, row)| f(ci * rows_per_task + j, row))
+        });
+    } else {
+        x.chunks_exact_mut(row_len).enumerate().for_each(|(i, row)| f(i, row));
+    }
+}
+
+/// Applies `f` to matching chunks of `x` and `y`, in parallel when they are large.
+fn par_zip(x: &mut [f32], y: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    use rayon::prelude::*;
+    if x.len() >= PAR_ELEMENTS && rayon::current_num_threads() > 1 {
+        x.par_chunks_mut(PAR_ELEMENTS / 4).zip(y.par_chunks(PAR_ELEMENTS / 4)).for_each(|(a, b)| f(a, b));
+    } else {
+        f(x, y)
+    }
+}
+
+/// x += y, element-wise (the residual connection).
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    par_zip(x, y, |a, b| axpy(a, 1.0, b));
+}
+
 /// gate[i] = GELU(gate[i]) · up[i]: Gemma's gated FFN activation.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    par_zip(gate, up, geglu_serial);
+}
+
+fn geglu_serial(gate: &mut [f32], up: &[f32]) {
     let table = gelu_table();
     #[cfg(target_arch = "x86_64")]
     if use_avx2() && is_x86_feature_detected!("f16c") {

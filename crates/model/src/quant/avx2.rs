@@ -121,9 +121,10 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
         K_Q5_0 => 16.0,
         _ => 0.0,
     };
-    // One token alone would serialise on the FMA latency: give it two accumulators.
+    // One accumulator per token, blocks added in order: the same operations in the same order
+    // as `dot2x4_32`, so a token's result never depends on how many share the call (batch
+    // invariance: a chunked prefill equals a one-shot one bit for bit).
     let mut acc = [_mm256_setzero_ps(); N];
-    let mut acc2 = _mm256_setzero_ps();
     // Σ_blocks d_w · d_a · Σ a, per token: the offset correction.
     let mut corr = [0f32; N];
     for i in 0..nb {
@@ -138,11 +139,7 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
                 let qy = load256(y.qs.as_ptr() as *const u8);
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
                 let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
-                if N == 1 && i % 2 == 1 {
-                    acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
-                } else {
-                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
-                }
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
             }
         } else {
             let qx = if K == K_Q4_0 {
@@ -157,16 +154,9 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
                 let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
                 corr[t] += dw * y.s;
                 let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
-                if N == 1 && i % 2 == 1 {
-                    acc2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc2);
-                } else {
-                    acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
-                }
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
             }
         }
-    }
-    if N == 1 {
-        acc[0] = _mm256_add_ps(acc[0], acc2);
     }
     let mut out = finish(acc);
     for t in 0..N {

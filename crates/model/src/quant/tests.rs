@@ -345,3 +345,23 @@ fn simd_activation_quantizers_give_the_same_blocks_as_the_scalar_reference() {
         assert_eq!(a, b, "{isa:?}");
     }
 }
+
+#[test]
+fn a_tokens_result_is_bit_identical_whatever_batch_it_is_in_for_every_type() {
+    // Batch invariance: the multi-token kernels add the same terms in the same order as the
+    // one-token kernel, so batching and chunked prefill never change a result.
+    let mut rng = StdRng::seed_from_u64(5);
+    for dtype in TYPES {
+        let (rows, cols) = (63, 256);
+        let m = random_matrix(dtype, rows, cols, &mut rng);
+        let n = 29;
+        let x = random_floats(&mut rng, n * cols);
+        let mut all = vec![0f32; n * rows];
+        m.matmul(&x, n, &mut all);
+        for t in 0..n {
+            let mut one = vec![0f32; rows];
+            m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
+            assert_eq!(one, all[t * rows..(t + 1) * rows], "{dtype}, token {t}");
+        }
+    }
+}
