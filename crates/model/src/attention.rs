@@ -90,11 +90,155 @@ struct Attend<'a> {
     keys: std::ops::Range<usize>,
 }
 
-/// [`attend`] compiled for AVX2+FMA, so the dot products and axpys inline and vectorise.
+/// [`attend`] for AVX2+FMA: register-blocked kernels when the head dim is a multiple of 8
+/// (every real model), else the portable loops compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
-    attend::<true>(args, o)
+    if args.hd % 8 != 0 {
+        return attend::<true>(args, o);
+    }
+    match args.hs {
+        1 => blocked::attend::<1, 4, 2>(args, o),
+        2 => blocked::attend::<2, 4, 2>(args, o),
+        3 => blocked::attend::<3, 2, 2>(args, o),
+        4 => blocked::attend::<4, 2, 2>(args, o),
+        5 | 6 => blocked::attend::<6, 1, 1>(args, o),
+        _ => blocked::attend::<8, 1, 1>(args, o),
+    }
+}
+
+/// Register-blocked online-softmax attention for AVX2.
+///
+/// Scores: `KB` keys × `HS` heads at a time, each dot product one 256-bit accumulator running
+/// over the head dim in order; values: `DC` 8-wide column chunks of all heads' outputs stay in
+/// registers while the tile's keys stream past. Each key row is thus loaded once for all heads
+/// of its group. Every score and output element is computed by the same operations in the
+/// same order whatever `HS`/`KB` are, so a query's result does not depend on how many heads or
+/// queries shared its task (decode and prefill agree bit for bit).
+#[cfg(target_arch = "x86_64")]
+mod blocked {
+    use std::arch::x86_64::*;
+
+    use super::{Attend, MAX_HEADS_PER_TASK, TILE};
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `scores[h][j] = q_h · k_{start + j}` for `j < n`, `h < hs` (HS is the padded head count).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn scores<const HS: usize, const KB: usize>(a: &Attend<'_>, start: usize, n: usize, scores: &mut [[f32; TILE]; MAX_HEADS_PER_TASK]) {
+        let hs = a.hs.min(HS);
+        let qp = a.qs.as_ptr();
+        let kp = a.k.as_ptr();
+        let mut j = 0;
+        while j < n {
+            let kb = if j + KB <= n { KB } else { 1 };
+            let mut acc = [[_mm256_setzero_ps(); KB]; HS];
+            let rows: [*const f32; KB] = std::array::from_fn(|b| kp.add((start + j + b.min(kb - 1)) * a.kv_dim + a.kv_off));
+            let mut d = 0;
+            while d < a.hd {
+                let kv: [__m256; KB] = std::array::from_fn(|b| if b < kb { _mm256_loadu_ps(rows[b].add(d)) } else { _mm256_setzero_ps() });
+                for h in 0..hs {
+                    let qv = _mm256_loadu_ps(qp.add(h * a.hd + d));
+                    for b in 0..kb {
+                        acc[h][b] = _mm256_fmadd_ps(qv, kv[b], acc[h][b]);
+                    }
+                }
+                d += 8;
+            }
+            for h in 0..hs {
+                for b in 0..kb {
+                    scores[h][j + b] = hsum(acc[h][b]);
+                }
+            }
+            j += kb;
+        }
+    }
+
+    /// `o_h += Σ_j p[h][j] · v_{start + j}` for all heads, `DC` column chunks at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn values<const HS: usize, const DC: usize>(a: &Attend<'_>, start: usize, n: usize, p: &[[f32; TILE]; MAX_HEADS_PER_TASK], o: &mut [f32]) {
+        let hs = a.hs.min(HS);
+        let op = o.as_mut_ptr();
+        let vp = a.v.as_ptr();
+        let mut d = 0;
+        while d < a.hd {
+            let dc = if d + 8 * DC <= a.hd { DC } else { 1 };
+            let mut acc = [[_mm256_setzero_ps(); DC]; HS];
+            for h in 0..hs {
+                for c in 0..dc {
+                    acc[h][c] = _mm256_loadu_ps(op.add(h * a.hd + d + 8 * c));
+                }
+            }
+            for j in 0..n {
+                let row = vp.add((start + j) * a.kv_dim + a.kv_off + d);
+                let vv: [__m256; DC] = std::array::from_fn(|c| if c < dc { _mm256_loadu_ps(row.add(8 * c)) } else { _mm256_setzero_ps() });
+                for h in 0..hs {
+                    let pj = _mm256_broadcast_ss(&p[h][j]);
+                    for c in 0..dc {
+                        acc[h][c] = _mm256_fmadd_ps(pj, vv[c], acc[h][c]);
+                    }
+                }
+            }
+            for h in 0..hs {
+                for c in 0..dc {
+                    _mm256_storeu_ps(op.add(h * a.hd + d + 8 * c), acc[h][c]);
+                }
+            }
+            d += 8 * dc;
+        }
+    }
+
+    /// The online softmax of [`super::attend`] with the blocked score and value kernels.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend<const HS: usize, const KB: usize, const DC: usize>(a: Attend<'_>, o: &mut [f32]) {
+        let (hd, hs) = (a.hd, a.hs);
+        o.fill(0.0);
+        let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
+        let mut l = [0f32; MAX_HEADS_PER_TASK];
+        let mut sc = [[0f32; TILE]; MAX_HEADS_PER_TASK];
+        let mut start = a.keys.start;
+        while start < a.keys.end {
+            let n = (start + TILE).min(a.keys.end) - start;
+            scores::<HS, KB>(&a, start, n, &mut sc);
+            for h in 0..hs {
+                let s = &mut sc[h][..n];
+                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m_new = m[h].max(tile_max);
+                let correction = (m[h] - m_new).exp();
+                if correction != 1.0 {
+                    for x in &mut o[h * hd..(h + 1) * hd] {
+                        *x *= correction;
+                    }
+                }
+                l[h] *= correction;
+                for p in s.iter_mut() {
+                    *p = (*p - m_new).exp();
+                    l[h] += *p;
+                }
+                m[h] = m_new;
+            }
+            values::<HS, DC>(&a, start, n, &sc, o);
+            start += n;
+        }
+        for h in 0..hs {
+            if l[h] > 0.0 {
+                let inv = 1.0 / l[h];
+                for x in &mut o[h * hd..(h + 1) * hd] {
+                    *x *= inv;
+                }
+            }
+        }
+    }
 }
 
 /// Online softmax over one task's keys; writes the `hs` output rows into `o`.
@@ -206,6 +350,12 @@ mod tests {
             AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 16 },
             AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 8 },
             AttnShape { n_heads: 3, n_kv_heads: 3, head_dim: 5 },
+            // Head dims that take the register-blocked AVX2 kernels, with groups of 1..8.
+            AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 64 },
+            AttnShape { n_heads: 8, n_kv_heads: 1, head_dim: 24 },
+            AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 32 },
+            AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 40 },
+            AttnShape { n_heads: 5, n_kv_heads: 1, head_dim: 16 },
         ];
         let mut seed = 0;
         for shape in shapes {
@@ -225,6 +375,30 @@ mod tests {
         // Keys 100..170 are held; queries at 160..170 with a window of 37.
         let span = AttnSpan { q_pos0: 160, k_pos0: 100, window: Some(37) };
         check(shape, 10, 70, span, 99);
+    }
+
+    #[test]
+    fn a_querys_output_is_bit_identical_alone_or_in_a_prefill_batch() {
+        // Decode (one query: one task per head) and prefill (many: one task per KV group)
+        // must agree exactly, or a chunked prefill would not equal a one-shot one.
+        let shape = AttnShape { n_heads: 4, n_kv_heads: 1, head_dim: 64 };
+        let (n_q, n_k) = (23, 150);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
+        let q = r(n_q * 4 * 64);
+        let (k, v) = (r(n_k * 64), r(n_k * 64));
+        let span = AttnSpan { q_pos0: n_k - n_q, k_pos0: 0, window: Some(100) };
+        let mut all = vec![0f32; q.len()];
+        // Two threads and 23 queries: the prefill split (one task per KV group) for sure.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| flash_attention(&q, &k, &v, shape, span, &mut all));
+        for i in 0..n_q {
+            let mut one = vec![0f32; 4 * 64];
+            let span1 = AttnSpan { q_pos0: span.q_pos0 + i, ..span };
+            let k_end = (span1.q_pos0 + 1) * 64;
+            flash_attention(&q[i * 256..(i + 1) * 256], &k[..k_end], &v[..k_end], shape, span1, &mut one);
+            assert_eq!(one, all[i * 256..(i + 1) * 256], "query {i}");
+        }
     }
 
     #[test]

@@ -58,8 +58,6 @@ pub fn kernel_name() -> &'static str {
 
 /// Weight row · one activation row.
 pub(crate) type Dot1<A> = fn(&[u8], &[A]) -> f32;
-/// Weight row · four activation rows (prefill: the weight row is unpacked once for all four).
-pub(crate) type Dot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
 /// Many weight rows (back to back, `row_bytes` each) · four activation rows: `out[r][t]`.
 /// One call per task keeps the per-row call and length checks out of the prefill loop, and
 /// lets a kernel work on two rows at once.
@@ -68,7 +66,6 @@ pub(crate) type DotRows4<A> = fn(&[u8], usize, [&[A]; 4], &mut [[f32; 4]]);
 /// The two entry points of one weight type's kernel, over activations of type `A`.
 pub(crate) struct DotKernels<A> {
     pub one: Dot1<A>,
-    pub four: Dot4<A>,
     pub rows4: DotRows4<A>,
 }
 
@@ -90,12 +87,11 @@ pub(crate) enum Kernel {
     Q8K(DotKernels<BlockQ8K>),
 }
 
-/// Scalar kernels: the four-row entry point is four one-row calls.
+/// Scalar kernels: the multi-row entry point is one-row calls.
 macro_rules! scalar_kernels {
     ($variant:ident, $f:path, $a:ty) => {
         Kernel::$variant(DotKernels {
             one: $f,
-            four: |w: &[u8], a: [&[$a]; 4]| [$f(w, a[0]), $f(w, a[1]), $f(w, a[2]), $f(w, a[3])],
             rows4: |w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]| {
                 for (wr, o) in w.chunks_exact(row_bytes.max(1)).zip(out.iter_mut()) {
                     *o = [$f(wr, a[0]), $f(wr, a[1]), $f(wr, a[2]), $f(wr, a[3])];
@@ -116,27 +112,12 @@ macro_rules! avx2_kernels {
             // SAFETY: only handed out by `select` after `avx2_available()`; lengths checked above.
             unsafe { super::avx2::$f::<1>(w, [a])[0] }
         }
-        fn four(w: &[u8], a: [&[$a]; 4]) -> [f32; 4] {
-            for r in &a {
-                assert_eq!(w.len(), r.len() * $bytes_per_unit, "weight row / activation length mismatch");
-            }
-            // SAFETY: as in `one`.
-            unsafe {
-                if $pairs {
-                    let [x, y] = super::avx2::$f::<2>(w, [a[0], a[1]]);
-                    let [z, v] = super::avx2::$f::<2>(w, [a[2], a[3]]);
-                    [x, y, z, v]
-                } else {
-                    super::avx2::$f::<4>(w, a)
-                }
-            }
-        }
         fn rows4(w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]) {
             check_rows4(w, row_bytes, $bytes_per_unit, &a, out);
             // SAFETY: as in `one`; `check_rows4` verified every length.
             unsafe { super::avx2::rows4!($f, $pairs, w, row_bytes, a, out) }
         }
-        Kernel::$variant(DotKernels { one, four, rows4 })
+        Kernel::$variant(DotKernels { one, rows4 })
     }};
 }
 
