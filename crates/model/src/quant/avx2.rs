@@ -169,7 +169,7 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
 /// rows and each weight block decoded once for all four tokens (8 accumulators).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot2x4_32<const K: u8>(w0: *const u8, w1: *const u8, nb: usize, bytes: usize, a: [&[BlockQ8_0]; 4]) -> [[f32; 4]; 2] {
+unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const u8, nb: usize, bytes: usize, a: [&[BlockQ8_0]; 4]) -> [[f32; 4]; 2] {
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
     let ones = _mm256_set1_epi16(1);
@@ -192,9 +192,14 @@ unsafe fn dot2x4_32<const K: u8>(w0: *const u8, w1: *const u8, nb: usize, bytes:
     };
     for i in 0..nb {
         let b = [w0.add(i * bytes), w1.add(i * bytes)];
-        let dw = [f16_at(tab, b[0]), f16_at(tab, b[1])];
+        let (dw, qx) = if UNPACKED {
+            // [`unpack_32`]'s layout: the scale as f32, then the 32 codes as bytes.
+            let d = |p: *const u8| std::ptr::read_unaligned(p as *const f32);
+            ([d(b[0]), d(b[1])], [load256(b[0].add(4)), load256(b[1].add(4))])
+        } else {
+            ([f16_at(tab, b[0]), f16_at(tab, b[1])], [decode(b[0]), decode(b[1])])
+        };
         let dwv = [_mm256_set1_ps(dw[0]), _mm256_set1_ps(dw[1])];
-        let qx = [decode(b[0]), decode(b[1])];
         // Q8_0 weights are signed: multiply |w| by sign(a, w) instead.
         let ax = if K == K_Q8_0 { [_mm256_sign_epi8(qx[0], qx[0]), _mm256_sign_epi8(qx[1], qx[1])] } else { qx };
         for t in 0..4 {
@@ -228,13 +233,59 @@ pub unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a:
     let wp = w.as_ptr();
     let mut r = 0;
     while r + 2 <= rows {
-        let [o0, o1] = dot2x4_32::<K>(wp.add(r * row_bytes), wp.add((r + 1) * row_bytes), nb, bytes, a);
+        let [o0, o1] = dot2x4_32::<K, false>(wp.add(r * row_bytes), wp.add((r + 1) * row_bytes), nb, bytes, a);
         out[r] = o0;
         out[r + 1] = o1;
         r += 2;
     }
     if r < rows {
         out[r] = dot_32::<K, 4>(&w[r * row_bytes..(r + 1) * row_bytes], bytes, a);
+    }
+}
+
+/// Bytes of one unpacked Q4_0/Q5_0 block: the scale as f32 and the 32 codes as bytes.
+pub const UNPACKED_BYTES: usize = 36;
+
+/// Decodes Q4_0/Q5_0 blocks once into [`UNPACKED_BYTES`] blocks, so a prefill task that
+/// multiplies the same rows with hundreds of tokens does not decode them for every four.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Vec<u8>) {
+    let nb = w.len() / bytes;
+    let tab = f16_table();
+    out.clear();
+    out.reserve(nb * UNPACKED_BYTES);
+    let dst = out.as_mut_ptr();
+    for i in 0..nb {
+        let b = w.as_ptr().add(i * bytes);
+        let qx = if K == K_Q4_0 {
+            nibbles_32(b.add(2))
+        } else {
+            let hi = _mm256_and_si256(bytes_from_bits_32(b.add(2)), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(nibbles_32(b.add(6)), hi)
+        };
+        let o = dst.add(i * UNPACKED_BYTES);
+        std::ptr::write_unaligned(o as *mut f32, f16_at(tab, b));
+        _mm256_storeu_si256(o.add(4) as *mut __m256i, qx);
+    }
+    out.set_len(nb * UNPACKED_BYTES);
+}
+
+/// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to [`rows4_32`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+    let nb = row_bytes / UNPACKED_BYTES;
+    let rows = out.len();
+    let wp = w.as_ptr();
+    let mut r = 0;
+    while r < rows {
+        // An odd last row is paired with itself.
+        let r1 = (r + 1).min(rows - 1);
+        let [o0, o1] = dot2x4_32::<K, true>(wp.add(r * row_bytes), wp.add(r1 * row_bytes), nb, UNPACKED_BYTES, a);
+        out[r] = o0;
+        if r1 != r {
+            out[r1] = o1;
+        }
+        r += 2;
     }
 }
 

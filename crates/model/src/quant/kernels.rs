@@ -67,6 +67,18 @@ pub(crate) type DotRows4<A> = fn(&[u8], usize, [&[A]; 4], &mut [[f32; 4]]);
 pub(crate) struct DotKernels<A> {
     pub one: Dot1<A>,
     pub rows4: DotRows4<A>,
+    /// For formats worth decoding once per prefill task: how, and the kernel over the result.
+    pub unpacked: Option<Unpacked<A>>,
+}
+
+/// A decoded copy of a task's weight rows and the kernel that reads it. The results are
+/// bit-identical to `rows4` on the packed rows.
+pub(crate) struct Unpacked<A> {
+    /// Bytes of one decoded row per packed block.
+    pub bytes_per_block: usize,
+    /// Packed rows (back to back) → decoded rows, written into the buffer.
+    pub unpack: fn(&[u8], &mut Vec<u8>),
+    pub rows4: DotRows4<A>,
 }
 
 /// Checks the lengths every multi-row entry point relies on.
@@ -97,6 +109,7 @@ macro_rules! scalar_kernels {
                     *o = [$f(wr, a[0]), $f(wr, a[1]), $f(wr, a[2]), $f(wr, a[3])];
                 }
             },
+            unpacked: None,
         })
     };
 }
@@ -117,7 +130,27 @@ macro_rules! avx2_kernels {
             // SAFETY: as in `one`; `check_rows4` verified every length.
             unsafe { super::avx2::rows4!($f, $pairs, w, row_bytes, a, out) }
         }
-        Kernel::$variant(DotKernels { one, rows4 })
+        Kernel::$variant(DotKernels { one, rows4, unpacked: None })
+    }};
+}
+
+/// AVX2 Q4_0/Q5_0 kernels with the decode-once prefill path.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_unpacking_kernels {
+    ($f:ident, $k:ident, $bytes:expr) => {{
+        let Kernel::Q8_0(mut k) = avx2_kernels!(Q8_0, $f, BlockQ8_0, $bytes, false) else { unreachable!() };
+        fn unpack(w: &[u8], out: &mut Vec<u8>) {
+            assert_eq!(w.len() % $bytes, 0, "packed rows are whole blocks");
+            // SAFETY: only handed out by `select` after `avx2_available()`; whole blocks checked.
+            unsafe { super::avx2::unpack_32::<{ super::avx2::$k }>(w, $bytes, out) }
+        }
+        fn rows4(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+            check_rows4(w, row_bytes, super::avx2::UNPACKED_BYTES, &a, out);
+            // SAFETY: as in `unpack`; `check_rows4` verified every length.
+            unsafe { super::avx2::rows4_unpacked::<{ super::avx2::$k }>(w, row_bytes, a, out) }
+        }
+        k.unpacked = Some(Unpacked { bytes_per_block: super::avx2::UNPACKED_BYTES, unpack, rows4 });
+        Kernel::Q8_0(k)
     }};
 }
 
@@ -136,8 +169,8 @@ pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
             GgmlDType::F16 => avx2_kernels!(F32, dot_f16, f32, 2, false),
             GgmlDType::BF16 => avx2_kernels!(F32, dot_bf16, f32, 2, false),
             GgmlDType::Q8_0 => avx2_kernels!(Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
-            GgmlDType::Q4_0 => avx2_kernels!(Q8_0, dot_q4_0, BlockQ8_0, Q4_0_BYTES, false),
-            GgmlDType::Q5_0 => avx2_kernels!(Q8_0, dot_q5_0, BlockQ8_0, Q5_0_BYTES, false),
+            GgmlDType::Q4_0 => avx2_unpacking_kernels!(dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
+            GgmlDType::Q5_0 => avx2_unpacking_kernels!(dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
             GgmlDType::Q4_K => avx2_kernels!(Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
             GgmlDType::Q5_K => avx2_kernels!(Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
             GgmlDType::Q6_K => avx2_kernels!(Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),

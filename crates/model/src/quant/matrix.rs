@@ -238,10 +238,19 @@ impl QMatrix {
             let act = |t: usize| &acts[t * per_tok..(t + 1) * per_tok];
             let w = &self.data.as_slice()[self.start + r0 * self.row_bytes..self.start + r1 * self.row_bytes];
             let mut tile = vec![[0f32; 4]; r1 - r0];
+            // Formats that are costly to decode are decoded once for all the task's tokens.
+            let mut unpacked_rows = Vec::new();
+            let (w, row_bytes, rows4) = match &k.unpacked {
+                Some(u) if n >= 8 => {
+                    (u.unpack)(w, &mut unpacked_rows);
+                    (&unpacked_rows[..], self.row_bytes / self.dtype.type_size() * u.bytes_per_block, u.rows4)
+                }
+                _ => (w, self.row_bytes, k.rows4),
+            };
             let mut t = 0;
             while t + 4 <= n {
                 let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
-                (k.rows4)(w, self.row_bytes, a, &mut tile);
+                rows4(w, row_bytes, a, &mut tile);
                 for (r, v) in (r0..r1).zip(&tile) {
                     for (j, &v) in v.iter().enumerate() {
                         // SAFETY: see `OutPtr`; (t + j) < n and r < rows.
