@@ -95,7 +95,7 @@ struct Attend<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
-    if args.hd % 8 != 0 {
+    if !args.hd.is_multiple_of(8) {
         return attend::<true>(args, o);
     }
     match args.hs {
@@ -117,6 +117,7 @@ unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
 /// same order whatever `HS`/`KB` are, so a query's result does not depend on how many heads or
 /// queries shared its task (decode and prefill agree bit for bit).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over register tiles read best as the math
 mod blocked {
     use std::arch::x86_64::*;
 

@@ -190,10 +190,10 @@ impl ModelConfig {
                 self.n_layers, self.hidden, self.n_heads, self.head_dim, self.ffn
             ));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} query heads cannot be grouped over {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return bad(format!("RoPE dimensions {} must be even and at most the head dim {}", self.rope_dims, self.head_dim));
         }
         if self.vocab == 0 {

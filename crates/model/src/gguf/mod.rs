@@ -149,6 +149,11 @@ pub struct TensorInfo {
     pub nbytes: u64,
 }
 
+/// Metadata keys and their values.
+pub type Metadata = BTreeMap<String, Value>;
+/// The tensor directory by name.
+pub type Tensors = BTreeMap<String, TensorInfo>;
+
 /// An opened GGUF file: parsed header, metadata and tensor directory over an mmap.
 pub struct Gguf {
     pub version: u32,
@@ -182,7 +187,7 @@ impl Gguf {
     }
 
     /// Parses GGUF bytes already in memory (the fuzz target and tests use this).
-    pub fn parse_bytes(bytes: &[u8]) -> Result<(BTreeMap<String, Value>, BTreeMap<String, TensorInfo>), GgufError> {
+    pub fn parse_bytes(bytes: &[u8]) -> Result<(Metadata, Tensors), GgufError> {
         parse(bytes).map(|(_, m, t)| (m, t))
     }
 
@@ -330,8 +335,8 @@ impl<'a> Cursor<'a> {
                 let min_item = match item_ty {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
-                    8 | 9 | 10 | 11 | 12 => 8,
+                    4..=6 => 4,
+                    8..=12 => 8,
                     other => return Err(GgufError::BadValueType(other)),
                 };
                 let n = self.count(min_item, "array length")?;

@@ -114,7 +114,7 @@ impl GgmlDType {
 
     /// Bytes taken by `n` elements (which must be a whole number of blocks).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.type_size())

@@ -40,7 +40,7 @@ impl WeightBytes {
     /// Checks an `Mmap` range against the file size.
     fn check(&self) -> Result<(), QuantError> {
         if let WeightBytes::Mmap { map, offset, len } = self {
-            if offset.checked_add(*len).map_or(true, |end| end > map.len()) {
+            if offset.checked_add(*len).is_none_or(|end| end > map.len()) {
                 return Err(QuantError::OutOfFile { offset: *offset, len: *len, file_len: map.len() });
             }
         }

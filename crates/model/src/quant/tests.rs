@@ -87,7 +87,7 @@ fn every_dot_kernel_equals_dequantize_then_dot_on_quantized_activations() {
                 match &kernel {
                     Kernel::F32(k) => {
                         let a: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-                        let four = four_tokens(&k, &w, [a[0], a[1], a[2], a[3]]);
+                        let four = four_tokens(k, &w, [a[0], a[1], a[2], a[3]]);
                         for t in 0..4 {
                             let want = dot_ref(&wf, a[t]);
                             assert_close((k.one)(&w, a[t]), want, 1e-5, &what);
@@ -103,7 +103,7 @@ fn every_dot_kernel_equals_dequantize_then_dot_on_quantized_activations() {
                                 b
                             })
                             .collect();
-                        let four = four_tokens(&k, &w, [&q[0], &q[1], &q[2], &q[3]]);
+                        let four = four_tokens(k, &w, [&q[0], &q[1], &q[2], &q[3]]);
                         for t in 0..4 {
                             let want = dot_ref(&wf, &dequantize_q8_0(&q[t]));
                             assert_close((k.one)(&w, &q[t]), want, 1e-4, &what);
@@ -119,7 +119,7 @@ fn every_dot_kernel_equals_dequantize_then_dot_on_quantized_activations() {
                                 b
                             })
                             .collect();
-                        let four = four_tokens(&k, &w, [&q[0], &q[1], &q[2], &q[3]]);
+                        let four = four_tokens(k, &w, [&q[0], &q[1], &q[2], &q[3]]);
                         for t in 0..4 {
                             let want = dot_ref(&wf, &dequantize_q8_k(&q[t]));
                             assert_close((k.one)(&w, &q[t]), want, 1e-4, &what);
