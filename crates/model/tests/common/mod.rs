@@ -10,8 +10,10 @@ pub fn default_model() -> Option<PathBuf> {
         eprintln!("skipping: TPSERVE_SKIP_MODEL=1");
         return None;
     }
-    match tpserve_model::fetch::fetch_default(false) {
-        Ok(p) => Some(p),
+    // Tests of one binary run on parallel threads: fetch once, not once per test.
+    static MODEL: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    match MODEL.get_or_init(|| tpserve_model::fetch::fetch_default(false).map_err(|e| e.to_string())) {
+        Ok(p) => Some(p.clone()),
         Err(e) => panic!("the default model is needed by this test and could not be fetched: {e} (set TPSERVE_SKIP_MODEL=1 to skip such tests)"),
     }
 }
