@@ -57,8 +57,12 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
     let n_k = k.len() / kv_dim;
     let group = n_heads / n_kv_heads;
     let n_q = q.len() / (n_heads * hd);
-    debug_assert_eq!(q.len(), out.len());
-    debug_assert_eq!(k.len(), v.len());
+    // The AVX2 kernels read through raw pointers: these shapes are what keeps them in bounds.
+    assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads");
+    assert!(hd > 0 && q.len().is_multiple_of(n_heads * hd), "q is not [n_q, {n_heads} x {hd}]");
+    assert_eq!(q.len(), out.len(), "attention output length");
+    assert_eq!(k.len(), v.len(), "keys and values have different lengths");
+    assert_eq!(k.len() % kv_dim, 0, "keys are not [n_k, {n_kv_heads} x {hd}]");
     let many_queries = n_q >= 2 * rayon::current_num_threads();
     let hs = if many_queries { (1..=group.min(MAX_HEADS_PER_TASK)).rev().find(|d| group % d == 0).unwrap_or(1) } else { 1 };
     out.par_chunks_mut(hs * hd).enumerate().for_each(|(task, o)| {

@@ -83,6 +83,7 @@ pub fn generate(
     let mut stream = StreamDecoder::new(tok);
     let max_stop = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut finish = FinishReason::Length;
+    let mut stopped_by_string = false;
     let t1 = Instant::now();
     let mut decode_steps = 0usize;
     while out_ids.len() < req.max_tokens && !logits.is_empty() {
@@ -93,13 +94,15 @@ pub fn generate(
         }
         out_ids.push(id);
         text.push_str(&stream.push(id));
-        if let Some(cut) = find_stop(&text, &req.stop) {
+        // A new stop string can only start in the part not yet emitted.
+        if let Some(cut) = find_stop(&text[emitted..], &req.stop).map(|c| emitted + c) {
             text.truncate(cut);
             if cut > emitted {
                 on_text(&text[emitted..cut]);
             }
             emitted = cut;
             finish = FinishReason::Stop;
+            stopped_by_string = true;
             break;
         }
         // Hold back the tail that could still become a stop string.
@@ -118,9 +121,10 @@ pub fn generate(
         logits = model.forward(&mut batch)?.pop().unwrap_or_default();
         decode_steps += 1;
     }
-    if finish == FinishReason::Length {
+    if !stopped_by_string {
+        // Bytes of an unfinished character still held by the decoder.
         text.push_str(&stream.finish());
-        if let Some(cut) = find_stop(&text, &req.stop) {
+        if let Some(cut) = find_stop(&text[emitted..], &req.stop).map(|c| emitted + c) {
             text.truncate(cut);
             finish = FinishReason::Stop;
         }

@@ -23,7 +23,24 @@ impl TpRank {
         (self.rank * n / self.world)..((self.rank + 1) * n / self.world)
     }
 
-    /// Query heads of this rank (n_heads must be divisible by world; the plan checks).
+    /// Why this rank cannot hold its share of `n_heads` query and `n_kv_heads` KV heads, if
+    /// it cannot: the query heads must split evenly, and each rank's query heads must read
+    /// KV heads that it holds (its own slice, or one replicated KV head).
+    pub fn check_heads(&self, n_heads: usize, n_kv_heads: usize) -> Result<(), String> {
+        if self.world == 0 || self.rank >= self.world {
+            return Err(format!("rank {} is outside a world of {}", self.rank, self.world));
+        }
+        if !n_heads.is_multiple_of(self.world) {
+            return Err(format!("{n_heads} attention heads cannot be split over tp = {}; use a tp that divides {n_heads}", self.world));
+        }
+        let ok = if n_kv_heads >= self.world { n_kv_heads.is_multiple_of(self.world) } else { self.world.is_multiple_of(n_kv_heads) };
+        if !ok {
+            return Err(format!("{n_kv_heads} KV heads cannot be split or replicated over tp = {}; use a tp that divides or is a multiple of {n_kv_heads}", self.world));
+        }
+        Ok(())
+    }
+
+    /// Query heads of this rank (n_heads must be divisible by world: [`Self::check_heads`]).
     pub fn heads(&self, n_heads: usize) -> Range<usize> {
         self.split(n_heads)
     }
@@ -189,6 +206,15 @@ mod tests {
         let kv: Vec<_> = (0..4).map(|rank| TpRank { rank, world: 4 }.kv_heads(8, 2)).collect();
         assert_eq!(kv, [0..1, 0..1, 1..2, 1..2]);
         assert_eq!(TpRank { rank: 1, world: 2 }.kv_heads(8, 4), 2..4);
+    }
+
+    #[test]
+    fn head_splits_that_would_mix_kv_groups_are_refused() {
+        assert!(TpRank { rank: 0, world: 2 }.check_heads(4, 1).is_ok());
+        assert!(TpRank { rank: 3, world: 4 }.check_heads(8, 2).is_ok());
+        assert!(TpRank { rank: 1, world: 3 }.check_heads(8, 4).unwrap_err().contains("cannot be split over tp = 3"));
+        assert!(TpRank { rank: 1, world: 3 }.check_heads(6, 4).unwrap_err().contains("KV heads"));
+        assert!(TpRank { rank: 2, world: 2 }.check_heads(4, 1).is_err());
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum ModelError {
     ContextOverflow { pos: usize, max: usize },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { id: u32, vocab: usize },
+    #[error("cannot shard the model: {0}")]
+    Plan(String),
+    #[error("a sequence with no new tokens asked for logits")]
+    EmptySequence,
 }
 
 /// Which logits a sequence wants back from a forward pass.
@@ -88,6 +92,7 @@ impl Model {
     /// Loads this rank's shard of every tensor (only the bytes it needs are touched).
     pub fn load(g: &Gguf, tp: TpRank, comm: Arc<dyn Collective>) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(g)?;
+        tp.check_heads(cfg.n_heads, cfg.n_kv_heads).map_err(ModelError::Plan)?;
         let (hd, hidden, ffn) = (cfg.head_dim, cfg.hidden, cfg.ffn);
         let heads = tp.heads(cfg.n_heads);
         let kv = tp.kv_heads(cfg.n_heads, cfg.n_kv_heads);
@@ -189,6 +194,9 @@ impl Model {
             }
             if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
                 return Err(ModelError::BadToken { id, vocab: cfg.vocab });
+            }
+            if s.tokens.is_empty() && s.logits != LogitsWanted::None {
+                return Err(ModelError::EmptySequence);
             }
         }
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();

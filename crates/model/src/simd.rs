@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 pub(crate) fn use_avx2() -> bool {
     static AVX2: OnceLock<bool> = OnceLock::new();
     *AVX2.get_or_init(|| {
-        if std::env::var("TPSERVE_KERNELS").as_deref() == Ok("scalar") {
+        if std::env::var("TPSERVE_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
             return false;
         }
         #[cfg(target_arch = "x86_64")]

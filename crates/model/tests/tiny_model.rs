@@ -97,6 +97,14 @@ fn a_context_overflow_or_bad_token_is_an_error_that_leaves_the_cache_alone() {
     let mut b = [SeqChunk { tokens: &bad, cache: &mut cache, logits: LogitsWanted::Last }];
     assert!(matches!(model.forward(&mut b), Err(ModelError::BadToken { id: 100_000, .. })));
     assert_eq!(cache.len(), 0);
+    // A sequence with nothing new cannot have logits (it would read a neighbour's).
+    let mut other = model.new_cache();
+    let mut b = [
+        SeqChunk { tokens: &[], cache: &mut cache, logits: LogitsWanted::Last },
+        SeqChunk { tokens: &[5], cache: &mut other, logits: LogitsWanted::Last },
+    ];
+    assert!(matches!(model.forward(&mut b), Err(ModelError::EmptySequence)));
+    assert_eq!(other.len(), 0);
 }
 
 fn err_of(bytes: &[u8]) -> String {
