@@ -118,16 +118,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         prefill_chunk: args.prefill_chunk,
     };
     let stdout = std::io::stdout();
-    // The first failed write (e.g. the reader of a pipe went away); later pieces are dropped.
+    // The failed write (e.g. the reader of a pipe went away) that stopped generation.
     let mut write_error: Option<std::io::Error> = None;
     let out = pool.install(|| {
         generate(&model, tok, &req, |piece| {
-            if !args.json && write_error.is_none() {
+            if !args.json {
                 let mut o = stdout.lock();
                 if let Err(e) = o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
+                    // Nobody is reading any more: stop generating.
                     write_error = Some(e);
+                    return std::ops::ControlFlow::Break(());
                 }
             }
+            std::ops::ControlFlow::Continue(())
         })
     })?;
     if let Some(e) = write_error {

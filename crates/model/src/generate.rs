@@ -1,6 +1,7 @@
 //! Single-process generation: prefill (in chunks), then decode token by token, with
 //! sampling, stop strings, end-of-generation tokens and streamed, UTF-8-safe text.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -33,6 +34,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// The consumer of the text went away (closed pipe, disconnected client).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -55,12 +58,14 @@ pub struct GenerateOutput {
 }
 
 /// Runs one request to completion, calling `on_text` with each piece of new text as soon as
-/// it is final (never half a character, never part of a stop string).
+/// it is final (never half a character, never part of a stop string). When `on_text` returns
+/// `ControlFlow::Break` (the reader went away), generation stops with
+/// [`FinishReason::Cancelled`] instead of computing tokens nobody will read.
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
     req: &GenerateRequest,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<GenerateOutput, ModelError> {
     let mut cache = model.new_cache();
     let max_ctx = model.config().context_len;
@@ -83,6 +88,7 @@ pub fn generate(
     let mut stream = StreamDecoder::new(tok);
     let max_stop = req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut finish = FinishReason::Length;
+    // Set when the text is final as it stands (a stop string cut it, or it was cancelled).
     let mut stopped_by_string = false;
     let t1 = Instant::now();
     let mut decode_steps = 0usize;
@@ -98,7 +104,7 @@ pub fn generate(
         if let Some(cut) = find_stop(&text[emitted..], &req.stop).map(|c| emitted + c) {
             text.truncate(cut);
             if cut > emitted {
-                on_text(&text[emitted..cut]);
+                let _ = on_text(&text[emitted..cut]);
             }
             emitted = cut;
             finish = FinishReason::Stop;
@@ -111,8 +117,13 @@ pub fn generate(
             safe -= 1;
         }
         if safe > emitted {
-            on_text(&text[emitted..safe]);
+            let flow = on_text(&text[emitted..safe]);
             emitted = safe;
+            if flow.is_break() {
+                finish = FinishReason::Cancelled;
+                stopped_by_string = true;
+                break;
+            }
         }
         if out_ids.len() >= req.max_tokens || cache.len() >= max_ctx {
             break;
@@ -129,8 +140,8 @@ pub fn generate(
             finish = FinishReason::Stop;
         }
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    if text.len() > emitted && finish != FinishReason::Cancelled {
+        let _ = on_text(&text[emitted..]);
     }
     let decode = t1.elapsed();
     let per_s = |n: usize, d: std::time::Duration| if d.as_secs_f64() > 0.0 { n as f64 / d.as_secs_f64() } else { 0.0 };
