@@ -2,9 +2,14 @@
 //! transfers between stages.
 //!
 //! The model code only sees the [`Collective`] trait, so the same layer types run on one
-//! process ([`Local`], world size 1), over TCP between CPUs, or over NCCL between GPUs.
+//! process ([`Local`], world size 1), over TCP between CPUs ([`TcpCollective`]), or over NCCL
+//! between GPUs (to come, behind the same trait).
 
 use std::time::Duration;
+
+pub mod tcp;
+
+pub use tcp::TcpCollective;
 
 /// Why a collective failed. Every wait has a deadline, so a dead peer becomes an error.
 #[derive(Debug, thiserror::Error)]
