@@ -126,15 +126,7 @@ mod blocked {
     use std::arch::x86_64::*;
 
     use super::{Attend, MAX_HEADS_PER_TASK, TILE};
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    use crate::simd::x86::hsum;
 
     /// `scores[h][j] = q_h · k_{start + j}` for `j < n`, `h < hs` (HS is the padded head count).
     #[target_feature(enable = "avx2,fma")]

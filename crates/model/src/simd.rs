@@ -154,6 +154,22 @@ fn geglu_serial(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// x86 helpers shared by the AVX2 kernels of `quant` and `attention`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 lanes, in one fixed order (kernels rely on it for batch invariance).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;

@@ -36,14 +36,7 @@ unsafe fn rd_u32(p: *const u8) -> u32 {
     u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
+use crate::simd::x86::hsum;
 
 /// Every f16 bit pattern widened to f32 (256 KiB, built on first use), as ggml keeps.
 ///
@@ -97,6 +90,15 @@ unsafe fn finish<const N: usize>(acc: [__m256; N]) -> [f32; N] {
     out
 }
 
+/// What a format subtracts from its stored codes: Q4_0 stores `q + 8`, Q5_0 `q + 16`.
+const fn code_offset(k: u8) -> f32 {
+    match k {
+        K_Q4_0 => 8.0,
+        K_Q5_0 => 16.0,
+        _ => 0.0,
+    }
+}
+
 /// The 32-element formats, as a const parameter so one loop body serves all three.
 const K_Q8_0: u8 = 0;
 const K_Q4_0: u8 = 1;
@@ -116,11 +118,7 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
     let ones = _mm256_set1_epi16(1);
-    let offset = match K {
-        K_Q4_0 => 8.0,
-        K_Q5_0 => 16.0,
-        _ => 0.0,
-    };
+    let offset = code_offset(K);
     // One accumulator per token, blocks added in order: the same operations in the same order
     // as `dot2x4_32`, so a token's result never depends on how many share the call (batch
     // invariance: a chunked prefill equals a one-shot one bit for bit).
@@ -173,11 +171,7 @@ unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
     let ones = _mm256_set1_epi16(1);
-    let offset = match K {
-        K_Q4_0 => 8.0,
-        K_Q5_0 => 16.0,
-        _ => 0.0,
-    };
+    let offset = code_offset(K);
     let mut acc = [[_mm256_setzero_ps(); 4]; 2];
     let mut corr = [[0f32; 4]; 2];
     let decode = |b: *const u8| -> __m256i {
