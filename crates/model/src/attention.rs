@@ -208,33 +208,12 @@ mod blocked {
             let n = (start + TILE).min(a.keys.end) - start;
             scores::<HS, KB>(&a, start, n, &mut sc);
             for h in 0..hs {
-                let s = &mut sc[h][..n];
-                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let m_new = m[h].max(tile_max);
-                let correction = (m[h] - m_new).exp();
-                if correction != 1.0 {
-                    for x in &mut o[h * hd..(h + 1) * hd] {
-                        *x *= correction;
-                    }
-                }
-                l[h] *= correction;
-                for p in s.iter_mut() {
-                    *p = (*p - m_new).exp();
-                    l[h] += *p;
-                }
-                m[h] = m_new;
+                super::softmax_tile(&mut sc[h][..n], &mut m[h], &mut l[h], &mut o[h * hd..(h + 1) * hd]);
             }
             values::<HS, DC>(&a, start, n, &sc, o);
             start += n;
         }
-        for h in 0..hs {
-            if l[h] > 0.0 {
-                let inv = 1.0 / l[h];
-                for x in &mut o[h * hd..(h + 1) * hd] {
-                    *x *= inv;
-                }
-            }
-        }
+        super::normalize(o, &l[..hs], hd);
     }
 }
 
@@ -257,20 +236,7 @@ fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
             }
         }
         for h in 0..hs {
-            let s = &mut scores[h][..n];
-            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let m_new = m[h].max(tile_max);
-            // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
-            let correction = (m[h] - m_new).exp();
-            if correction != 1.0 {
-                simd::scale_body(&mut o[h * hd..(h + 1) * hd], correction);
-            }
-            l[h] *= correction;
-            for p in s.iter_mut() {
-                *p = (*p - m_new).exp();
-                l[h] += *p;
-            }
-            m[h] = m_new;
+            softmax_tile(&mut scores[h][..n], &mut m[h], &mut l[h], &mut o[h * hd..(h + 1) * hd]);
         }
         for j in 0..n {
             let vrow = &v[(start + j) * kv_dim + kv_off..][..hd];
@@ -280,9 +246,35 @@ fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
         }
         start = end;
     }
-    for h in 0..hs {
-        if l[h] > 0.0 {
-            simd::scale_body(&mut o[h * hd..(h + 1) * hd], 1.0 / l[h]);
+    normalize(o, &l[..hs], hd);
+}
+
+/// One tile of the online softmax for one head: turns the tile's scores `s` into weights
+/// `exp(s - m)` against the running maximum `m`, rescales the output so far `o` and the
+/// running sum `l` when the maximum grows.
+#[inline(always)]
+fn softmax_tile(s: &mut [f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
+    let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m_new = m.max(tile_max);
+    // Rescale what we have so far to the new maximum (exp(-inf) = 0 on the first tile).
+    let correction = (*m - m_new).exp();
+    if correction != 1.0 {
+        simd::scale_body(o, correction);
+    }
+    *l *= correction;
+    for p in s.iter_mut() {
+        *p = (*p - m_new).exp();
+        *l += *p;
+    }
+    *m = m_new;
+}
+
+/// Divides each head's output row (`hd` long) by its softmax sum.
+#[inline(always)]
+fn normalize(o: &mut [f32], l: &[f32], hd: usize) {
+    for (row, &l) in o.chunks_exact_mut(hd).zip(l) {
+        if l > 0.0 {
+            simd::scale_body(row, 1.0 / l);
         }
     }
 }
