@@ -44,6 +44,24 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<(), CommError>;
 }
 
+/// Sums `parts` into `parts[0]` as a balanced binary tree ((p0 + p1) + (p2 + p3) for four).
+///
+/// The all-reduce adds ranks' buffers in this shape, and the model's row-parallel layers add
+/// their partial products in it too, so a sum of 4 parts comes out bit-identical whether one
+/// rank holds all 4, two ranks hold 2 each, or four ranks hold 1 each.
+pub fn tree_sum(parts: &mut [Vec<f32>]) {
+    let n = parts.len();
+    if n <= 1 {
+        return;
+    }
+    let (left, right) = parts.split_at_mut(n.div_ceil(2));
+    tree_sum(left);
+    tree_sum(right);
+    for (a, b) in left[0].iter_mut().zip(&right[0]) {
+        *a += b;
+    }
+}
+
 /// The collective of a world of one: every operation is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Local;
@@ -81,6 +99,21 @@ impl Collective for Local {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_sum_composes_over_halves() {
+        let parts: Vec<Vec<f32>> = (0..4).map(|i| vec![0.1 * (i as f32 + 1.0), 1e8, -1e8 + i as f32]).collect();
+        let mut all = parts.clone();
+        tree_sum(&mut all);
+        let mut halves = parts.clone();
+        let (a, b) = halves.split_at_mut(2);
+        tree_sum(a);
+        tree_sum(b);
+        let mut ranks = vec![a[0].clone(), b[0].clone()];
+        tree_sum(&mut ranks);
+        assert_eq!(all[0], ranks[0]);
+        assert_eq!(all[0][0].to_bits(), ((0.1f32 + 0.2) + (0.3f32 + 0.4)).to_bits());
+    }
 
     #[test]
     fn local_collectives_are_the_identity() {

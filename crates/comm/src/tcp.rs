@@ -2,10 +2,11 @@
 //! length-prefixed frames of little-endian f32), with a deadline on every wait so a dead or
 //! partitioned peer becomes an error on every rank instead of a hang.
 //!
-//! All-reduce picks its algorithm by size: below [`TcpCollective::ring_threshold`] bytes every
-//! rank sends its whole buffer to every other and sums them in rank order (one round trip,
-//! latency-optimal); above it, a ring reduce-scatter then all-gather moves `2 (w-1)/w` of the
-//! buffer per rank (bandwidth-optimal). Both give every rank bit-identical results.
+//! All-reduce picks its algorithm by size: below [`TcpCollective::split_threshold`] bytes every
+//! rank sends its whole buffer to every other (one round trip, latency-optimal); above it, a
+//! reduce-scatter then all-gather moves `2 (w-1)/w` of the buffer per rank (the bandwidth of a
+//! ring, in two rounds). Both add the ranks' parts in one fixed tree ([`crate::tree_sum`]), so
+//! every rank gets bit-identical results and they equal a one-process sum of the same parts.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,10 +16,13 @@ use std::time::{Duration, Instant};
 
 use crate::{CommError, Collective};
 
-/// Buffers at least this large (in bytes) use the ring all-reduce by default: measured on
-/// loopback (2 cores), direct wins up to 4 KB at world 2 and 64 KB at world 4, the ring from
-/// 64 KB / 256 KB on (`measure_direct_vs_ring_all_reduce`, docs/PERFORMANCE.md).
-pub const DEFAULT_RING_THRESHOLD: usize = 128 * 1024;
+/// Buffers at least this large (in bytes) use reduce-scatter + all-gather: measured on
+/// loopback (2 cores), direct wins up to 4 KB at worlds 2 and 4, the split from 64 KB on
+/// (`measure_direct_vs_split_all_reduce`, docs/PERFORMANCE.md).
+pub const DEFAULT_SPLIT_THRESHOLD: usize = 32 * 1024;
+
+/// Frames up to this size are written without a helper thread.
+const INLINE_SEND_BYTES: usize = 32 * 1024;
 
 /// Frames longer than this are refused as corrupt (a wrong length must not allocate).
 const MAX_FRAME_BYTES: u64 = 1 << 32;
@@ -36,7 +40,7 @@ pub struct TcpCollective {
     /// `peers[r]` is the connection to rank r (None for this rank).
     peers: Vec<Option<Peer>>,
     timeout: Duration,
-    ring_threshold: usize,
+    split_threshold: usize,
 }
 
 impl TcpCollective {
@@ -94,18 +98,18 @@ impl TcpCollective {
                 None => None,
             });
         }
-        Ok(Self { rank, world, peers, timeout, ring_threshold: DEFAULT_RING_THRESHOLD })
+        Ok(Self { rank, world, peers, timeout, split_threshold: DEFAULT_SPLIT_THRESHOLD })
     }
 
-    /// Sets the size (bytes) from which all-reduce uses the ring.
-    pub fn with_ring_threshold(mut self, bytes: usize) -> Self {
-        self.ring_threshold = bytes;
+    /// Sets the size (bytes) from which all-reduce uses reduce-scatter + all-gather.
+    pub fn with_split_threshold(mut self, bytes: usize) -> Self {
+        self.split_threshold = bytes;
         self
     }
 
-    /// The size (bytes) from which all-reduce uses the ring.
-    pub fn ring_threshold(&self) -> usize {
-        self.ring_threshold
+    /// The size (bytes) from which all-reduce uses reduce-scatter + all-gather.
+    pub fn split_threshold(&self) -> usize {
+        self.split_threshold
     }
 
     fn peer(&self, peer: usize) -> Result<&Peer, CommError> {
@@ -154,27 +158,27 @@ impl TcpCollective {
         }
     }
 
-    /// Sends `out` to one peer while receiving a frame of `n` values from another.
-    fn exchange(&self, to: usize, out: &[f32], from: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
-        std::thread::scope(|s| {
-            let sender = s.spawn(|| self.send_to(to, out));
-            let got = self.recv_exact(from, n, op);
-            let sent = sender.join().unwrap_or_else(|_| Err(CommError::Io { peer: to, message: "sender thread panicked".into() }));
-            sent?;
-            got
-        })
-    }
-
-    /// Sends `data` to every peer in `others` (one thread each, so no send waits on another)
-    /// while receiving one frame from each, in the order of `others`.
-    fn send_all_recv_all(
+    /// Sends `data_for(p)` to every peer `p` in `others` while receiving one frame from each,
+    /// in the order of `others`. Small frames are written inline (the kernel's socket buffers
+    /// hold them, so two ranks writing to each other cannot block); larger ones get one sender
+    /// thread each so no send waits on another.
+    fn send_all_recv_all<'d>(
         &self,
         others: &[usize],
-        data: &[f32],
+        data_for: impl Fn(usize) -> &'d [f32] + Sync,
         recv: impl Fn(usize) -> Result<Vec<f32>, CommError>,
     ) -> Result<Vec<Vec<f32>>, CommError> {
+        if others.iter().all(|&p| 4 * data_for(p).len() <= INLINE_SEND_BYTES) {
+            for &p in others {
+                self.send_to(p, data_for(p))?;
+            }
+            return others.iter().map(|&p| recv(p)).collect();
+        }
         std::thread::scope(|s| {
-            let senders: Vec<_> = others.iter().map(|&p| s.spawn(move || self.send_to(p, data))).collect();
+            let senders: Vec<_> = others.iter().map(|&p| {
+                let data_for = &data_for;
+                s.spawn(move || self.send_to(p, data_for(p)))
+            }).collect();
             let got: Result<Vec<Vec<f32>>, CommError> = others.iter().map(|&p| recv(p)).collect();
             for (sender, &p) in senders.into_iter().zip(others) {
                 sender.join().unwrap_or_else(|_| Err(CommError::Io { peer: p, message: "sender thread panicked".into() }))?;
@@ -183,49 +187,47 @@ impl TcpCollective {
         })
     }
 
+    fn others(&self) -> Vec<usize> {
+        (0..self.world).filter(|&r| r != self.rank).collect()
+    }
+
+    /// Puts this rank's own part into the rank-ordered list of received parts.
+    fn with_mine(&self, received: Vec<Vec<f32>>, mine: Vec<f32>) -> Vec<Vec<f32>> {
+        let mut parts = received;
+        parts.insert(self.rank, mine);
+        parts
+    }
+
+    /// Every rank sends its whole buffer to every other; each adds them in the same tree.
     fn all_reduce_direct(&self, buf: &mut [f32]) -> Result<(), CommError> {
         let mine = buf.to_vec();
-        let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();
-        let received = self.send_all_recv_all(&others, &mine, |p| self.recv_exact(p, mine.len(), "all_reduce"))?;
-        // Sum in rank order so every rank computes the very same floats.
-        buf.fill(0.0);
-        let mut next = received.into_iter();
-        for r in 0..self.world {
-            let theirs;
-            let part: &[f32] = if r == self.rank {
-                &mine
-            } else {
-                theirs = next.next().expect("one frame per peer");
-                &theirs
-            };
-            for (b, v) in buf.iter_mut().zip(part) {
-                *b += v;
-            }
-        }
+        let received = self.send_all_recv_all(&self.others(), |_| &mine, |p| self.recv_exact(p, mine.len(), "all_reduce"))?;
+        let mut parts = self.with_mine(received, mine.clone());
+        crate::tree_sum(&mut parts);
+        buf.copy_from_slice(&parts[0]);
         Ok(())
     }
 
-    fn all_reduce_ring(&self, buf: &mut [f32]) -> Result<(), CommError> {
-        let w = self.world;
-        let len = buf.len();
+    /// Reduce-scatter (rank r adds up everyone's chunk r, in the same tree as the direct
+    /// algorithm) then all-gather: each rank sends and receives `2 (w-1)/w` of the buffer,
+    /// the bandwidth of a ring, in two rounds instead of `2 (w-1)`.
+    fn all_reduce_split(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        let (w, len) = (self.world, buf.len());
         let chunk = |i: usize| -> Range<usize> { (i * len / w)..((i + 1) * len / w) };
-        let (next, prev) = ((self.rank + 1) % w, (self.rank + w - 1) % w);
-        // Reduce-scatter: after w-1 steps this rank holds the full sum of chunk rank+1.
-        for step in 0..w - 1 {
-            let send = chunk((self.rank + w - step) % w);
-            let recv = chunk((self.rank + w - step - 1) % w);
-            let got = self.exchange(next, &buf[send], prev, recv.len(), "all_reduce")?;
-            for (b, v) in buf[recv].iter_mut().zip(got) {
-                *b += v;
-            }
+        let others = self.others();
+        let mine = chunk(self.rank);
+        let received = {
+            let data: &[f32] = buf;
+            self.send_all_recv_all(&others, |p| &data[chunk(p)], |p| self.recv_exact(p, mine.len(), "all_reduce"))?
+        };
+        let mut parts = self.with_mine(received, buf[mine.clone()].to_vec());
+        crate::tree_sum(&mut parts);
+        let reduced = std::mem::take(&mut parts[0]);
+        let gathered = self.send_all_recv_all(&others, |_| &reduced, |p| self.recv_exact(p, chunk(p).len(), "all_reduce"))?;
+        for (&p, got) in others.iter().zip(gathered) {
+            buf[chunk(p)].copy_from_slice(&got);
         }
-        // All-gather the reduced chunks.
-        for step in 0..w - 1 {
-            let send = chunk((self.rank + 1 + w - step) % w);
-            let recv = chunk((self.rank + w - step) % w);
-            let got = self.exchange(next, &buf[send], prev, recv.len(), "all_reduce")?;
-            buf[recv].copy_from_slice(&got);
-        }
+        buf[mine].copy_from_slice(&reduced);
         Ok(())
     }
 }
@@ -243,16 +245,16 @@ impl Collective for TcpCollective {
         if self.world == 1 || buf.is_empty() {
             return Ok(());
         }
-        if 4 * buf.len() >= self.ring_threshold && buf.len() >= self.world {
-            self.all_reduce_ring(buf)
+        if 4 * buf.len() >= self.split_threshold && buf.len() >= self.world {
+            self.all_reduce_split(buf)
         } else {
             self.all_reduce_direct(buf)
         }
     }
 
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
-        let others: Vec<usize> = (0..self.world).filter(|&r| r != self.rank).collect();
-        let mut parts = self.send_all_recv_all(&others, local, |p| self.recv_from(p))?.into_iter();
+        let others = self.others();
+        let mut parts = self.send_all_recv_all(&others, |_| local, |p| self.recv_from(p))?.into_iter();
         let mut out = Vec::new();
         for r in 0..self.world {
             if r == self.rank {
@@ -319,7 +321,7 @@ mod tests {
     use super::*;
 
     /// Runs `f` on every rank of a fresh loopback world of `world` ranks, one thread each.
-    fn with_world<T: Send>(world: usize, ring_threshold: usize, f: impl Fn(&TcpCollective) -> T + Sync) -> Vec<T> {
+    fn with_world<T: Send>(world: usize, split_threshold: usize, f: impl Fn(&TcpCollective) -> T + Sync) -> Vec<T> {
         let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         std::thread::scope(|s| {
@@ -329,7 +331,7 @@ mod tests {
                 .map(|(rank, l)| {
                     let (addrs, f) = (&addrs, &f);
                     s.spawn(move || {
-                        let c = TcpCollective::connect(rank, l, addrs, Duration::from_secs(10)).unwrap().with_ring_threshold(ring_threshold);
+                        let c = TcpCollective::connect(rank, l, addrs, Duration::from_secs(10)).unwrap().with_split_threshold(split_threshold);
                         f(&c)
                     })
                 })
@@ -347,7 +349,7 @@ mod tests {
     fn all_reduce_equals_the_reference_sum_for_world_sizes_one_to_four_and_awkward_lengths() {
         for world in 1..=4 {
             for n in [1, 2, 3, 5, 1000, 65_537, 1_000_003] {
-                // Both algorithms: direct (threshold above the size) and ring (threshold 0).
+                // Both algorithms: direct (threshold above the size) and split (threshold 0).
                 for threshold in [usize::MAX, 0] {
                     let parts: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
                     let want: Vec<f32> = (0..n).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
@@ -367,7 +369,7 @@ mod tests {
     #[test]
     fn all_gather_broadcast_send_recv_and_barrier_move_the_right_values() {
         for world in 2..=4 {
-            let got = with_world(world, DEFAULT_RING_THRESHOLD, |c| {
+            let got = with_world(world, DEFAULT_SPLIT_THRESHOLD, |c| {
                 let r = c.rank();
                 // Uneven slices, as vocabulary shards are.
                 let gathered = c.all_gather(&data(r, 3 + r)).unwrap();
@@ -453,11 +455,11 @@ mod tests {
     /// The all-reduce crossover: `cargo test -p tpserve-comm --release -- --ignored --nocapture`.
     #[test]
     #[ignore]
-    fn measure_direct_vs_ring_all_reduce() {
+    fn measure_direct_vs_split_all_reduce() {
         for world in [2, 4] {
             for n in [16usize, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 1024 * 1024] {
                 let mut line = format!("world {world} {:>8} B:", 4 * n);
-                for (name, threshold) in [("direct", usize::MAX), ("ring", 0)] {
+                for (name, threshold) in [("direct", usize::MAX), ("split", 0)] {
                     let times = with_world(world, threshold, |c| {
                         let mut buf = vec![1.0f32; n];
                         c.barrier().unwrap();

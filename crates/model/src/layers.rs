@@ -8,55 +8,7 @@ use tpserve_comm::{CommError, Collective};
 
 use crate::quant::{QMatrix, QuantError};
 
-/// This rank's place in its tensor-parallel group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TpRank {
-    pub rank: usize,
-    pub world: usize,
-}
-
-impl TpRank {
-    pub const SINGLE: TpRank = TpRank { rank: 0, world: 1 };
-
-    /// The contiguous part of `0..n` this rank owns when `n` is split as evenly as possible.
-    pub fn split(&self, n: usize) -> Range<usize> {
-        (self.rank * n / self.world)..((self.rank + 1) * n / self.world)
-    }
-
-    /// Why this rank cannot hold its share of `n_heads` query and `n_kv_heads` KV heads, if
-    /// it cannot: the query heads must split evenly, and each rank's query heads must read
-    /// KV heads that it holds (its own slice, or one replicated KV head).
-    pub fn check_heads(&self, n_heads: usize, n_kv_heads: usize) -> Result<(), String> {
-        if self.world == 0 || self.rank >= self.world {
-            return Err(format!("rank {} is outside a world of {}", self.rank, self.world));
-        }
-        if !n_heads.is_multiple_of(self.world) {
-            return Err(format!("{n_heads} attention heads cannot be split over tp = {}; use a tp that divides {n_heads}", self.world));
-        }
-        let ok = if n_kv_heads >= self.world { n_kv_heads.is_multiple_of(self.world) } else { self.world.is_multiple_of(n_kv_heads) };
-        if !ok {
-            return Err(format!("{n_kv_heads} KV heads cannot be split or replicated over tp = {}; use a tp that divides or is a multiple of {n_kv_heads}", self.world));
-        }
-        Ok(())
-    }
-
-    /// Query heads of this rank (n_heads must be divisible by world: [`Self::check_heads`]).
-    pub fn heads(&self, n_heads: usize) -> Range<usize> {
-        self.split(n_heads)
-    }
-
-    /// KV heads this rank needs: its own slice when there are at least as many KV heads as
-    /// ranks, otherwise the one KV head its query heads read (replicated across ranks).
-    pub fn kv_heads(&self, n_heads: usize, n_kv_heads: usize) -> Range<usize> {
-        if n_kv_heads >= self.world {
-            self.split(n_kv_heads)
-        } else {
-            let first_q = self.heads(n_heads).start;
-            let g = first_q / (n_heads / n_kv_heads);
-            g..g + 1
-        }
-    }
-}
+pub use tpserve_types::plan::TpRank;
 
 /// y = x Wᵀ with W split by output rows: each rank computes its own slice of y.
 pub struct ColumnParallel {
@@ -85,24 +37,67 @@ impl ColumnParallel {
 
 /// y = x Wᵀ with W split by input columns: each rank multiplies its slice of x and the
 /// partial sums are all-reduced.
+///
+/// The slice is itself cut into `parts` equal column ranges whose products are summed as a
+/// balanced tree, and the all-reduce continues that tree over the ranks, so the sum has the
+/// same shape (and the same floats) for every tp that divides the total number of parts
+/// (`tpserve_types::plan` explains the scheme).
 pub struct RowParallel {
-    w: QMatrix,
+    parts: Vec<QMatrix>,
 }
 
 impl RowParallel {
-    /// Keeps columns `cols` of the full weight (must fall on quant-block boundaries).
-    pub fn new(full: &QMatrix, cols: Range<usize>) -> Result<Self, QuantError> {
-        let w = if cols.start == 0 && cols.end == full.cols() { full.clone() } else { full.slice_cols(cols.start, cols.end)? };
-        Ok(Self { w })
+    /// Keeps columns `cols` of the full weight in `parts` pieces (every cut must fall on a
+    /// quant-block boundary).
+    pub fn new(full: &QMatrix, cols: Range<usize>, parts: usize) -> Result<Self, QuantError> {
+        let parts = parts.max(1);
+        let width = cols.len() / parts;
+        if parts == 1 && cols.start == 0 && cols.end == full.cols() {
+            return Ok(Self { parts: vec![full.clone()] });
+        }
+        let parts = (0..parts)
+            .map(|i| {
+                let a = cols.start + i * width;
+                let b = if i + 1 == parts { cols.end } else { a + width };
+                full.slice_cols(a, b)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { parts })
+    }
+
+    /// Input features on this rank.
+    pub fn in_features(&self) -> usize {
+        self.parts.iter().map(|p| p.cols()).sum()
     }
 
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], comm: &dyn Collective) -> Result<(), CommError> {
-        self.w.matmul(x, n, out);
+        if self.parts.len() == 1 {
+            self.parts[0].matmul(x, n, out);
+        } else {
+            // Gather each part's columns of x, multiply, then add the products as a tree.
+            let cols = self.in_features();
+            let mut products: Vec<Vec<f32>> = Vec::with_capacity(self.parts.len());
+            let mut c0 = 0;
+            for p in &self.parts {
+                let w = p.cols();
+                let mut xs = Vec::with_capacity(n * w);
+                for row in x.chunks_exact(cols) {
+                    xs.extend_from_slice(&row[c0..c0 + w]);
+                }
+                let mut y = vec![0f32; out.len()];
+                p.matmul(&xs, n, &mut y);
+                products.push(y);
+                c0 += w;
+            }
+            tpserve_comm::tree_sum(&mut products);
+            out.copy_from_slice(&products[0]);
+        }
         comm.all_reduce_sum(out)
     }
 
+    /// The first part's weight (all of it when there is one part).
     pub fn weight(&self) -> &QMatrix {
-        &self.w
+        &self.parts[0]
     }
 }
 
@@ -194,27 +189,6 @@ mod tests {
             }
             assert_eq!(next, 13);
         }
-    }
-
-    #[test]
-    fn kv_heads_are_replicated_when_ranks_outnumber_them() {
-        // Gemma 3 270M: 4 query heads, 1 KV head.
-        for rank in 0..4 {
-            assert_eq!(TpRank { rank, world: 4 }.kv_heads(4, 1), 0..1);
-        }
-        // 8 query heads over 2 KV heads at tp = 4: ranks 0,1 read KV head 0; ranks 2,3 head 1.
-        let kv: Vec<_> = (0..4).map(|rank| TpRank { rank, world: 4 }.kv_heads(8, 2)).collect();
-        assert_eq!(kv, [0..1, 0..1, 1..2, 1..2]);
-        assert_eq!(TpRank { rank: 1, world: 2 }.kv_heads(8, 4), 2..4);
-    }
-
-    #[test]
-    fn head_splits_that_would_mix_kv_groups_are_refused() {
-        assert!(TpRank { rank: 0, world: 2 }.check_heads(4, 1).is_ok());
-        assert!(TpRank { rank: 3, world: 4 }.check_heads(8, 2).is_ok());
-        assert!(TpRank { rank: 1, world: 3 }.check_heads(8, 4).unwrap_err().contains("cannot be split over tp = 3"));
-        assert!(TpRank { rank: 1, world: 3 }.check_heads(6, 4).unwrap_err().contains("KV heads"));
-        assert!(TpRank { rank: 2, world: 2 }.check_heads(4, 1).is_err());
     }
 
     #[test]

@@ -118,58 +118,147 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<TokenId> {
     idx
 }
 
-/// Picks the next token from full logits. `step` is the index of the token being generated
-/// (it varies the noise from one step to the next).
-pub fn sample(logits: &[f32], params: &SamplingParams, step: u64) -> TokenId {
-    if params.is_greedy() {
-        return argmax(logits);
-    }
-    let t = params.temperature;
-    let restricted = params.top_k > 0 || params.top_p < 1.0;
-    if !restricted {
-        // Gumbel-max over the whole vocabulary.
-        let mut best = 0;
-        let mut best_v = f32::NEG_INFINITY;
-        for (i, &l) in logits.iter().enumerate() {
-            let v = l / t + gumbel(params.seed, step, i as TokenId);
-            if v > best_v {
-                best_v = v;
-                best = i as TokenId;
-            }
-        }
-        return best;
-    }
-    let k = if params.top_k == 0 { logits.len() } else { params.top_k };
-    let cand = top_k_indices(logits, k);
-    let kept = top_p_prefix(&cand, logits, t, params.top_p);
-    let mut best = cand[0];
-    let mut best_v = f32::NEG_INFINITY;
-    for &i in &cand[..kept] {
-        let v = logits[i as usize] / t + gumbel(params.seed, step, i);
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    best
+/// Most candidates a rank reports for top-k / top-p sampling: a nucleus (`top_p` without
+/// `top_k`) is cut at this many tokens.
+pub const MAX_CANDIDATES: usize = 512;
+
+/// What a rank holding a slice of the vocabulary reports about one position: enough for
+/// the coordinator to sample exactly as if it had the full logits, without them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Candidates {
+    /// The best tokens as (global id, raw logit), best first (ties: lower id first).
+    pub top: Vec<(TokenId, f32)>,
+    /// logsumexp of the raw logits.
+    pub lse: f32,
+    /// logsumexp of logit / temperature (equal to `lse` when greedy).
+    pub lse_t: f32,
+    /// The Gumbel-max winner (id, logit / T + noise), for unrestricted temperature sampling.
+    pub gumbel: Option<(TokenId, f32)>,
 }
 
-/// How many of `sorted` (most likely first) the nucleus keeps: the shortest prefix whose
-/// probability under softmax(logit / t) over `sorted` reaches `top_p` (at least one).
-pub fn top_p_prefix(sorted: &[TokenId], logits: &[f32], t: f32, top_p: f32) -> usize {
-    if top_p >= 1.0 || sorted.is_empty() {
-        return sorted.len();
+/// How many candidates a position needs for `params` and `logprobs` alternatives.
+pub fn candidates_needed(params: &SamplingParams, logprobs: usize) -> usize {
+    let k = if params.is_greedy() || !params.is_restricted() {
+        1
+    } else if params.top_k > 0 {
+        params.top_k.min(MAX_CANDIDATES)
+    } else {
+        MAX_CANDIDATES
+    };
+    k.max(logprobs)
+}
+
+impl SamplingParams {
+    /// Whether top-k or top-p restricts the tokens temperature sampling picks from.
+    pub fn is_restricted(&self) -> bool {
+        self.top_k > 0 || self.top_p < 1.0
     }
-    let scaled = sorted.iter().map(|&i| logits[i as usize] / t);
-    let lse = logsumexp(scaled.clone());
+}
+
+impl Candidates {
+    /// The report for `logits` of vocabulary ids `offset..offset + logits.len()`.
+    pub fn from_logits(logits: &[f32], offset: TokenId, params: &SamplingParams, step: u64, logprobs: usize) -> Self {
+        let k = candidates_needed(params, logprobs);
+        let top = top_k_indices(logits, k).into_iter().map(|i| (i + offset, logits[i as usize])).collect();
+        let lse = logsumexp(logits.iter().copied());
+        let greedy = params.is_greedy();
+        let t = params.temperature;
+        let lse_t = if greedy { lse } else { logsumexp(logits.iter().map(|l| l / t)) };
+        let gumbel = (!greedy && !params.is_restricted()).then(|| {
+            let mut best = (offset, f32::NEG_INFINITY);
+            for (i, &l) in logits.iter().enumerate() {
+                let id = offset + i as TokenId;
+                let v = l / t + gumbel(params.seed, step, id);
+                if v > best.1 {
+                    best = (id, v);
+                }
+            }
+            best
+        });
+        Self { top, lse, lse_t, gumbel }
+    }
+
+    /// Combines the reports of ranks holding disjoint vocabulary slices (in any order) into
+    /// the report one rank holding them all would give.
+    pub fn merge(parts: impl IntoIterator<Item = Candidates>, k: usize) -> Self {
+        let mut top = Vec::new();
+        let (mut lses, mut lses_t) = (Vec::new(), Vec::new());
+        let mut gum: Option<(TokenId, f32)> = None;
+        for p in parts {
+            top.extend(p.top);
+            lses.push(p.lse);
+            lses_t.push(p.lse_t);
+            if let Some(g) = p.gumbel {
+                gum = match gum {
+                    Some(b) if b.1 > g.1 || (b.1 == g.1 && b.0 < g.0) => Some(b),
+                    _ => Some(g),
+                };
+            }
+        }
+        top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.truncate(k);
+        Self { top, lse: logsumexp(lses.into_iter()), lse_t: logsumexp(lses_t.into_iter()), gumbel: gum }
+    }
+
+    /// The next token: the argmax when greedy, otherwise an exact sample of softmax(logit / T)
+    /// restricted by top-k, then top-p (the order of vLLM and Hugging Face).
+    pub fn pick(&self, params: &SamplingParams, step: u64) -> TokenId {
+        let Some(&(best, _)) = self.top.first() else { return 0 };
+        if params.is_greedy() {
+            return best;
+        }
+        if let Some((id, _)) = self.gumbel.filter(|_| !params.is_restricted()) {
+            return id;
+        }
+        let t = params.temperature;
+        let k = if params.top_k > 0 { params.top_k.min(self.top.len()) } else { self.top.len() };
+        let cand = &self.top[..k];
+        // top-p renormalises over what top-k kept, or over the whole vocabulary.
+        let lse_t = if params.top_k > 0 { logsumexp(cand.iter().map(|c| c.1 / t)) } else { self.lse_t };
+        let kept = nucleus(cand.iter().map(|c| c.1 / t), lse_t, params.top_p);
+        let mut pick = (best, f32::NEG_INFINITY);
+        for &(id, l) in &cand[..kept] {
+            let v = l / t + gumbel(params.seed, step, id);
+            if v > pick.1 {
+                pick = (id, v);
+            }
+        }
+        pick.0
+    }
+
+    /// log p(id) under the model's (temperature 1) distribution, if `id` is a candidate.
+    pub fn logprob(&self, id: TokenId) -> Option<f32> {
+        self.top.iter().find(|c| c.0 == id).map(|c| c.1 - self.lse)
+    }
+
+    /// The `n` most likely tokens with their log-probabilities.
+    pub fn top_logprobs(&self, n: usize) -> Vec<(TokenId, f32)> {
+        self.top.iter().take(n).map(|&(id, l)| (id, l - self.lse)).collect()
+    }
+}
+
+/// Picks the next token from full logits. `step` is the index of the token being generated
+/// (it varies the noise from one step to the next). The same computation as a cluster's.
+pub fn sample(logits: &[f32], params: &SamplingParams, step: u64) -> TokenId {
+    Candidates::from_logits(logits, 0, params, step, 0).pick(params, step)
+}
+
+/// How many of `scaled` (logit / T, most likely first) the nucleus keeps: the shortest
+/// prefix whose probability under a softmax normalised by `lse` reaches `top_p` (at least one).
+fn nucleus(scaled: impl Iterator<Item = f32>, lse: f32, top_p: f32) -> usize {
+    let mut n = 0;
     let mut cum = 0f64;
-    for (n, v) in scaled.enumerate() {
+    for v in scaled {
+        n += 1;
         cum += ((v - lse) as f64).exp();
+        if top_p >= 1.0 {
+            continue;
+        }
         if cum >= top_p as f64 {
-            return n + 1;
+            return n;
         }
     }
-    sorted.len()
+    n.max(1)
 }
 
 #[cfg(test)]
@@ -233,6 +322,38 @@ mod tests {
         assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), [2, 1, 0]);
         let total: f32 = t.iter().map(|x| x.1.exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn merged_vocabulary_slices_sample_exactly_like_the_whole() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let logits: Vec<f32> = (0..5000).map(|_| rng.gen_range(-8.0f32..8.0)).collect();
+        let params = [
+            SamplingParams::default(),
+            SamplingParams { temperature: 0.7, top_k: 0, top_p: 1.0, seed: 9 },
+            SamplingParams { temperature: 1.3, top_k: 40, top_p: 1.0, seed: 9 },
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 5 },
+            SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 1 },
+        ];
+        for p in params {
+            let k = candidates_needed(&p, 5);
+            for step in 0..50 {
+                let whole = Candidates::from_logits(&logits, 0, &p, step, 5);
+                for world in [2, 3, 4] {
+                    let parts = (0..world).map(|r| {
+                        let (a, b) = (r * logits.len() / world, (r + 1) * logits.len() / world);
+                        Candidates::from_logits(&logits[a..b], a as TokenId, &p, step, 5)
+                    });
+                    let merged = Candidates::merge(parts.rev(), k);
+                    assert_eq!(merged.top, whole.top);
+                    assert_eq!(merged.gumbel, whole.gumbel);
+                    assert!((merged.lse - whole.lse).abs() < 1e-4 && (merged.lse_t - whole.lse_t).abs() < 1e-4);
+                    assert_eq!(merged.pick(&p, step), whole.pick(&p, step), "{p:?} step {step} world {world}");
+                    assert_eq!(merged.top_logprobs(5).len(), 5);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,410 @@
+//! The parallelism plan: a pure function of the model's shape and (tp, pp) that says which
+//! layers, heads, FFN columns and vocabulary rows every rank holds, or why no such split
+//! exists. World rank `r` is pipeline stage `r / tp`, tensor-parallel rank `r % tp`.
+//!
+//! Row-parallel layers (attention output, FFN down) sum partial products over their input
+//! columns. To make every plan produce the very same floats, the input columns are always
+//! cut into [`ModelShape::reduce_parts`] fixed parts whose partial sums are added in a
+//! fixed tree order; a rank holds `reduce_parts / tp` consecutive parts and the all-reduce
+//! continues the same tree. So tp = 1, 2 and 4 give bit-identical logits.
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+/// What the plan needs to know about a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    /// Weight bytes of each layer (for balancing stages).
+    pub layer_bytes: Vec<u64>,
+    /// Weight bytes of the token embedding and of the output projection (the same tensor
+    /// when they are tied; each stage that needs it holds its own rows).
+    pub embed_bytes: u64,
+    pub head_bytes: u64,
+    /// Quant block size (columns) of the attention output and FFN down weights: a row-parallel
+    /// split must fall on it.
+    pub attn_out_block: usize,
+    pub ffn_down_block: usize,
+}
+
+/// This rank's place in its tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpRank {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl TpRank {
+    pub const SINGLE: TpRank = TpRank { rank: 0, world: 1 };
+
+    /// The contiguous part of `0..n` this rank owns when `n` is split as evenly as possible.
+    pub fn split(&self, n: usize) -> Range<usize> {
+        (self.rank * n / self.world)..((self.rank + 1) * n / self.world)
+    }
+
+    /// Why this rank cannot hold its share of `n_heads` query and `n_kv_heads` KV heads, if
+    /// it cannot: the query heads must split evenly, and each rank's query heads must read
+    /// KV heads that it holds (its own slice, or one replicated KV head).
+    pub fn check_heads(&self, n_heads: usize, n_kv_heads: usize) -> Result<(), String> {
+        if self.world == 0 || self.rank >= self.world {
+            return Err(format!("rank {} is outside a world of {}", self.rank, self.world));
+        }
+        if !n_heads.is_multiple_of(self.world) {
+            return Err(format!("{n_heads} attention heads cannot be split over tp = {}", self.world));
+        }
+        let ok = if n_kv_heads >= self.world { n_kv_heads.is_multiple_of(self.world) } else { self.world.is_multiple_of(n_kv_heads) };
+        if !ok {
+            return Err(format!("{n_kv_heads} KV heads cannot be split or replicated over tp = {}", self.world));
+        }
+        Ok(())
+    }
+
+    /// Query heads of this rank (n_heads must be divisible by world: [`Self::check_heads`]).
+    pub fn heads(&self, n_heads: usize) -> Range<usize> {
+        self.split(n_heads)
+    }
+
+    /// KV heads this rank needs: its own slice when there are at least as many KV heads as
+    /// ranks, otherwise the one KV head its query heads read (replicated across ranks).
+    pub fn kv_heads(&self, n_heads: usize, n_kv_heads: usize) -> Range<usize> {
+        if n_kv_heads >= self.world {
+            self.split(n_kv_heads)
+        } else {
+            let first_q = self.heads(n_heads).start;
+            let g = first_q / (n_heads / n_kv_heads);
+            g..g + 1
+        }
+    }
+}
+
+/// Why a plan is impossible; the message says what would work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot run this model with tp = {tp}, pp = {pp}: {reason}")]
+pub struct PlanError {
+    pub tp: usize,
+    pub pp: usize,
+    pub reason: String,
+}
+
+/// What one rank holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankShard {
+    /// World rank.
+    pub rank: usize,
+    pub stage: usize,
+    pub tp: TpRank,
+    /// Layers of this rank's stage.
+    pub layers: Range<usize>,
+    pub heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    pub ffn: Range<usize>,
+    /// Vocabulary rows of the embedding (first stage) and output projection (last stage).
+    pub vocab: Range<usize>,
+    pub first_stage: bool,
+    pub last_stage: bool,
+    /// Fixed parts of each row-parallel input this rank computes separately (see the module doc).
+    pub reduce_parts: usize,
+    /// Weight bytes this rank holds (approximately: its share of each tensor).
+    pub bytes: u64,
+}
+
+/// A checked (tp, pp) split of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub tp: usize,
+    pub pp: usize,
+    /// Layer range of each stage.
+    pub stages: Vec<Range<usize>>,
+    pub shape: ModelShape,
+}
+
+impl ModelShape {
+    /// Why tensor-parallel degree `tp` cannot split this model, if it cannot.
+    fn check_tp(&self, tp: usize) -> Result<(), String> {
+        if tp == 0 {
+            return Err("tp must be at least 1".into());
+        }
+        TpRank { rank: 0, world: tp }.check_heads(self.n_heads, self.n_kv_heads)?;
+        let attn_in = self.n_heads / tp * self.head_dim;
+        if !attn_in.is_multiple_of(self.attn_out_block.max(1)) {
+            return Err(format!(
+                "each rank's {attn_in} attention-output columns would split a quant block of {} columns",
+                self.attn_out_block
+            ));
+        }
+        let block = self.ffn_down_block.max(1);
+        if !self.ffn.is_multiple_of(tp) || !(self.ffn / tp).is_multiple_of(block) {
+            return Err(format!("the FFN width {} over tp = {tp} would split a quant block of {block} columns", self.ffn));
+        }
+        if self.vocab < tp {
+            return Err(format!("a vocabulary of {} rows cannot be split {tp} ways", self.vocab));
+        }
+        Ok(())
+    }
+
+    /// Tensor-parallel degrees (up to 64) that split this model.
+    pub fn valid_tps(&self) -> Vec<usize> {
+        (1..=64.min(self.n_heads.max(1))).filter(|&tp| self.check_tp(tp).is_ok()).collect()
+    }
+
+    /// Parts every row-parallel input is cut into (see the module doc): the largest of 4, 2,
+    /// 1 that is itself a valid tp, so that every tp dividing it gives the same floats.
+    pub fn reduce_parts(&self) -> usize {
+        [4, 2, 1].into_iter().find(|&v| self.check_tp(v).is_ok()).unwrap_or(1)
+    }
+}
+
+impl Plan {
+    /// Checks (tp, pp) against the model and balances the stages by weight bytes.
+    pub fn new(shape: ModelShape, tp: usize, pp: usize) -> Result<Plan, PlanError> {
+        let err = |reason: String| PlanError { tp, pp, reason };
+        if let Err(why) = shape.check_tp(tp) {
+            let valid: Vec<String> = shape.valid_tps().iter().map(|t| t.to_string()).collect();
+            return Err(err(format!("{why}; tp can be one of {}", valid.join(", "))));
+        }
+        if pp == 0 {
+            return Err(err("pp must be at least 1".into()));
+        }
+        if pp > shape.n_layers {
+            return Err(err(format!(
+                "{pp} pipeline stages for {} layers: every stage needs at least one layer, so pp can be at most {}",
+                shape.n_layers, shape.n_layers
+            )));
+        }
+        if shape.layer_bytes.len() != shape.n_layers {
+            return Err(err(format!("{} layer sizes for {} layers", shape.layer_bytes.len(), shape.n_layers)));
+        }
+        let stages = balance(&shape.layer_bytes, pp, shape.embed_bytes, shape.head_bytes);
+        Ok(Plan { tp, pp, stages, shape })
+    }
+
+    pub fn world(&self) -> usize {
+        self.tp * self.pp
+    }
+
+    /// What world rank `rank` holds.
+    pub fn shard(&self, rank: usize) -> RankShard {
+        let s = &self.shape;
+        let (stage, t) = (rank / self.tp, rank % self.tp);
+        let tp = TpRank { rank: t, world: self.tp };
+        let layers = self.stages[stage].clone();
+        let (first_stage, last_stage) = (stage == 0, stage + 1 == self.pp);
+        let parts = s.reduce_parts();
+        let reduce_parts = if parts.is_multiple_of(self.tp) { parts / self.tp } else { 1 };
+        let mut bytes: u64 = s.layer_bytes[layers.clone()].iter().sum::<u64>() / self.tp as u64;
+        if first_stage {
+            bytes += s.embed_bytes / self.tp as u64;
+        }
+        if last_stage {
+            bytes += s.head_bytes / self.tp as u64;
+        }
+        RankShard {
+            rank,
+            stage,
+            tp,
+            layers,
+            heads: tp.heads(s.n_heads),
+            kv_heads: tp.kv_heads(s.n_heads, s.n_kv_heads),
+            ffn: tp.split(s.ffn),
+            vocab: tp.split(s.vocab),
+            first_stage,
+            last_stage,
+            reduce_parts,
+            bytes,
+        }
+    }
+
+    pub fn shards(&self) -> Vec<RankShard> {
+        (0..self.world()).map(|r| self.shard(r)).collect()
+    }
+}
+
+/// Cuts `layer_bytes` into `pp` contiguous non-empty ranges minimising the largest stage,
+/// counting the embedding on the first stage and the output projection on the last.
+fn balance(layer_bytes: &[u64], pp: usize, first_extra: u64, last_extra: u64) -> Vec<Range<usize>> {
+    let n = layer_bytes.len();
+    let cost = |stage: usize, r: &Range<usize>| -> u64 {
+        let mut c: u64 = layer_bytes[r.clone()].iter().sum();
+        if stage == 0 {
+            c += first_extra;
+        }
+        if stage + 1 == pp {
+            c += last_extra;
+        }
+        c
+    };
+    // Binary search the smallest cap for which a greedy left-to-right cut fits in pp stages.
+    let fits = |cap: u64| -> Option<Vec<Range<usize>>> {
+        let mut stages = Vec::with_capacity(pp);
+        let mut start = 0;
+        for stage in 0..pp {
+            let left_stages = pp - stage - 1;
+            // Leave at least one layer for each later stage.
+            let max_end = n - left_stages;
+            let mut end = start + 1;
+            if cost(stage, &(start..end)) > cap {
+                return None;
+            }
+            while end < max_end && cost(stage, &(start..end + 1)) <= cap {
+                end += 1;
+            }
+            if stage + 1 == pp {
+                end = n;
+                if cost(stage, &(start..end)) > cap {
+                    return None;
+                }
+            }
+            stages.push(start..end);
+            start = end;
+        }
+        Some(stages)
+    };
+    let (mut lo, mut hi) = (0u64, layer_bytes.iter().sum::<u64>() + first_extra + last_extra);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    fits(lo).expect("the total always fits")
+}
+
+impl fmt::Display for Plan {
+    /// One line per rank: what it holds and its weight bytes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan: tp = {}, pp = {} ({} ranks)", self.tp, self.pp, self.world())?;
+        for s in self.shards() {
+            writeln!(
+                f,
+                "  rank {}: stage {} layers {}..{}, tp rank {}: heads {}..{} (kv {}..{}), ffn {}..{}, vocab {}..{}{}{}, {:.1} MiB",
+                s.rank,
+                s.stage,
+                s.layers.start,
+                s.layers.end,
+                s.tp.rank,
+                s.heads.start,
+                s.heads.end,
+                s.kv_heads.start,
+                s.kv_heads.end,
+                s.ffn.start,
+                s.ffn.end,
+                s.vocab.start,
+                s.vocab.end,
+                if s.first_stage { " +embed" } else { "" },
+                if s.last_stage { " +lm_head" } else { "" },
+                s.bytes as f64 / (1 << 20) as f64
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma 3 270M's shape (byte counts rounded).
+    fn gemma() -> ModelShape {
+        ModelShape {
+            n_layers: 18,
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 256,
+            hidden: 640,
+            ffn: 2048,
+            vocab: 262144,
+            layer_bytes: vec![4_000_000; 18],
+            embed_bytes: 178_000_000,
+            head_bytes: 178_000_000,
+            attn_out_block: 256,
+            ffn_down_block: 256,
+        }
+    }
+
+    #[test]
+    fn shards_cover_every_layer_head_column_and_row_once() {
+        for (tp, pp) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 18), (4, 3)] {
+            let plan = Plan::new(gemma(), tp, pp).unwrap();
+            let shards = plan.shards();
+            assert_eq!(shards.len(), tp * pp);
+            let mut next_layer = 0;
+            for stage in 0..pp {
+                let group: Vec<_> = shards.iter().filter(|s| s.stage == stage).collect();
+                assert_eq!(group.len(), tp);
+                assert!(group.iter().all(|s| s.layers == group[0].layers));
+                assert_eq!(group[0].layers.start, next_layer);
+                assert!(!group[0].layers.is_empty());
+                next_layer = group[0].layers.end;
+                let mut v = 0;
+                let mut f = 0;
+                for s in &group {
+                    assert_eq!(s.vocab.start, v);
+                    assert_eq!(s.ffn.start, f);
+                    v = s.vocab.end;
+                    f = s.ffn.end;
+                }
+                assert_eq!((v, f), (262144, 2048));
+            }
+            assert_eq!(next_layer, 18);
+        }
+    }
+
+    #[test]
+    fn stages_balance_bytes_with_the_embedding_and_head_at_the_ends() {
+        let plan = Plan::new(gemma(), 1, 2).unwrap();
+        assert_eq!(plan.stages, vec![0..9, 9..18]);
+        let shape = ModelShape { embed_bytes: 0, head_bytes: 40_000_000, ..gemma() };
+        let plan = Plan::new(shape, 1, 2).unwrap();
+        // The head weighs 10 layers: the last stage gets few layers.
+        assert_eq!(plan.stages, vec![0..14, 14..18]);
+    }
+
+    #[test]
+    fn impossible_plans_say_why_and_what_would_work() {
+        let e = Plan::new(gemma(), 3, 1).unwrap_err().to_string();
+        assert!(e.contains("4 attention heads cannot be split over tp = 3") && e.contains("tp can be one of 1, 2, 4"), "{e}");
+        let e = Plan::new(gemma(), 2, 19).unwrap_err().to_string();
+        assert!(e.contains("19 pipeline stages for 18 layers") && e.contains("at most 18"), "{e}");
+        let e = Plan::new(gemma(), 0, 1).unwrap_err().to_string();
+        assert!(e.contains("tp must be at least 1"), "{e}");
+        let e = Plan::new(gemma(), 1, 0).unwrap_err().to_string();
+        assert!(e.contains("pp must be at least 1"), "{e}");
+        // 8 heads of 128 columns: at tp = 8 each rank's 128 columns split a 256-column block.
+        let shape = ModelShape { n_heads: 8, n_kv_heads: 8, head_dim: 128, ffn: 4096, ..gemma() };
+        let e = Plan::new(shape.clone(), 8, 1).unwrap_err().to_string();
+        assert!(e.contains("split a quant block of 256 columns") && e.contains("tp can be one of 1, 2, 4"), "{e}");
+        let shape = ModelShape { ffn: 768, ..gemma() };
+        let e = Plan::new(shape, 2, 1).unwrap_err().to_string();
+        assert!(e.contains("FFN width 768 over tp = 2 would split a quant block"), "{e}");
+    }
+
+    #[test]
+    fn reduce_parts_let_every_valid_tp_share_one_summation_tree() {
+        let plan = Plan::new(gemma(), 2, 1).unwrap();
+        assert_eq!(gemma().reduce_parts(), 4);
+        assert!(plan.shards().iter().all(|s| s.reduce_parts == 2));
+        let shape = ModelShape { n_heads: 2, ..gemma() };
+        assert_eq!(shape.reduce_parts(), 2);
+    }
+
+    #[test]
+    fn kv_heads_are_replicated_when_ranks_outnumber_them() {
+        for rank in 0..4 {
+            assert_eq!(TpRank { rank, world: 4 }.kv_heads(4, 1), 0..1);
+        }
+        let kv: Vec<_> = (0..4).map(|rank| TpRank { rank, world: 4 }.kv_heads(8, 2)).collect();
+        assert_eq!(kv, [0..1, 0..1, 1..2, 1..2]);
+        assert_eq!(TpRank { rank: 1, world: 2 }.kv_heads(8, 4), 2..4);
+        assert!(TpRank { rank: 1, world: 3 }.check_heads(6, 4).unwrap_err().contains("KV heads"));
+    }
+}
