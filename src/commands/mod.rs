@@ -4,11 +4,9 @@ pub mod generate;
 pub mod tokenize;
 
 use std::io::Write;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tpserve_model::gguf::Gguf;
-use tpserve_model::layers::TpRank;
 use tpserve_model::model::Model;
 use tpserve_model::tokenizer::Tokenizer;
 
@@ -31,7 +29,7 @@ impl Loaded {
     }
 
     pub fn model(&self) -> Result<Model> {
-        Model::load(&self.gguf, TpRank::SINGLE, Arc::new(tpserve_comm::Local)).context("cannot load the model weights")
+        Model::load(&self.gguf).context("cannot load the model weights")
     }
 }
 

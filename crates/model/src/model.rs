@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
-use tpserve_comm::{CommError, Collective};
+use tpserve_comm::{CommError, Collective, Local};
+use tpserve_types::plan::{ModelShape, Plan, RankShard};
 
 use crate::attention::{flash_attention, AttnShape, AttnSpan};
 use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
 use crate::gguf::{Gguf, GgufError};
 use crate::kv_cache::KvCache;
-use crate::layers::{ColumnParallel, RmsNorm, RowParallel, TpRank, VocabParallel};
+use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
 use crate::quant::QuantError;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,29 +76,96 @@ struct Layer {
 /// A loaded model shard, ready to run forward passes.
 pub struct Model {
     cfg: ModelConfig,
-    tp: TpRank,
-    comm: Arc<dyn Collective>,
-    embed: VocabParallel,
-    head: VocabParallel,
+    shard: RankShard,
+    /// The tensor-parallel group of this rank's stage.
+    tp_comm: Arc<dyn Collective>,
+    /// The ranks with this tensor-parallel rank in every stage (rank = stage), when pp > 1.
+    pp_comm: Option<Arc<dyn Collective>>,
+    /// First stage only.
+    embed: Option<VocabParallel>,
+    /// Last stage only.
+    head: Option<(RmsNorm, VocabParallel)>,
+    /// This stage's layers.
     layers: Vec<Layer>,
-    final_norm: RmsNorm,
     /// Query and KV heads on this rank.
     n_heads: usize,
     n_kv_heads: usize,
-    /// Per-layer sliding window, for the cache to forget.
+    /// Per local layer: its sliding window, for the cache to forget.
     windows: Vec<Option<usize>>,
 }
 
+/// What a parallelism plan needs to know about the model in `g`.
+pub fn model_shape(g: &Gguf) -> Result<ModelShape, ModelError> {
+    let cfg = ModelConfig::from_gguf(g)?;
+    let bytes = |name: &str| g.tensors.get(name).map_or(0, |t| t.nbytes);
+    let layer_bytes = (0..cfg.n_layers)
+        .map(|il| {
+            let prefix = format!("blk.{il}.");
+            g.tensors.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(_, t)| t.nbytes).sum()
+        })
+        .collect();
+    let block = |suffix: &str| {
+        (0..cfg.n_layers).filter_map(|il| g.tensors.get(&format!("blk.{il}.{suffix}.weight"))).map(|t| t.dtype.block_size()).max().unwrap_or(1)
+    };
+    let embed_bytes = bytes("token_embd.weight");
+    let head_bytes = if g.tensors.contains_key("output.weight") { bytes("output.weight") } else { embed_bytes };
+    Ok(ModelShape {
+        n_layers: cfg.n_layers,
+        n_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        hidden: cfg.hidden,
+        ffn: cfg.ffn,
+        vocab: cfg.vocab,
+        layer_bytes,
+        embed_bytes,
+        head_bytes,
+        attn_out_block: block("attn_output"),
+        ffn_down_block: block("ffn_down"),
+    })
+}
+
 impl Model {
-    /// Loads this rank's shard of every tensor (only the bytes it needs are touched).
-    pub fn load(g: &Gguf, tp: TpRank, comm: Arc<dyn Collective>) -> Result<Self, ModelError> {
+    /// Loads the whole model into this process (tp = 1, pp = 1).
+    pub fn load(g: &Gguf) -> Result<Self, ModelError> {
+        let plan = Plan::new(model_shape(g)?, 1, 1).map_err(|e| ModelError::Plan(e.to_string()))?;
+        Self::load_shard(g, &plan.shard(0), Arc::new(Local), None)
+    }
+
+    /// Loads one rank's shard: its stage's layers, its heads, FFN columns and vocabulary rows
+    /// (only those bytes of the file are read). `tp_comm` connects the stage's
+    /// tensor-parallel ranks; `pp_comm` the stages (rank = stage), when there are several.
+    pub fn load_shard(
+        g: &Gguf,
+        shard: &RankShard,
+        tp_comm: Arc<dyn Collective>,
+        pp_comm: Option<Arc<dyn Collective>>,
+    ) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(g)?;
+        let tp = shard.tp;
         tp.check_heads(cfg.n_heads, cfg.n_kv_heads).map_err(ModelError::Plan)?;
+        if tp_comm.world_size() != tp.world || tp_comm.rank() != tp.rank {
+            return Err(ModelError::Plan(format!(
+                "the tensor-parallel collective is rank {} of {}, the shard says rank {} of {}",
+                tp_comm.rank(),
+                tp_comm.world_size(),
+                tp.rank,
+                tp.world
+            )));
+        }
+        let single_stage = shard.first_stage && shard.last_stage;
+        if !single_stage && pp_comm.as_ref().is_none_or(|c| c.rank() != shard.stage) {
+            return Err(ModelError::Plan(format!("stage {} needs a pipeline collective in which it is rank {}", shard.stage, shard.stage)));
+        }
+        if shard.layers.end > cfg.n_layers || shard.layers.is_empty() {
+            return Err(ModelError::Plan(format!("layers {:?} of a {}-layer model", shard.layers, cfg.n_layers)));
+        }
         let (hd, hidden, ffn) = (cfg.head_dim, cfg.hidden, cfg.ffn);
         let heads = tp.heads(cfg.n_heads);
         let kv = tp.kv_heads(cfg.n_heads, cfg.n_kv_heads);
         let ffn_cols = tp.split(ffn);
-        let shard = |name: &str| {
+        let parts = shard.reduce_parts;
+        let shard_err = |name: &str| {
             let name = name.to_owned();
             move |source| ModelError::Shard { name, source }
         };
@@ -110,28 +178,34 @@ impl Model {
             }
         };
 
-        let embd = g.matrix("token_embd.weight", cfg.vocab, hidden)?;
         let vocab_rows = tp.split(cfg.vocab);
-        let embed = VocabParallel::new(&embd, vocab_rows.clone()).map_err(shard("token_embd.weight"))?;
-        let head = if g.tensors.contains_key("output.weight") {
-            let out = g.matrix("output.weight", cfg.vocab, hidden)?;
-            VocabParallel::new(&out, vocab_rows).map_err(shard("output.weight"))?
+        let embed = if shard.first_stage {
+            let embd = g.matrix("token_embd.weight", cfg.vocab, hidden)?;
+            Some(VocabParallel::new(&embd, vocab_rows.clone()).map_err(shard_err("token_embd.weight"))?)
         } else {
-            VocabParallel::new(&embd, vocab_rows).map_err(shard("token_embd.weight"))?
+            None
+        };
+        let head = if shard.last_stage {
+            let name = if g.tensors.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+            let out = g.matrix(name, cfg.vocab, hidden)?;
+            let head = VocabParallel::new(&out, vocab_rows).map_err(shard_err(name))?;
+            Some((norm("output_norm.weight", hidden)?, head))
+        } else {
+            None
         };
 
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for il in 0..cfg.n_layers {
+        let mut layers = Vec::with_capacity(shard.layers.len());
+        for il in shard.layers.clone() {
             let n = |s: &str| format!("blk.{il}.{s}.weight");
             let col = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<ColumnParallel, ModelError> {
                 let name = n(s);
                 let m = g.matrix(&name, rows, cols)?;
-                ColumnParallel::new(&m, keep).map_err(shard(&name))
+                ColumnParallel::new(&m, keep).map_err(shard_err(&name))
             };
             let row = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<RowParallel, ModelError> {
                 let name = n(s);
                 let m = g.matrix(&name, rows, cols)?;
-                RowParallel::new(&m, keep).map_err(shard(&name))
+                RowParallel::new(&m, keep, parts).map_err(shard_err(&name))
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (Some(norm(&n("attn_q_norm"), hd)?), Some(norm(&n("attn_k_norm"), hd)?))
@@ -154,31 +228,44 @@ impl Model {
                 post_ffn_norm: if cfg.post_norms { Some(norm(&n("post_ffw_norm"), hidden)?) } else { None },
             });
         }
-        let final_norm = norm("output_norm.weight", hidden)?;
-        let windows = (0..cfg.n_layers).map(|il| cfg.window(il)).collect();
-        Ok(Self { n_heads: heads.len(), n_kv_heads: kv.len(), cfg, tp, comm, embed, head, layers, final_norm, windows })
+        let windows = shard.layers.clone().map(|il| cfg.window(il)).collect();
+        Ok(Self {
+            n_heads: heads.len(),
+            n_kv_heads: kv.len(),
+            cfg,
+            shard: shard.clone(),
+            tp_comm,
+            pp_comm: if single_stage { None } else { pp_comm },
+            embed,
+            head,
+            layers,
+            windows,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
-    pub fn tp(&self) -> TpRank {
-        self.tp
+    /// What this rank holds.
+    pub fn shard(&self) -> &RankShard {
+        &self.shard
     }
 
-    /// The vocabulary ids whose logits this rank returns.
+    /// The vocabulary ids whose logits this rank returns (empty before the last stage).
     pub fn vocab_range(&self) -> std::ops::Range<usize> {
-        self.head.vocab_range()
+        self.head.as_ref().map_or(0..0, |(_, h)| h.vocab_range())
     }
 
-    /// A new, empty KV cache for one sequence on this rank.
+    /// A new, empty KV cache for one sequence on this rank (this stage's layers).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.n_layers, self.n_kv_heads * self.cfg.head_dim)
+        KvCache::new(self.layers.len(), self.n_kv_heads * self.cfg.head_dim)
     }
 
-    /// Runs every sequence's new tokens through the model, appending to their caches, and
-    /// returns per sequence the logits it asked for: `[rows, vocab_range().len()]`.
+    /// Runs every sequence's new tokens through this stage, appending to their caches, and
+    /// returns per sequence the logits it asked for: `[rows, vocab_range().len()]` on the last
+    /// stage, nothing on the others (which hand their hidden states to the next stage). Every
+    /// rank of every stage is called with the same batch.
     pub fn forward(&self, batch: &mut [SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
         let (hidden, hd) = (cfg.hidden, cfg.head_dim);
@@ -207,9 +294,15 @@ impl Model {
         }
 
         let mut x = vec![0f32; n * hidden];
-        self.embed.embed(&tokens, &mut x, self.comm.as_ref())?;
-        if cfg.embed_scale != 1.0 {
-            crate::simd::scale(&mut x, cfg.embed_scale);
+        match (&self.embed, &self.pp_comm) {
+            (Some(embed), _) => {
+                embed.embed(&tokens, &mut x, self.tp_comm.as_ref())?;
+                if cfg.embed_scale != 1.0 {
+                    crate::simd::scale(&mut x, cfg.embed_scale);
+                }
+            }
+            (None, Some(pp)) => pp.recv(&mut x, self.shard.stage - 1)?,
+            (None, None) => unreachable!("load_shard gives a later stage its pipeline collective"),
         }
 
         let rope_global = RopeTable::new(&positions, cfg.rope_dims, cfg.rope_base_global);
@@ -225,6 +318,7 @@ impl Model {
         let shape = AttnShape { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: hd };
 
         for (il, layer) in self.layers.iter().enumerate() {
+            let global_il = self.shard.layers.start + il;
             // --- attention ---
             layer.attn_norm.forward(&x, &mut h);
             layer.q.forward(&h, n, &mut q);
@@ -234,7 +328,7 @@ impl Model {
                 qn.forward_inplace(&mut q);
                 kn.forward_inplace(&mut k);
             }
-            let rope = match (&rope_local, cfg.layer_is_local[il]) {
+            let rope = match (&rope_local, cfg.layer_is_local[global_il]) {
                 (Some(local), true) => local,
                 _ => &rope_global,
             };
@@ -258,7 +352,7 @@ impl Model {
                 );
                 off += t;
             }
-            layer.o.forward(&attn, n, &mut h, self.comm.as_ref())?;
+            layer.o.forward(&attn, n, &mut h, self.tp_comm.as_ref())?;
             if let Some(pn) = &layer.post_attn_norm {
                 pn.forward_inplace(&mut h);
             }
@@ -272,7 +366,7 @@ impl Model {
                 Activation::GeluTanh => crate::simd::geglu(&mut gate, &up),
                 Activation::Silu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u),
             }
-            layer.down.forward(&gate, n, &mut h, self.comm.as_ref())?;
+            layer.down.forward(&gate, n, &mut h, self.tp_comm.as_ref())?;
             if let Some(pn) = &layer.post_ffn_norm {
                 pn.forward_inplace(&mut h);
             }
@@ -281,6 +375,11 @@ impl Model {
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len(), &self.windows);
         }
+        let Some((final_norm, head)) = &self.head else {
+            let pp = self.pp_comm.as_ref().expect("a stage without the head has a next stage");
+            pp.send(&x, self.shard.stage + 1)?;
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        };
 
         // --- logits, only for the rows asked for ---
         let mut rows: Vec<usize> = Vec::new();
@@ -298,11 +397,11 @@ impl Model {
         for (dst, &r) in sel.chunks_exact_mut(hidden).zip(&rows) {
             dst.copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
         }
-        self.final_norm.forward_inplace(&mut sel);
-        let vocab_local = self.head.vocab_range().len();
+        final_norm.forward_inplace(&mut sel);
+        let vocab_local = head.vocab_range().len();
         let mut logits = vec![0f32; rows.len() * vocab_local];
         if !rows.is_empty() {
-            self.head.logits(&sel, rows.len(), &mut logits);
+            head.logits(&sel, rows.len(), &mut logits);
         }
         if let Some(cap) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());

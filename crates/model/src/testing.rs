@@ -53,6 +53,17 @@ impl TinySpec {
         }
     }
 
+    /// A gemma3-shaped model whose attention output (4 heads of 256) and FFN (1024) split on
+    /// 256-column quant blocks at tp = 1, 2 and 4, for sharding tests.
+    pub fn gemma3_shardable() -> Self {
+        Self { head_dim: 256, ffn: 1024, seed: 3, ..Self::gemma3() }
+    }
+
+    /// A llama-shaped model with 4 KV heads that splits at tp = 1, 2 and 4.
+    pub fn llama_shardable() -> Self {
+        Self { n_kv_heads: 4, head_dim: 256, ffn: 1024, n_layers: 3, ..Self::llama() }
+    }
+
     pub fn llama() -> Self {
         Self { arch: Arch::Llama, n_layers: 2, n_kv_heads: 2, seed: 2, ..Self::gemma3() }
     }

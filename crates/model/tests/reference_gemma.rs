@@ -3,11 +3,8 @@
 
 mod common;
 
-use std::sync::Arc;
 
-use tpserve_comm::Local;
 use tpserve_model::gguf::Gguf;
-use tpserve_model::layers::TpRank;
 use tpserve_model::model::{LogitsWanted, Model, SeqChunk};
 use tpserve_types::sampling::{argmax, logsumexp};
 
@@ -38,7 +35,7 @@ const DIVERGENCE_GAP: f32 = 1.0;
 fn load() -> Option<Model> {
     let path = common::default_model()?;
     let g = Gguf::open(path).unwrap();
-    Some(Model::load(&g, TpRank::SINGLE, Arc::new(Local)).unwrap())
+    Some(Model::load(&g).unwrap())
 }
 
 #[test]

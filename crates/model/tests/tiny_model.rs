@@ -2,11 +2,8 @@
 
 mod common;
 
-use std::sync::Arc;
 
-use tpserve_comm::Local;
 use tpserve_model::gguf::{Gguf, GgufError, GgufWriter, Value};
-use tpserve_model::layers::TpRank;
 use tpserve_model::model::{LogitsWanted, Model, ModelError, SeqChunk};
 use tpserve_model::testing::{tiny_gguf, TinySpec};
 
@@ -14,7 +11,7 @@ fn load(bytes: &[u8]) -> Result<Model, ModelError> {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), bytes).unwrap();
     let g = Gguf::open(f.path())?;
-    Model::load(&g, TpRank::SINGLE, Arc::new(Local))
+    Model::load(&g)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -182,7 +179,7 @@ fn generation_stops_as_soon_as_the_reader_goes_away() {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
     let g = Gguf::open(f.path()).unwrap();
-    let model = Model::load(&g, TpRank::SINGLE, Arc::new(Local)).unwrap();
+    let model = Model::load(&g).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let req = GenerateRequest {
         prompt_ids: vec![2, 300, 301],
