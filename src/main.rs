@@ -26,6 +26,12 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Print the token ids of a text.
     Tokenize(commands::tokenize::TokenizeArgs),
+    /// Start a worker that waits to be told which shard to load (or joins a coordinator).
+    Worker(commands::worker::WorkerArgs),
+    /// Plan the sharding, load it onto running workers, then serve requests.
+    Coordinator(commands::coordinator::CoordinatorArgs),
+    /// Start a coordinator and tp x pp local workers on loopback with one command.
+    Up(commands::coordinator::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +71,9 @@ fn main() {
         Command::Model { action: ModelAction::Info(args) } => commands::info(&args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
+        Command::Worker(args) => commands::worker::run(args),
+        Command::Coordinator(args) => commands::coordinator::run_coordinator(args),
+        Command::Up(args) => commands::coordinator::run_up(args),
     };
     if let Err(e) = result {
         // A closed stdout (`tpserve model info | head`) means the reader has seen enough.

@@ -5,12 +5,22 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tpserve_coordinator::{generate_batch, Backend, GenOptions, GenOutput, GenRequest, StepStats};
 use tpserve_model::chat::{self, Message};
-use tpserve_model::generate::{generate, GenerateRequest};
 use tpserve_types::{SamplingError, SamplingParams};
 
+use super::cluster::{load_cluster, threads_per_worker, worker_model_path, InProcess, LocalWorkers, ParallelArgs};
 use super::{thread_pool, Loaded};
 use crate::ModelArgs;
+
+/// A seed that differs from run to run.
+pub fn fresh_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -49,12 +59,16 @@ pub struct GenerateArgs {
     /// A system prompt for --chat.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Print one JSON object {"prompt_ids", "output_ids", "text", "finish_reason", "timings"} instead of streaming.
+    /// Print one JSON object {"prompt_ids", "output_ids", "text", "finish_reason", "timings", "steps"} instead of streaming.
     #[arg(long)]
     pub json: bool,
     /// Prompt tokens per forward pass while prefilling.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// With --tp or --pp above 1, generation runs on that many real worker processes on
+    /// loopback (`--threads` each, default: the cores shared out); at 1 x 1 it runs here.
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -78,7 +92,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        seed: args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)),
+        seed: args.seed.unwrap_or_else(fresh_seed),
     };
     // Name the flags as the user typed them (`--top-p`, not the field name `top_p`).
     sampling.validate().map_err(|e| match e {
@@ -86,11 +100,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         SamplingError::TopP(p) => anyhow!("--top-p {p}: must be greater than 0 and at most 1 (1 = no limit)"),
     })?;
 
-    let pool = thread_pool(args.model.threads)?;
     let loaded = Loaded::open(&args.model)?;
+    let plan = args.parallel.plan(&loaded)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.chat {
-        let cfg = tpserve_model::config::ModelConfig::from_gguf(&loaded.gguf)?;
+        let cfg = loaded.config()?;
         let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
         let template = chat::template_for(file_template, cfg.arch, tok.token_id("<|start_header_id|>").is_some());
         let mut messages = Vec::new();
@@ -104,38 +118,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&prompt, true, true)
     };
-    let model = pool.install(|| loaded.model())?;
-    let ctx = model.config().context_len;
+    let ctx = loaded.config()?.context_len;
     if prompt_ids.len() >= ctx {
         bail!("the prompt is {} tokens, but the model's context is {ctx}: shorten it", prompt_ids.len());
     }
-    let req = GenerateRequest {
+    let req = GenRequest {
         prompt_ids: prompt_ids.clone(),
         max_tokens: args.max_tokens,
         sampling,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
-        prefill_chunk: args.prefill_chunk,
     };
-    let stdout = std::io::stdout();
-    // The failed write (e.g. the reader of a pipe went away) that stopped generation.
-    let mut write_error: Option<std::io::Error> = None;
-    let out = pool.install(|| {
-        generate(&model, tok, &req, |piece| {
-            if !args.json {
-                let mut o = stdout.lock();
-                if let Err(e) = o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
-                    // Nobody is reading any more: stop generating.
-                    write_error = Some(e);
-                    return std::ops::ControlFlow::Break(());
-                }
+    let opts = GenOptions { token_budget: args.prefill_chunk };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+    let json = args.json;
+    let (out, stats) = rt.block_on(async {
+        if plan.world() == 1 {
+            let pool = Arc::new(thread_pool(args.model.threads)?);
+            let mut backend = InProcess::load(&loaded, pool)?;
+            stream(&mut backend, &loaded, &req, opts, json).await
+        } else {
+            let threads = threads_per_worker(args.model.threads, plan.world())?;
+            let workers = LocalWorkers::spawn(plan.world(), threads).await?;
+            let model_path = worker_model_path(args.model.model.as_deref())?;
+            let result = async {
+                let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
+                let out = stream(&mut cluster, &loaded, &req, opts, json).await;
+                cluster.shutdown().await;
+                out
             }
-            std::ops::ControlFlow::Continue(())
-        })
+            .await;
+            workers.stop(Duration::from_secs(5)).await;
+            result
+        }
     })?;
-    if let Some(e) = write_error {
-        return Err(e).context("cannot write the generated text to standard output");
-    }
+    let stdout = std::io::stdout();
     let mut o = stdout.lock();
     if args.json {
         let json = serde_json::json!({
@@ -144,6 +161,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "text": out.text,
             "finish_reason": out.finish_reason,
             "timings": out.timings,
+            "steps": stats,
         });
         writeln!(o, "{json}").context("cannot write the result to standard output")?;
     } else {
@@ -155,4 +173,27 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `req` on `backend`, streaming its text to stdout unless `json`.
+async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, req: &GenRequest, opts: GenOptions, json: bool) -> Result<(GenOutput, StepStats)> {
+    let stdout = std::io::stdout();
+    // The failed write (e.g. the reader of a pipe went away) that stopped generation.
+    let mut write_error: Option<std::io::Error> = None;
+    let (mut outs, stats) = generate_batch(backend, &loaded.tokenizer, std::slice::from_ref(req), opts, |_, piece| {
+        if !json {
+            let mut o = stdout.lock();
+            if let Err(e) = o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
+                // Nobody is reading any more: stop generating.
+                write_error = Some(e);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })
+    .await?;
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write the generated text to standard output");
+    }
+    Ok((outs.pop().expect("one output per request"), stats))
 }

@@ -1,13 +1,16 @@
 //! One module per subcommand, plus the model loading they share.
 
+pub mod cluster;
+pub mod coordinator;
 pub mod generate;
+pub mod serve;
 pub mod tokenize;
+pub mod worker;
 
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use tpserve_model::gguf::Gguf;
-use tpserve_model::model::Model;
 use tpserve_model::tokenizer::Tokenizer;
 
 use tpserve_model::fetch;
@@ -28,8 +31,8 @@ impl Loaded {
         Ok(Self { gguf, tokenizer })
     }
 
-    pub fn model(&self) -> Result<Model> {
-        Model::load(&self.gguf).context("cannot load the model weights")
+    pub fn config(&self) -> Result<tpserve_model::config::ModelConfig> {
+        tpserve_model::config::ModelConfig::from_gguf(&self.gguf).context("cannot read the model's configuration")
     }
 }
 

@@ -5,7 +5,9 @@
 //! process ([`Local`], world size 1), over TCP between CPUs ([`TcpCollective`]), or over NCCL
 //! between GPUs (to come, behind the same trait).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub mod tcp;
 
@@ -59,6 +61,61 @@ pub fn tree_sum(parts: &mut [Vec<f32>]) {
     tree_sum(right);
     for (a, b) in left[0].iter_mut().zip(&right[0]) {
         *a += b;
+    }
+}
+
+/// A collective that counts the time its calls take, so a step can report how much of it
+/// was communication (waiting for peers included).
+pub struct Timed {
+    inner: Arc<dyn Collective>,
+    nanos: AtomicU64,
+}
+
+impl Timed {
+    pub fn new(inner: Arc<dyn Collective>) -> Self {
+        Self { inner, nanos: AtomicU64::new(0) }
+    }
+
+    /// Time spent in collective calls so far.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+
+    fn time<T>(&self, f: impl FnOnce(&dyn Collective) -> T) -> T {
+        let t = Instant::now();
+        let out = f(self.inner.as_ref());
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        if self.inner.world_size() == 1 {
+            return Ok(());
+        }
+        self.time(|c| c.all_reduce_sum(buf))
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError> {
+        self.time(|c| c.all_gather(local))
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.time(|c| c.broadcast(buf, root))
+    }
+    fn send(&self, buf: &[f32], peer: usize) -> Result<(), CommError> {
+        self.time(|c| c.send(buf, peer))
+    }
+    fn recv(&self, buf: &mut [f32], peer: usize) -> Result<(), CommError> {
+        self.time(|c| c.recv(buf, peer))
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.time(|c| c.barrier())
     }
 }
 
@@ -126,5 +183,28 @@ mod tests {
         assert!(matches!(c.broadcast(&mut v, 1), Err(CommError::BadRank { rank: 1, world: 1 })));
         assert!(c.send(&v, 1).is_err());
         c.barrier().unwrap();
+    }
+
+    #[test]
+    fn timed_counts_only_time_spent_in_collective_calls() {
+        struct Slow;
+        impl Collective for Slow {
+            fn rank(&self) -> usize { 0 }
+            fn world_size(&self) -> usize { 2 }
+            fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), CommError> {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(())
+            }
+            fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> { Ok(l.to_vec()) }
+            fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), CommError> { Ok(()) }
+            fn send(&self, _: &[f32], _: usize) -> Result<(), CommError> { Ok(()) }
+            fn recv(&self, _: &mut [f32], _: usize) -> Result<(), CommError> { Ok(()) }
+            fn barrier(&self) -> Result<(), CommError> { Ok(()) }
+        }
+        let t = Timed::new(Arc::new(Slow));
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        t.all_reduce_sum(&mut [1.0]).unwrap();
+        t.all_reduce_sum(&mut [1.0]).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
     }
 }

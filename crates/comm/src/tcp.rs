@@ -11,7 +11,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{CommError, Collective};
@@ -33,12 +33,16 @@ struct Peer {
     writer: Mutex<TcpStream>,
 }
 
-/// A world of ranks connected over TCP.
+/// A group of ranks connected over TCP: the whole world ([`TcpCollective::connect`]) or a
+/// subgroup of it ([`TcpCollective::subgroup`]) sharing the world's connections.
 pub struct TcpCollective {
+    /// This process's rank within the group.
     rank: usize,
     world: usize,
-    /// `peers[r]` is the connection to rank r (None for this rank).
-    peers: Vec<Option<Peer>>,
+    /// `members[g]` is the world rank of group rank g.
+    members: Vec<usize>,
+    /// `peers[w]` is the connection to world rank w (None for this process).
+    peers: Arc<Vec<Option<Peer>>>,
     timeout: Duration,
     split_threshold: usize,
 }
@@ -47,7 +51,7 @@ impl TcpCollective {
     /// Connects this rank to every other. `listener` is this rank's bound listener (its
     /// address is `addrs[rank]`); lower ranks accept, higher ranks connect, and each
     /// connection opens with the connecting rank's id. Every step is bounded by `timeout`.
-    pub fn connect(rank: usize, listener: TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
+    pub fn connect(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
         let world = addrs.len();
         if rank >= world {
             return Err(CommError::BadRank { rank, world });
@@ -98,7 +102,28 @@ impl TcpCollective {
                 None => None,
             });
         }
-        Ok(Self { rank, world, peers, timeout, split_threshold: DEFAULT_SPLIT_THRESHOLD })
+        Ok(Self { rank, world, members: (0..world).collect(), peers: Arc::new(peers), timeout, split_threshold: DEFAULT_SPLIT_THRESHOLD })
+    }
+
+    /// The group of world ranks `members` (in group-rank order), which must include this
+    /// process. It shares this world's connections: two groups may be used at once as long as
+    /// no pair of ranks is in both (a stage's tensor-parallel group and a pipeline group
+    /// never share a pair), since a pair's frames arrive in order on one connection.
+    pub fn subgroup(&self, members: &[usize]) -> Result<TcpCollective, CommError> {
+        let me = self.members[self.rank];
+        let world = self.peers.len();
+        if let Some(&bad) = members.iter().find(|&&m| m >= world) {
+            return Err(CommError::BadRank { rank: bad, world });
+        }
+        let rank = members.iter().position(|&m| m == me).ok_or(CommError::BadRank { rank: me, world: members.len() })?;
+        Ok(TcpCollective {
+            rank,
+            world: members.len(),
+            members: members.to_vec(),
+            peers: Arc::clone(&self.peers),
+            timeout: self.timeout,
+            split_threshold: self.split_threshold,
+        })
     }
 
     /// Sets the size (bytes) from which all-reduce uses reduce-scatter + all-gather.
@@ -112,8 +137,14 @@ impl TcpCollective {
         self.split_threshold
     }
 
+    /// The connection to group rank `peer`.
     fn peer(&self, peer: usize) -> Result<&Peer, CommError> {
-        self.peers.get(peer).and_then(|p| p.as_ref()).ok_or(CommError::BadRank { rank: peer, world: self.world })
+        self.members
+            .get(peer)
+            .filter(|_| peer != self.rank)
+            .and_then(|&w| self.peers.get(w))
+            .and_then(|p| p.as_ref())
+            .ok_or(CommError::BadRank { rank: peer, world: self.world })
     }
 
     fn send_to(&self, peer: usize, buf: &[f32]) -> Result<(), CommError> {
@@ -331,7 +362,7 @@ mod tests {
                 .map(|(rank, l)| {
                     let (addrs, f) = (&addrs, &f);
                     s.spawn(move || {
-                        let c = TcpCollective::connect(rank, l, addrs, Duration::from_secs(10)).unwrap().with_split_threshold(split_threshold);
+                        let c = TcpCollective::connect(rank, &l, addrs, Duration::from_secs(10)).unwrap().with_split_threshold(split_threshold);
                         f(&c)
                     })
                 })
@@ -398,6 +429,33 @@ mod tests {
     }
 
     #[test]
+    fn tensor_and_pipeline_subgroups_share_one_world_and_run_at_once() {
+        // World 4 = 2 stages x tp 2: tp groups {0,1} and {2,3}, pipeline groups {0,2} and {1,3}.
+        let got = with_world(4, DEFAULT_SPLIT_THRESHOLD, |c| {
+            let r = c.rank();
+            let (stage, t) = (r / 2, r % 2);
+            let tp = c.subgroup(&[2 * stage, 2 * stage + 1]).unwrap();
+            let pp = c.subgroup(&[t, 2 + t]).unwrap();
+            assert_eq!((tp.rank(), tp.world_size(), pp.rank(), pp.world_size()), (t, 2, stage, 2));
+            let mut sum = vec![r as f32; 1000];
+            tp.all_reduce_sum(&mut sum).unwrap();
+            let mut handed = vec![0.0; 3];
+            if stage == 0 {
+                pp.send(&[sum[0], 7.0, t as f32], 1).unwrap();
+            } else {
+                pp.recv(&mut handed, 0).unwrap();
+            }
+            (sum[0], handed)
+        });
+        assert_eq!(got[0], (1.0, vec![0.0; 3]));
+        assert_eq!(got[1].0, 1.0);
+        assert_eq!(got[2], (5.0, vec![1.0, 7.0, 0.0]));
+        assert_eq!(got[3], (5.0, vec![1.0, 7.0, 1.0]));
+        let solo = with_world(2, DEFAULT_SPLIT_THRESHOLD, |c| c.subgroup(&[1 - c.rank()]).err().map(|e| e.to_string()));
+        assert!(solo.iter().all(|e| e.is_some()), "a subgroup without this rank must be refused");
+    }
+
+    #[test]
     fn a_length_mismatch_between_ranks_is_an_error_naming_both_lengths() {
         let got = with_world(2, usize::MAX, |c| {
             let mut buf = vec![1.0; 4 + c.rank()];
@@ -418,7 +476,7 @@ mod tests {
                 .map(|(rank, l)| {
                     let addrs = &addrs;
                     s.spawn(move || {
-                        let c = TcpCollective::connect(rank, l, addrs, timeout).unwrap();
+                        let c = TcpCollective::connect(rank, &l, addrs, timeout).unwrap();
                         match rank {
                             // Rank 2 dies at once (its sockets close); rank 1 stays but never
                             // joins the collective.
@@ -448,7 +506,7 @@ mod tests {
         // Rank 1's address is bound but nobody connects from it.
         let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
         let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
-        let err = TcpCollective::connect(0, l0, &addrs, Duration::from_millis(200)).err().expect("no rank 1");
+        let err = TcpCollective::connect(0, &l0, &addrs, Duration::from_millis(200)).err().expect("no rank 1");
         assert!(matches!(err, CommError::Timeout { peer: 1, .. }), "{err}");
     }
 

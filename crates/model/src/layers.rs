@@ -99,6 +99,11 @@ impl RowParallel {
     pub fn weight(&self) -> &QMatrix {
         &self.parts[0]
     }
+
+    /// Every part's weight.
+    pub fn parts(&self) -> &[QMatrix] {
+        &self.parts
+    }
 }
 
 /// Token embedding and output projection split by vocabulary rows.
@@ -111,6 +116,10 @@ pub struct VocabParallel {
 impl VocabParallel {
     pub fn new(full: &QMatrix, rows: Range<usize>) -> Result<Self, QuantError> {
         Ok(Self { w: full.slice_rows(rows.start, rows.end)?, start: rows.start })
+    }
+
+    pub fn weight(&self) -> &QMatrix {
+        &self.w
     }
 
     /// The vocabulary ids whose logits this rank computes.

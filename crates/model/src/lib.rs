@@ -18,6 +18,5 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod simd;
-pub mod generate;
 pub mod chat;
 pub mod testing;

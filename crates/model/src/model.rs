@@ -38,16 +38,7 @@ pub enum ModelError {
     EmptySequence,
 }
 
-/// Which logits a sequence wants back from a forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsWanted {
-    /// None (a prefill chunk that is not the last).
-    None,
-    /// The last position only (generation).
-    Last,
-    /// Every position of the chunk (perplexity, prompt log-probabilities).
-    All,
-}
+pub use tpserve_types::step::LogitsWanted;
 
 /// One sequence's part of a batched forward pass.
 pub struct SeqChunk<'a> {
@@ -120,6 +111,7 @@ pub fn model_shape(g: &Gguf) -> Result<ModelShape, ModelError> {
         layer_bytes,
         embed_bytes,
         head_bytes,
+        tied_embeddings: !g.tensors.contains_key("output.weight"),
         attn_out_block: block("attn_output"),
         ffn_down_block: block("ffn_down"),
     })
@@ -255,6 +247,48 @@ impl Model {
     /// The vocabulary ids whose logits this rank returns (empty before the last stage).
     pub fn vocab_range(&self) -> std::ops::Range<usize> {
         self.head.as_ref().map_or(0..0, |(_, h)| h.vocab_range())
+    }
+
+    /// Every weight matrix this rank holds.
+    fn matrices(&self) -> Vec<&crate::quant::QMatrix> {
+        let mut m = Vec::new();
+        m.extend(self.embed.as_ref().map(|e| e.weight()));
+        m.extend(self.head.as_ref().map(|(_, h)| h.weight()));
+        for l in &self.layers {
+            m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()]);
+            m.extend(l.o.parts());
+            m.extend(l.down.parts());
+        }
+        m
+    }
+
+    /// Weight bytes this rank holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.matrices().iter().map(|m| m.nbytes() as u64).sum()
+    }
+
+    /// Reads every page of this rank's weights once, so that the first request does not pay
+    /// for page faults of the mapped file, calling `progress(bytes_done, bytes_total)` as it
+    /// goes. Only this shard's bytes are touched.
+    pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) {
+        const PAGE: usize = 4096;
+        const REPORT_EVERY: u64 = 8 << 20;
+        let total = self.weight_bytes();
+        let (mut done, mut reported) = (0u64, 0u64);
+        let mut sink = 0u8;
+        for m in self.matrices() {
+            let bytes = m.as_bytes();
+            for i in (0..bytes.len()).step_by(PAGE) {
+                sink ^= bytes[i];
+                done += PAGE.min(bytes.len() - i) as u64;
+                if done - reported >= REPORT_EVERY {
+                    progress(done, total);
+                    reported = done;
+                }
+            }
+        }
+        std::hint::black_box(sink);
+        progress(total, total);
     }
 
     /// A new, empty KV cache for one sequence on this rank (this stage's layers).

@@ -3,6 +3,7 @@
 
 pub mod plan;
 pub mod sampling;
+pub mod step;
 
 pub use sampling::{SamplingParams, SamplingError};
 

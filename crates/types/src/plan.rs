@@ -29,6 +29,10 @@ pub struct ModelShape {
     /// when they are tied; each stage that needs it holds its own rows).
     pub embed_bytes: u64,
     pub head_bytes: u64,
+    /// The output projection is the token embedding (Gemma): a rank that both embeds and
+    /// computes logits holds those rows once.
+    #[serde(default)]
+    pub tied_embeddings: bool,
     /// Quant block size (columns) of the attention output and FFN down weights: a row-parallel
     /// split must fall on it.
     pub attn_out_block: usize,
@@ -203,7 +207,7 @@ impl Plan {
         if first_stage {
             bytes += s.embed_bytes / self.tp as u64;
         }
-        if last_stage {
+        if last_stage && !(first_stage && s.tied_embeddings) {
             bytes += s.head_bytes / self.tp as u64;
         }
         RankShard {
@@ -326,6 +330,7 @@ mod tests {
             layer_bytes: vec![4_000_000; 18],
             embed_bytes: 178_000_000,
             head_bytes: 178_000_000,
+            tied_embeddings: true,
             attn_out_block: 256,
             ffn_down_block: 256,
         }
@@ -357,6 +362,16 @@ mod tests {
             }
             assert_eq!(next_layer, 18);
         }
+    }
+
+    #[test]
+    fn a_tied_embedding_is_counted_once_on_a_rank_that_embeds_and_projects() {
+        let one = Plan::new(gemma(), 1, 1).unwrap().shard(0).bytes;
+        assert_eq!(one, 18 * 4_000_000 + 178_000_000);
+        let two = Plan::new(gemma(), 2, 1).unwrap().shard(1).bytes;
+        assert_eq!(two, one / 2);
+        let pp = Plan::new(gemma(), 1, 2).unwrap();
+        assert_eq!(pp.shard(0).bytes + pp.shard(1).bytes, one + 178_000_000, "each end stage holds its own copy");
     }
 
     #[test]

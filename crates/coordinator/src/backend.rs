@@ -1,0 +1,26 @@
+//! What the generation driver steps: a cluster of remote workers, or a shard in this
+//! process. Either way a step goes to every rank and comes back as one answer per rank.
+
+use std::future::Future;
+
+use tpserve_types::step::{StepOutput, StepPlan};
+
+use crate::ClusterError;
+
+/// Every rank's answer to one step, with what it cost on the wire.
+#[derive(Debug, Clone, Default)]
+pub struct StepReply {
+    /// One per rank, in rank order.
+    pub outputs: Vec<StepOutput>,
+    /// Encoded bytes of the step requests sent (all ranks) and the answers received.
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+}
+
+/// Runs steps on every rank of a model.
+pub trait Backend: Send {
+    /// Sends `plan` to every rank and returns every rank's answer.
+    fn step(&mut self, plan: &StepPlan) -> impl Future<Output = Result<StepReply, ClusterError>> + Send;
+    /// The model's context length (positions per sequence).
+    fn context_len(&self) -> usize;
+}

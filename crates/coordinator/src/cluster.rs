@@ -1,0 +1,300 @@
+//! The workers of a cluster, seen from the coordinator: connecting to them, loading the
+//! plan's shards onto them (with progress), fanning every step out to all of them and
+//! looking at every answer, and shutting them down.
+
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tpserve_proto::v1;
+use tpserve_proto::WorkerClient;
+use tpserve_types::plan::{Plan, RankShard};
+use tpserve_types::step::{StepOutput, StepPlan};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::backend::{Backend, StepReply};
+use crate::ClusterError;
+
+/// How long the coordinator waits for things.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Reaching a worker (it may still be starting).
+    pub connect: Duration,
+    /// Every collective wait on the workers: a dead or silent peer is an error within it.
+    pub comm: Duration,
+    /// One step on one worker, compute included.
+    pub step: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(30), comm: Duration::from_secs(10), step: Duration::from_secs(300) }
+    }
+}
+
+/// One worker as the coordinator knows it.
+#[derive(Clone)]
+pub struct RemoteWorker {
+    /// host:port of its gRPC server.
+    pub addr: String,
+    client: WorkerClient<Channel>,
+    /// What it said about itself when we connected.
+    pub info: v1::InfoResponse,
+}
+
+/// Connects to the worker at `addr` (host:port), retrying until `timeout`, and asks for its info.
+pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, ClusterError> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = Channel::from_shared(url).map_err(|e| ClusterError::Connect { addr: addr.into(), message: e.to_string() })?;
+    let endpoint = endpoint.tcp_nodelay(true).connect_timeout(Duration::from_secs(2));
+    let start = tokio::time::Instant::now();
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(ClusterError::Connect { addr: addr.into(), message: format!("{e} (waited {timeout:?}); is `tpserve worker` running there?") })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
+    let info = client.info(v1::InfoRequest {}).await.map_err(|s| ClusterError::Connect { addr: addr.into(), message: s.message().into() })?.into_inner();
+    if info.version != env!("CARGO_PKG_VERSION") {
+        return Err(ClusterError::Connect {
+            addr: addr.into(),
+            message: format!("it runs tpserve {}, this coordinator {}: run the same version everywhere", info.version, env!("CARGO_PKG_VERSION")),
+        });
+    }
+    Ok(RemoteWorker { addr: addr.into(), client, info })
+}
+
+/// The host part of `host:port` (IPv6 in brackets kept as it is).
+fn host_of(addr: &str) -> &str {
+    let a = addr.rsplit_once("://").map_or(addr, |(_, rest)| rest);
+    a.rsplit_once(':').map_or(a, |(h, _)| h)
+}
+
+/// What loading reported for one rank.
+#[derive(Debug, Clone)]
+pub struct LoadedRank {
+    pub addr: String,
+    pub shard: RankShard,
+    /// The worker's peak resident memory after loading.
+    pub peak_rss_bytes: u64,
+    pub threads: u32,
+}
+
+/// The workers of a loaded plan, ready to step.
+pub struct Cluster {
+    workers: Vec<RemoteWorker>,
+    plan: Plan,
+    context_len: usize,
+    timeouts: Timeouts,
+    /// Why the cluster cannot step any more (a worker was lost), once it cannot.
+    failed: Option<String>,
+    pub loaded: Vec<LoadedRank>,
+}
+
+impl Cluster {
+    /// Loads `plan`'s shards onto `workers` (world rank = position). `model_path` is the
+    /// model file as the workers see it ("" = their cached default model) and `model_bytes`
+    /// its size (0 = unchecked). `progress(rank, message)` is called with every progress
+    /// message of every worker. Fails, naming every rank that failed, unless all load.
+    pub async fn load(
+        workers: Vec<RemoteWorker>,
+        plan: Plan,
+        context_len: usize,
+        model_path: &str,
+        model_bytes: u64,
+        timeouts: Timeouts,
+        progress: impl Fn(usize, &v1::LoadProgress) + Sync,
+    ) -> Result<Cluster, ClusterError> {
+        if workers.len() != plan.world() {
+            return Err(ClusterError::Plan(format!(
+                "tp = {} x pp = {} needs {} workers, {} were given",
+                plan.tp,
+                plan.pp,
+                plan.world(),
+                workers.len()
+            )));
+        }
+        let comm_addrs: Vec<String> = workers.iter().map(|w| format!("{}:{}", host_of(&w.addr), w.info.comm_port)).collect();
+        let loads = workers.iter().enumerate().map(|(rank, w)| {
+            let req = v1::LoadRequest {
+                model_path: model_path.into(),
+                model_bytes,
+                tp: plan.tp as u32,
+                pp: plan.pp as u32,
+                rank: rank as u32,
+                comm_addrs: comm_addrs.clone(),
+                comm_timeout_ms: timeouts.comm.as_millis() as u32,
+            };
+            let mut client = w.client.clone();
+            let progress = &progress;
+            async move {
+                let mut stream = client.load(req).await?.into_inner();
+                while let Some(msg) = stream.message().await? {
+                    progress(rank, &msg);
+                    if msg.done {
+                        return msg.shard.map(|s| (s.to_rank_shard(), msg.peak_rss_bytes)).ok_or_else(|| Status::internal("the last load message has no shard"));
+                    }
+                }
+                Err(Status::internal("the load stream ended before the shard was ready"))
+            }
+        });
+        let results = futures::future::join_all(loads).await;
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Ok((shard, rss)) => loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes: rss, threads: workers[rank].info.threads }),
+                Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ClusterError::Load(errors.join("; ")));
+        }
+        for (l, want) in loaded.iter().zip(plan.shards()) {
+            if l.shard.layers != want.layers || l.shard.vocab != want.vocab || l.shard.heads != want.heads {
+                return Err(ClusterError::Load(format!("rank {} loaded a different shard than planned (is its model file the same?)", want.rank)));
+            }
+        }
+        Ok(Cluster { workers, plan, context_len, timeouts, failed: None, loaded })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Why the cluster cannot serve, if it cannot.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Asks every worker to exit (best effort, each bounded by a short deadline).
+    pub async fn shutdown(&self) {
+        let calls = self.workers.iter().map(|w| {
+            let mut c = w.client.clone();
+            async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown(v1::ShutdownRequest {})).await;
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Names the rank whose loss explains `errors` (one per failing rank) and says what happened.
+    fn diagnose(&self, errors: &[(usize, Status)]) -> String {
+        // A transport failure or timeout points at the worker that is gone; a worker that
+        // answered "aborted" only saw a peer disappear.
+        let culprit = errors
+            .iter()
+            .find(|(_, s)| !matches!(s.code(), Code::Aborted | Code::FailedPrecondition | Code::InvalidArgument))
+            .or_else(|| errors.first());
+        let (rank, status) = culprit.expect("diagnose is called with errors");
+        let what = match status.code() {
+            Code::DeadlineExceeded | Code::Cancelled => format!("did not answer within {:?}", self.timeouts.step),
+            Code::Aborted | Code::FailedPrecondition => status.message().to_string(),
+            _ => format!("is unreachable ({})", status.message()),
+        };
+        let others = errors.iter().filter(|(r, _)| r != rank).map(|(r, _)| r.to_string()).collect::<Vec<_>>();
+        let mut msg = format!("worker rank {rank} ({}) {what}", self.workers[*rank].addr);
+        if !others.is_empty() {
+            msg += &format!("; ranks {} failed with it", others.join(", "));
+        }
+        msg + "; the cluster must be restarted"
+    }
+}
+
+impl Backend for Cluster {
+    fn context_len(&self) -> usize {
+        self.context_len
+    }
+
+    async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
+        if let Some(why) = &self.failed {
+            return Err(ClusterError::Unavailable(why.clone()));
+        }
+        let req = v1::StepRequest::from(plan);
+        let world = self.workers.len();
+        let request_bytes = req.encoded_len() * world;
+        let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
+        let mut pending: FuturesUnordered<_> = self
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                let mut c = w.client.clone();
+                let mut r = Request::new(req.clone());
+                r.set_timeout(self.timeouts.step);
+                async move { (rank, c.step(r).await.map(|r| r.into_inner())) }
+            })
+            .collect();
+        let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];
+        let mut errors: Vec<(usize, Status)> = Vec::new();
+        // Look at every rank's answer. Once one has failed, the others get one collective
+        // deadline (plus a margin) to report what they saw, then count as failed too.
+        let mut grace: Option<tokio::time::Instant> = None;
+        async {
+            loop {
+                let next = match grace {
+                    None => pending.next().await,
+                    Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    },
+                };
+                let Some((rank, r)) = next else { break };
+                match r {
+                    Ok(a) => answers[rank] = Some(a),
+                    Err(s) => {
+                        grace.get_or_insert_with(|| tokio::time::Instant::now() + self.timeouts.comm + Duration::from_secs(1));
+                        errors.push((rank, s));
+                    }
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        drop(pending);
+        for (rank, a) in answers.iter().enumerate() {
+            if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
+                errors.push((rank, Status::deadline_exceeded("no answer after a peer failed")));
+            }
+        }
+        if !errors.is_empty() {
+            errors.sort_by_key(|(r, _)| *r);
+            // Every rank refused the step the same way: the request was bad, the cluster is fine.
+            if errors.len() == world && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
+                return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
+            }
+            let why = self.diagnose(&errors);
+            warn!(parent: &span, error = %why, "step failed");
+            self.failed = Some(why.clone());
+            return Err(ClusterError::WorkerLost(why));
+        }
+        let mut outputs = Vec::with_capacity(world);
+        let mut response_bytes = 0;
+        for a in answers.into_iter().flatten() {
+            response_bytes += a.encoded_len();
+            outputs.push(StepOutput::try_from(a).map_err(|e| ClusterError::Protocol(e.to_string()))?);
+        }
+        for o in &outputs {
+            debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
+        }
+        Ok(StepReply { outputs, request_bytes, response_bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_collective_host_is_the_host_the_worker_was_reached_at() {
+        assert_eq!(host_of("127.0.0.1:5000"), "127.0.0.1");
+        assert_eq!(host_of("http://worker-1.svc:5000"), "worker-1.svc");
+        assert_eq!(host_of("[::1]:5000"), "[::1]");
+    }
+}

@@ -1,0 +1,13 @@
+//! Generates the gRPC code from `proto/tpserve/v1/worker.proto` with a vendored `protoc`, so
+//! no system protobuf compiler is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build runs the compiler named by PROTOC.
+    std::env::set_var("PROTOC", protoc);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let file = root.join("tpserve/v1/worker.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    tonic_prost_build::configure().compile_protos(&[file], &[root])?;
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! The wire types of tpserve's control plane, generated from `proto/tpserve/v1/worker.proto`,
+//! and their conversions to and from the plain types of `tpserve-types`. Only this crate and
+//! the two servers (worker, coordinator) see wire types; conversions from the wire check
+//! every value and say which field was wrong.
+
+use tpserve_types::plan::{RankShard, TpRank};
+use tpserve_types::sampling::Candidates;
+use tpserve_types::step::{LogitsWanted, SeqOutput, SeqWork, StepOutput, StepPlan};
+use tpserve_types::SamplingParams;
+
+/// Generated messages and services of package `tpserve.v1`.
+pub mod v1 {
+    tonic::include_proto!("tpserve.v1");
+}
+
+pub use v1::worker_client::WorkerClient;
+pub use v1::worker_server::{Worker, WorkerServer};
+pub use v1::coordinator_client::CoordinatorClient;
+pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
+
+/// A wire message that does not make sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct WireError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl From<WireError> for tonic::Status {
+    fn from(e: WireError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+fn wire(field: &'static str, reason: impl Into<String>) -> WireError {
+    WireError { field, reason: reason.into() }
+}
+
+impl From<&StepPlan> for v1::StepRequest {
+    fn from(p: &StepPlan) -> Self {
+        v1::StepRequest { step: p.step, seqs: p.seqs.iter().map(Into::into).collect(), free: p.free.clone() }
+    }
+}
+
+impl From<&SeqWork> for v1::SeqWork {
+    fn from(s: &SeqWork) -> Self {
+        v1::SeqWork {
+            seq_id: s.seq_id,
+            tokens: s.tokens.clone(),
+            start_pos: s.start_pos as u32,
+            logits: match s.logits {
+                LogitsWanted::None => v1::Logits::None,
+                LogitsWanted::Last => v1::Logits::Last,
+                LogitsWanted::All => v1::Logits::All,
+            } as i32,
+            sampling: s.sampling.map(|p| v1::Sampling { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed }),
+            sample_step: s.sample_step,
+            logprobs: s.logprobs as u32,
+        }
+    }
+}
+
+impl TryFrom<v1::StepRequest> for StepPlan {
+    type Error = WireError;
+    fn try_from(r: v1::StepRequest) -> Result<Self, WireError> {
+        let seqs = r.seqs.into_iter().map(SeqWork::try_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(StepPlan { step: r.step, seqs, free: r.free })
+    }
+}
+
+impl TryFrom<v1::SeqWork> for SeqWork {
+    type Error = WireError;
+    fn try_from(s: v1::SeqWork) -> Result<Self, WireError> {
+        let logits = match v1::Logits::try_from(s.logits) {
+            Ok(v1::Logits::None) => LogitsWanted::None,
+            Ok(v1::Logits::Last) => LogitsWanted::Last,
+            Ok(v1::Logits::All) => LogitsWanted::All,
+            Err(_) => return Err(wire("SeqWork.logits", format!("unknown value {}", s.logits))),
+        };
+        let sampling = match s.sampling {
+            Some(p) => {
+                let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, seed: p.seed };
+                params.validate().map_err(|e| wire("SeqWork.sampling", e.to_string()))?;
+                Some(params)
+            }
+            None => None,
+        };
+        Ok(SeqWork {
+            seq_id: s.seq_id,
+            tokens: s.tokens,
+            start_pos: s.start_pos as usize,
+            logits,
+            sampling,
+            sample_step: s.sample_step,
+            logprobs: s.logprobs as usize,
+        })
+    }
+}
+
+impl From<&Candidates> for v1::Candidates {
+    fn from(c: &Candidates) -> Self {
+        v1::Candidates {
+            ids: c.top.iter().map(|t| t.0).collect(),
+            logits: c.top.iter().map(|t| t.1).collect(),
+            lse: c.lse,
+            lse_t: c.lse_t,
+            gumbel_id: c.gumbel.map(|g| g.0),
+            gumbel_value: c.gumbel.map_or(0.0, |g| g.1),
+        }
+    }
+}
+
+impl TryFrom<v1::Candidates> for Candidates {
+    type Error = WireError;
+    fn try_from(c: v1::Candidates) -> Result<Self, WireError> {
+        if c.ids.len() != c.logits.len() {
+            return Err(wire("Candidates.logits", format!("{} logits for {} ids", c.logits.len(), c.ids.len())));
+        }
+        Ok(Candidates {
+            top: c.ids.into_iter().zip(c.logits).collect(),
+            lse: c.lse,
+            lse_t: c.lse_t,
+            gumbel: c.gumbel_id.map(|id| (id, c.gumbel_value)),
+        })
+    }
+}
+
+impl From<&StepOutput> for v1::StepResponse {
+    fn from(o: &StepOutput) -> Self {
+        v1::StepResponse {
+            rank: o.rank as u32,
+            seqs: o.seqs.iter().map(|s| v1::SeqCandidates { seq_id: s.seq_id, rows: s.rows.iter().map(Into::into).collect() }).collect(),
+            compute_us: o.compute_us,
+            comm_us: o.comm_us,
+        }
+    }
+}
+
+impl TryFrom<v1::StepResponse> for StepOutput {
+    type Error = WireError;
+    fn try_from(r: v1::StepResponse) -> Result<Self, WireError> {
+        let seqs = r
+            .seqs
+            .into_iter()
+            .map(|s| Ok(SeqOutput { seq_id: s.seq_id, rows: s.rows.into_iter().map(Candidates::try_from).collect::<Result<_, _>>()? }))
+            .collect::<Result<_, WireError>>()?;
+        Ok(StepOutput { rank: r.rank as usize, seqs, compute_us: r.compute_us, comm_us: r.comm_us })
+    }
+}
+
+impl From<&RankShard> for v1::Shard {
+    fn from(s: &RankShard) -> Self {
+        let u = |v: usize| v as u32;
+        v1::Shard {
+            rank: u(s.rank),
+            stage: u(s.stage),
+            tp_rank: u(s.tp.rank),
+            tp: u(s.tp.world),
+            layer_start: u(s.layers.start),
+            layer_end: u(s.layers.end),
+            head_start: u(s.heads.start),
+            head_end: u(s.heads.end),
+            kv_head_start: u(s.kv_heads.start),
+            kv_head_end: u(s.kv_heads.end),
+            ffn_start: u(s.ffn.start),
+            ffn_end: u(s.ffn.end),
+            vocab_start: u(s.vocab.start),
+            vocab_end: u(s.vocab.end),
+            first_stage: s.first_stage,
+            last_stage: s.last_stage,
+            weight_bytes: s.bytes,
+        }
+    }
+}
+
+impl v1::Shard {
+    /// The shard as the plan describes it (`reduce_parts` is the plan's business, not the
+    /// wire's: it is left at 0).
+    pub fn to_rank_shard(&self) -> RankShard {
+        let z = |v: u32| v as usize;
+        RankShard {
+            rank: z(self.rank),
+            stage: z(self.stage),
+            tp: TpRank { rank: z(self.tp_rank), world: z(self.tp) },
+            layers: z(self.layer_start)..z(self.layer_end),
+            heads: z(self.head_start)..z(self.head_end),
+            kv_heads: z(self.kv_head_start)..z(self.kv_head_end),
+            ffn: z(self.ffn_start)..z(self.ffn_end),
+            vocab: z(self.vocab_start)..z(self.vocab_end),
+            first_stage: self.first_stage,
+            last_stage: self.last_stage,
+            reduce_parts: 0,
+            bytes: self.weight_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_survives_the_round_trip_through_the_wire() {
+        let plan = StepPlan {
+            step: 9,
+            seqs: vec![
+                SeqWork { seq_id: 1, tokens: vec![2, 5, 7], start_pos: 0, logits: LogitsWanted::Last, sampling: Some(SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 }), sample_step: 0, logprobs: 2 },
+                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, sampling: None, sample_step: 5, logprobs: 0 },
+            ],
+            free: vec![3],
+        };
+        assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
+        let out = StepOutput {
+            rank: 1,
+            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)) }] }],
+            compute_us: 10,
+            comm_us: 3,
+        };
+        assert_eq!(StepOutput::try_from(v1::StepResponse::from(&out)).unwrap(), out);
+    }
+
+    #[test]
+    fn nonsense_on_the_wire_is_refused_naming_the_field() {
+        let bad = v1::SeqWork { logits: 9, ..Default::default() };
+        assert_eq!(SeqWork::try_from(bad).unwrap_err().field, "SeqWork.logits");
+        let bad = v1::SeqWork { sampling: Some(v1::Sampling { temperature: -1.0, top_k: 0, top_p: 1.0, seed: 0 }), ..Default::default() };
+        let e = SeqWork::try_from(bad).unwrap_err();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        let bad = v1::Candidates { ids: vec![1, 2], logits: vec![0.5], ..Default::default() };
+        assert_eq!(Candidates::try_from(bad).unwrap_err().field, "Candidates.logits");
+    }
+}

@@ -1,0 +1,130 @@
+//! The step protocol as plain data (DESIGN.md, "Step protocol"): what the coordinator asks
+//! every worker to do in one scheduler iteration, and what the last stage answers. The wire
+//! form lives in `tpserve-proto`; these are what the scheduler, worker and sampler use.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::Candidates;
+use crate::{SamplingParams, TokenId};
+
+/// The coordinator's id for one sequence (unique among live sequences).
+pub type SeqId = u64;
+
+/// Which logits a sequence wants back from a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogitsWanted {
+    /// None (a prefill chunk that is not the last).
+    None,
+    /// The last position only (generation).
+    Last,
+    /// Every position of the chunk (perplexity, prompt log-probabilities).
+    All,
+}
+
+/// One sequence's work in a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqWork {
+    pub seq_id: SeqId,
+    /// New tokens: a prefill chunk, or the token sampled last step.
+    pub tokens: Vec<TokenId>,
+    /// Position of `tokens[0]`: 0 starts the sequence, otherwise the count already held.
+    pub start_pos: usize,
+    pub logits: LogitsWanted,
+    /// Given when the sequence starts; workers keep it.
+    pub sampling: Option<SamplingParams>,
+    /// Index among the generated tokens of the token the first wanted row predicts (seeds
+    /// the sampling noise; row i of an `All` chunk uses `sample_step + i`).
+    pub sample_step: u64,
+    /// Alternatives wanted per row for log-probabilities.
+    pub logprobs: usize,
+}
+
+/// One scheduler iteration, sent to every worker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepPlan {
+    pub step: u64,
+    pub seqs: Vec<SeqWork>,
+    /// Sequences to forget before the step runs.
+    pub free: Vec<SeqId>,
+}
+
+/// One sequence's answer from one last-stage rank: a report per wanted row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqOutput {
+    pub seq_id: SeqId,
+    pub rows: Vec<Candidates>,
+}
+
+/// One rank's answer to a step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepOutput {
+    pub rank: usize,
+    /// Empty on ranks before the last stage.
+    pub seqs: Vec<SeqOutput>,
+    /// Time the step took on the rank, and the part of it spent in collectives.
+    pub compute_us: u64,
+    pub comm_us: u64,
+}
+
+/// Merges the answers of every last-stage rank (each holding a disjoint vocabulary slice)
+/// into one report per sequence and row, as one rank holding the whole vocabulary would
+/// give. `k` is how many candidates to keep. Fails when the ranks disagree about which
+/// sequences or rows they answered, which would mean they ran different steps.
+pub fn merge_outputs(outputs: &[StepOutput], k_for: impl Fn(SeqId) -> usize) -> Result<Vec<SeqOutput>, String> {
+    let answering: Vec<&StepOutput> = outputs.iter().filter(|o| !o.seqs.is_empty()).collect();
+    let Some(first) = answering.first() else { return Ok(Vec::new()) };
+    let mut merged = Vec::with_capacity(first.seqs.len());
+    for (i, s) in first.seqs.iter().enumerate() {
+        let mut rows = Vec::with_capacity(s.rows.len());
+        for r in 0..s.rows.len() {
+            let mut parts = Vec::with_capacity(answering.len());
+            for o in &answering {
+                let other = o.seqs.get(i).filter(|x| x.seq_id == s.seq_id && x.rows.len() == s.rows.len()).ok_or_else(|| {
+                    format!("rank {} and rank {} answered different sequences at position {i}", first.rank, o.rank)
+                })?;
+                parts.push(other.rows[r].clone());
+            }
+            rows.push(Candidates::merge(parts, k_for(s.seq_id)));
+        }
+        merged.push(SeqOutput { seq_id: s.seq_id, rows });
+    }
+    if let Some(o) = answering.iter().find(|o| o.seqs.len() != first.seqs.len()) {
+        return Err(format!("rank {} answered {} sequences, rank {} answered {}", first.rank, first.seqs.len(), o.rank, o.seqs.len()));
+    }
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::Candidates;
+
+    fn out(rank: usize, seqs: Vec<(SeqId, Vec<f32>, u32)>) -> StepOutput {
+        let p = SamplingParams::default();
+        StepOutput {
+            rank,
+            seqs: seqs.into_iter().map(|(id, logits, off)| SeqOutput { seq_id: id, rows: vec![Candidates::from_logits(&logits, off, &p, 0, 2)] }).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn merging_two_vocabulary_halves_gives_the_whole_vocabularys_report() {
+        let full = [0.5, 3.0, -1.0, 2.5];
+        let whole = Candidates::from_logits(&full, 0, &SamplingParams::default(), 0, 2);
+        let merged = merge_outputs(&[out(0, vec![(7, full[..2].to_vec(), 0)]), out(1, vec![(7, full[2..].to_vec(), 2)])], |_| 2).unwrap();
+        assert_eq!(merged.len(), 1);
+        let m = &merged[0].rows[0];
+        assert_eq!(m.top.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((m.lse - whole.lse).abs() < 1e-6);
+        assert_eq!(m.pick(&SamplingParams::default(), 0), 1);
+    }
+
+    #[test]
+    fn ranks_that_answer_different_sequences_are_an_error() {
+        let e = merge_outputs(&[out(0, vec![(1, vec![1.0], 0)]), out(1, vec![(2, vec![1.0], 1)])], |_| 1).unwrap_err();
+        assert!(e.contains("different sequences"), "{e}");
+        // Ranks before the last stage answer nothing and are skipped.
+        assert_eq!(merge_outputs(&[StepOutput::default(), out(1, vec![(2, vec![1.0], 1)])], |_| 1).unwrap().len(), 1);
+    }
+}

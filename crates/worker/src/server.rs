@@ -1,0 +1,231 @@
+//! The worker's gRPC server: loads a shard when told (connecting the collective to its
+//! peers first), runs steps on the compute pool, answers health and info, and exits on
+//! Shutdown. It holds no request text and no scheduling policy.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tpserve_comm::{Collective, TcpCollective};
+use tpserve_model::gguf::Gguf;
+use tpserve_model::model::model_shape;
+use tpserve_proto::v1;
+use tpserve_types::plan::Plan;
+use tpserve_types::step::StepPlan;
+use tracing::{debug, info, info_span, warn};
+
+use crate::shard::{Shard, StepError};
+
+impl From<StepError> for Status {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            StepError::Failed { .. } => Status::aborted(e.to_string()),
+            StepError::Broken { .. } => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+/// The worker service. Cheap to share: everything is behind `Arc`s.
+#[derive(Clone)]
+pub struct WorkerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Compute threads for forward passes (only this pool's threads compute).
+    pool: Arc<rayon::ThreadPool>,
+    /// Where peers connect for the collective; kept across loads.
+    comm_listener: StdListener,
+    /// The loaded shard; steps run one at a time.
+    shard: Mutex<Option<Shard>>,
+    /// Notified by Shutdown.
+    shutdown: Arc<Notify>,
+}
+
+impl WorkerService {
+    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`.
+    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>) -> Self {
+        Self { inner: Arc::new(Inner { pool, comm_listener, shard: Mutex::new(None), shutdown }) }
+    }
+
+    pub fn comm_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.comm_listener.local_addr()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Shard>> {
+        // A panic while holding the lock leaves no half-written Rust state behind it that a
+        // later step could misuse: the shard marks itself broken before returning errors.
+        self.inner.shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The process's peak resident memory (VmHWM) in bytes, 0 where it cannot be read.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+type Progress = mpsc::Sender<Result<v1::LoadProgress, Status>>;
+
+fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
+    v1::LoadProgress { phase: phase.into(), bytes_done: done, bytes_total: total, done: false, shard: None, peak_rss_bytes: peak_rss_bytes() }
+}
+
+/// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
+fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Status> {
+    let path = if req.model_path.is_empty() {
+        tpserve_model::fetch::resolve_model(None).map_err(|e| Status::failed_precondition(format!("cannot get the default model: {e}")))?
+    } else {
+        PathBuf::from(&req.model_path)
+    };
+    let g = Gguf::open(&path).map_err(|e| Status::failed_precondition(format!("cannot open model {}: {e}", path.display())))?;
+    if req.model_bytes != 0 && g.file_len() as u64 != req.model_bytes {
+        return Err(Status::failed_precondition(format!(
+            "model {} here is {} bytes, the coordinator planned with a {}-byte file: give every worker the same model",
+            path.display(),
+            g.file_len(),
+            req.model_bytes
+        )));
+    }
+    let (tp, pp, rank) = (req.tp as usize, req.pp as usize, req.rank as usize);
+    let shape = model_shape(&g).map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let plan = Plan::new(shape, tp, pp).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if rank >= plan.world() || req.comm_addrs.len() != plan.world() {
+        return Err(Status::invalid_argument(format!(
+            "rank {rank} with {} collective addresses in a world of {}",
+            req.comm_addrs.len(),
+            plan.world()
+        )));
+    }
+    let shard = plan.shard(rank);
+    let addrs = req
+        .comm_addrs
+        .iter()
+        .map(|a| resolve(a).ok_or_else(|| Status::invalid_argument(format!("collective address {a:?} is not host:port"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = Duration::from_millis(if req.comm_timeout_ms == 0 { 10_000 } else { req.comm_timeout_ms as u64 });
+
+    let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
+    let world = TcpCollective::connect(rank, &inner.comm_listener, &addrs, timeout)
+        .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?;
+    let stage = shard.stage;
+    let tp_members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
+    let pp_members: Vec<usize> = (0..pp).map(|s| s * tp + shard.tp.rank).collect();
+    let comm_err = |e: tpserve_comm::CommError| Status::internal(e.to_string());
+    let tp_comm: Arc<dyn Collective> = Arc::new(world.subgroup(&tp_members).map_err(comm_err)?);
+    let pp_comm: Option<Arc<dyn Collective>> = if pp > 1 { Some(Arc::new(world.subgroup(&pp_members).map_err(comm_err)?)) } else { None };
+
+    let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
+    let loaded = inner
+        .pool
+        .install(|| Shard::load(&g, &shard, tp_comm, pp_comm))
+        .map_err(|e| Status::failed_precondition(format!("rank {rank} cannot load its shard: {e}")))?;
+    loaded.model().prefault(|done, total| {
+        let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
+    });
+    // Every rank is loaded before any of them reports done, so a step never waits on a
+    // peer that is still reading its weights.
+    world.barrier().map_err(|e| Status::unavailable(format!("rank {rank}: a peer failed while loading: {e}")))?;
+    Ok(loaded)
+}
+
+/// Resolves `host:port` (names too) to its first socket address.
+fn resolve(addr: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs().ok()?.next()
+}
+
+#[tonic::async_trait]
+impl tpserve_proto::Worker for WorkerService {
+    async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
+        let shard = self.lock().as_ref().map(|s| v1::Shard::from(s.shard()));
+        Ok(Response::new(v1::InfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            threads: self.inner.pool.current_num_threads() as u32,
+            comm_port: self.comm_addr().map(|a| a.port() as u32).unwrap_or(0),
+            shard,
+            peak_rss_bytes: peak_rss_bytes(),
+        }))
+    }
+
+    type LoadStream = ReceiverStream<Result<v1::LoadProgress, Status>>;
+
+    async fn load(&self, req: Request<v1::LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        let req = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        info!(rank = req.rank, tp = req.tp, pp = req.pp, model = %req.model_path, "loading");
+        tokio::task::spawn_blocking(move || {
+            // Drop any previous shard first: its memory and its collective go.
+            *this.lock() = None;
+            match load(&this.inner, req, &tx) {
+                Ok(shard) => {
+                    let done = v1::LoadProgress {
+                        phase: "ready".into(),
+                        bytes_done: shard.shard().bytes,
+                        bytes_total: shard.shard().bytes,
+                        done: true,
+                        shard: Some(v1::Shard::from(shard.shard())),
+                        peak_rss_bytes: peak_rss_bytes(),
+                    };
+                    info!(rank = shard.shard().rank, weight_bytes = shard.model().weight_bytes(), "loaded");
+                    *this.lock() = Some(shard);
+                    let _ = tx.blocking_send(Ok(done));
+                }
+                Err(status) => {
+                    warn!(error = %status.message(), "load failed");
+                    let _ = tx.blocking_send(Err(status));
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn step(&self, req: Request<v1::StepRequest>) -> Result<Response<v1::StepResponse>, Status> {
+        let plan = StepPlan::try_from(req.into_inner())?;
+        let this = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let mut guard = this.lock();
+            let shard = guard.as_mut().ok_or_else(|| Status::failed_precondition("no shard is loaded: send Load first"))?;
+            let span = info_span!("step", rank = shard.shard().rank, step = plan.step, seqs = plan.seqs.len());
+            let _enter = span.enter();
+            let out = this.inner.pool.install(|| shard.step(&plan));
+            match &out {
+                Ok(o) => debug!(compute_us = o.compute_us, comm_us = o.comm_us, "step done"),
+                Err(e) => warn!(error = %e, "step failed"),
+            }
+            out.map_err(Status::from)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the step task failed: {e}")))??;
+        Ok(Response::new(v1::StepResponse::from(&out)))
+    }
+
+    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+        // A step in progress holds the lock; the worker is alive and busy, so it is ready.
+        let (ready, reason) = match self.inner.shard.try_lock() {
+            Ok(g) => match g.as_ref() {
+                None => (false, "no shard is loaded".to_string()),
+                Some(s) => match s.broken() {
+                    Some(why) => (false, why.to_string()),
+                    None => (true, String::new()),
+                },
+            },
+            Err(_) => (true, String::new()),
+        };
+        Ok(Response::new(v1::HealthResponse { ready, reason }))
+    }
+
+    async fn shutdown(&self, _: Request<v1::ShutdownRequest>) -> Result<Response<v1::ShutdownResponse>, Status> {
+        info!("shutdown requested");
+        self.inner.shutdown.notify_one();
+        Ok(Response::new(v1::ShutdownResponse {}))
+    }
+}

@@ -1,0 +1,182 @@
+//! One rank's loaded shard and the state of every sequence it is computing: the part of a
+//! worker that runs a [`StepPlan`] without knowing about the network, so it is tested (and
+//! used in-process at tp = 1) without gRPC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tpserve_comm::{Collective, Timed};
+use tpserve_model::gguf::Gguf;
+use tpserve_model::kv_cache::KvCache;
+use tpserve_model::model::{Model, ModelError, SeqChunk};
+use tpserve_types::plan::RankShard;
+use tpserve_types::sampling::Candidates;
+use tpserve_types::step::{LogitsWanted, SeqId, SeqOutput, StepOutput, StepPlan};
+use tpserve_types::{SamplingParams, TokenId};
+
+/// Why a step was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The step asked for something impossible; nothing was changed.
+    #[error("bad step {step}: {reason}")]
+    Invalid { step: u64, reason: String },
+    /// The forward pass failed part-way (a peer died or timed out): this shard's caches no
+    /// longer agree with its peers', so it refuses further steps until it is loaded again.
+    #[error("step {step} failed on rank {rank}: {source}")]
+    Failed { step: u64, rank: usize, source: ModelError },
+    #[error("rank {rank} cannot run steps: an earlier step failed ({reason}); load the model again")]
+    Broken { rank: usize, reason: String },
+}
+
+/// What a worker keeps about one live sequence between steps.
+struct SeqState {
+    cache: KvCache,
+    sampling: SamplingParams,
+}
+
+/// A loaded shard with its sequences.
+pub struct Shard {
+    model: Model,
+    shard: RankShard,
+    seqs: HashMap<SeqId, SeqState>,
+    /// The collectives the model talks through, timed to report communication per step.
+    comms: Vec<Arc<Timed>>,
+    /// Set when a step failed part-way.
+    broken: Option<String>,
+}
+
+impl Shard {
+    /// Loads `shard` of the model in `g`. `tp_comm` joins the ranks of this stage; `pp_comm`
+    /// this tensor-parallel rank of every stage (rank = stage), when pp > 1.
+    pub fn load(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>) -> Result<Self, ModelError> {
+        let tp = Arc::new(Timed::new(tp_comm));
+        let pp = pp_comm.map(|c| Arc::new(Timed::new(c)));
+        let model = Model::load_shard(g, shard, tp.clone(), pp.clone().map(|c| c as Arc<dyn Collective>))?;
+        let comms = std::iter::once(tp).chain(pp).collect();
+        Ok(Self { model, shard: shard.clone(), seqs: HashMap::new(), comms, broken: None })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn shard(&self) -> &RankShard {
+        &self.shard
+    }
+
+    /// Why this shard cannot run steps, if it cannot.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Live sequences.
+    pub fn n_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn comm_time(&self) -> std::time::Duration {
+        self.comms.iter().map(|c| c.elapsed()).sum()
+    }
+
+    /// Runs one step: frees the finished sequences, then one batched forward pass over every
+    /// sequence's new tokens, and (on the last stage) reports candidates for the wanted rows.
+    /// A step that is refused changes nothing.
+    pub fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, StepError> {
+        let rank = self.shard.rank;
+        if let Some(reason) = &self.broken {
+            return Err(StepError::Broken { rank, reason: reason.clone() });
+        }
+        let t0 = Instant::now();
+        let comm0 = self.comm_time();
+        let invalid = |reason: String| StepError::Invalid { step: plan.step, reason };
+        self.check(plan).map_err(invalid)?;
+        for id in &plan.free {
+            self.seqs.remove(id);
+        }
+
+        // Take the batch's states out of the map so each chunk can borrow its cache mutably.
+        let mut states: Vec<SeqState> = Vec::with_capacity(plan.seqs.len());
+        for w in &plan.seqs {
+            let st = match self.seqs.remove(&w.seq_id) {
+                Some(st) => st,
+                None => SeqState { cache: self.model.new_cache(), sampling: w.sampling.expect("checked: new sequences carry sampling") },
+            };
+            states.push(st);
+        }
+        let result = {
+            let mut batch: Vec<SeqChunk<'_>> = plan
+                .seqs
+                .iter()
+                .zip(states.iter_mut())
+                .map(|(w, st)| SeqChunk { tokens: &w.tokens, cache: &mut st.cache, logits: w.logits })
+                .collect();
+            self.model.forward(&mut batch)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence)) => {
+                // Refused before any cache was touched: put the states back unchanged.
+                for (w, st) in plan.seqs.iter().zip(states) {
+                    if w.start_pos > 0 {
+                        self.seqs.insert(w.seq_id, st);
+                    }
+                }
+                return Err(invalid(e.to_string()));
+            }
+            Err(source) => {
+                self.broken = Some(source.to_string());
+                self.seqs.clear();
+                return Err(StepError::Failed { step: plan.step, rank, source });
+            }
+        };
+
+        let vocab_start = self.model.vocab_range().start as TokenId;
+        let mut seqs = Vec::new();
+        if self.shard.last_stage {
+            for ((w, st), l) in plan.seqs.iter().zip(&states).zip(&logits) {
+                if w.logits == LogitsWanted::None {
+                    continue;
+                }
+                let width = self.model.vocab_range().len();
+                let rows = l
+                    .chunks_exact(width)
+                    .enumerate()
+                    .map(|(i, row)| Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step + i as u64, w.logprobs))
+                    .collect();
+                seqs.push(SeqOutput { seq_id: w.seq_id, rows });
+            }
+        }
+        for (w, st) in plan.seqs.iter().zip(states) {
+            self.seqs.insert(w.seq_id, st);
+        }
+        Ok(StepOutput {
+            rank,
+            seqs,
+            compute_us: t0.elapsed().as_micros() as u64,
+            comm_us: (self.comm_time() - comm0).as_micros() as u64,
+        })
+    }
+
+    /// Why `plan` cannot run against the sequences this shard holds, if it cannot.
+    fn check(&self, plan: &StepPlan) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for w in &plan.seqs {
+            if !seen.insert(w.seq_id) {
+                return Err(format!("sequence {} appears twice", w.seq_id));
+            }
+            let freed = plan.free.contains(&w.seq_id);
+            match (self.seqs.get(&w.seq_id).filter(|_| !freed), w.start_pos) {
+                (None, 0) if w.sampling.is_none() => return Err(format!("new sequence {} has no sampling parameters", w.seq_id)),
+                (None, 0) => {}
+                (None, p) => return Err(format!("sequence {} is unknown here but continues at position {p}", w.seq_id)),
+                (Some(_), 0) => return Err(format!("sequence {} already exists; free it before starting it again", w.seq_id)),
+                (Some(st), p) if st.cache.len() != p => {
+                    return Err(format!("sequence {} continues at position {p} but this rank holds {} tokens", w.seq_id, st.cache.len()))
+                }
+                (Some(_), _) => {}
+            }
+        }
+        Ok(())
+    }
+}

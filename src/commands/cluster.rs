@@ -1,0 +1,260 @@
+//! What `up`, `coordinator` and `generate --tp/--pp` share: starting local worker processes,
+//! loading a plan onto workers with a progress bar per worker, printing the plan, and the
+//! in-process backend that runs tp = pp = 1 without any worker.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tpserve_coordinator::{Backend, Cluster, ClusterError, StepReply, Timeouts};
+use tpserve_model::model::model_shape;
+use tpserve_types::plan::Plan;
+use tpserve_types::step::StepPlan;
+use tpserve_worker::Shard;
+
+use super::Loaded;
+
+/// How the model is split.
+#[derive(Args, Debug, Clone)]
+pub struct ParallelArgs {
+    /// Tensor-parallel ranks per pipeline stage (attention heads, FFN columns and the
+    /// vocabulary are split over them).
+    #[arg(long, default_value_t = 1, env = "TPSERVE_TP")]
+    pub tp: usize,
+    /// Pipeline stages (contiguous layer ranges balanced by bytes).
+    #[arg(long, default_value_t = 1, env = "TPSERVE_PP")]
+    pub pp: usize,
+    /// Deadline of every collective wait on the workers, in milliseconds: a dead or silent
+    /// peer becomes an error within it.
+    #[arg(long, default_value_t = 10_000, env = "TPSERVE_COMM_TIMEOUT_MS")]
+    pub comm_timeout_ms: u64,
+}
+
+impl ParallelArgs {
+    /// Checks tp and pp against the model: an impossible plan is refused here, with what
+    /// would work, before any worker is started.
+    pub fn plan(&self, loaded: &Loaded) -> Result<Plan> {
+        let shape = model_shape(&loaded.gguf).context("cannot read the model's shape")?;
+        Plan::new(shape, self.tp, self.pp).map_err(|e| anyhow!("--tp {} --pp {}: {e}", self.tp, self.pp))
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts { comm: Duration::from_millis(self.comm_timeout_ms.max(1)), ..Timeouts::default() }
+    }
+}
+
+/// Worker processes started by this process on loopback; killed when dropped.
+pub struct LocalWorkers {
+    pub children: Vec<Child>,
+    pub addrs: Vec<String>,
+}
+
+impl LocalWorkers {
+    /// Starts `n` `tpserve worker` processes on 127.0.0.1 with `threads` compute threads each
+    /// and waits for each to say where it listens. They exit when this process's end of
+    /// their standard input closes, so they never outlive it.
+    pub async fn spawn(n: usize, threads: usize) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the tpserve executable to start workers")?;
+        let mut children = Vec::with_capacity(n);
+        let mut addrs = Vec::with_capacity(n);
+        for rank in 0..n {
+            let mut child = Command::new(&exe)
+                .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start worker {rank} ({})", exe.display()))?;
+            let stdout = child.stdout.take().expect("stdout is piped");
+            let mut lines = BufReader::new(stdout).lines();
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .map_err(|_| anyhow!("worker {rank} did not start within 30 s"))?
+                .context("cannot read the worker's address")?
+                .ok_or_else(|| anyhow!("worker {rank} exited before it started listening"))?;
+            let addr = parse_listening(&line).ok_or_else(|| anyhow!("worker {rank} said {line:?}, not where it listens"))?;
+            tracing::info!(rank, pid = child.id(), %addr, "started worker");
+            eprintln!("worker {rank}: pid {} listening on {addr}", child.id().unwrap_or(0));
+            addrs.push(addr);
+            children.push(child);
+        }
+        Ok(Self { children, addrs })
+    }
+
+    /// Waits up to `grace` for every worker to exit, then kills what is left.
+    pub async fn stop(mut self, grace: Duration) {
+        for c in &mut self.children {
+            // Closing stdin asks --exit-with-stdin workers to stop.
+            drop(c.stdin.take());
+        }
+        for c in &mut self.children {
+            if tokio::time::timeout(grace, c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+/// The address in a worker's first line, `tpserve worker listening on ADDR ...`.
+pub fn parse_listening(line: &str) -> Option<String> {
+    let rest = line.split_once("listening on ")?.1;
+    Some(rest.split_whitespace().next()?.to_string())
+}
+
+/// Default compute threads per local worker: the cores shared out, at least one each.
+pub fn threads_per_worker(explicit: Option<usize>, world: usize) -> Result<usize> {
+    match explicit {
+        Some(0) => bail!("--threads 0: need at least one thread"),
+        Some(n) => Ok(n),
+        None => {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            Ok((cores / world.max(1)).max(1))
+        }
+    }
+}
+
+/// Connects to `addrs` and loads `plan` onto them with a progress bar per worker, then
+/// prints the plan with each rank's memory. `model_path` is the file as workers see it.
+pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts) -> Result<Cluster> {
+    let workers = futures_try_join(addrs.iter().map(|a| tpserve_coordinator::cluster::connect(a, timeouts.connect))).await?;
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}").expect("valid template");
+    let shards = plan.shards();
+    let pbs: Vec<ProgressBar> = shards
+        .iter()
+        .map(|s| {
+            let pb = bars.add(ProgressBar::new(s.bytes.max(1)));
+            pb.set_style(style.clone());
+            pb.set_prefix(format!("rank {}", s.rank));
+            pb
+        })
+        .collect();
+    let ctx = loaded.config()?.context_len;
+    let model_bytes = loaded.gguf.file_len() as u64;
+    let cluster = Cluster::load(workers, plan, ctx, model_path, model_bytes, timeouts, |rank, p| {
+        let pb = &pbs[rank];
+        pb.set_length(p.bytes_total.max(1));
+        pb.set_position(p.bytes_done);
+        pb.set_message(p.phase.clone());
+        if p.done {
+            pb.finish_with_message("ready");
+        }
+    })
+    .await;
+    for pb in &pbs {
+        pb.finish_and_clear();
+    }
+    let cluster = cluster.map_err(anyhow::Error::from)?;
+    eprint!("{}", describe(&cluster));
+    Ok(cluster)
+}
+
+/// Runs every future, waits for all of them, and fails with every error if any failed.
+async fn futures_try_join<T>(futs: impl Iterator<Item = impl std::future::Future<Output = Result<T, ClusterError>>>) -> Result<Vec<T>> {
+    let results = futures::future::join_all(futs).await;
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(ok)
+}
+
+/// The plan as loaded: one line per rank with its slices, weights and peak memory.
+pub fn describe(c: &Cluster) -> String {
+    let p = c.plan();
+    let mut s = format!("plan: tp = {}, pp = {} ({} workers)\n", p.tp, p.pp, p.world());
+    for l in &c.loaded {
+        let sh = &l.shard;
+        s += &format!(
+            "  rank {} @ {}: stage {} layers {}..{}, heads {}..{} (kv {}..{}), ffn {}..{}, vocab {}..{}{}{}; weights {:.1} MiB, peak RSS {:.1} MiB, {} thread{}\n",
+            sh.rank,
+            l.addr,
+            sh.stage,
+            sh.layers.start,
+            sh.layers.end,
+            sh.heads.start,
+            sh.heads.end,
+            sh.kv_heads.start,
+            sh.kv_heads.end,
+            sh.ffn.start,
+            sh.ffn.end,
+            sh.vocab.start,
+            sh.vocab.end,
+            if sh.first_stage { " +embed" } else { "" },
+            if sh.last_stage { " +lm_head" } else { "" },
+            sh.bytes as f64 / (1 << 20) as f64,
+            l.peak_rss_bytes as f64 / (1 << 20) as f64,
+            l.threads,
+            if l.threads == 1 { "" } else { "s" },
+        );
+    }
+    s
+}
+
+/// tp = pp = 1 in this process: the whole model as one shard, no network.
+pub struct InProcess {
+    shard: Arc<Mutex<Shard>>,
+    pool: Arc<rayon::ThreadPool>,
+    context_len: usize,
+}
+
+impl InProcess {
+    pub fn load(loaded: &Loaded, pool: Arc<rayon::ThreadPool>) -> Result<Self> {
+        let plan = Plan::new(model_shape(&loaded.gguf)?, 1, 1).map_err(|e| anyhow!("{e}"))?;
+        let shard = pool
+            .install(|| Shard::load(&loaded.gguf, &plan.shard(0), Arc::new(tpserve_comm::Local), None))
+            .context("cannot load the model weights")?;
+        // As workers do: read the weights now, not on the first request.
+        shard.model().prefault(|_, _| {});
+        let context_len = shard.model().config().context_len;
+        Ok(Self { shard: Arc::new(Mutex::new(shard)), pool, context_len })
+    }
+}
+
+impl Backend for InProcess {
+    fn context_len(&self) -> usize {
+        self.context_len
+    }
+
+    async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
+        let (shard, pool, plan) = (self.shard.clone(), self.pool.clone(), plan.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let s: &mut Shard = &mut guard;
+            pool.install(|| s.step(&plan))
+        })
+        .await
+        .map_err(|e| ClusterError::Protocol(format!("the step task failed: {e}")))?;
+        match out {
+            Ok(o) => Ok(StepReply { outputs: vec![o], request_bytes: 0, response_bytes: 0 }),
+            Err(e @ tpserve_worker::StepError::Invalid { .. }) => Err(ClusterError::Rejected(e.to_string())),
+            Err(e) => Err(ClusterError::WorkerLost(e.to_string())),
+        }
+    }
+}
+
+/// The model path to give workers: the one the user named, or "" for each worker's own
+/// cached default model.
+pub fn worker_model_path(explicit: Option<&Path>) -> Result<String> {
+    match explicit {
+        Some(p) => {
+            let abs = std::fs::canonicalize(p).with_context(|| format!("--model {}: no such file", p.display()))?;
+            Ok(abs.to_string_lossy().into_owned())
+        }
+        None => Ok(String::new()),
+    }
+}

@@ -1,0 +1,116 @@
+//! `tpserve coordinator` (drive workers that run elsewhere) and `tpserve up` (start the
+//! workers here too): plan, load with progress, then serve requests.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tokio::sync::mpsc;
+
+use super::cluster::{load_cluster, threads_per_worker, worker_model_path, LocalWorkers, ParallelArgs};
+use super::serve::serve_lines;
+use super::Loaded;
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// gRPC addresses (host:port) of the workers, in world-rank order: rank r is pipeline
+    /// stage r / tp, tensor-parallel rank r % tp.
+    #[arg(long, value_delimiter = ',', env = "TPSERVE_WORKERS", required_unless_present = "join_listen")]
+    pub workers: Vec<String>,
+    /// Instead of --workers: listen here for tp x pp workers started with `--join`; ranks
+    /// follow the order they join in.
+    #[arg(long, conflicts_with = "workers", env = "TPSERVE_JOIN_LISTEN")]
+    pub join_listen: Option<String>,
+    /// The model file's path on the workers' machines (default: the --model path, or each
+    /// worker's cached default model when --model is not given).
+    #[arg(long, env = "TPSERVE_WORKER_MODEL")]
+    pub worker_model: Option<String>,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    /// `--threads` is per worker here (default: the cores shared out among the workers).
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")
+}
+
+pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let loaded = Loaded::open(&args.model)?;
+    let plan = args.parallel.plan(&loaded)?;
+    let model_path = match &args.worker_model {
+        Some(p) => p.clone(),
+        None => worker_model_path(args.model.model.as_deref())?,
+    };
+    runtime()?.block_on(async {
+        let addrs = match &args.join_listen {
+            Some(listen) => wait_for_joins(listen, plan.world()).await?,
+            None => args.workers.clone(),
+        };
+        if addrs.len() != plan.world() {
+            bail!("--tp {} --pp {} needs {} workers, --workers names {}", plan.tp, plan.pp, plan.world(), addrs.len());
+        }
+        let mut cluster = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
+        serve_lines(&mut cluster, &loaded.tokenizer).await
+    })
+}
+
+/// Serves the join service on `listen` until `n` workers have joined; their addresses in order.
+async fn wait_for_joins(listen: &str, n: usize) -> Result<Vec<String>> {
+    let (service, mut rx) = tpserve_coordinator::join::JoinService::new(n);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--join-listen {listen}: cannot listen there"))?;
+    eprintln!("waiting for {n} workers to join at {}", listener.local_addr()?);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(tpserve_proto::CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                stop_rx.recv().await;
+            })
+            .await
+    });
+    let mut addrs = Vec::with_capacity(n);
+    while addrs.len() < n {
+        tokio::select! {
+            a = rx.recv() => match a {
+                Some(a) => { eprintln!("worker {} joined: {a}", addrs.len()); addrs.push(a) }
+                None => bail!("the join service stopped"),
+            },
+            _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for workers"),
+        }
+    }
+    // Keep answering late joiners ("the cluster already has its workers") a little longer
+    // is not needed: the server stops once all have come.
+    let _ = stop_tx.send(()).await;
+    let _ = server.await;
+    Ok(addrs)
+}
+
+pub fn run_up(args: UpArgs) -> Result<()> {
+    let loaded = Loaded::open(&args.model)?;
+    let plan = args.parallel.plan(&loaded)?;
+    let threads = threads_per_worker(args.model.threads, plan.world())?;
+    let model_path = worker_model_path(args.model.model.as_deref())?;
+    runtime()?.block_on(async {
+        let workers = LocalWorkers::spawn(plan.world(), threads).await?;
+        let result = async {
+            let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
+            let served = serve_lines(&mut cluster, &loaded.tokenizer).await;
+            cluster.shutdown().await;
+            served
+        }
+        .await;
+        workers.stop(Duration::from_secs(5)).await;
+        result
+    })
+}

@@ -1,0 +1,103 @@
+//! `tpserve worker`: a worker process that waits to be told what to load.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use tokio::sync::Notify;
+use tpserve_worker::WorkerService;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Address of the gRPC server the coordinator drives this worker through.
+    #[arg(long, default_value = "0.0.0.0:50051", env = "TPSERVE_WORKER_LISTEN")]
+    pub listen: String,
+    /// Address peers connect to for the collective (default: the --listen host, any port).
+    #[arg(long, env = "TPSERVE_COMM_LISTEN")]
+    pub comm_listen: Option<String>,
+    /// Register with the coordinator at this address instead of waiting to be named on its
+    /// command line (how containers and Kubernetes start workers).
+    #[arg(long, env = "TPSERVE_JOIN")]
+    pub join: Option<String>,
+    /// The address the coordinator reaches this worker at, sent with --join (default: the
+    /// --listen address, with this machine's hostname when it listens on all interfaces).
+    #[arg(long, env = "TPSERVE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Compute threads (default: the number of available cores).
+    #[arg(long, env = "TPSERVE_THREADS")]
+    pub threads: Option<usize>,
+    /// Exit when standard input closes (set by `tpserve up` so workers never outlive it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let pool = Arc::new(super::thread_pool(args.threads)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+    rt.block_on(serve(args, pool))
+}
+
+async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}: cannot listen there", args.listen))?;
+    let addr = listener.local_addr()?;
+    let comm_listen = args.comm_listen.clone().unwrap_or_else(|| SocketAddr::new(addr.ip(), 0).to_string());
+    let comm = std::net::TcpListener::bind(&comm_listen).with_context(|| format!("--comm-listen {comm_listen}: cannot listen there"))?;
+    let shutdown = Arc::new(Notify::new());
+    let service = WorkerService::new(pool, comm, shutdown.clone());
+    let comm_addr = service.comm_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tpserve worker listening on {addr} (collective on {comm_addr})")?;
+        out.flush()?;
+    }
+    if let Some(coordinator) = args.join.clone() {
+        let advertise = match &args.advertise {
+            Some(a) => a.clone(),
+            None if addr.ip().is_unspecified() => format!("{}:{}", hostname(), addr.port()),
+            None => addr.to_string(),
+        };
+        tokio::spawn(async move {
+            match tpserve_worker::join(&coordinator, &advertise, Duration::from_secs(600)).await {
+                Ok(()) => tracing::info!(%coordinator, %advertise, "joined the coordinator"),
+                Err(e) => eprintln!("error: {e}"),
+            }
+        });
+    }
+    let exit_with_stdin = args.exit_with_stdin;
+    let stop = async move {
+        let stdin_closed = async {
+            if exit_with_stdin {
+                let mut buf = [0u8; 64];
+                use tokio::io::AsyncReadExt;
+                let mut stdin = tokio::io::stdin();
+                while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate() => {}
+            _ = stdin_closed => {}
+        }
+    };
+    tpserve_worker::serve(listener, service, shutdown, stop).await.map_err(|e| anyhow!("the worker's server failed: {e}"))?;
+    Ok(())
+}
+
+/// Completes on SIGTERM (how containers are stopped).
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}

@@ -1,0 +1,403 @@
+//! End-to-end tests of distributed execution: real `tpserve up`, `coordinator` and `worker`
+//! processes on loopback, tiny random-weight models written by the tests and the real
+//! default model. Every process is bounded by a deadline and killed on drop, so a hang fails
+//! a test instead of blocking the suite (deadlines guard; they never assert speed).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tpserve_model::testing::{tiny_gguf, TinySpec};
+
+/// Longest wait for any one answer or process exit.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
+    for v in ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "RUST_LOG", "TPSERVE_WORKERS", "TPSERVE_JOIN"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// A running process whose stdout lines and stderr lines arrive on channels.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Receiver<String>,
+    err: Receiver<String>,
+    /// Every stderr line so far, for failure messages.
+    log: Arc<Mutex<String>>,
+    /// Worker pids it reported (`worker N: pid P ...`), killed on drop too.
+    pids: Vec<u32>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tpserve");
+        let stdin = child.stdin.take();
+        let log = Arc::new(Mutex::new(String::new()));
+        let lines = |r: Box<dyn std::io::Read + Send>, log: Option<Arc<Mutex<String>>>| {
+            let (tx, rx) = channel();
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines().map_while(Result::ok) {
+                    if let Some(log) = &log {
+                        let mut g = log.lock().unwrap();
+                        g.push_str(&l);
+                        g.push('\n');
+                    }
+                    let _ = tx.send(l);
+                }
+            });
+            rx
+        };
+        let out = lines(Box::new(child.stdout.take().unwrap()), None);
+        let err = lines(Box::new(child.stderr.take().unwrap()), Some(log.clone()));
+        Proc { child, stdin, out, err, log, pids: Vec::new() }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a stderr line containing `needle`, remembering worker pids on the way.
+    fn wait_stderr(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            match self.err.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(pid) = l.strip_prefix("worker ").and_then(|r| r.split_once(": pid ")).and_then(|(_, p)| p.split_whitespace().next()?.parse().ok()) {
+                        self.pids.push(pid);
+                    }
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {needle:?} within {DEADLINE:?}; stderr:\n{}", self.log()),
+            }
+        }
+    }
+
+    /// Sends one request line and waits for its answer line.
+    fn ask(&mut self, req: &Value) -> Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{req}").and_then(|()| stdin.flush()).expect("write request");
+        self.answer(DEADLINE)
+    }
+
+    fn answer(&mut self, within: Duration) -> Value {
+        match self.out.recv_timeout(within) {
+            Ok(l) => serde_json::from_str(&l).unwrap_or_else(|e| panic!("answer {l:?} is not JSON: {e}")),
+            Err(_) => panic!("no answer within {within:?}; stderr:\n{}", self.log()),
+        }
+    }
+
+    /// Closes stdin and waits for the exit status.
+    fn finish(mut self) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s.code(), self.log());
+            }
+            assert!(start.elapsed() < DEADLINE, "tpserve did not exit after its stdin closed; stderr:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for &pid in &self.pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+}
+
+/// `tpserve up --tp tp --pp pp --threads 1 --model model`, waited on until it serves.
+fn up(model: &Path, tp: usize, pp: usize, extra: &[&str]) -> Proc {
+    let mut cmd = bin();
+    cmd.args(["up", "--tp", &tp.to_string(), "--pp", &pp.to_string(), "--threads", "1", "--model"]).arg(model).args(extra);
+    let mut p = Proc::spawn(cmd);
+    p.wait_stderr("ready:");
+    p
+}
+
+fn tiny(dir: &TempDir, name: &str, spec: &TinySpec) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, tiny_gguf(spec)).unwrap();
+    p
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v["output_ids"].as_array().unwrap_or_else(|| panic!("no output_ids in {v}")).iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// Answers of `reqs` from a cluster of `tp` x `pp` workers.
+fn answers(model: &Path, tp: usize, pp: usize, reqs: &[Value]) -> Vec<Vec<u64>> {
+    let mut p = up(model, tp, pp, &[]);
+    let out = reqs.iter().map(|r| ids(&p.ask(r))).collect();
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "tpserve up failed:\n{log}");
+    out
+}
+
+fn check_every_split_matches_tp1(model: &Path, reqs: &[Value], splits: &[(usize, usize)]) {
+    let want = answers(model, 1, 1, reqs);
+    for w in &want {
+        assert!(w.len() >= 32, "each request should produce at least 32 tokens, got {}", w.len());
+    }
+    for &(tp, pp) in splits {
+        let got = answers(model, tp, pp, reqs);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "request {i} ({}) at tp = {tp}, pp = {pp} differs from tp = 1", reqs[i]);
+        }
+    }
+}
+
+/// Greedy requests, and hot seeded sampling that turns any difference in the logits into
+/// different tokens (the tiny models' greedy output just repeats the last prompt token).
+fn tiny_requests() -> Vec<Value> {
+    let mut reqs = Vec::new();
+    for prompt in ["a b c", "hello world", "x"] {
+        reqs.push(json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": true}));
+        reqs.push(json!({"prompt": prompt, "max_tokens": 32, "temperature": 30, "seed": 7, "ignore_eos": true}));
+    }
+    reqs.push(json!({"prompt": "a b", "max_tokens": 32, "temperature": 30, "top_k": 20, "top_p": 0.9, "seed": 11, "ignore_eos": true}));
+    reqs
+}
+
+#[test]
+fn tiny_gemma_gives_tp1_tokens_at_tp2_tp4_pp2_and_tp2_by_pp2() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    check_every_split_matches_tp1(&m, &tiny_requests(), &[(2, 1), (4, 1), (1, 2), (2, 2)]);
+}
+
+#[test]
+fn tiny_llama_with_split_kv_heads_gives_tp1_tokens_at_tp2_tp4_and_pp2() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "llama.gguf", &TinySpec::llama_shardable());
+    check_every_split_matches_tp1(&m, &tiny_requests(), &[(2, 1), (4, 1), (1, 3), (2, 2)]);
+}
+
+#[test]
+fn generate_through_workers_prints_the_same_json_fields_and_tokens_as_in_process() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let run = |extra: &[&str]| -> Value {
+        let out = bin()
+            .args(["generate", "--prompt", "a b c", "--max-tokens", "40", "--temperature", "30", "--seed", "5", "--top-k", "0", "--top-p", "1", "--ignore-eos", "--json", "--threads", "1", "--model"])
+            .arg(&m)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let local = run(&[]);
+    let dist = run(&["--tp", "2", "--pp", "2"]);
+    for key in ["prompt_ids", "output_ids", "text", "finish_reason"] {
+        assert_eq!(local[key], dist[key], "{key} differs");
+    }
+    assert_eq!(ids(&dist).len(), 40);
+    // The distributed run reports its four ranks' time and the control-plane bytes.
+    let steps = &dist["steps"];
+    assert_eq!(steps["ranks"].as_array().unwrap().len(), 4, "{steps}");
+    assert!(steps["request_bytes"].as_u64().unwrap() > 0 && steps["response_bytes"].as_u64().unwrap() > 0, "{steps}");
+    assert!(dist["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn impossible_plans_are_refused_at_start_up_saying_what_would_work() {
+    let dir = TempDir::new().unwrap();
+    let shardable = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    // 64-wide heads: at tp = 2 each rank's 128 attention-output columns split a 256-column k-quant block.
+    let narrow = tiny(&dir, "narrow.gguf", &TinySpec::gemma3());
+    let cases: [(&Path, &[&str], &[&str]); 4] = [
+        (&shardable, &["--tp", "3"], &["4 attention heads cannot be split over tp = 3", "tp can be one of 1, 2, 4"]),
+        (&shardable, &["--pp", "7"], &["7 pipeline stages for 6 layers", "at most 6"]),
+        (&narrow, &["--tp", "2"], &["would split a quant block", "tp can be one of 1"]),
+        (&shardable, &["--tp", "0"], &["tp must be at least 1"]),
+    ];
+    for (model, flags, needles) in cases {
+        for cmd in ["generate", "up"] {
+            let mut c = bin();
+            c.arg(cmd).args(flags).arg("--model").arg(model);
+            if cmd == "generate" {
+                c.args(["--prompt", "a"]);
+            }
+            let start = Instant::now();
+            let out = c.stdin(Stdio::null()).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {flags:?}: {err}");
+            for n in needles {
+                assert!(err.contains(n), "{cmd} {flags:?}: {err:?} lacks {n:?}");
+            }
+            assert!(!err.contains("worker 0: pid"), "{cmd} {flags:?} started workers before refusing: {err}");
+            assert!(start.elapsed() < DEADLINE);
+        }
+    }
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_fails_the_request_clearly_and_the_coordinator_stays_up() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut p = up(&m, 2, 1, &["--comm-timeout-ms", "3000"]);
+    let ok = p.ask(&json!({"prompt": "a b", "max_tokens": 4, "temperature": 0}));
+    assert_eq!(ids(&ok).len(), 4, "{ok}");
+    assert_eq!(p.pids.len(), 2, "{}", p.log());
+    let (victim, survivor) = (p.pids[1], p.pids[0]);
+    assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
+    let t = Instant::now();
+    let failed = p.ask(&json!({"prompt": "a b c", "max_tokens": 400, "temperature": 30, "seed": 1, "ignore_eos": true}));
+    let took = t.elapsed();
+    let msg = failed["error"]["message"].as_str().unwrap_or_else(|| panic!("expected an error, got {failed}"));
+    assert!(msg.contains("worker rank 1") && msg.contains("restart"), "{msg}");
+    assert!(took < Duration::from_secs(10), "the error took {took:?}");
+    // The coordinator is still there and answers the next request at once, with the same error.
+    let again = p.ask(&json!({"prompt": "a", "max_tokens": 2}));
+    assert!(again["error"]["message"].as_str().unwrap().contains("worker rank 1"), "{again}");
+    assert_eq!(again["error"]["type"], "cluster_error");
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+    let start = Instant::now();
+    while pid_alive(survivor) {
+        assert!(start.elapsed() < Duration::from_secs(15), "the surviving worker {survivor} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_request_lines_get_error_lines_and_the_next_request_is_served() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut p = up(&m, 2, 1, &[]);
+    let stdin = p.stdin.as_mut().unwrap();
+    writeln!(stdin, "not json").unwrap();
+    stdin.flush().unwrap();
+    let e = p.answer(DEADLINE);
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    for (bad, needle) in [
+        (json!({"prompt": "", "max_tokens": 3}), "prompt is empty"),
+        (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": "a", "temperature": -1}), "temperature"),
+        (json!({"prompt": "a", "top_p": 0}), "top_p"),
+        (json!({"prompt": "a", "bogus": 1}), "bogus"),
+        (json!({"prompt": "a ".repeat(600), "max_tokens": 3}), "context"),
+    ] {
+        let e = p.ask(&bad);
+        let msg = e["error"]["message"].as_str().unwrap_or_else(|| panic!("{bad} gave {e}"));
+        assert!(msg.contains(needle), "{bad}: {msg}");
+    }
+    let ok = p.ask(&json!({"prompt": "a b", "max_tokens": 5, "temperature": 0, "ignore_eos": true}));
+    assert_eq!(ids(&ok).len(), 5, "{ok}");
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Starts a `tpserve worker` on a free loopback port; returns it and its address.
+fn worker(extra: &[&str]) -> (Proc, String) {
+    let mut c = bin();
+    c.args(["worker", "--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
+    let w = Proc::spawn(c);
+    let line = w.out.recv_timeout(DEADLINE).expect("the worker says where it listens");
+    let addr = line.split_once("listening on ").unwrap().1.split_whitespace().next().unwrap().to_string();
+    (w, addr)
+}
+
+#[test]
+fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let req = json!({"prompt": "a b c", "max_tokens": 32, "temperature": 30, "seed": 2, "ignore_eos": true});
+    let want = answers(&m, 1, 1, std::slice::from_ref(&req)).pop().unwrap();
+
+    let (_w0, a0) = worker(&[]);
+    let (_w1, a1) = worker(&[]);
+    let mut c = bin();
+    c.args(["coordinator", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
+    let mut coord = Proc::spawn(c);
+    let plan = coord.wait_stderr("plan: tp = 2");
+    assert!(plan.contains("2 workers"), "{plan}");
+    let rank1 = coord.wait_stderr("rank 1 @");
+    assert!(rank1.contains("vocab") && rank1.contains("peak RSS"), "{rank1}");
+    coord.wait_stderr("ready:");
+    assert_eq!(ids(&coord.ask(&req)), want);
+    let (code, log) = coord.finish();
+    assert_eq!(code, Some(0), "{log}");
+
+    // The same through --join: the coordinator listens, the workers register themselves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let join_addr = format!("127.0.0.1:{port}");
+    let mut c = bin();
+    c.args(["coordinator", "--tp", "2", "--join-listen", &join_addr, "--model"]).arg(&m);
+    let mut coord = Proc::spawn(c);
+    coord.wait_stderr("waiting for 2 workers");
+    let (_j0, _) = worker(&["--join", &join_addr]);
+    let (_j1, _) = worker(&["--join", &join_addr]);
+    coord.wait_stderr("ready:");
+    assert_eq!(ids(&coord.ask(&req)), want);
+    let (code, log) = coord.finish();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+// ---- the default model ----
+
+/// The default model, fetched on first use; None with TPSERVE_SKIP_MODEL=1.
+fn default_model() -> Option<PathBuf> {
+    if std::env::var("TPSERVE_SKIP_MODEL").as_deref() == Ok("1") {
+        eprintln!("skipping: TPSERVE_SKIP_MODEL=1");
+        return None;
+    }
+    static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    Some(MODEL.get_or_init(|| tpserve_model::fetch::fetch_default(false).expect("fetch the default model")).clone())
+}
+
+fn shared_prompts(n: usize) -> Vec<String> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/reference/greedy.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    text.lines().filter(|l| !l.trim().is_empty()).take(n).map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_default_model_gives_tp1_greedy_and_seeded_tokens_at_tp2_tp4_pp2_and_tp2_by_pp2() {
+    let Some(m) = default_model() else { return };
+    let mut reqs: Vec<Value> = shared_prompts(3).into_iter().map(|p| json!({"prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": true})).collect();
+    reqs.push(json!({"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 42, "ignore_eos": true}));
+    reqs.push(json!({"prompt": "Once upon a time", "max_tokens": 32, "temperature": 1.0, "seed": 43, "ignore_eos": true}));
+    check_every_split_matches_tp1(&m, &reqs, &[(2, 1), (4, 1), (1, 2), (2, 2)]);
+}
+
+#[test]
+fn a_worker_killed_mid_generation_on_the_default_model_fails_that_request_within_seconds() {
+    let Some(m) = default_model() else { return };
+    let mut p = up(&m, 2, 1, &["--comm-timeout-ms", "3000"]);
+    let stdin = p.stdin.as_mut().unwrap();
+    writeln!(stdin, "{}", json!({"prompt": "The history of Rome", "max_tokens": 3000, "temperature": 0, "ignore_eos": true})).unwrap();
+    stdin.flush().unwrap();
+    // Let it generate for a while, then kill rank 0 in the middle of it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-9", &p.pids[0].to_string()]).status().unwrap().success());
+    let t = Instant::now();
+    let e = p.answer(Duration::from_secs(30));
+    assert!(t.elapsed() < Duration::from_secs(10), "the error took {:?}", t.elapsed());
+    let msg = e["error"]["message"].as_str().unwrap_or_else(|| panic!("expected an error, got {e}"));
+    assert!(msg.contains("worker rank 0"), "{msg}");
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+}
