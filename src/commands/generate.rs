@@ -65,6 +65,11 @@ pub struct GenerateArgs {
     /// Prompt tokens per forward pass while prefilling.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Run this many copies of the request in one batch (request i samples with seed + i),
+    /// to measure batched decoding; only the first copy's text is printed, and --json adds
+    /// "batch": {"n", "output_tokens", "decode_tokens_per_s"} over all copies.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// With --tp or --pp above 1, generation runs on that many real worker processes on
     /// loopback (`--threads` each, default: the cores shared out); at 1 x 1 it runs here.
     #[command(flatten)]
@@ -84,6 +89,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.max_tokens == 0 {
         bail!("--max-tokens 0: ask for at least one token");
+    }
+    if args.batch == 0 {
+        bail!("--batch 0: must be at least 1");
     }
     if args.prefill_chunk == 0 {
         bail!("--prefill-chunk 0: must be at least 1");
@@ -129,21 +137,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
     };
-    let opts = GenOptions { token_budget: args.prefill_chunk };
+    let reqs: Vec<GenRequest> =
+        (0..args.batch as u64).map(|i| GenRequest { sampling: SamplingParams { seed: sampling.seed.wrapping_add(i), ..sampling }, ..req.clone() }).collect();
+    // Decode steps carry one token per sequence: the budget must leave room for prefill.
+    let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1) };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
     let json = args.json;
-    let (out, stats) = rt.block_on(async {
+    let (outs, stats) = rt.block_on(async {
         if plan.world() == 1 {
             let pool = Arc::new(thread_pool(args.model.threads)?);
             let mut backend = InProcess::load(&loaded, pool)?;
-            stream(&mut backend, &loaded, &req, opts, json).await
+            stream(&mut backend, &loaded, &reqs, opts, json).await
         } else {
             let threads = threads_per_worker(args.model.threads, plan.world())?;
             let workers = LocalWorkers::spawn(plan.world(), threads).await?;
             let model_path = worker_model_path(args.model.model.as_deref())?;
             let result = async {
                 let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
-                let out = stream(&mut cluster, &loaded, &req, opts, json).await;
+                let out = stream(&mut cluster, &loaded, &reqs, opts, json).await;
                 cluster.shutdown().await;
                 out
             }
@@ -152,6 +163,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             result
         }
     })?;
+    let out = &outs[0];
     let stdout = std::io::stdout();
     let mut o = stdout.lock();
     if args.json {
@@ -163,6 +175,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "timings": out.timings,
             "steps": stats,
         });
+        let mut json = json;
+        if outs.len() > 1 {
+            // Aggregate decode speed: every copy's decode tokens over the longest decode time.
+            let tokens: usize = outs.iter().map(|o| o.timings.decode_tokens).sum();
+            let ms = outs.iter().map(|o| o.timings.decode_ms).fold(0.0, f64::max);
+            json["batch"] = serde_json::json!({
+                "n": outs.len(),
+                "output_tokens": outs.iter().map(|o| o.output_ids.len()).sum::<usize>(),
+                "decode_tokens_per_s": if ms > 0.0 { tokens as f64 / (ms / 1e3) } else { 0.0 },
+            });
+        }
         writeln!(o, "{json}").context("cannot write the result to standard output")?;
     } else {
         writeln!(o).context("cannot write the generated text to standard output")?;
@@ -175,13 +198,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `req` on `backend`, streaming its text to stdout unless `json`.
-async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, req: &GenRequest, opts: GenOptions, json: bool) -> Result<(GenOutput, StepStats)> {
+/// Runs `reqs` as one batch on `backend`, streaming the first one's text to stdout unless `json`.
+async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, reqs: &[GenRequest], opts: GenOptions, json: bool) -> Result<(Vec<GenOutput>, StepStats)> {
     let stdout = std::io::stdout();
     // The failed write (e.g. the reader of a pipe went away) that stopped generation.
     let mut write_error: Option<std::io::Error> = None;
-    let (mut outs, stats) = generate_batch(backend, &loaded.tokenizer, std::slice::from_ref(req), opts, |_, piece| {
-        if !json {
+    let (outs, stats) = generate_batch(backend, &loaded.tokenizer, reqs, opts, |i, piece| {
+        if !json && i == 0 {
             let mut o = stdout.lock();
             if let Err(e) = o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
                 // Nobody is reading any more: stop generating.
@@ -195,5 +218,5 @@ async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, req: &GenRequest, 
     if let Some(e) = write_error {
         return Err(e).context("cannot write the generated text to standard output");
     }
-    Ok((outs.pop().expect("one output per request"), stats))
+    Ok((outs, stats))
 }
