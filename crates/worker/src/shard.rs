@@ -180,3 +180,72 @@ impl Shard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpserve_comm::Local;
+    use tpserve_model::model::model_shape;
+    use tpserve_model::testing::{tiny_gguf, TinySpec};
+    use tpserve_types::plan::Plan;
+    use tpserve_types::step::SeqWork;
+
+    fn shard() -> (Shard, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
+        let g = Gguf::open(f.path()).unwrap();
+        let plan = Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap();
+        (Shard::load(&g, &plan.shard(0), Arc::new(Local), None).unwrap(), f)
+    }
+
+    fn work(seq_id: SeqId, tokens: Vec<u32>, start_pos: usize) -> SeqWork {
+        SeqWork {
+            seq_id,
+            tokens,
+            start_pos,
+            logits: LogitsWanted::Last,
+            sampling: (start_pos == 0).then(SamplingParams::default),
+            sample_step: 0,
+            logprobs: 0,
+        }
+    }
+
+    fn step(s: &mut Shard, seqs: Vec<SeqWork>, free: Vec<SeqId>) -> Result<StepOutput, StepError> {
+        s.step(&StepPlan { step: 0, seqs, free })
+    }
+
+    #[test]
+    fn sequences_keep_their_state_between_steps_and_are_freed_on_request() {
+        let (mut s, _f) = shard();
+        let out = step(&mut s, vec![work(1, vec![2, 300, 301], 0), work(2, vec![2, 7], 0)], vec![]).unwrap();
+        assert_eq!(out.seqs.len(), 2);
+        assert_eq!(s.n_seqs(), 2);
+        let out = step(&mut s, vec![work(1, vec![5], 3)], vec![2]).unwrap();
+        assert_eq!(out.seqs.iter().map(|o| o.seq_id).collect::<Vec<_>>(), [1]);
+        assert_eq!(s.n_seqs(), 1);
+    }
+
+    #[test]
+    fn impossible_steps_are_refused_and_change_nothing() {
+        let (mut s, _f) = shard();
+        step(&mut s, vec![work(1, vec![2, 300], 0)], vec![]).unwrap();
+        let bad: [(Vec<SeqWork>, &str); 5] = [
+            (vec![work(1, vec![5], 7)], "holds 2 tokens"),
+            (vec![work(9, vec![5], 4)], "unknown here"),
+            (vec![work(1, vec![5], 0)], "already exists"),
+            (vec![work(3, vec![5], 0), work(3, vec![6], 0)], "appears twice"),
+            (vec![SeqWork { sampling: None, ..work(4, vec![1], 0) }], "no sampling parameters"),
+        ];
+        for (seqs, needle) in bad {
+            let e = step(&mut s, seqs, vec![]).unwrap_err();
+            assert!(matches!(e, StepError::Invalid { .. }) && e.to_string().contains(needle), "{e}");
+        }
+        // A token outside the vocabulary is refused by the model before any cache changes.
+        let e = step(&mut s, vec![work(1, vec![1 << 30], 2)], vec![]).unwrap_err();
+        assert!(matches!(e, StepError::Invalid { .. }), "{e}");
+        // Sequence 1 is still at position 2 and continues normally.
+        assert_eq!(s.n_seqs(), 1);
+        step(&mut s, vec![work(1, vec![5], 2)], vec![]).unwrap();
+        assert!(s.broken().is_none());
+    }
+}
