@@ -64,6 +64,7 @@ impl LocalWorkers {
         let mut children = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
         for rank in 0..n {
+            // Workers inherit TPSERVE_COMM_SPIN_US and the rest of the environment.
             let mut child = Command::new(&exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin"])
                 .stdin(Stdio::piped())
@@ -176,7 +177,8 @@ async fn futures_try_join<T>(futs: impl Iterator<Item = impl std::future::Future
 /// The plan as loaded: one line per rank with its slices, weights and peak memory.
 pub fn describe(c: &Cluster) -> String {
     let p = c.plan();
-    let mut s = format!("plan: tp = {}, pp = {} ({} workers)\n", p.tp, p.pp, p.world());
+    let n = p.world();
+    let mut s = format!("plan: tp = {}, pp = {} ({n} worker{})\n", p.tp, p.pp, if n == 1 { "" } else { "s" });
     for l in &c.loaded {
         let sh = &l.shard;
         s += &format!(

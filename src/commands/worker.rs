@@ -29,6 +29,10 @@ pub struct WorkerArgs {
     /// Compute threads (default: the number of available cores).
     #[arg(long, env = "TPSERVE_THREADS")]
     pub threads: Option<usize>,
+    /// Microseconds a collective receive polls for a peer's data before it sleeps in the
+    /// kernel (0: sleep at once, for machines with fewer cores than ranks' threads).
+    #[arg(long, default_value_t = 0, env = "TPSERVE_COMM_SPIN_US")]
+    pub comm_spin_us: u64,
     /// Exit when standard input closes (set by `tpserve up` so workers never outlive it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
@@ -46,7 +50,7 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
     let comm_listen = args.comm_listen.clone().unwrap_or_else(|| SocketAddr::new(addr.ip(), 0).to_string());
     let comm = std::net::TcpListener::bind(&comm_listen).with_context(|| format!("--comm-listen {comm_listen}: cannot listen there"))?;
     let shutdown = Arc::new(Notify::new());
-    let service = WorkerService::new(pool, comm, shutdown.clone());
+    let service = WorkerService::new(pool, comm, shutdown.clone(), Duration::from_micros(args.comm_spin_us));
     let comm_addr = service.comm_addr()?;
     {
         let mut out = std::io::stdout().lock();

@@ -21,6 +21,12 @@ use crate::{CommError, Collective};
 /// (`measure_direct_vs_split_all_reduce`, docs/PERFORMANCE.md).
 pub const DEFAULT_SPLIT_THRESHOLD: usize = 32 * 1024;
 
+/// How long a receive polls its socket (yielding the core between polls) before it blocks.
+/// A step's many small all-reduces each wait a few tens of microseconds for a peer; waking
+/// from a blocking read adds the scheduler's latency to every one of them, polling does not,
+/// and yielding lets a peer that shares the core run.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+
 /// Frames up to this size are written without a helper thread.
 const INLINE_SEND_BYTES: usize = 32 * 1024;
 
@@ -45,6 +51,8 @@ pub struct TcpCollective {
     peers: Arc<Vec<Option<Peer>>>,
     timeout: Duration,
     split_threshold: usize,
+    /// How long a receive polls for data before it sleeps in the kernel (see [`DEFAULT_SPIN`]).
+    spin: Duration,
 }
 
 impl TcpCollective {
@@ -102,7 +110,15 @@ impl TcpCollective {
                 None => None,
             });
         }
-        Ok(Self { rank, world, members: (0..world).collect(), peers: Arc::new(peers), timeout, split_threshold: DEFAULT_SPLIT_THRESHOLD })
+        Ok(Self {
+            rank,
+            world,
+            members: (0..world).collect(),
+            peers: Arc::new(peers),
+            timeout,
+            split_threshold: DEFAULT_SPLIT_THRESHOLD,
+            spin: DEFAULT_SPIN,
+        })
     }
 
     /// The group of world ranks `members` (in group-rank order), which must include this
@@ -123,12 +139,19 @@ impl TcpCollective {
             peers: Arc::clone(&self.peers),
             timeout: self.timeout,
             split_threshold: self.split_threshold,
+            spin: self.spin,
         })
     }
 
     /// Sets the size (bytes) from which all-reduce uses reduce-scatter + all-gather.
     pub fn with_split_threshold(mut self, bytes: usize) -> Self {
         self.split_threshold = bytes;
+        self
+    }
+
+    /// Sets how long a receive polls before it blocks (zero: block at once).
+    pub fn with_spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
         self
     }
 
@@ -162,6 +185,7 @@ impl TcpCollective {
     fn recv_from(&self, peer: usize) -> Result<Vec<f32>, CommError> {
         let p = self.peer(peer)?;
         let mut r = p.reader.lock().map_err(|_| CommError::Io { peer, message: "connection poisoned".into() })?;
+        self.poll_readable(&r);
         let mut len = [0u8; 8];
         r.read_exact(&mut len).map_err(|e| self.wait_err(peer, e))?;
         let len = u64::from_le_bytes(len);
@@ -171,6 +195,29 @@ impl TcpCollective {
         let mut bytes = vec![0u8; len as usize];
         r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Polls `s` for up to `self.spin` until it has data (or an error or end of stream to
+    /// report), so the blocking read that follows returns at once instead of waiting to be
+    /// woken. The poll is a non-blocking peek flag on each call (MSG_DONTWAIT), not a socket
+    /// mode, because this socket's writer may be sending on another thread.
+    fn poll_readable(&self, s: &TcpStream) {
+        if self.spin.is_zero() {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let fd = s.as_raw_fd();
+        let start = Instant::now();
+        let mut byte = 0u8;
+        loop {
+            // SAFETY: `fd` is an open socket owned by `s` for this call; the buffer is one
+            // valid byte; MSG_PEEK leaves the data in the socket.
+            let n = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock || start.elapsed() >= self.spin {
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Receives one frame of exactly `n` values.

@@ -45,12 +45,15 @@ struct Inner {
     shard: Mutex<Option<Shard>>,
     /// Notified by Shutdown.
     shutdown: Arc<Notify>,
+    /// How long collective receives poll before blocking.
+    comm_spin: Duration,
 }
 
 impl WorkerService {
-    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`.
-    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>) -> Self {
-        Self { inner: Arc::new(Inner { pool, comm_listener, shard: Mutex::new(None), shutdown }) }
+    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`;
+    /// its collective receives poll for `comm_spin` before blocking.
+    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, comm_spin: Duration) -> Self {
+        Self { inner: Arc::new(Inner { pool, comm_listener, shard: Mutex::new(None), shutdown, comm_spin }) }
     }
 
     pub fn comm_addr(&self) -> std::io::Result<SocketAddr> {
@@ -114,7 +117,8 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
 
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
     let world = TcpCollective::connect(rank, &inner.comm_listener, &addrs, timeout)
-        .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
+        .with_spin(inner.comm_spin);
     let stage = shard.stage;
     let tp_members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
     let pp_members: Vec<usize> = (0..pp).map(|s| s * tp + shard.tp.rank).collect();
