@@ -283,6 +283,36 @@ fn a_worker_killed_with_sigkill_fails_the_request_clearly_and_the_coordinator_st
 }
 
 #[test]
+fn ctrl_c_stops_up_and_every_worker_it_started() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut p = up(&m, 2, 2, &[]);
+    assert_eq!(p.pids.len(), 4, "{}", p.log());
+    assert_eq!(ids(&p.ask(&json!({"prompt": "a", "max_tokens": 3, "temperature": 0, "ignore_eos": true}))).len(), 3);
+    // What a terminal's Ctrl-C does: SIGINT to every process of the group.
+    let mut targets = p.pids.clone();
+    targets.push(p.child.id());
+    for pid in targets {
+        assert!(Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap().success());
+    }
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "up did not stop on SIGINT; stderr:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", p.log());
+    for &pid in &p.pids {
+        while pid_alive(pid) {
+            assert!(start.elapsed() < Duration::from_secs(20), "worker {pid} outlived up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
 fn bad_request_lines_get_error_lines_and_the_next_request_is_served() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());

@@ -89,14 +89,15 @@ impl LocalWorkers {
         Ok(Self { children, addrs })
     }
 
-    /// Waits up to `grace` for every worker to exit, then kills what is left.
+    /// Waits up to `grace` (in all) for every worker to exit, then kills what is left.
     pub async fn stop(mut self, grace: Duration) {
         for c in &mut self.children {
             // Closing stdin asks --exit-with-stdin workers to stop.
             drop(c.stdin.take());
         }
+        let deadline = tokio::time::Instant::now() + grace;
         for c in &mut self.children {
-            if tokio::time::timeout(grace, c.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
                 let _ = c.kill().await;
             }
         }

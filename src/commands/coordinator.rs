@@ -41,10 +41,6 @@ pub struct UpArgs {
     pub model: ModelArgs,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")
-}
-
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model)?;
     let plan = args.parallel.plan(&loaded)?;
@@ -52,7 +48,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => worker_model_path(args.model.model.as_deref())?,
     };
-    runtime()?.block_on(async {
+    super::block_on(async {
         let addrs = match &args.join_listen {
             Some(listen) => wait_for_joins(listen, plan.world()).await?,
             None => args.workers.clone(),
@@ -101,7 +97,7 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let plan = args.parallel.plan(&loaded)?;
     let threads = threads_per_worker(args.model.threads, plan.world())?;
     let model_path = worker_model_path(args.model.model.as_deref())?;
-    runtime()?.block_on(async {
+    super::block_on(async {
         let workers = LocalWorkers::spawn(plan.world(), threads).await?;
         let result = async {
             let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;

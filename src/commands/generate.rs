@@ -141,9 +141,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (0..args.batch as u64).map(|i| GenRequest { sampling: SamplingParams { seed: sampling.seed.wrapping_add(i), ..sampling }, ..req.clone() }).collect();
     // Decode steps carry one token per sequence: the budget must leave room for prefill.
     let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1) };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
     let json = args.json;
-    let (outs, stats) = rt.block_on(async {
+    let (outs, stats) = super::block_on(async {
         if plan.world() == 1 {
             let pool = Arc::new(thread_pool(args.model.threads)?);
             let mut backend = InProcess::load(&loaded, pool)?;

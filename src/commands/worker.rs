@@ -31,7 +31,7 @@ pub struct WorkerArgs {
     pub threads: Option<usize>,
     /// Microseconds a collective receive polls for a peer's data before it sleeps in the
     /// kernel (0: sleep at once, for machines with fewer cores than ranks' threads).
-    #[arg(long, default_value_t = 0, env = "TPSERVE_COMM_SPIN_US")]
+    #[arg(long, default_value_t = 100, env = "TPSERVE_COMM_SPIN_US")]
     pub comm_spin_us: u64,
     /// Exit when standard input closes (set by `tpserve up` so workers never outlive it).
     #[arg(long, hide = true)]
@@ -40,8 +40,7 @@ pub struct WorkerArgs {
 
 pub fn run(args: WorkerArgs) -> Result<()> {
     let pool = Arc::new(super::thread_pool(args.threads)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
-    rt.block_on(serve(args, pool))
+    super::block_on(serve(args, pool))
 }
 
 async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {

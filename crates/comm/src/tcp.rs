@@ -25,7 +25,7 @@ pub const DEFAULT_SPLIT_THRESHOLD: usize = 32 * 1024;
 /// A step's many small all-reduces each wait a few tens of microseconds for a peer; waking
 /// from a blocking read adds the scheduler's latency to every one of them, polling does not,
 /// and yielding lets a peer that shares the core run.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 
 /// Frames up to this size are written without a helper thread.
 const INLINE_SEND_BYTES: usize = 32 * 1024;

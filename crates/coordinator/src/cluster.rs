@@ -26,11 +26,13 @@ pub struct Timeouts {
     pub comm: Duration,
     /// One step on one worker, compute included.
     pub step: Duration,
+    /// Loading one shard (connecting the collective, reading the weights).
+    pub load: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(30), comm: Duration::from_secs(10), step: Duration::from_secs(300) }
+        Self { connect: Duration::from_secs(30), comm: Duration::from_secs(10), step: Duration::from_secs(300), load: Duration::from_secs(600) }
     }
 }
 
@@ -133,7 +135,7 @@ impl Cluster {
             };
             let mut client = w.client.clone();
             let progress = &progress;
-            async move {
+            let load = async move {
                 let mut stream = client.load(req).await?.into_inner();
                 while let Some(msg) = stream.message().await? {
                     progress(rank, &msg);
@@ -142,6 +144,11 @@ impl Cluster {
                     }
                 }
                 Err(Status::internal("the load stream ended before the shard was ready"))
+            };
+            async move {
+                tokio::time::timeout(timeouts.load, load)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("not loaded within {:?}", timeouts.load))))
             }
         });
         let results = futures::future::join_all(loads).await;

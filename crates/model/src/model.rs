@@ -252,8 +252,11 @@ impl Model {
     /// Every weight matrix this rank holds.
     fn matrices(&self) -> Vec<&crate::quant::QMatrix> {
         let mut m = Vec::new();
-        m.extend(self.embed.as_ref().map(|e| e.weight()));
-        m.extend(self.head.as_ref().map(|(_, h)| h.weight()));
+        let embed = self.embed.as_ref().map(|e| e.weight());
+        m.extend(embed);
+        // A tied head is the embedding's own rows: count them once.
+        let head = self.head.as_ref().map(|(_, h)| h.weight());
+        m.extend(head.filter(|h| embed.is_none_or(|e| e.as_bytes().as_ptr() != h.as_bytes().as_ptr())));
         for l in &self.layers {
             m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()]);
             m.extend(l.o.parts());
