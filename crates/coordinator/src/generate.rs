@@ -211,7 +211,19 @@ pub async fn generate_batch<B: Backend>(
         let plan = StepPlan { step: step_no, seqs, free: std::mem::take(&mut free) };
         step_no += 1;
         let ts = Instant::now();
-        let reply = backend.step(&plan).await?;
+        let reply = match backend.step(&plan).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A refused step leaves the cluster healthy: let the workers forget this
+                // batch's sequences so their ids can be used again. (A lost worker ends the
+                // cluster, and there is nobody left to tell.)
+                if matches!(e, ClusterError::Rejected(_)) {
+                    let started: Vec<SeqId> = live.iter().filter(|s| s.started).map(|s| s.id).collect();
+                    let _ = backend.step(&StepPlan { step: step_no, seqs: Vec::new(), free: started }).await;
+                }
+                return Err(e);
+            }
+        };
         stats.steps += 1;
         stats.step_ms += ts.elapsed().as_secs_f64() * 1e3;
         stats.request_bytes += reply.request_bytes;
