@@ -234,14 +234,13 @@ impl Backend for InProcess {
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
-        let (shard, pool, plan) = (self.shard.clone(), self.pool.clone(), plan.clone());
-        let out = tokio::task::spawn_blocking(move || {
+        let (shard, plan) = (self.shard.clone(), plan.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
             let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            let s: &mut Shard = &mut guard;
-            pool.install(|| s.step(&plan))
-        })
-        .await
-        .map_err(|e| ClusterError::Protocol(format!("the step task failed: {e}")))?;
+            let _ = tx.send(guard.step(&plan));
+        });
+        let out = rx.await.map_err(|_| ClusterError::Protocol("the step's compute thread panicked".into()))?;
         match out {
             Ok(o) => Ok(StepReply { outputs: vec![o], request_bytes: 0, response_bytes: 0 }),
             Err(e @ tpserve_worker::StepError::Invalid { .. }) => Err(ClusterError::Rejected(e.to_string())),

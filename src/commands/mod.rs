@@ -38,9 +38,10 @@ impl Loaded {
 
 /// Runs `fut` to completion on a fresh async runtime, then drops the runtime without
 /// waiting for blocking reads still in flight (a read of an open standard input never ends
-/// by itself, and must not keep the process alive after Ctrl-C).
+/// by itself, and must not keep the process alive after Ctrl-C). One thread: the network
+/// side of a step is a few small messages, and every extra thread hand-off is a wake-up.
 pub fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     let out = rt.block_on(fut);
     rt.shutdown_background();
     out

@@ -235,7 +235,12 @@ impl Backend for Cluster {
                 let mut c = w.client.clone();
                 let mut r = Request::new(req.clone());
                 r.set_timeout(self.timeouts.step);
-                async move { (rank, c.step(r).await.map(|r| r.into_inner())) }
+                async move {
+                    let t = std::time::Instant::now();
+                    let r = c.step(r).await.map(|r| r.into_inner());
+                    debug!(rank, rpc_us = t.elapsed().as_micros() as u64, "step rpc");
+                    (rank, r)
+                }
             })
             .collect();
         let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tpserve_proto::v1;
 
 pub use server::WorkerService;
@@ -28,10 +29,17 @@ pub async fn serve(
             _ = stop => {}
         }
     };
+    // Steps are small messages answered at once: no Nagle delay on any accepted connection
+    // (the builder's own tcp_nodelay only applies to listeners it binds itself).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    });
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(tpserve_proto::WorkerServer::new(service).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await
 }
 
