@@ -85,8 +85,8 @@ async fn wait_for_joins(listen: &str, n: usize) -> Result<Vec<String>> {
             _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for workers"),
         }
     }
-    // Keep answering late joiners ("the cluster already has its workers") a little longer
-    // is not needed: the server stops once all have come.
+    // Every rank has come: stop listening (a late joiner's retries then fail with an error
+    // that names this coordinator).
     let _ = stop_tx.send(()).await;
     let _ = server.await;
     Ok(addrs)

@@ -128,9 +128,9 @@ pub const MAX_CANDIDATES: usize = 512;
 pub struct Candidates {
     /// The best tokens as (global id, raw logit), best first (ties: lower id first).
     pub top: Vec<(TokenId, f32)>,
-    /// logsumexp of the raw logits.
+    /// logsumexp of the raw logits (NaN when not needed: greedy, no log-probabilities).
     pub lse: f32,
-    /// logsumexp of logit / temperature (equal to `lse` when greedy).
+    /// logsumexp of logit / temperature (equal to `lse` when greedy; NaN when `lse` is).
     pub lse_t: f32,
     /// The Gumbel-max winner (id, logit / T + noise), for unrestricted temperature sampling.
     pub gumbel: Option<(TokenId, f32)>,
@@ -157,13 +157,26 @@ impl SamplingParams {
 
 impl Candidates {
     /// The report for `logits` of vocabulary ids `offset..offset + logits.len()`.
+    ///
+    /// Greedy decoding without log-probabilities needs only the best token: the report then
+    /// skips the two log-sum-exps (a pass of `exp` over the whole slice each, several percent
+    /// of a decode step) and leaves `lse` and `lse_t` NaN.
     pub fn from_logits(logits: &[f32], offset: TokenId, params: &SamplingParams, step: u64, logprobs: usize) -> Self {
         let k = candidates_needed(params, logprobs);
-        let top = top_k_indices(logits, k).into_iter().map(|i| (i + offset, logits[i as usize])).collect();
-        let lse = logsumexp(logits.iter().copied());
+        let top = if k == 1 && !logits.is_empty() {
+            let i = argmax(logits);
+            vec![(i + offset, logits[i as usize])]
+        } else {
+            top_k_indices(logits, k).into_iter().map(|i| (i + offset, logits[i as usize])).collect()
+        };
         let greedy = params.is_greedy();
         let t = params.temperature;
-        let lse_t = if greedy { lse } else { logsumexp(logits.iter().map(|l| l / t)) };
+        let (lse, lse_t) = if greedy && logprobs == 0 {
+            (f32::NAN, f32::NAN)
+        } else {
+            let lse = logsumexp(logits.iter().copied());
+            (lse, if greedy { lse } else { logsumexp(logits.iter().map(|l| l / t)) })
+        };
         let gumbel = (!greedy && !params.is_restricted()).then(|| {
             let mut best = (offset, f32::NEG_INFINITY);
             for (i, &l) in logits.iter().enumerate() {
