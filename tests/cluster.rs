@@ -283,6 +283,26 @@ fn a_worker_killed_with_sigkill_fails_the_request_clearly_and_the_coordinator_st
 }
 
 #[test]
+fn a_stopped_worker_is_an_error_within_the_collective_deadline_not_a_hang() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut p = up(&m, 2, 1, &["--comm-timeout-ms", "2000"]);
+    assert_eq!(ids(&p.ask(&json!({"prompt": "a b", "max_tokens": 3, "temperature": 0, "ignore_eos": true}))).len(), 3);
+    // SIGSTOP: the process and its sockets stay, it just never answers (a partitioned peer).
+    let frozen = p.pids[1];
+    assert!(Command::new("kill").args(["-STOP", &frozen.to_string()]).status().unwrap().success());
+    let t = Instant::now();
+    let e = p.ask(&json!({"prompt": "a b c", "max_tokens": 50, "temperature": 0, "ignore_eos": true}));
+    let took = t.elapsed();
+    let _ = Command::new("kill").args(["-CONT", &frozen.to_string()]).status();
+    let msg = e["error"]["message"].as_str().unwrap_or_else(|| panic!("expected an error, got {e}"));
+    assert!(msg.contains("worker rank 1") && msg.contains("no answer"), "{msg}");
+    assert!(took < Duration::from_secs(15), "the error took {took:?} with a 2 s collective deadline");
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
 fn ctrl_c_stops_up_and_every_worker_it_started() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());

@@ -201,7 +201,7 @@ impl Cluster {
             .or_else(|| errors.first());
         let (rank, status) = culprit.expect("diagnose is called with errors");
         let what = match status.code() {
-            Code::DeadlineExceeded | Code::Cancelled => format!("did not answer within {:?}", self.timeouts.step),
+            Code::DeadlineExceeded | Code::Cancelled => format!("did not answer ({})", status.message()),
             Code::Aborted | Code::FailedPrecondition => status.message().to_string(),
             _ => format!("is unreachable ({})", status.message()),
         };
@@ -272,7 +272,8 @@ impl Backend for Cluster {
         drop(pending);
         for (rank, a) in answers.iter().enumerate() {
             if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
-                errors.push((rank, Status::deadline_exceeded("no answer after a peer failed")));
+                let waited = self.timeouts.comm + Duration::from_secs(1);
+                errors.push((rank, Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?"))));
             }
         }
         if !errors.is_empty() {
