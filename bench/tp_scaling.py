@@ -17,9 +17,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from engine_vs_llamacpp import LLAMA_SNIPPET  # noqa: E402
 
 
-def run(a, prompt, batch, extra):
+def run(a, prompt, batch, extra, n_prompt):
+    # Every copy's prompt in one prefill step, so that all copies decode from the same step on
+    # and the decode rate is not diluted by other copies' prefill.
+    chunk = max(512, batch * (n_prompt + 1))
     cmd = [a.tpserve, "generate", "--json", "--model", a.model, "--prompt", prompt, "--max-tokens", str(a.gen_tokens),
-           "--temperature", "0", "--ignore-eos", "--batch", str(batch)] + extra
+           "--temperature", "0", "--ignore-eos", "--batch", str(batch), "--prefill-chunk", str(chunk)] + extra
     out = json.loads(subprocess.check_output(cmd, stderr=subprocess.DEVNULL))
     tps = out["batch"]["decode_tokens_per_s"] if batch > 1 else out["timings"]["decode_tokens_per_s"]
     ranks = out["steps"]["ranks"]
@@ -55,7 +58,7 @@ def main():
         want = None
         for rep in range(a.reps):
             for name, extra in configs.items():
-                tps, c, b, out_ids = run(a, prompt, batch, extra)
+                tps, c, b, out_ids = run(a, prompt, batch, extra, len(ids))
                 res[name].append(tps)
                 if want is None:
                     want = out_ids
