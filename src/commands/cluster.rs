@@ -71,6 +71,9 @@ impl LocalWorkers {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true)
+                // Their own process group: a terminal's Ctrl-C reaches only this process,
+                // which then stops the workers in order (their stdin closes).
+                .process_group(0)
                 .spawn()
                 .with_context(|| format!("cannot start worker {rank} ({})", exe.display()))?;
             let stdout = child.stdout.take().expect("stdout is piped");

@@ -45,17 +45,24 @@ fn one() -> f32 {
 /// Reads request lines until standard input ends or Ctrl-C, answering each.
 pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    // One Ctrl-C future for the whole loop, so an interrupt during a request is seen too.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     eprintln!("ready: send one JSON request per line on standard input, e.g. {{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}");
     loop {
         let line = tokio::select! {
             l = lines.next_line() => l.context("cannot read standard input")?,
-            _ = tokio::signal::ctrl_c() => { eprintln!("interrupted: stopping"); return Ok(()) }
+            _ = &mut interrupted => { eprintln!("interrupted: stopping"); return Ok(()) }
         };
         let Some(line) = line else { return Ok(()) };
         if line.trim().is_empty() {
             continue;
         }
-        let answer = match answer(backend, tok, &line).await {
+        let result = tokio::select! {
+            r = answer(backend, tok, &line) => r,
+            _ = &mut interrupted => { eprintln!("interrupted during a request: stopping"); return Ok(()) }
+        };
+        let answer = match result {
             Ok(v) => v,
             Err(e) => json!({ "error": { "message": format!("{e:#}"), "type": kind(&e) } }),
         };

@@ -60,11 +60,17 @@ impl TcpCollective {
     /// address is `addrs[rank]`); lower ranks accept, higher ranks connect, and each
     /// connection opens with the connecting rank's id. Every step is bounded by `timeout`.
     pub fn connect(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
+        Self::connect_within(rank, listener, addrs, timeout, timeout)
+    }
+
+    /// [`connect`](Self::connect), waiting up to `connect_within` for every peer to come
+    /// (peers may start late), with `timeout` on every later wait.
+    pub fn connect_within(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], connect_within: Duration, timeout: Duration) -> Result<Self, CommError> {
         let world = addrs.len();
         if rank >= world {
             return Err(CommError::BadRank { rank, world });
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + connect_within;
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         // Connect to every lower rank, announcing ourselves.
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
@@ -93,7 +99,7 @@ impl TcpCollective {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         let peer = (rank + 1..world).find(|&p| streams[p].is_none()).unwrap_or(rank);
-                        return Err(CommError::Timeout { peer, timeout });
+                        return Err(CommError::Timeout { peer, timeout: connect_within });
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -149,6 +155,19 @@ impl TcpCollective {
         self
     }
 
+    /// Sets the deadline of every wait on this group's connections (only this group's
+    /// pairs: a pipeline group may wait a whole stage's compute, a tensor group only a skew).
+    pub fn with_io_timeout(mut self, timeout: Duration) -> Result<Self, CommError> {
+        for g in (0..self.world).filter(|&g| g != self.rank) {
+            let p = self.peer(g)?;
+            let set = |s: &TcpStream| s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout)));
+            let r = p.reader.lock().map_err(|_| CommError::Io { peer: self.members[g], message: "connection poisoned".into() })?;
+            set(&r).map_err(|e| io_err(self.members[g], e))?;
+        }
+        self.timeout = timeout;
+        Ok(self)
+    }
+
     /// Sets how long a receive polls before it blocks (zero: block at once).
     pub fn with_spin(mut self, spin: Duration) -> Self {
         self.spin = spin;
@@ -190,7 +209,7 @@ impl TcpCollective {
         r.read_exact(&mut len).map_err(|e| self.wait_err(peer, e))?;
         let len = u64::from_le_bytes(len);
         if len > MAX_FRAME_BYTES || len % 4 != 0 {
-            return Err(CommError::Io { peer, message: format!("corrupt frame length {len}") });
+            return Err(CommError::Io { peer: self.world_rank(peer), message: format!("corrupt frame length {len}") });
         }
         let mut bytes = vec![0u8; len as usize];
         r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
@@ -224,12 +243,18 @@ impl TcpCollective {
     fn recv_exact(&self, peer: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
         let v = self.recv_from(peer)?;
         if v.len() != n {
-            return Err(CommError::LengthMismatch { op, local: n, peer, remote: v.len() });
+            return Err(CommError::LengthMismatch { op, local: n, peer: self.world_rank(peer), remote: v.len() });
         }
         Ok(v)
     }
 
+    /// The world rank of group rank `peer`, for error messages.
+    fn world_rank(&self, peer: usize) -> usize {
+        self.members.get(peer).copied().unwrap_or(peer)
+    }
+
     fn wait_err(&self, peer: usize, e: std::io::Error) -> CommError {
+        let peer = self.world_rank(peer);
         match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => CommError::Timeout { peer, timeout: self.timeout },
             _ => io_err(peer, e),

@@ -62,7 +62,12 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, Clus
         }
     };
     let mut client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
-    let info = client.info(v1::InfoRequest {}).await.map_err(|s| ClusterError::Connect { addr: addr.into(), message: s.message().into() })?.into_inner();
+    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(2));
+    let info = tokio::time::timeout(left, client.info(v1::InfoRequest {}))
+        .await
+        .map_err(|_| ClusterError::Connect { addr: addr.into(), message: format!("it accepted the connection but did not answer within {left:?}") })?
+        .map_err(|s| ClusterError::Connect { addr: addr.into(), message: s.message().into() })?
+        .into_inner();
     if info.version != env!("CARGO_PKG_VERSION") {
         return Err(ClusterError::Connect {
             addr: addr.into(),
@@ -76,6 +81,15 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, Clus
 fn host_of(addr: &str) -> &str {
     let a = addr.rsplit_once("://").map_or(addr, |(_, rest)| rest);
     a.rsplit_once(':').map_or(a, |(h, _)| h)
+}
+
+/// Where peers reach `w`'s collective: the address it bound, unless that is every interface
+/// (0.0.0.0, ::), in which case the host the coordinator reached it at.
+fn comm_addr(w: &RemoteWorker) -> String {
+    match w.info.comm_addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if !a.ip().is_unspecified() => a.to_string(),
+        _ => format!("{}:{}", host_of(&w.addr), w.info.comm_port),
+    }
 }
 
 /// What loading reported for one rank.
@@ -122,7 +136,7 @@ impl Cluster {
                 workers.len()
             )));
         }
-        let comm_addrs: Vec<String> = workers.iter().map(|w| format!("{}:{}", host_of(&w.addr), w.info.comm_port)).collect();
+        let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
         let loads = workers.iter().enumerate().map(|(rank, w)| {
             let req = v1::LoadRequest {
                 model_path: model_path.into(),
@@ -132,6 +146,8 @@ impl Cluster {
                 rank: rank as u32,
                 comm_addrs: comm_addrs.clone(),
                 comm_timeout_ms: timeouts.comm.as_millis() as u32,
+                connect_timeout_ms: timeouts.load.as_millis() as u32,
+                stage_timeout_ms: timeouts.step.as_millis() as u32,
             };
             let mut client = w.client.clone();
             let progress = &progress;
@@ -193,12 +209,15 @@ impl Cluster {
 
     /// Names the rank whose loss explains `errors` (one per failing rank) and says what happened.
     fn diagnose(&self, errors: &[(usize, Status)]) -> String {
-        // A transport failure or timeout points at the worker that is gone; a worker that
-        // answered "aborted" only saw a peer disappear.
-        let culprit = errors
-            .iter()
-            .find(|(_, s)| !matches!(s.code(), Code::Aborted | Code::FailedPrecondition | Code::InvalidArgument))
-            .or_else(|| errors.first());
+        // A transport failure or timeout points at the worker that is gone; one that refused
+        // the step (no shard, broken) comes next; a worker that answered "aborted" only saw a
+        // peer disappear.
+        let rank_of = |s: &Status| match s.code() {
+            Code::Aborted => 2,
+            Code::FailedPrecondition | Code::InvalidArgument => 1,
+            _ => 0,
+        };
+        let culprit = errors.iter().min_by_key(|(r, s)| (rank_of(s), *r));
         let (rank, status) = culprit.expect("diagnose is called with errors");
         let what = match status.code() {
             Code::DeadlineExceeded | Code::Cancelled => format!("did not answer ({})", status.message()),
@@ -289,9 +308,16 @@ impl Backend for Cluster {
         }
         let mut outputs = Vec::with_capacity(world);
         let mut response_bytes = 0;
-        for a in answers.into_iter().flatten() {
+        for (rank, a) in answers.into_iter().enumerate() {
+            let a = a.expect("every rank answered");
             response_bytes += a.encoded_len();
-            outputs.push(StepOutput::try_from(a).map_err(|e| ClusterError::Protocol(e.to_string()))?);
+            let out = StepOutput::try_from(a).ok().filter(|o| o.rank == rank);
+            let Some(out) = out else {
+                let why = format!("worker rank {rank} ({}) sent a malformed step answer; the cluster must be restarted", self.workers[rank].addr);
+                self.failed = Some(why.clone());
+                return Err(ClusterError::Protocol(why));
+            };
+            outputs.push(out);
         }
         for o in &outputs {
             debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");

@@ -120,6 +120,8 @@ struct Live<'t> {
     done_at: Option<Instant>,
     /// Whether the workers hold state for it (it must be freed).
     started: bool,
+    /// A stop string ended the text.
+    cut: bool,
 }
 
 impl Live<'_> {
@@ -165,6 +167,7 @@ pub async fn generate_batch<B: Backend>(
             first_token: None,
             done_at: None,
             started: false,
+            cut: false,
         })
         .collect();
     let mut stats = StepStats::default();
@@ -217,7 +220,7 @@ pub async fn generate_batch<B: Backend>(
                 // A refused step leaves the cluster healthy: let the workers forget this
                 // batch's sequences so their ids can be used again. (A lost worker ends the
                 // cluster, and there is nobody left to tell.)
-                if matches!(e, ClusterError::Rejected(_)) {
+                if matches!(e, ClusterError::Rejected(_) | ClusterError::Protocol(_)) {
                     let started: Vec<SeqId> = live.iter().filter(|s| s.started).map(|s| s.id).collect();
                     let _ = backend.step(&StepPlan { step: step_no, seqs: Vec::new(), free: started }).await;
                 }
@@ -228,6 +231,9 @@ pub async fn generate_batch<B: Backend>(
         stats.step_ms += ts.elapsed().as_secs_f64() * 1e3;
         stats.request_bytes += reply.request_bytes;
         stats.response_bytes += reply.response_bytes;
+        if reply.outputs.iter().any(|o| o.rank >= reply.outputs.len()) {
+            return Err(ClusterError::Protocol("a rank answered with a rank number outside the world".into()));
+        }
         for o in &reply.outputs {
             if stats.ranks.len() <= o.rank {
                 stats.ranks.resize_with(o.rank + 1, RankTime::default);
@@ -237,7 +243,8 @@ pub async fn generate_batch<B: Backend>(
             r.compute_ms += o.compute_us as f64 / 1e3;
             r.comm_ms += o.comm_us as f64 / 1e3;
         }
-        let merged = merge_outputs(&reply.outputs, |id| candidates_needed(&reqs[id as usize].sampling, 0)).map_err(ClusterError::Protocol)?;
+        let merged = merge_outputs(&reply.outputs, |id| reqs.get(id as usize).map_or(1, |r| candidates_needed(&r.sampling, 0)))
+            .map_err(ClusterError::Protocol)?;
         let now = Instant::now();
         for m in merged {
             let s = live.get_mut(m.seq_id as usize).ok_or_else(|| ClusterError::Protocol(format!("an answer for unknown sequence {}", m.seq_id)))?;
@@ -254,6 +261,7 @@ pub async fn generate_batch<B: Backend>(
                 let cancelled = !pushed.new_text.is_empty() && on_text(i, pushed.new_text).is_break();
                 if pushed.stopped {
                     s.finish = Some(FinishReason::Stop);
+                    s.cut = true;
                 } else if cancelled {
                     s.finish = Some(FinishReason::Cancelled);
                 } else if s.out_ids.len() >= s.req.max_tokens || s.prefilled + s.out_ids.len() > ctx {
@@ -264,7 +272,9 @@ pub async fn generate_batch<B: Backend>(
             }
             if s.finish.is_some() {
                 s.done_at = Some(now);
-                if s.finish != Some(FinishReason::Cancelled) {
+                // The text is final when a stop string cut it or the reader left; otherwise
+                // flush what was held back (the bytes of an unfinished character included).
+                if s.finish != Some(FinishReason::Cancelled) && !s.cut {
                     let i = s.id as usize;
                     let (rest, stopped) = s.text.finish();
                     if !rest.is_empty() {

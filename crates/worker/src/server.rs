@@ -113,10 +113,13 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
         .iter()
         .map(|a| resolve(a).ok_or_else(|| Status::invalid_argument(format!("collective address {a:?} is not host:port"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let timeout = Duration::from_millis(if req.comm_timeout_ms == 0 { 10_000 } else { req.comm_timeout_ms as u64 });
+    let ms = |v: u32, default_s: u64| if v == 0 { Duration::from_secs(default_s) } else { Duration::from_millis(v as u64) };
+    let timeout = ms(req.comm_timeout_ms, 10);
+    let connect_within = ms(req.connect_timeout_ms, 600);
+    let stage_timeout = ms(req.stage_timeout_ms, 300);
 
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
-    let world = TcpCollective::connect(rank, &inner.comm_listener, &addrs, timeout)
+    let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, connect_within, timeout)
         .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
         .with_spin(inner.comm_spin);
     let stage = shard.stage;
@@ -124,7 +127,12 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let pp_members: Vec<usize> = (0..pp).map(|s| s * tp + shard.tp.rank).collect();
     let comm_err = |e: tpserve_comm::CommError| Status::internal(e.to_string());
     let tp_comm: Arc<dyn Collective> = Arc::new(world.subgroup(&tp_members).map_err(comm_err)?);
-    let pp_comm: Option<Arc<dyn Collective>> = if pp > 1 { Some(Arc::new(world.subgroup(&pp_members).map_err(comm_err)?)) } else { None };
+    // A later stage waits for the earlier stages' whole chunk, not just a peer's skew.
+    let pp_comm: Option<Arc<dyn Collective>> = if pp > 1 {
+        Some(Arc::new(world.subgroup(&pp_members).and_then(|g| g.with_io_timeout(stage_timeout)).map_err(comm_err)?))
+    } else {
+        None
+    };
 
     let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
     let loaded = inner
@@ -134,9 +142,9 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     loaded.model().prefault(|done, total| {
         let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
     });
-    // Every rank is loaded before any of them reports done, so a step never waits on a
-    // peer that is still reading its weights.
-    world.barrier().map_err(|e| Status::unavailable(format!("rank {rank}: a peer failed while loading: {e}")))?;
+    // No barrier here: ranks may finish reading at very different times (a cold disk), and
+    // the coordinator sends no step before every rank has reported done.
+    drop(world);
     Ok(loaded)
 }
 
@@ -154,6 +162,7 @@ impl tpserve_proto::Worker for WorkerService {
             version: env!("CARGO_PKG_VERSION").into(),
             threads: self.inner.pool.current_num_threads() as u32,
             comm_port: self.comm_addr().map(|a| a.port() as u32).unwrap_or(0),
+            comm_addr: self.comm_addr().map(|a| a.to_string()).unwrap_or_default(),
             shard,
             peak_rss_bytes: peak_rss_bytes(),
         }))
