@@ -60,12 +60,21 @@ impl TcpCollective {
     /// address is `addrs[rank]`); lower ranks accept, higher ranks connect, and each
     /// connection opens with the connecting rank's id. Every step is bounded by `timeout`.
     pub fn connect(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
-        Self::connect_within(rank, listener, addrs, timeout, timeout)
+        Self::connect_within(rank, listener, addrs, 0, timeout, timeout)
     }
 
     /// [`connect`](Self::connect), waiting up to `connect_within` for every peer to come
-    /// (peers may start late), with `timeout` on every later wait.
-    pub fn connect_within(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], connect_within: Duration, timeout: Duration) -> Result<Self, CommError> {
+    /// (peers may start late), with `timeout` on every later wait. Every hello carries
+    /// `session`; a connection with another session (left in the listener's backlog by an
+    /// earlier, failed attempt) is dropped, not mistaken for a peer.
+    pub fn connect_within(
+        rank: usize,
+        listener: &TcpListener,
+        addrs: &[SocketAddr],
+        session: u64,
+        connect_within: Duration,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
         let world = addrs.len();
         if rank >= world {
             return Err(CommError::BadRank { rank, world });
@@ -76,7 +85,10 @@ impl TcpCollective {
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
             let mut s = connect_until(addr, deadline).map_err(|e| io_err(peer, e))?;
             setup(&s, timeout).map_err(|e| io_err(peer, e))?;
-            s.write_all(&(rank as u64).to_le_bytes()).map_err(|e| io_err(peer, e))?;
+            let mut hello = [0u8; 16];
+            hello[..8].copy_from_slice(&(rank as u64).to_le_bytes());
+            hello[8..].copy_from_slice(&session.to_le_bytes());
+            s.write_all(&hello).map_err(|e| io_err(peer, e))?;
             streams[peer] = Some(s);
         }
         // Accept every higher rank.
@@ -87,9 +99,12 @@ impl TcpCollective {
                 Ok((mut s, _)) => {
                     s.set_nonblocking(false).map_err(|e| io_err(rank, e))?;
                     setup(&s, timeout).map_err(|e| io_err(rank, e))?;
-                    let mut id = [0u8; 8];
-                    s.read_exact(&mut id).map_err(|e| io_err(rank, e))?;
-                    let peer = u64::from_le_bytes(id) as usize;
+                    let mut hello = [0u8; 16];
+                    if s.read_exact(&mut hello).is_err() || hello[8..] != session.to_le_bytes() {
+                        // A leftover of an earlier attempt (or not a peer at all): ignore it.
+                        continue;
+                    }
+                    let peer = u64::from_le_bytes(hello[..8].try_into().expect("8 bytes")) as usize;
                     if peer <= rank || peer >= world || streams[peer].is_some() {
                         return Err(CommError::Io { peer, message: format!("unexpected hello from rank {peer}") });
                     }
@@ -570,6 +585,35 @@ mod tests {
         });
         let (res, _elapsed) = results[0].as_ref().unwrap();
         assert!(res.is_err(), "rank 0's all-reduce with a dead and a silent peer succeeded");
+    }
+
+    #[test]
+    fn a_leftover_connection_of_an_earlier_session_is_ignored() {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        // An earlier attempt's rank 1 said hello with session 1, then went away.
+        let mut stale = TcpStream::connect(addrs[0]).unwrap();
+        let mut hello = [0u8; 16];
+        hello[..8].copy_from_slice(&1u64.to_le_bytes());
+        hello[8..].copy_from_slice(&1u64.to_le_bytes());
+        stale.write_all(&hello).unwrap();
+        drop(stale);
+        let t = Duration::from_secs(5);
+        let sum = std::thread::scope(|s| {
+            let h = s.spawn(|| TcpCollective::connect_within(1, &l1, &addrs, 2, t, t).unwrap());
+            let c0 = TcpCollective::connect_within(0, &l0, &addrs, 2, t, t).unwrap();
+            let c1 = h.join().unwrap();
+            let h = s.spawn(move || {
+                let mut b = vec![2.0f32];
+                c1.all_reduce_sum(&mut b).unwrap();
+                b[0]
+            });
+            let mut b = vec![1.0f32];
+            c0.all_reduce_sum(&mut b).unwrap();
+            (b[0], h.join().unwrap())
+        });
+        assert_eq!(sum, (3.0, 3.0));
     }
 
     #[test]

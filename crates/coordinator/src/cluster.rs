@@ -137,6 +137,9 @@ impl Cluster {
             )));
         }
         let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
+        // Different for every load, so no rank mistakes a connection of an earlier attempt
+        // for one of this attempt's peers.
+        let session = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
         let loads = workers.iter().enumerate().map(|(rank, w)| {
             let req = v1::LoadRequest {
                 model_path: model_path.into(),
@@ -148,6 +151,7 @@ impl Cluster {
                 comm_timeout_ms: timeouts.comm.as_millis() as u32,
                 connect_timeout_ms: timeouts.load.as_millis() as u32,
                 stage_timeout_ms: timeouts.step.as_millis() as u32,
+                session,
             };
             let mut client = w.client.clone();
             let progress = &progress;
