@@ -98,17 +98,32 @@ impl Proc {
         }
     }
 
-    /// Closes stdin and waits for the exit status.
-    fn finish(mut self) -> (Option<i32>, String) {
-        drop(self.stdin.take());
+    /// Waits up to `within` for the process to exit; `why` says what should have ended it.
+    fn wait_exit(&mut self, within: Duration, why: &str) -> Option<i32> {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return (s.code(), self.log());
+                return s.code();
             }
-            assert!(start.elapsed() < DEADLINE, "tpserve did not exit after its stdin closed; stderr:\n{}", self.log());
+            assert!(start.elapsed() < within, "tpserve did not exit after {why} within {within:?}; stderr:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Closes stdin and waits for the exit status.
+    fn finish(mut self) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        let code = self.wait_exit(DEADLINE, "its stdin closed");
+        (code, self.log())
+    }
+}
+
+/// Waits up to `within` for process `pid` to be gone.
+fn wait_gone(pid: u32, within: Duration) {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        assert!(start.elapsed() < within, "process {pid} did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -275,11 +290,7 @@ fn a_worker_killed_with_sigkill_fails_the_request_clearly_and_the_coordinator_st
     assert_eq!(again["error"]["type"], "cluster_error");
     let (code, log) = p.finish();
     assert_eq!(code, Some(0), "{log}");
-    let start = Instant::now();
-    while pid_alive(survivor) {
-        assert!(start.elapsed() < Duration::from_secs(15), "the surviving worker {survivor} did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_gone(survivor, Duration::from_secs(15));
 }
 
 #[test]
@@ -315,20 +326,10 @@ fn ctrl_c_stops_up_and_every_worker_it_started() {
     for pid in targets {
         assert!(Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap().success());
     }
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "up did not stop on SIGINT; stderr:\n{}", p.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0), "{}", p.log());
+    let code = p.wait_exit(Duration::from_secs(20), "SIGINT");
+    assert_eq!(code, Some(0), "{}", p.log());
     for &pid in &p.pids {
-        while pid_alive(pid) {
-            assert!(start.elapsed() < Duration::from_secs(20), "worker {pid} outlived up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_gone(pid, Duration::from_secs(20));
     }
 }
 

@@ -184,28 +184,16 @@ pub fn describe(c: &Cluster) -> String {
     let n = p.world();
     let mut s = format!("plan: tp = {}, pp = {} ({n} worker{})\n", p.tp, p.pp, if n == 1 { "" } else { "s" });
     for l in &c.loaded {
-        let sh = &l.shard;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let plural = if l.threads == 1 { "" } else { "s" };
         s += &format!(
-            "  rank {} @ {}: stage {} layers {}..{}, heads {}..{} (kv {}..{}), ffn {}..{}, vocab {}..{}{}{}; weights {:.1} MiB, peak RSS {:.1} MiB, {} thread{}\n",
-            sh.rank,
+            "  rank {} @ {}: {}; weights {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
+            l.shard.rank,
             l.addr,
-            sh.stage,
-            sh.layers.start,
-            sh.layers.end,
-            sh.heads.start,
-            sh.heads.end,
-            sh.kv_heads.start,
-            sh.kv_heads.end,
-            sh.ffn.start,
-            sh.ffn.end,
-            sh.vocab.start,
-            sh.vocab.end,
-            if sh.first_stage { " +embed" } else { "" },
-            if sh.last_stage { " +lm_head" } else { "" },
-            sh.bytes as f64 / (1 << 20) as f64,
-            l.peak_rss_bytes as f64 / (1 << 20) as f64,
-            l.threads,
-            if l.threads == 1 { "" } else { "s" },
+            l.shard,
+            mib(l.shard.bytes),
+            mib(l.peak_rss_bytes),
+            l.threads
         );
     }
     s
@@ -219,8 +207,11 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    pub fn load(loaded: &Loaded, pool: Arc<rayon::ThreadPool>) -> Result<Self> {
-        let plan = Plan::new(model_shape(&loaded.gguf)?, 1, 1).map_err(|e| anyhow!("{e}"))?;
+    /// Loads the single rank of `plan` (tp = pp = 1).
+    pub fn load(loaded: &Loaded, plan: &Plan, pool: Arc<rayon::ThreadPool>) -> Result<Self> {
+        if plan.world() != 1 {
+            bail!("the in-process backend runs tp = pp = 1, not a world of {}", plan.world());
+        }
         let shard = pool
             .install(|| Shard::load(&loaded.gguf, &plan.shard(0), Arc::new(tpserve_comm::Local), None))
             .context("cannot load the model weights")?;

@@ -145,7 +145,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (outs, stats) = super::block_on(async {
         if plan.world() == 1 {
             let pool = Arc::new(thread_pool(args.model.threads)?);
-            let mut backend = InProcess::load(&loaded, pool)?;
+            let mut backend = InProcess::load(&loaded, &plan, pool)?;
             stream(&mut backend, &loaded, &reqs, opts, json).await
         } else {
             let threads = threads_per_worker(args.model.threads, plan.world())?;

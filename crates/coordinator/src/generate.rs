@@ -82,17 +82,6 @@ pub struct StepStats {
     pub response_bytes: usize,
 }
 
-impl StepStats {
-    /// Mean bytes on the control plane per step (both directions).
-    pub fn bytes_per_step(&self) -> f64 {
-        if self.steps == 0 {
-            0.0
-        } else {
-            (self.request_bytes + self.response_bytes) as f64 / self.steps as f64
-        }
-    }
-}
-
 /// How steps are formed.
 #[derive(Debug, Clone, Copy)]
 pub struct GenOptions {
@@ -118,13 +107,16 @@ struct Live<'t> {
     finish: Option<FinishReason>,
     first_token: Option<Instant>,
     done_at: Option<Instant>,
-    /// Whether the workers hold state for it (it must be freed).
-    started: bool,
     /// A stop string ended the text.
     cut: bool,
 }
 
 impl Live<'_> {
+    /// Whether the workers hold state for it (it must be freed): a prompt chunk was sent.
+    fn started(&self) -> bool {
+        self.prefilled > 0
+    }
+
     /// Tokens the workers hold for this sequence.
     fn pos(&self) -> usize {
         self.prefilled + self.out_ids.len().saturating_sub(usize::from(self.pending.is_some()))
@@ -166,7 +158,6 @@ pub async fn generate_batch<B: Backend>(
             finish: if req.max_tokens == 0 { Some(FinishReason::Length) } else { None },
             first_token: None,
             done_at: None,
-            started: false,
             cut: false,
         })
         .collect();
@@ -208,7 +199,6 @@ pub async fn generate_batch<B: Backend>(
                 logprobs: 0,
             });
             s.prefilled += take;
-            s.started = true;
             left -= take;
         }
         let plan = StepPlan { step: step_no, seqs, free: std::mem::take(&mut free) };
@@ -221,7 +211,7 @@ pub async fn generate_batch<B: Backend>(
                 // batch's sequences so their ids can be used again. (A lost worker ends the
                 // cluster, and there is nobody left to tell.)
                 if matches!(e, ClusterError::Rejected(_) | ClusterError::Protocol(_)) {
-                    let started: Vec<SeqId> = live.iter().filter(|s| s.started).map(|s| s.id).collect();
+                    let started: Vec<SeqId> = live.iter().filter(|s| s.started()).map(|s| s.id).collect();
                     let _ = backend.step(&StepPlan { step: step_no, seqs: Vec::new(), free: started }).await;
                 }
                 return Err(e);
@@ -289,7 +279,7 @@ pub async fn generate_batch<B: Backend>(
         }
     }
     // Let the workers forget the last sequences.
-    let leftover: Vec<SeqId> = free.into_iter().filter(|id| live[*id as usize].started).collect();
+    let leftover: Vec<SeqId> = free.into_iter().filter(|id| live[*id as usize].started()).collect();
     if !leftover.is_empty() {
         let plan = StepPlan { step: step_no, seqs: Vec::new(), free: leftover };
         backend.step(&plan).await?;

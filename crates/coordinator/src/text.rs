@@ -68,11 +68,6 @@ impl<'a> TextOut<'a> {
         (&self.text[start..], stopped)
     }
 
-    /// All the text so far (what was handed out, plus anything held back).
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
     /// Consumes the text.
     pub fn into_text(self) -> String {
         self.text

@@ -239,11 +239,6 @@ impl Model {
         &self.cfg
     }
 
-    /// What this rank holds.
-    pub fn shard(&self) -> &RankShard {
-        &self.shard
-    }
-
     /// The vocabulary ids whose logits this rank returns (empty before the last stage).
     pub fn vocab_range(&self) -> std::ops::Range<usize> {
         self.head.as_ref().map_or(0..0, |(_, h)| h.vocab_range())

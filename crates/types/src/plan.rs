@@ -283,31 +283,36 @@ fn balance(layer_bytes: &[u64], pp: usize, first_extra: u64, last_extra: u64) ->
     fits(lo).expect("the total always fits")
 }
 
+impl fmt::Display for RankShard {
+    /// What the rank holds: `stage 0 layers 0..18, tp rank 1: heads 2..4 (kv 0..1), ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stage {} layers {}..{}, tp rank {}: heads {}..{} (kv {}..{}), ffn {}..{}, vocab {}..{}{}{}",
+            self.stage,
+            self.layers.start,
+            self.layers.end,
+            self.tp.rank,
+            self.heads.start,
+            self.heads.end,
+            self.kv_heads.start,
+            self.kv_heads.end,
+            self.ffn.start,
+            self.ffn.end,
+            self.vocab.start,
+            self.vocab.end,
+            if self.first_stage { " +embed" } else { "" },
+            if self.last_stage { " +lm_head" } else { "" },
+        )
+    }
+}
+
 impl fmt::Display for Plan {
     /// One line per rank: what it holds and its weight bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "plan: tp = {}, pp = {} ({} ranks)", self.tp, self.pp, self.world())?;
         for s in self.shards() {
-            writeln!(
-                f,
-                "  rank {}: stage {} layers {}..{}, tp rank {}: heads {}..{} (kv {}..{}), ffn {}..{}, vocab {}..{}{}{}, {:.1} MiB",
-                s.rank,
-                s.stage,
-                s.layers.start,
-                s.layers.end,
-                s.tp.rank,
-                s.heads.start,
-                s.heads.end,
-                s.kv_heads.start,
-                s.kv_heads.end,
-                s.ffn.start,
-                s.ffn.end,
-                s.vocab.start,
-                s.vocab.end,
-                if s.first_stage { " +embed" } else { "" },
-                if s.last_stage { " +lm_head" } else { "" },
-                s.bytes as f64 / (1 << 20) as f64
-            )?;
+            writeln!(f, "  rank {}: {s}, {:.1} MiB", s.rank, s.bytes as f64 / (1 << 20) as f64)?;
         }
         Ok(())
     }
