@@ -1,10 +1,29 @@
 //! Causal attention over a sequence's KV cache: a tiled online-softmax ("flash") kernel
 //! that never materialises the T×T score matrix, grouped-query and sliding-window aware,
-//! plus the naive reference it is tested against.
+//! reading keys and values through a paged block table, plus the naive reference it is
+//! tested against.
 
 use rayon::prelude::*;
+use tpserve_types::kv::BlockId;
 
 use crate::simd;
+
+/// One layer's keys and values seen through a sequence's block table: position `p` is row
+/// `table[p / block_size] * block_size + p % block_size` of `k` and `v` (`[rows, kv_dim]`).
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub table: &'a [BlockId],
+    pub block_size: usize,
+}
+
+impl<'a> KvView<'a> {
+    /// Keys and values stored in position order (position p is row p).
+    pub fn contiguous(k: &'a [f32], v: &'a [f32], kv_dim: usize) -> Self {
+        Self { k, v, table: &[0], block_size: (k.len() / kv_dim.max(1)).max(1) }
+    }
+}
 
 /// Keys scored per tile: the tile's scores live on the stack.
 const TILE: usize = 64;
@@ -20,24 +39,21 @@ pub struct AttnShape {
 /// Where the queries and keys sit in the sequence.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnSpan {
-    /// Absolute position of the first query; query i is at `q_pos0 + i`.
+    /// Absolute position of the first query; query i is at `q_pos0 + i`. Keys at positions
+    /// up to the last query's are in the cache.
     pub q_pos0: usize,
-    /// Absolute position of the first key held in the cache slice; key j is at `k_pos0 + j`.
-    pub k_pos0: usize,
     /// A query at p sees key k only when p - k < window (None: every earlier key).
     pub window: Option<usize>,
 }
 
 impl AttnSpan {
-    /// The key indices (into the cache slice) that query position `p` attends to.
-    fn keys_for(&self, p: usize, n_k: usize) -> std::ops::Range<usize> {
+    /// The key positions that a query at position `p` attends to.
+    fn keys_for(&self, p: usize) -> std::ops::Range<usize> {
         let first_pos = match self.window {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
-        let lo = first_pos.saturating_sub(self.k_pos0).min(n_k);
-        let hi = (p + 1).saturating_sub(self.k_pos0).min(n_k);
-        lo..hi.max(lo)
+        first_pos..p + 1
     }
 }
 
@@ -47,14 +63,14 @@ const MAX_HEADS_PER_TASK: usize = 8;
 
 /// `out[i, h] = softmax_j(q[i, h] · k[j, g(h)]) v[j, g(h)]` over the keys query i may see.
 ///
-/// `q` and `out` are `[n_q, n_heads * head_dim]`; `k` and `v` are `[n_k, n_kv_heads * head_dim]`.
-/// The caller has already scaled `q`. Runs on the current rayon pool: with many queries
+/// `q` and `out` are `[n_q, n_heads * head_dim]`; the rows of `kv` are `n_kv_heads * head_dim`
+/// wide. The caller has already scaled `q`. Runs on the current rayon pool: with many queries
 /// (prefill) one task takes one query and all the heads of a KV group; with few (decode) one
 /// task per head keeps every thread busy.
-pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
+pub fn flash_attention(q: &[f32], kv: KvView<'_>, shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
     let kv_dim = n_kv_heads * hd;
-    let n_k = k.len() / kv_dim;
+    let (k, v) = (kv.k, kv.v);
     let group = n_heads / n_kv_heads;
     let n_q = q.len() / (n_heads * hd);
     // The AVX2 kernels read through raw pointers: these shapes are what keeps them in bounds.
@@ -63,6 +79,17 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
     assert_eq!(q.len(), out.len(), "attention output length");
     assert_eq!(k.len(), v.len(), "keys and values have different lengths");
     assert_eq!(k.len() % kv_dim, 0, "keys are not [n_k, {n_kv_heads} x {hd}]");
+    if n_q > 0 {
+        // Every block any query reads must be a block of the pool.
+        let bs = kv.block_size;
+        let rows = k.len() / kv_dim;
+        let keys = span.keys_for(span.q_pos0);
+        let last = span.q_pos0 + n_q - 1;
+        assert!(bs > 0 && last / bs < kv.table.len(), "the block table does not reach position {last}");
+        for &b in &kv.table[keys.start / bs..=last / bs] {
+            assert!((b as usize + 1) * bs <= rows, "block {b} is outside the pool of {rows} rows");
+        }
+    }
     let many_queries = n_q >= 2 * rayon::current_num_threads();
     let hs = if many_queries { (1..=group.min(MAX_HEADS_PER_TASK)).rev().find(|d| group % d == 0).unwrap_or(1) } else { 1 };
     out.par_chunks_mut(hs * hd).enumerate().for_each(|(task, o)| {
@@ -70,8 +97,8 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
         let (i, h0) = (first / n_heads, first % n_heads);
         let g = h0 / group;
         let qs = &q[first * hd..(first + hs) * hd];
-        let keys = span.keys_for(span.q_pos0 + i, n_k);
-        let args = Attend { qs, k, v, kv_dim, kv_off: g * hd, hd, hs, keys };
+        let keys = span.keys_for(span.q_pos0 + i);
+        let args = Attend { qs, k, v, table: kv.table, bs: kv.block_size, kv_dim, kv_off: g * hd, hd, hs, keys };
         #[cfg(target_arch = "x86_64")]
         if simd::use_avx2() {
             // SAFETY: the CPU has AVX2 and FMA (checked at run time).
@@ -81,17 +108,28 @@ pub fn flash_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
     });
 }
 
-/// One task's inputs: `hs` query heads (rows of `qs`) over the key rows in `keys`, all
+/// One task's inputs: `hs` query heads (rows of `qs`) over the key positions in `keys`, all
 /// reading the KV head at column `kv_off`.
 struct Attend<'a> {
     qs: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    table: &'a [BlockId],
+    bs: usize,
     kv_dim: usize,
     kv_off: usize,
     hd: usize,
     hs: usize,
     keys: std::ops::Range<usize>,
+}
+
+impl Attend<'_> {
+    /// Offset in `k` / `v` of the KV head's row at position `pos` (checked by
+    /// [`flash_attention`] to be inside the pool).
+    #[inline(always)]
+    fn row(&self, pos: usize) -> usize {
+        (self.table[pos / self.bs] as usize * self.bs + pos % self.bs) * self.kv_dim + self.kv_off
+    }
 }
 
 /// [`attend`] for AVX2+FMA: register-blocked kernels when the head dim is a multiple of 8
@@ -139,7 +177,7 @@ mod blocked {
         while j < n {
             let kb = if j + KB <= n { KB } else { 1 };
             let mut acc = [[_mm256_setzero_ps(); KB]; HS];
-            let rows: [*const f32; KB] = std::array::from_fn(|b| kp.add((start + j + b.min(kb - 1)) * a.kv_dim + a.kv_off));
+            let rows: [*const f32; KB] = std::array::from_fn(|b| kp.add(a.row(start + j + b.min(kb - 1))));
             let mut d = 0;
             while d < a.hd {
                 let kv: [__m256; KB] = std::array::from_fn(|b| if b < kb { _mm256_loadu_ps(rows[b].add(d)) } else { _mm256_setzero_ps() });
@@ -177,7 +215,7 @@ mod blocked {
                 }
             }
             for j in 0..n {
-                let row = vp.add((start + j) * a.kv_dim + a.kv_off + d);
+                let row = vp.add(a.row(start + j) + d);
                 let vv: [__m256; DC] = std::array::from_fn(|c| if c < dc { _mm256_loadu_ps(row.add(8 * c)) } else { _mm256_setzero_ps() });
                 for h in 0..hs {
                     let pj = _mm256_broadcast_ss(&p[h][j]);
@@ -220,7 +258,8 @@ mod blocked {
 /// Online softmax over one task's keys; writes the `hs` output rows into `o`.
 #[inline(always)]
 fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
-    let Attend { qs, k, v, kv_dim, kv_off, hd, hs, keys } = args;
+    let Attend { qs, k, v, hd, hs, .. } = args;
+    let keys = args.keys.clone();
     o.fill(0.0);
     let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
     let mut l = [0f32; MAX_HEADS_PER_TASK];
@@ -230,7 +269,7 @@ fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
         let end = (start + TILE).min(keys.end);
         let n = end - start;
         for j in 0..n {
-            let krow = &k[(start + j) * kv_dim + kv_off..][..hd];
+            let krow = &k[args.row(start + j)..][..hd];
             for h in 0..hs {
                 scores[h][j] = simd::dot_body::<FMA>(&qs[h * hd..(h + 1) * hd], krow);
             }
@@ -239,7 +278,7 @@ fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
             softmax_tile(&mut scores[h][..n], &mut m[h], &mut l[h], &mut o[h * hd..(h + 1) * hd]);
         }
         for j in 0..n {
-            let vrow = &v[(start + j) * kv_dim + kv_off..][..hd];
+            let vrow = &v[args.row(start + j)..][..hd];
             for h in 0..hs {
                 simd::axpy_body::<FMA>(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
             }
@@ -292,7 +331,7 @@ pub fn naive_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: 
             let qv = &q[(i * n_heads + h) * hd..][..hd];
             let scores: Vec<f64> = (0..n_k)
                 .map(|j| {
-                    let kp = span.k_pos0 + j;
+                    let kp = j;
                     let visible = kp <= p && span.window.is_none_or(|w| p - kp < w);
                     if visible {
                         (0..hd).map(|d| qv[d] as f64 * k[j * kv_dim + g * hd + d] as f64).sum()
@@ -326,7 +365,8 @@ mod tests {
         let v = r(n_k * shape.n_kv_heads * shape.head_dim);
         let mut got = vec![0f32; q.len()];
         let mut want = vec![0f32; q.len()];
-        flash_attention(&q, &k, &v, shape, span, &mut got);
+        let kv_dim = shape.n_kv_heads * shape.head_dim;
+        flash_attention(&q, KvView::contiguous(&k, &v, kv_dim), shape, span, &mut got);
         naive_attention(&q, &k, &v, shape, span, &mut want);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "element {i}: flash {a} vs naive {b} ({shape:?}, {span:?}, n_q {n_q}, n_k {n_k})");
@@ -351,7 +391,7 @@ mod tests {
             for (n_q, n_k) in [(1, 1), (1, 67), (13, 13), (29, 200), (7, 129)] {
                 for window in [None, Some(1), Some(5), Some(64), Some(65), Some(1000)] {
                     seed += 1;
-                    let span = AttnSpan { q_pos0: n_k - n_q, k_pos0: 0, window };
+                    let span = AttnSpan { q_pos0: n_k - n_q, window };
                     check(shape, n_q, n_k, span, seed);
                 }
             }
@@ -359,11 +399,32 @@ mod tests {
     }
 
     #[test]
-    fn flash_equals_naive_when_the_cache_holds_only_a_suffix_of_the_keys() {
-        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 12 };
-        // Keys 100..170 are held; queries at 160..170 with a window of 37.
-        let span = AttnSpan { q_pos0: 160, k_pos0: 100, window: Some(37) };
-        check(shape, 10, 70, span, 99);
+    fn paged_keys_in_shuffled_blocks_give_the_same_result_as_contiguous_ones() {
+        // 170 positions in blocks of 16 spread over a pool of 20 blocks in another order;
+        // queries at 160..170 with a window of 37 never read blocks 0..7, which are absent.
+        for head_dim in [12, 64] {
+            let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim };
+            let (n_q, n_k, bs) = (10, 170, 16);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+            let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
+            let q = r(n_q * 2 * head_dim);
+            let (k, v) = (r(n_k * head_dim), r(n_k * head_dim));
+            let span = AttnSpan { q_pos0: 160, window: Some(37) };
+            let mut want = vec![0f32; q.len()];
+            naive_attention(&q, &k, &v, shape, span, &mut want);
+            let table: Vec<BlockId> = (0..n_k.div_ceil(bs)).map(|b| if b < 7 { tpserve_types::kv::NO_BLOCK } else { (19 - b) as BlockId }).collect();
+            let (mut pk, mut pv) = (vec![f32::NAN; 20 * bs * head_dim], vec![f32::NAN; 20 * bs * head_dim]);
+            for p in 7 * bs..n_k {
+                let row = (table[p / bs] as usize * bs + p % bs) * head_dim;
+                pk[row..row + head_dim].copy_from_slice(&k[p * head_dim..(p + 1) * head_dim]);
+                pv[row..row + head_dim].copy_from_slice(&v[p * head_dim..(p + 1) * head_dim]);
+            }
+            let mut got = vec![0f32; q.len()];
+            flash_attention(&q, KvView { k: &pk, v: &pv, table: &table, block_size: bs }, shape, span, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "paged {a} vs naive {b}");
+            }
+        }
     }
 
     #[test]
@@ -376,25 +437,25 @@ mod tests {
         let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
         let q = r(n_q * 4 * 64);
         let (k, v) = (r(n_k * 64), r(n_k * 64));
-        let span = AttnSpan { q_pos0: n_k - n_q, k_pos0: 0, window: Some(100) };
+        let span = AttnSpan { q_pos0: n_k - n_q, window: Some(100) };
         let mut all = vec![0f32; q.len()];
         // Two threads and 23 queries: the prefill split (one task per KV group) for sure.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        pool.install(|| flash_attention(&q, &k, &v, shape, span, &mut all));
+        pool.install(|| flash_attention(&q, KvView::contiguous(&k, &v, 64), shape, span, &mut all));
         for i in 0..n_q {
             let mut one = vec![0f32; 4 * 64];
             let span1 = AttnSpan { q_pos0: span.q_pos0 + i, ..span };
             let k_end = (span1.q_pos0 + 1) * 64;
-            flash_attention(&q[i * 256..(i + 1) * 256], &k[..k_end], &v[..k_end], shape, span1, &mut one);
+            flash_attention(&q[i * 256..(i + 1) * 256], KvView::contiguous(&k[..k_end], &v[..k_end], 64), shape, span1, &mut one);
             assert_eq!(one, all[i * 256..(i + 1) * 256], "query {i}");
         }
     }
 
     #[test]
     fn a_query_sees_exactly_window_keys_including_itself() {
-        let span = AttnSpan { q_pos0: 0, k_pos0: 0, window: Some(512) };
-        assert_eq!(span.keys_for(511, 2048), 0..512);
-        assert_eq!(span.keys_for(512, 2048), 1..513);
-        assert_eq!(span.keys_for(3, 2048), 0..4);
+        let span = AttnSpan { q_pos0: 0, window: Some(512) };
+        assert_eq!(span.keys_for(511), 0..512);
+        assert_eq!(span.keys_for(512), 1..513);
+        assert_eq!(span.keys_for(3), 0..4);
     }
 }

@@ -1,65 +1,111 @@
-//! Per-sequence key/value history, kept outside the model so a forward pass can serve any
-//! mix of sequences. Sliding-window layers drop keys that no future query can see.
+//! The memory of the paged KV cache on one rank (layout: `tpserve_types::kv`). The scheduler
+//! decides which block holds which positions of which sequence; this pool only stores them.
+//! Each layer of the stage has `blocks * block_size` rows of keys and of values for its
+//! group; a position `p` of a sequence lives in row `table[p / block_size] * block_size +
+//! p % block_size`.
 
-/// One layer's keys and values for one sequence: `[held, kv_dim]` each.
-#[derive(Debug, Default, Clone)]
-pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    /// Absolute position of the first key still held.
-    pub pos0: usize,
+use tpserve_types::kv::{BlockId, KvLayout, NO_BLOCK};
+
+/// One layer's keys and values: `[blocks * block_size, kv_dim]` each.
+struct LayerPool {
+    group: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
-/// The KV cache of one sequence on this rank.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    pub layers: Vec<LayerKv>,
-    /// Tokens processed so far (the position of the next token).
-    len: usize,
+/// Keys and values of every layer of this stage, for every sequence.
+pub struct KvPool {
+    layout: KvLayout,
     kv_dim: usize,
+    layers: Vec<LayerPool>,
+    /// Next never-used block per group, for [`KvPool::grow`] (tests and one-off callers that
+    /// do not run a scheduler).
+    bump: Vec<usize>,
 }
 
-impl KvCache {
-    pub fn new(n_layers: usize, kv_dim: usize) -> Self {
-        Self { layers: vec![LayerKv::default(); n_layers], len: 0, kv_dim }
+impl KvPool {
+    /// A pool for model layers `layers` (this stage's), `kv_dim` floats per position. The
+    /// memory is zeroed lazily by the OS: pages are touched only when a block is first used.
+    pub fn new(layout: &KvLayout, layers: std::ops::Range<usize>, kv_dim: usize) -> Result<Self, String> {
+        let bs = layout.block_size;
+        let layers = layers
+            .map(|l| {
+                let group = layout.group_of(l).ok_or_else(|| format!("layer {l} is in no KV group of the layout"))?;
+                let rows = layout.groups[group].blocks * bs;
+                Ok(LayerPool { group, k: vec![0.0; rows * kv_dim], v: vec![0.0; rows * kv_dim] })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, layers })
     }
 
-    /// Tokens already in the cache.
-    pub fn len(&self) -> usize {
-        self.len
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Bytes this pool reserves (keys and values, f32).
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().map(|l| ((l.k.len() + l.v.len()) * 4) as u64).sum()
     }
 
-    /// Appends one layer's keys and values for the chunk being processed.
-    pub(crate) fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
-        let l = &mut self.layers[layer];
-        l.k.extend_from_slice(k);
-        l.v.extend_from_slice(v);
+    pub(crate) fn group(&self, il: usize) -> usize {
+        self.layers[il].group
     }
 
-    /// Marks `n` more tokens as processed and lets windowed layers forget what no future
-    /// query can see. Dropping happens when twice the window is held, so the copy is amortised.
-    pub(crate) fn advance(&mut self, n: usize, windows: &[Option<usize>]) {
-        self.len += n;
-        for (l, w) in self.layers.iter_mut().zip(windows) {
-            let Some(w) = *w else { continue };
-            let held = l.k.len() / self.kv_dim;
-            if held > w.saturating_mul(2) {
-                // The next query, at position len, needs keys from len + 1 - w on.
-                let keep_from = (self.len + 1).saturating_sub(w).max(l.pos0);
-                let drop = (keep_from - l.pos0) * self.kv_dim;
-                l.k.drain(..drop);
-                l.v.drain(..drop);
-                l.pos0 = keep_from;
-            }
+    /// Writes the keys and values of positions `pos0..` (rows of `k`, `v`) of local layer `il`.
+    pub(crate) fn write(&mut self, il: usize, table: &[BlockId], pos0: usize, k: &[f32], v: &[f32]) {
+        let (bs, d) = (self.layout.block_size, self.kv_dim);
+        let l = &mut self.layers[il];
+        for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+            let p = pos0 + i;
+            let row = (table[p / bs] as usize * bs + p % bs) * d;
+            l.k[row..row + d].copy_from_slice(kr);
+            l.v[row..row + d].copy_from_slice(vr);
         }
     }
 
-    /// Bytes held (keys and values, all layers).
-    pub fn nbytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
+    /// Local layer `il`'s keys and values as seen through `table`.
+    pub(crate) fn view<'a>(&'a self, il: usize, table: &'a [BlockId]) -> crate::attention::KvView<'a> {
+        let l = &self.layers[il];
+        crate::attention::KvView { k: &l.k, v: &l.v, table, block_size: self.layout.block_size }
+    }
+
+    /// Checks that `tables` (one per group) can hold positions `0..end` of a sequence whose
+    /// chunk starts at `pos`: every block written or read is a real block of its pool.
+    pub(crate) fn check(&self, tables: &[Vec<BlockId>], pos: usize, end: usize) -> Result<(), String> {
+        if tables.len() != self.layout.groups.len() {
+            return Err(format!("{} block tables for {} KV groups", tables.len(), self.layout.groups.len()));
+        }
+        for (gi, (g, t)) in self.layout.groups.iter().zip(tables).enumerate() {
+            if !self.layers.iter().any(|l| l.group == gi) {
+                continue;
+            }
+            let need = self.layout.blocks_for(end);
+            if t.len() < need {
+                return Err(format!("KV group {gi} has {} blocks for {end} positions (needs {need})", t.len()));
+            }
+            let first = self.layout.first_needed_block(g.window, pos);
+            if let Some(&b) = t[first..need].iter().find(|&&b| b == NO_BLOCK || b as usize >= g.blocks) {
+                let what = if b == NO_BLOCK { "no block".to_string() } else { format!("block {b}") };
+                return Err(format!("KV group {gi} has {what} where the step needs one (the pool has {} blocks)", g.blocks));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends never-used blocks to `tables` until they hold `len` positions. For callers
+    /// without a scheduler (tests, one-off runs); blocks are never given back.
+    pub fn grow(&mut self, tables: &mut Vec<Vec<BlockId>>, len: usize) -> Result<(), String> {
+        tables.resize(self.layout.groups.len(), Vec::new());
+        let need = self.layout.blocks_for(len);
+        for (gi, t) in tables.iter_mut().enumerate() {
+            while t.len() < need {
+                if self.bump[gi] >= self.layout.groups[gi].blocks {
+                    return Err(format!("KV group {gi} is out of blocks ({})", self.layout.groups[gi].blocks));
+                }
+                t.push(self.bump[gi] as BlockId);
+                self.bump[gi] += 1;
+            }
+        }
+        Ok(())
     }
 }

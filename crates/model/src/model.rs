@@ -11,10 +11,12 @@ use std::sync::Arc;
 use tpserve_comm::{CommError, Collective, Local};
 use tpserve_types::plan::{ModelShape, Plan, RankShard};
 
+use tpserve_types::kv::{BlockId, KvLayout, KvSizing};
+
 use crate::attention::{flash_attention, AttnShape, AttnSpan};
 use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
 use crate::gguf::{Gguf, GgufError};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::KvPool;
 use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
 use crate::quant::QuantError;
 
@@ -36,15 +38,22 @@ pub enum ModelError {
     Plan(String),
     #[error("a sequence with no new tokens asked for logits")]
     EmptySequence,
+    #[error("KV cache: {0}")]
+    Kv(String),
 }
 
 pub use tpserve_types::step::LogitsWanted;
 
 /// One sequence's part of a batched forward pass.
+#[derive(Debug, Clone, Copy)]
 pub struct SeqChunk<'a> {
-    /// New tokens, at positions `cache.len()..cache.len() + tokens.len()`.
+    /// New tokens, at positions `pos..pos + tokens.len()`.
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    /// Positions already in the cache (the position of `tokens[0]`).
+    pub pos: usize,
+    /// The sequence's block table per KV group, holding at least `pos + tokens.len()`
+    /// positions (see `tpserve_types::kv`).
+    pub tables: &'a [Vec<BlockId>],
     pub logits: LogitsWanted,
 }
 
@@ -81,7 +90,7 @@ pub struct Model {
     /// Query and KV heads on this rank.
     n_heads: usize,
     n_kv_heads: usize,
-    /// Per local layer: its sliding window, for the cache to forget.
+    /// Per local layer: its sliding window.
     windows: Vec<Option<usize>>,
 }
 
@@ -289,16 +298,27 @@ impl Model {
         progress(total, total);
     }
 
-    /// A new, empty KV cache for one sequence on this rank (this stage's layers).
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len(), self.n_kv_heads * self.cfg.head_dim)
+    /// Floats of keys (or values) per position on this rank.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.cfg.head_dim
     }
 
-    /// Runs every sequence's new tokens through this stage, appending to their caches, and
-    /// returns per sequence the logits it asked for: `[rows, vocab_range().len()]` on the last
-    /// stage, nothing on the others (which hand their hidden states to the next stage). Every
-    /// rank of every stage is called with the same batch.
-    pub fn forward(&self, batch: &mut [SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// The KV cache layout for this model (all its layers) sized by `sizing`.
+    pub fn kv_layout(&self, sizing: KvSizing) -> KvLayout {
+        KvLayout::new(&(0..self.cfg.n_layers).map(|il| self.cfg.window(il)).collect::<Vec<_>>(), sizing)
+    }
+
+    /// The memory for `layout`'s blocks on this rank (this stage's layers).
+    pub fn kv_pool(&self, layout: &KvLayout) -> Result<KvPool, ModelError> {
+        KvPool::new(layout, self.shard.layers.clone(), self.kv_dim()).map_err(ModelError::Kv)
+    }
+
+    /// Runs every sequence's new tokens through this stage, writing their keys and values
+    /// into `kv`, and returns per sequence the logits it asked for: `[rows,
+    /// vocab_range().len()]` on the last stage, nothing on the others (which hand their hidden
+    /// states to the next stage). Every rank of every stage is called with the same batch.
+    /// A batch that is refused (bad token, block table too short) changes nothing.
+    pub fn forward(&self, kv: &mut KvPool, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
         let (hidden, hd) = (cfg.hidden, cfg.head_dim);
         let q_dim = self.n_heads * hd;
@@ -307,7 +327,8 @@ impl Model {
 
         // Validate before touching any cache, so a bad request changes nothing.
         for s in batch.iter() {
-            let end = s.cache.len() + s.tokens.len();
+            let end = s.pos + s.tokens.len();
+            kv.check(s.tables, s.pos, end).map_err(ModelError::Kv)?;
             if end > cfg.context_len {
                 return Err(ModelError::ContextOverflow { pos: end, max: cfg.context_len });
             }
@@ -319,7 +340,7 @@ impl Model {
             }
         }
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let positions: Vec<usize> = batch.iter().flat_map(|s| s.cache.len()..s.cache.len() + s.tokens.len()).collect();
+        let positions: Vec<usize> = batch.iter().flat_map(|s| s.pos..s.pos + s.tokens.len()).collect();
         let n = tokens.len();
         if n == 0 {
             return Ok(batch.iter().map(|_| Vec::new()).collect());
@@ -368,20 +389,14 @@ impl Model {
             rope.apply(&mut k, hd, cfg.rope_style);
             crate::simd::scale(&mut q, cfg.query_scale);
 
+            let group = kv.group(il);
             let mut off = 0;
-            for s in batch.iter_mut() {
+            for s in batch.iter() {
                 let t = s.tokens.len();
-                s.cache.append(il, &k[off * kv_dim..(off + t) * kv_dim], &v[off * kv_dim..(off + t) * kv_dim]);
-                let lkv = &s.cache.layers[il];
-                let span = AttnSpan { q_pos0: s.cache.len(), k_pos0: lkv.pos0, window: self.windows[il] };
-                flash_attention(
-                    &q[off * q_dim..(off + t) * q_dim],
-                    &lkv.k,
-                    &lkv.v,
-                    shape,
-                    span,
-                    &mut attn[off * q_dim..(off + t) * q_dim],
-                );
+                let table = &s.tables[group];
+                kv.write(il, table, s.pos, &k[off * kv_dim..(off + t) * kv_dim], &v[off * kv_dim..(off + t) * kv_dim]);
+                let span = AttnSpan { q_pos0: s.pos, window: self.windows[il] };
+                flash_attention(&q[off * q_dim..(off + t) * q_dim], kv.view(il, table), shape, span, &mut attn[off * q_dim..(off + t) * q_dim]);
                 off += t;
             }
             layer.o.forward(&attn, n, &mut h, self.tp_comm.as_ref())?;
@@ -403,9 +418,6 @@ impl Model {
                 pn.forward_inplace(&mut h);
             }
             crate::simd::add_inplace(&mut x, &h);
-        }
-        for s in batch.iter_mut() {
-            s.cache.advance(s.tokens.len(), &self.windows);
         }
         let Some((final_norm, head)) = &self.head else {
             let pp = self.pp_comm.as_ref().expect("a stage without the head has a next stage");

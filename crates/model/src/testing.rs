@@ -176,3 +176,44 @@ pub fn tiny_gguf(spec: &TinySpec) -> Vec<u8> {
     }
     w.to_bytes()
 }
+
+/// Sequences run through a model without a scheduler (tests, one-off runs): each grows its
+/// block tables from a pool that never takes blocks back. Blocks of 4 positions, so that
+/// even short test prompts cross block boundaries.
+pub struct Seqs {
+    pool: crate::kv_cache::KvPool,
+    seqs: Vec<(Vec<Vec<tpserve_types::kv::BlockId>>, usize)>,
+}
+
+impl Seqs {
+    /// Room for `n` sequences of up to `max_len` positions each.
+    pub fn new(model: &crate::model::Model, n: usize, max_len: usize) -> Self {
+        let sizing = tpserve_types::kv::KvSizing { block_size: 4, tokens: n * (max_len + 4), max_seqs: n, max_chunk: max_len };
+        let pool = model.kv_pool(&model.kv_layout(sizing)).expect("a layout of the model's own layers");
+        Self { pool, seqs: vec![(Vec::new(), 0); n] }
+    }
+
+    /// Positions sequence `i` holds.
+    pub fn len(&self, i: usize) -> usize {
+        self.seqs[i].1
+    }
+
+    /// One forward pass over `(sequence, new tokens, logits wanted)`; a refused pass leaves
+    /// every sequence where it was.
+    pub fn forward(&mut self, model: &crate::model::Model, work: &[(usize, &[u32], crate::model::LogitsWanted)]) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+        for &(i, tokens, _) in work {
+            let (tables, pos) = &mut self.seqs[i];
+            let end = (*pos + tokens.len()).min(model.config().context_len);
+            self.pool.grow(tables, end).map_err(crate::model::ModelError::Kv)?;
+        }
+        let chunks: Vec<crate::model::SeqChunk<'_>> = work
+            .iter()
+            .map(|&(i, tokens, logits)| crate::model::SeqChunk { tokens, pos: self.seqs[i].1, tables: &self.seqs[i].0, logits })
+            .collect();
+        let out = model.forward(&mut self.pool, &chunks)?;
+        for &(i, tokens, _) in work {
+            self.seqs[i].1 += tokens.len();
+        }
+        Ok(out)
+    }
+}

@@ -5,7 +5,8 @@ mod common;
 
 
 use tpserve_model::gguf::Gguf;
-use tpserve_model::model::{LogitsWanted, Model, SeqChunk};
+use tpserve_model::model::{LogitsWanted, Model};
+use tpserve_model::testing::Seqs;
 use tpserve_types::sampling::{argmax, logsumexp};
 
 /// How far our log-probabilities may stray from llama.cpp's, for each of its top-5 tokens at
@@ -50,16 +51,14 @@ fn greedy_tokens_match_llama_cpp_up_to_the_first_near_tie() {
         let margins: Vec<f64> = case["top2_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
         // Our greedy tokens, and at each step how far the reference's token is below our pick.
         let (got, gaps) = pool.install(|| {
-            let mut cache = model.new_cache();
-            let mut b = [SeqChunk { tokens: &prompt, cache: &mut cache, logits: LogitsWanted::Last }];
-            let mut logits = model.forward(&mut b).unwrap().remove(0);
+            let mut seqs = Seqs::new(&model, 1, prompt.len() + want.len());
+            let mut logits = seqs.forward(&model, &[(0, &prompt, LogitsWanted::Last)]).unwrap().remove(0);
             let (mut out, mut gaps) = (Vec::new(), Vec::new());
             for w in &want {
                 let id = argmax(&logits);
                 out.push(id);
                 gaps.push(logits[id as usize] - logits[*w as usize]);
-                let mut b = [SeqChunk { tokens: &[id], cache: &mut cache, logits: LogitsWanted::Last }];
-                logits = model.forward(&mut b).unwrap().remove(0);
+                logits = seqs.forward(&model, &[(0, &[id], LogitsWanted::Last)]).unwrap().remove(0);
             }
             (out, gaps)
         });
@@ -92,9 +91,8 @@ fn top5_logprobs_match_llama_cpp_within_tolerance() {
         let mut all = prompt.clone();
         all.extend(&output[..output.len() - 1]);
         let logits = pool.install(|| {
-            let mut cache = model.new_cache();
-            let mut b = [SeqChunk { tokens: &all, cache: &mut cache, logits: LogitsWanted::All }];
-            model.forward(&mut b).unwrap().remove(0)
+            let mut seqs = Seqs::new(&model, 1, all.len());
+            seqs.forward(&model, &[(0, &all, LogitsWanted::All)]).unwrap().remove(0)
         });
         let v = model.config().vocab;
         for (i, entries) in top5.iter().enumerate() {

@@ -4,8 +4,8 @@ mod common;
 
 
 use tpserve_model::gguf::{Gguf, GgufError, GgufWriter, Value};
-use tpserve_model::model::{LogitsWanted, Model, ModelError, SeqChunk};
-use tpserve_model::testing::{tiny_gguf, TinySpec};
+use tpserve_model::model::{LogitsWanted, Model, ModelError};
+use tpserve_model::testing::{tiny_gguf, Seqs, TinySpec};
 
 fn load(bytes: &[u8]) -> Result<Model, ModelError> {
     let f = tempfile::NamedTempFile::new().unwrap();
@@ -25,11 +25,10 @@ fn prompt(n: usize) -> Vec<u32> {
 
 /// All logits of a prompt run through in chunks of `chunk` tokens.
 fn logits_in_chunks(model: &Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
-    let mut cache = model.new_cache();
+    let mut seqs = Seqs::new(model, 1, tokens.len());
     let mut all = Vec::new();
     for piece in tokens.chunks(chunk) {
-        let mut b = [SeqChunk { tokens: piece, cache: &mut cache, logits: LogitsWanted::All }];
-        all.extend(model.forward(&mut b).unwrap().remove(0));
+        all.extend(seqs.forward(model, &[(0, piece, LogitsWanted::All)]).unwrap().remove(0));
     }
     all
 }
@@ -58,12 +57,8 @@ fn a_batch_of_sequences_equals_each_sequence_alone() {
     let b: Vec<u32> = prompt(11).into_iter().rev().collect();
     let alone_a = logits_in_chunks(&model, &a, 17);
     let alone_b = logits_in_chunks(&model, &b, 11);
-    let (mut ca, mut cb) = (model.new_cache(), model.new_cache());
-    let mut batch = [
-        SeqChunk { tokens: &a, cache: &mut ca, logits: LogitsWanted::All },
-        SeqChunk { tokens: &b, cache: &mut cb, logits: LogitsWanted::Last },
-    ];
-    let out = model.forward(&mut batch).unwrap();
+    let mut seqs = Seqs::new(&model, 2, 17);
+    let out = seqs.forward(&model, &[(0, &a, LogitsWanted::All), (1, &b, LogitsWanted::Last)]).unwrap();
     assert_eq!(max_diff(&out[0], &alone_a), 0.0);
     let v = model.config().vocab;
     assert_eq!(max_diff(&out[1], &alone_b[alone_b.len() - v..]), 0.0);
@@ -86,22 +81,16 @@ fn the_sliding_window_changes_what_local_layers_see() {
 #[test]
 fn a_context_overflow_or_bad_token_is_an_error_that_leaves_the_cache_alone() {
     let model = load(&tiny_gguf(&TinySpec::llama())).unwrap();
-    let mut cache = model.new_cache();
+    let mut seqs = Seqs::new(&model, 2, 513);
     let too_long = prompt(513);
-    let mut b = [SeqChunk { tokens: &too_long, cache: &mut cache, logits: LogitsWanted::Last }];
-    assert!(matches!(model.forward(&mut b), Err(ModelError::ContextOverflow { pos: 513, max: 512 })));
+    let e = seqs.forward(&model, &[(0, &too_long, LogitsWanted::Last)]);
+    assert!(matches!(e, Err(ModelError::ContextOverflow { pos: 513, max: 512 }) | Err(ModelError::Kv(_))), "{e:?}");
     let bad = [5u32, 100_000];
-    let mut b = [SeqChunk { tokens: &bad, cache: &mut cache, logits: LogitsWanted::Last }];
-    assert!(matches!(model.forward(&mut b), Err(ModelError::BadToken { id: 100_000, .. })));
-    assert_eq!(cache.len(), 0);
+    assert!(matches!(seqs.forward(&model, &[(0, &bad, LogitsWanted::Last)]), Err(ModelError::BadToken { id: 100_000, .. })));
+    assert_eq!(seqs.len(0), 0);
     // A sequence with nothing new cannot have logits (it would read a neighbour's).
-    let mut other = model.new_cache();
-    let mut b = [
-        SeqChunk { tokens: &[], cache: &mut cache, logits: LogitsWanted::Last },
-        SeqChunk { tokens: &[5], cache: &mut other, logits: LogitsWanted::Last },
-    ];
-    assert!(matches!(model.forward(&mut b), Err(ModelError::EmptySequence)));
-    assert_eq!(other.len(), 0);
+    assert!(matches!(seqs.forward(&model, &[(0, &[], LogitsWanted::Last), (1, &[5], LogitsWanted::Last)]), Err(ModelError::EmptySequence)));
+    assert_eq!(seqs.len(1), 0);
 }
 
 fn err_of(bytes: &[u8]) -> String {

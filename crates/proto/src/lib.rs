@@ -3,8 +3,9 @@
 //! the two servers (worker, coordinator) see wire types; conversions from the wire check
 //! every value and say which field was wrong.
 
+use tpserve_types::kv::{KvGroup, KvLayout};
 use tpserve_types::plan::{RankShard, TpRank};
-use tpserve_types::sampling::Candidates;
+use tpserve_types::sampling::{Candidates, Penalties};
 use tpserve_types::step::{LogitsWanted, SeqOutput, SeqWork, StepOutput, StepPlan};
 use tpserve_types::SamplingParams;
 
@@ -56,6 +57,11 @@ impl From<&SeqWork> for v1::SeqWork {
             sampling: s.sampling.map(|p| v1::Sampling { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed }),
             sample_step: s.sample_step,
             logprobs: s.logprobs as u32,
+            blocks: s.blocks.iter().map(|b| v1::BlockList { ids: b.clone() }).collect(),
+            prompt_len: s.prompt_len as u32,
+            presence_penalty: s.penalties.presence,
+            frequency_penalty: s.penalties.frequency,
+            targets: s.targets.clone(),
         }
     }
 }
@@ -85,6 +91,13 @@ impl TryFrom<v1::SeqWork> for SeqWork {
             }
             None => None,
         };
+        let penalties = Penalties { presence: s.presence_penalty, frequency: s.frequency_penalty };
+        if !(penalties.presence.is_finite() && penalties.frequency.is_finite()) {
+            return Err(wire("SeqWork.presence_penalty", "penalties must be finite numbers"));
+        }
+        if !s.targets.is_empty() && (logits != LogitsWanted::All || s.targets.len() != s.tokens.len()) {
+            return Err(wire("SeqWork.targets", format!("{} targets for {} tokens", s.targets.len(), s.tokens.len())));
+        }
         Ok(SeqWork {
             seq_id: s.seq_id,
             tokens: s.tokens,
@@ -93,6 +106,10 @@ impl TryFrom<v1::SeqWork> for SeqWork {
             sampling,
             sample_step: s.sample_step,
             logprobs: s.logprobs as usize,
+            blocks: s.blocks.into_iter().map(|b| b.ids).collect(),
+            prompt_len: s.prompt_len as usize,
+            penalties,
+            targets: s.targets,
         })
     }
 }
@@ -106,6 +123,8 @@ impl From<&Candidates> for v1::Candidates {
             lse_t: c.lse_t,
             gumbel_id: c.gumbel.map(|g| g.0),
             gumbel_value: c.gumbel.map_or(0.0, |g| g.1),
+            target_id: c.target.map(|t| t.0),
+            target_logit: c.target.map_or(0.0, |t| t.1),
         }
     }
 }
@@ -121,6 +140,7 @@ impl TryFrom<v1::Candidates> for Candidates {
             lse: c.lse,
             lse_t: c.lse_t,
             gumbel: c.gumbel_id.map(|id| (id, c.gumbel_value)),
+            target: c.target_id.map(|id| (id, c.target_logit)),
         })
     }
 }
@@ -195,6 +215,41 @@ impl v1::Shard {
     }
 }
 
+impl From<&KvLayout> for v1::KvLayout {
+    fn from(k: &KvLayout) -> Self {
+        v1::KvLayout {
+            block_size: k.block_size as u32,
+            groups: k
+                .groups
+                .iter()
+                .map(|g| v1::KvGroup { window: g.window.map(|w| w as u32), layers: g.layers.iter().map(|&l| l as u32).collect(), blocks: g.blocks as u32 })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::KvLayout> for KvLayout {
+    type Error = WireError;
+    fn try_from(k: v1::KvLayout) -> Result<Self, WireError> {
+        if k.block_size == 0 {
+            return Err(wire("KvLayout.block_size", "must be at least 1"));
+        }
+        let groups: Vec<KvGroup> = k
+            .groups
+            .into_iter()
+            .map(|g| KvGroup { window: g.window.map(|w| w as usize), layers: g.layers.into_iter().map(|l| l as usize).collect(), blocks: g.blocks as usize })
+            .collect();
+        let mut layers: Vec<usize> = groups.iter().flat_map(|g| g.layers.iter().copied()).collect();
+        let n = layers.len();
+        layers.sort_unstable();
+        layers.dedup();
+        if layers.len() != n {
+            return Err(wire("KvLayout.groups", "a layer is in two groups"));
+        }
+        Ok(KvLayout { block_size: k.block_size as usize, groups })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,15 +259,27 @@ mod tests {
         let plan = StepPlan {
             step: 9,
             seqs: vec![
-                SeqWork { seq_id: 1, tokens: vec![2, 5, 7], start_pos: 0, logits: LogitsWanted::Last, sampling: Some(SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 }), sample_step: 0, logprobs: 2 },
-                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, sampling: None, sample_step: 5, logprobs: 0 },
+                SeqWork {
+                    seq_id: 1,
+                    tokens: vec![2, 5, 7],
+                    start_pos: 0,
+                    logits: LogitsWanted::Last,
+                    sampling: Some(SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 }),
+                    sample_step: 0,
+                    logprobs: 2,
+                    blocks: vec![vec![3, 4], vec![tpserve_types::kv::NO_BLOCK, 9]],
+                    prompt_len: 3,
+                    penalties: Penalties { presence: 0.5, frequency: -0.25 },
+                    targets: vec![],
+                },
+                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, sampling: None, sample_step: 5, logprobs: 0, blocks: vec![], prompt_len: 0, penalties: Penalties::default(), targets: vec![12] },
             ],
             free: vec![3],
         };
         assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
         let out = StepOutput {
             rank: 1,
-            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)) }] }],
+            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)), target: Some((8, -1.0)) }] }],
             compute_us: 10,
             comm_us: 3,
         };

@@ -29,6 +29,33 @@ impl Default for SamplingParams {
     }
 }
 
+/// OpenAI's presence and frequency penalties: a generated token's logit is lowered by
+/// `presence` once it has appeared and by `frequency` for each time it appeared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Penalties {
+    pub presence: f32,
+    pub frequency: f32,
+}
+
+impl Penalties {
+    pub fn is_none(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0
+    }
+
+    /// Applies the penalties to `logits` of ids `offset..`, given how often each generated
+    /// token appeared.
+    pub fn apply(&self, logits: &mut [f32], offset: TokenId, counts: &std::collections::HashMap<TokenId, u32>) {
+        if self.is_none() {
+            return;
+        }
+        for (&id, &n) in counts {
+            if let Some(l) = id.checked_sub(offset).and_then(|i| logits.get_mut(i as usize)) {
+                *l -= self.presence + self.frequency * n as f32;
+            }
+        }
+    }
+}
+
 /// A sampling parameter outside its domain.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
@@ -134,6 +161,9 @@ pub struct Candidates {
     pub lse_t: f32,
     /// The Gumbel-max winner (id, logit / T + noise), for unrestricted temperature sampling.
     pub gumbel: Option<(TokenId, f32)>,
+    /// The raw logit of a token asked for by id (a prompt token's log-probability), from
+    /// the rank whose slice holds it.
+    pub target: Option<(TokenId, f32)>,
 }
 
 /// How many candidates a position needs for `params` and `logprobs` alternatives.
@@ -188,7 +218,19 @@ impl Candidates {
             }
             best
         });
-        Self { top, lse, lse_t, gumbel }
+        Self { top, lse, lse_t, gumbel, target: None }
+    }
+
+    /// Also reports the logit of `id` when this slice (ids `offset..offset + logits.len()`)
+    /// holds it.
+    pub fn with_target(mut self, logits: &[f32], offset: TokenId, id: TokenId) -> Self {
+        self.target = id.checked_sub(offset).and_then(|i| logits.get(i as usize)).map(|&l| (id, l));
+        self
+    }
+
+    /// log p(target) when a target was asked for (needs `lse`, i.e. log-probabilities).
+    pub fn target_logprob(&self) -> Option<(TokenId, f32)> {
+        self.target.map(|(id, l)| (id, l - self.lse))
     }
 
     /// Combines the reports of ranks holding disjoint vocabulary slices (in any order) into
@@ -197,7 +239,9 @@ impl Candidates {
         let mut top = Vec::new();
         let (mut lses, mut lses_t) = (Vec::new(), Vec::new());
         let mut gum: Option<(TokenId, f32)> = None;
+        let mut target = None;
         for p in parts {
+            target = target.or(p.target);
             top.extend(p.top);
             lses.push(p.lse);
             lses_t.push(p.lse_t);
@@ -210,7 +254,7 @@ impl Candidates {
         }
         top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         top.truncate(k);
-        Self { top, lse: logsumexp(lses.into_iter()), lse_t: logsumexp(lses_t.into_iter()), gumbel: gum }
+        Self { top, lse: logsumexp(lses.into_iter()), lse_t: logsumexp(lses_t.into_iter()), gumbel: gum, target }
     }
 
     /// The next token: the argmax when greedy, otherwise an exact sample of softmax(logit / T)

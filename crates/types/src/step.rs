@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::sampling::Candidates;
+use crate::kv::BlockId;
+use crate::sampling::{Candidates, Penalties};
 use crate::{SamplingParams, TokenId};
 
 /// The coordinator's id for one sequence (unique among live sequences).
@@ -37,6 +38,25 @@ pub struct SeqWork {
     pub sample_step: u64,
     /// Alternatives wanted per row for log-probabilities.
     pub logprobs: usize,
+    /// Per KV group, the blocks appended to the sequence's block table before the step
+    /// (enough to hold every new token). A starting sequence's table may begin with blocks
+    /// another sequence computed (a prefix-cache hit: `start_pos` > 0) and with
+    /// [`crate::kv::NO_BLOCK`] for blocks a windowed group no longer needs.
+    pub blocks: Vec<Vec<BlockId>>,
+    /// Given when the sequence starts: prompt tokens (later tokens count for penalties).
+    pub prompt_len: usize,
+    /// Given when the sequence starts: presence and frequency penalties.
+    pub penalties: Penalties,
+    /// For `All` rows: the token each row's logit is reported for (the next prompt token),
+    /// one per row, or empty.
+    pub targets: Vec<TokenId>,
+}
+
+impl SeqWork {
+    /// Whether the sequence starts with this step (it carries its sampling parameters).
+    pub fn starts(&self) -> bool {
+        self.sampling.is_some()
+    }
 }
 
 /// One scheduler iteration, sent to every worker.
@@ -44,7 +64,7 @@ pub struct SeqWork {
 pub struct StepPlan {
     pub step: u64,
     pub seqs: Vec<SeqWork>,
-    /// Sequences to forget before the step runs.
+    /// Sequences to forget before the step runs (their blocks go back to the scheduler).
     pub free: Vec<SeqId>,
 }
 
@@ -97,7 +117,8 @@ pub fn merge_outputs(outputs: &[StepOutput], k_for: impl Fn(SeqId) -> usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::Candidates;
+    use crate::kv::BlockId;
+use crate::sampling::{Candidates, Penalties};
 
     fn out(rank: usize, seqs: Vec<(SeqId, Vec<f32>, u32)>) -> StepOutput {
         let p = SamplingParams::default();

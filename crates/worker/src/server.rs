@@ -78,7 +78,7 @@ pub fn peak_rss_bytes() -> u64 {
 type Progress = mpsc::Sender<Result<v1::LoadProgress, Status>>;
 
 fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
-    v1::LoadProgress { phase: phase.into(), bytes_done: done, bytes_total: total, done: false, shard: None, peak_rss_bytes: peak_rss_bytes() }
+    v1::LoadProgress { phase: phase.into(), bytes_done: done, bytes_total: total, done: false, shard: None, peak_rss_bytes: peak_rss_bytes(), kv_bytes: 0 }
 }
 
 /// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
@@ -118,6 +118,11 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let connect_within = ms(req.connect_timeout_ms, 600);
     let stage_timeout = ms(req.stage_timeout_ms, 300);
 
+    let kv = tpserve_types::kv::KvLayout::try_from(req.kv.clone().ok_or_else(|| Status::invalid_argument("the load request has no KV cache layout"))?)?;
+    if kv.groups.iter().map(|g| g.layers.len()).sum::<usize>() != plan.shape.n_layers {
+        return Err(Status::invalid_argument(format!("the KV cache layout covers {} layers, the model has {}", kv.groups.iter().map(|g| g.layers.len()).sum::<usize>(), plan.shape.n_layers)));
+    }
+
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
     let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, connect_within, timeout)
         .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
@@ -137,7 +142,7 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
     let loaded = inner
         .pool
-        .install(|| Shard::load(&g, &shard, tp_comm, pp_comm))
+        .install(|| Shard::load(&g, &shard, tp_comm, pp_comm, &kv))
         .map_err(|e| Status::failed_precondition(format!("rank {rank} cannot load its shard: {e}")))?;
     loaded.model().prefault(|done, total| {
         let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
@@ -187,6 +192,7 @@ impl tpserve_proto::Worker for WorkerService {
                         done: true,
                         shard: Some(v1::Shard::from(shard.shard())),
                         peak_rss_bytes: peak_rss_bytes(),
+                        kv_bytes: shard.kv_bytes(),
                     };
                     info!(rank = shard.shard().rank, weight_bytes = shard.model().weight_bytes(), "loaded");
                     *this.lock() = Some(shard);

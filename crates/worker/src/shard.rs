@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use tpserve_comm::{Collective, Timed};
 use tpserve_model::gguf::Gguf;
-use tpserve_model::kv_cache::KvCache;
+use tpserve_model::kv_cache::KvPool;
 use tpserve_model::model::{Model, ModelError, SeqChunk};
+use tpserve_types::kv::{BlockId, KvLayout};
 use tpserve_types::plan::RankShard;
-use tpserve_types::sampling::Candidates;
+use tpserve_types::sampling::{Candidates, Penalties};
 use tpserve_types::step::{LogitsWanted, SeqId, SeqOutput, StepOutput, StepPlan};
 use tpserve_types::{SamplingParams, TokenId};
 
@@ -31,14 +32,23 @@ pub enum StepError {
 
 /// What a worker keeps about one live sequence between steps.
 struct SeqState {
-    cache: KvCache,
+    /// Block table per KV group.
+    tables: Vec<Vec<BlockId>>,
+    /// Positions computed.
+    len: usize,
     sampling: SamplingParams,
+    penalties: Penalties,
+    prompt_len: usize,
+    /// How often each generated token was fed (for the penalties; empty without them).
+    counts: HashMap<TokenId, u32>,
 }
 
 /// A loaded shard with its sequences.
 pub struct Shard {
     model: Model,
     shard: RankShard,
+    /// Keys and values of every sequence, in the blocks the coordinator assigns.
+    kv: KvPool,
     seqs: HashMap<SeqId, SeqState>,
     /// The collectives the model talks through, timed to report communication per step.
     comms: Vec<Arc<Timed>>,
@@ -47,14 +57,21 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Loads `shard` of the model in `g`. `tp_comm` joins the ranks of this stage; `pp_comm`
-    /// this tensor-parallel rank of every stage (rank = stage), when pp > 1.
-    pub fn load(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>) -> Result<Self, ModelError> {
+    /// Loads `shard` of the model in `g` and reserves its part of the KV cache `kv`.
+    /// `tp_comm` joins the ranks of this stage; `pp_comm` this tensor-parallel rank of every
+    /// stage (rank = stage), when pp > 1.
+    pub fn load(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>, kv: &KvLayout) -> Result<Self, ModelError> {
         let tp = Arc::new(Timed::new(tp_comm));
         let pp = pp_comm.map(|c| Arc::new(Timed::new(c)));
         let model = Model::load_shard(g, shard, tp.clone(), pp.clone().map(|c| c as Arc<dyn Collective>))?;
+        let kv = model.kv_pool(kv)?;
         let comms = std::iter::once(tp).chain(pp).collect();
-        Ok(Self { model, shard: shard.clone(), seqs: HashMap::new(), comms, broken: None })
+        Ok(Self { model, shard: shard.clone(), kv, seqs: HashMap::new(), comms, broken: None })
+    }
+
+    /// Bytes reserved for the KV cache.
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv.bytes()
     }
 
     pub fn model(&self) -> &Model {
@@ -95,33 +112,28 @@ impl Shard {
             self.seqs.remove(id);
         }
 
-        // Take the batch's states out of the map so each chunk can borrow its cache mutably.
-        let mut states: Vec<SeqState> = Vec::with_capacity(plan.seqs.len());
-        for w in &plan.seqs {
-            let st = match self.seqs.remove(&w.seq_id) {
-                Some(st) => st,
-                None => SeqState { cache: self.model.new_cache(), sampling: w.sampling.expect("checked: new sequences carry sampling") },
-            };
-            states.push(st);
-        }
-        let result = {
-            let mut batch: Vec<SeqChunk<'_>> = plan
-                .seqs
-                .iter()
-                .zip(states.iter_mut())
-                .map(|(w, st)| SeqChunk { tokens: &w.tokens, cache: &mut st.cache, logits: w.logits })
-                .collect();
-            self.model.forward(&mut batch)
-        };
-        let logits = match result {
-            Ok(l) => l,
-            Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence)) => {
-                // Refused before any cache was touched: put the states back unchanged.
-                for (w, st) in plan.seqs.iter().zip(states) {
-                    if w.start_pos > 0 {
-                        self.seqs.insert(w.seq_id, st);
-                    }
+        // The tables as they will be after this step's blocks are appended (committed only
+        // when the forward pass succeeds).
+        let tables: Vec<Vec<Vec<BlockId>>> = plan
+            .seqs
+            .iter()
+            .map(|w| {
+                let mut t = match self.seqs.get(&w.seq_id) {
+                    Some(st) if !w.starts() => st.tables.clone(),
+                    _ => vec![Vec::new(); self.kv.layout().groups.len()],
+                };
+                for (t, new) in t.iter_mut().zip(&w.blocks) {
+                    t.extend_from_slice(new);
                 }
+                t
+            })
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            plan.seqs.iter().zip(&tables).map(|(w, t)| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: t, logits: w.logits }).collect();
+        let logits = match self.model.forward(&mut self.kv, &chunks) {
+            Ok(l) => l,
+            Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
+                // Refused before any cache was touched.
                 return Err(invalid(e.to_string()));
             }
             Err(source) => {
@@ -130,25 +142,50 @@ impl Shard {
                 return Err(StepError::Failed { step: plan.step, rank, source });
             }
         };
+        for (w, t) in plan.seqs.iter().zip(tables) {
+            let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
+                tables: Vec::new(),
+                len: 0,
+                sampling: w.sampling.expect("checked: new sequences carry sampling"),
+                penalties: w.penalties,
+                prompt_len: w.prompt_len,
+                counts: HashMap::new(),
+            });
+            st.tables = t;
+            st.len = w.start_pos + w.tokens.len();
+            if !st.penalties.is_none() {
+                for (i, &tok) in w.tokens.iter().enumerate() {
+                    if w.start_pos + i >= st.prompt_len {
+                        *st.counts.entry(tok).or_default() += 1;
+                    }
+                }
+            }
+        }
 
         let vocab_start = self.model.vocab_range().start as TokenId;
         let mut seqs = Vec::new();
         if self.shard.last_stage {
-            for ((w, st), l) in plan.seqs.iter().zip(&states).zip(&logits) {
+            let width = self.model.vocab_range().len();
+            for (w, l) in plan.seqs.iter().zip(logits) {
                 if w.logits == LogitsWanted::None {
                     continue;
                 }
-                let width = self.model.vocab_range().len();
+                let st = &self.seqs[&w.seq_id];
+                let mut l = l;
                 let rows = l
-                    .chunks_exact(width)
+                    .chunks_exact_mut(width)
                     .enumerate()
-                    .map(|(i, row)| Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step + i as u64, w.logprobs))
+                    .map(|(i, row)| {
+                        st.penalties.apply(row, vocab_start, &st.counts);
+                        let c = Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step + i as u64, w.logprobs);
+                        match w.targets.get(i) {
+                            Some(&t) => c.with_target(row, vocab_start, t),
+                            None => c,
+                        }
+                    })
                     .collect();
                 seqs.push(SeqOutput { seq_id: w.seq_id, rows });
             }
-        }
-        for (w, st) in plan.seqs.iter().zip(states) {
-            self.seqs.insert(w.seq_id, st);
         }
         Ok(StepOutput {
             rank,
@@ -166,15 +203,21 @@ impl Shard {
                 return Err(format!("sequence {} appears twice", w.seq_id));
             }
             let freed = plan.free.contains(&w.seq_id);
-            match (self.seqs.get(&w.seq_id).filter(|_| !freed), w.start_pos) {
-                (None, 0) if w.sampling.is_none() => return Err(format!("new sequence {} has no sampling parameters", w.seq_id)),
-                (None, 0) => {}
-                (None, p) => return Err(format!("sequence {} is unknown here but continues at position {p}", w.seq_id)),
-                (Some(_), 0) => return Err(format!("sequence {} already exists; free it before starting it again", w.seq_id)),
-                (Some(st), p) if st.cache.len() != p => {
-                    return Err(format!("sequence {} continues at position {p} but this rank holds {} tokens", w.seq_id, st.cache.len()))
+            let groups = self.kv.layout().groups.len();
+            if !(w.blocks.is_empty() || w.blocks.len() == groups) {
+                return Err(format!("sequence {} brings blocks for {} KV groups, the cache has {groups}", w.seq_id, w.blocks.len()));
+            }
+            match (self.seqs.get(&w.seq_id).filter(|_| !freed), w.starts()) {
+                (None, false) => return Err(format!("sequence {} is unknown here but continues at position {} (a new one needs sampling parameters)", w.seq_id, w.start_pos)),
+                (None, true) => {}
+                (Some(_), true) => return Err(format!("sequence {} already exists; free it before starting it again", w.seq_id)),
+                (Some(st), false) if st.len != w.start_pos => {
+                    return Err(format!("sequence {} continues at position {} but this rank holds {} tokens", w.seq_id, w.start_pos, st.len))
                 }
-                (Some(_), _) => {}
+                (Some(_), false) => {}
+            }
+            if !w.targets.is_empty() && (w.logits != LogitsWanted::All || w.targets.len() != w.tokens.len()) {
+                return Err(format!("sequence {} asks for {} target logits for {} tokens", w.seq_id, w.targets.len(), w.tokens.len()));
             }
         }
         Ok(())
@@ -195,10 +238,16 @@ mod tests {
         std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
         let g = Gguf::open(f.path()).unwrap();
         let plan = Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap();
-        (Shard::load(&g, &plan.shard(0), Arc::new(Local), None).unwrap(), f)
+        let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
+        let windows: Vec<Option<usize>> = (0..cfg.n_layers).map(|l| cfg.window(l)).collect();
+        let kv = KvLayout::new(&windows, tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
+        (Shard::load(&g, &plan.shard(0), Arc::new(Local), None, &kv).unwrap(), f)
     }
 
+    /// Sequence `seq_id`'s blocks are `8 * seq_id ..`, four positions each, in both groups.
     fn work(seq_id: SeqId, tokens: Vec<u32>, start_pos: usize) -> SeqWork {
+        let (from, to) = (start_pos.div_ceil(4), (start_pos + tokens.len()).div_ceil(4));
+        let blocks: Vec<BlockId> = (from..to).map(|b| (seq_id as usize * 8 + b) as BlockId).collect();
         SeqWork {
             seq_id,
             tokens,
@@ -207,6 +256,10 @@ mod tests {
             sampling: (start_pos == 0).then(SamplingParams::default),
             sample_step: 0,
             logprobs: 0,
+            blocks: vec![blocks.clone(), blocks],
+            prompt_len: 0,
+            penalties: Penalties::default(),
+            targets: Vec::new(),
         }
     }
 
@@ -229,12 +282,13 @@ mod tests {
     fn impossible_steps_are_refused_and_change_nothing() {
         let (mut s, _f) = shard();
         step(&mut s, vec![work(1, vec![2, 300], 0)], vec![]).unwrap();
-        let bad: [(Vec<SeqWork>, &str); 5] = [
+        let bad: [(Vec<SeqWork>, &str); 6] = [
             (vec![work(1, vec![5], 7)], "holds 2 tokens"),
             (vec![work(9, vec![5], 4)], "unknown here"),
             (vec![work(1, vec![5], 0)], "already exists"),
             (vec![work(3, vec![5], 0), work(3, vec![6], 0)], "appears twice"),
-            (vec![SeqWork { sampling: None, ..work(4, vec![1], 0) }], "no sampling parameters"),
+            (vec![SeqWork { sampling: None, ..work(4, vec![1], 0) }], "needs sampling parameters"),
+            (vec![SeqWork { blocks: vec![vec![], vec![]], ..work(5, vec![1, 2, 3, 4, 5], 0) }], "KV group 0 has 0 blocks"),
         ];
         for (seqs, needle) in bad {
             let e = step(&mut s, seqs, vec![]).unwrap_err();
