@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tpserve_coordinator::{Backend, Cluster, ClusterError, StepReply, Timeouts};
 use tpserve_model::model::model_shape;
+use tpserve_scheduler::SchedulerConfig;
+use tpserve_types::kv::{KvLayout, KvSizing};
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
 use tpserve_worker::Shard;
@@ -47,6 +49,90 @@ impl ParallelArgs {
     pub fn timeouts(&self) -> Timeouts {
         Timeouts { comm: Duration::from_millis(self.comm_timeout_ms.max(1)), ..Timeouts::default() }
     }
+}
+
+/// How requests are scheduled and how big the paged KV cache is.
+#[derive(Args, Debug, Clone)]
+pub struct ServingArgs {
+    /// Positions the KV cache holds per full-attention layer, over all sequences (default:
+    /// the model's context length). Sliding-window layers hold only what their windows need.
+    #[arg(long, env = "TPSERVE_KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
+    /// Positions per KV cache block.
+    #[arg(long, default_value_t = 16, env = "TPSERVE_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 32, env = "TPSERVE_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+    /// Most new tokens in one step (decode tokens first, then prefill chunks).
+    #[arg(long, default_value_t = 512, env = "TPSERVE_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    /// Most requests waiting to start; more get 429 Too Many Requests.
+    #[arg(long, default_value_t = 256, env = "TPSERVE_MAX_WAITING")]
+    pub max_waiting: usize,
+    /// Do not reuse the KV blocks of earlier requests with the same prompt prefix.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+}
+
+impl ServingArgs {
+    /// The KV cache layout for `cfg`, checked.
+    pub fn kv_layout(&self, cfg: &tpserve_model::config::ModelConfig) -> Result<KvLayout> {
+        if self.block_size == 0 {
+            bail!("--block-size 0: must be at least 1");
+        }
+        if self.max_num_seqs == 0 {
+            bail!("--max-num-seqs 0: must be at least 1");
+        }
+        if self.max_num_batched_tokens == 0 {
+            bail!("--max-num-batched-tokens 0: must be at least 1");
+        }
+        let tokens = self.kv_cache_tokens.unwrap_or(cfg.context_len);
+        if tokens < self.block_size {
+            bail!("--kv-cache-tokens {tokens}: must hold at least one block of {} positions", self.block_size);
+        }
+        Ok(kv_layout(cfg, KvSizing { block_size: self.block_size, tokens, max_seqs: self.max_num_seqs, max_chunk: self.max_num_batched_tokens }))
+    }
+
+    /// The scheduler's limits over `kv`.
+    pub fn scheduler(&self, kv: KvLayout, context_len: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            kv,
+            max_num_seqs: self.max_num_seqs,
+            token_budget: self.max_num_batched_tokens,
+            max_waiting: self.max_waiting,
+            context_len,
+            prefix_caching: !self.no_prefix_caching,
+        }
+    }
+}
+
+/// `cfg`'s layers grouped by attention window and sized by `sizing`.
+pub fn kv_layout(cfg: &tpserve_model::config::ModelConfig, sizing: KvSizing) -> KvLayout {
+    KvLayout::new(&(0..cfg.n_layers).map(|l| cfg.window(l)).collect::<Vec<_>>(), sizing)
+}
+
+/// One line on the KV cache: capacity, and what the sliding windows save.
+pub fn describe_kv(kv: &KvLayout, cfg: &tpserve_model::config::ModelConfig, kv_dim: usize) -> String {
+    let all = 0..cfg.n_layers;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let (with, without) = (kv.bytes(&all, kv_dim), kv.bytes_without_windows(&all, kv_dim));
+    let groups: Vec<String> = kv
+        .groups
+        .iter()
+        .map(|g| match g.window {
+            None => format!("{} full-attention layers x {} blocks", g.layers.len(), g.blocks),
+            Some(w) => format!("{} window-{w} layers x {} blocks", g.layers.len(), g.blocks),
+        })
+        .collect();
+    format!(
+        "kv cache: {} tokens in blocks of {} ({}); {:.1} MiB per model replica, {:.1} MiB if every layer kept the full history\n",
+        kv.token_capacity(),
+        kv.block_size,
+        groups.join(", "),
+        mib(with),
+        mib(without)
+    )
 }
 
 /// Worker processes started by this process on loopback; killed when dropped.
@@ -127,7 +213,7 @@ pub fn threads_per_worker(explicit: Option<usize>, world: usize) -> Result<usize
 
 /// Connects to `addrs` and loads `plan` onto them with a progress bar per worker, then
 /// prints the plan with each rank's memory. `model_path` is the file as workers see it.
-pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts) -> Result<Cluster> {
+pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts, kv: KvLayout) -> Result<Cluster> {
     let workers = futures_try_join(addrs.iter().map(|a| tpserve_coordinator::cluster::connect(a, timeouts.connect))).await?;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}").expect("valid template");
@@ -143,7 +229,7 @@ pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_p
         .collect();
     let ctx = loaded.config()?.context_len;
     let model_bytes = loaded.gguf.file_len() as u64;
-    let cluster = Cluster::load(workers, plan, ctx, model_path, model_bytes, timeouts, |rank, p| {
+    let cluster = Cluster::load(workers, plan, ctx, kv, model_path, model_bytes, timeouts, |rank, p| {
         let pb = &pbs[rank];
         pb.set_length(p.bytes_total.max(1));
         pb.set_position(p.bytes_done);
@@ -187,11 +273,12 @@ pub fn describe(c: &Cluster) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let plural = if l.threads == 1 { "" } else { "s" };
         s += &format!(
-            "  rank {} @ {}: {}; weights {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
+            "  rank {} @ {}: {}; weights {:.1} MiB, KV cache {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
             l.shard.rank,
             l.addr,
             l.shard,
             mib(l.shard.bytes),
+            mib(l.kv_bytes),
             mib(l.peak_rss_bytes),
             l.threads
         );
@@ -204,27 +291,32 @@ pub struct InProcess {
     shard: Arc<Mutex<Shard>>,
     pool: Arc<rayon::ThreadPool>,
     context_len: usize,
+    kv: KvLayout,
 }
 
 impl InProcess {
     /// Loads the single rank of `plan` (tp = pp = 1).
-    pub fn load(loaded: &Loaded, plan: &Plan, pool: Arc<rayon::ThreadPool>) -> Result<Self> {
+    pub fn load(loaded: &Loaded, plan: &Plan, pool: Arc<rayon::ThreadPool>, kv: KvLayout) -> Result<Self> {
         if plan.world() != 1 {
             bail!("the in-process backend runs tp = pp = 1, not a world of {}", plan.world());
         }
         let shard = pool
-            .install(|| Shard::load(&loaded.gguf, &plan.shard(0), Arc::new(tpserve_comm::Local), None))
+            .install(|| Shard::load(&loaded.gguf, &plan.shard(0), Arc::new(tpserve_comm::Local), None, &kv))
             .context("cannot load the model weights")?;
         // As workers do: read the weights now, not on the first request.
         shard.model().prefault(|_, _| {});
         let context_len = shard.model().config().context_len;
-        Ok(Self { shard: Arc::new(Mutex::new(shard)), pool, context_len })
+        Ok(Self { shard: Arc::new(Mutex::new(shard)), pool, context_len, kv })
     }
 }
 
 impl Backend for InProcess {
     fn context_len(&self) -> usize {
         self.context_len
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        &self.kv
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {

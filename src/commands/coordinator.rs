@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tokio::sync::mpsc;
 
-use super::cluster::{load_cluster, threads_per_worker, worker_model_path, LocalWorkers, ParallelArgs};
-use super::serve::serve_lines;
+use super::cluster::{describe_kv, load_cluster, threads_per_worker, worker_model_path, LocalWorkers, ParallelArgs, ServingArgs};
+use super::serve::{serve_http, serve_lines, ServeArgs};
 use super::Loaded;
 use crate::ModelArgs;
 
@@ -29,6 +29,10 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub parallel: ParallelArgs,
     #[command(flatten)]
+    pub serving: ServingArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -36,6 +40,10 @@ pub struct CoordinatorArgs {
 pub struct UpArgs {
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// `--threads` is per worker here (default: the cores shared out among the workers).
     #[command(flatten)]
     pub model: ModelArgs,
@@ -44,6 +52,7 @@ pub struct UpArgs {
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model)?;
     let plan = args.parallel.plan(&loaded)?;
+    let kv = kv_for(&loaded, &args.serving)?;
     let model_path = match &args.worker_model {
         Some(p) => p.clone(),
         None => worker_model_path(args.model.model.as_deref())?,
@@ -56,8 +65,8 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         if addrs.len() != plan.world() {
             bail!("--tp {} --pp {} needs {} workers, --workers names {}", plan.tp, plan.pp, plan.world(), addrs.len());
         }
-        let mut cluster = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
-        serve_lines(&mut cluster, &loaded.tokenizer).await
+        let cluster = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
+        serve(cluster, &loaded, &args.serve, &args.serving).await
     })
 }
 
@@ -97,16 +106,36 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let plan = args.parallel.plan(&loaded)?;
     let threads = threads_per_worker(args.model.threads, plan.world())?;
     let model_path = worker_model_path(args.model.model.as_deref())?;
+    let kv = kv_for(&loaded, &args.serving)?;
     super::block_on(async {
         let workers = LocalWorkers::spawn(plan.world(), threads).await?;
         let result = async {
-            let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
-            let served = serve_lines(&mut cluster, &loaded.tokenizer).await;
-            cluster.shutdown().await;
-            served
+            let cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
+            serve(cluster, &loaded, &args.serve, &args.serving).await
         }
         .await;
         workers.stop(Duration::from_secs(5)).await;
         result
     })
+}
+
+/// The KV cache layout from the flags, printed with what it costs.
+fn kv_for(loaded: &Loaded, serving: &ServingArgs) -> Result<tpserve_types::kv::KvLayout> {
+    let cfg = loaded.config()?;
+    let kv = serving.kv_layout(&cfg)?;
+    eprint!("{}", describe_kv(&kv, &cfg, cfg.n_kv_heads * cfg.head_dim));
+    Ok(kv)
+}
+
+/// Serves the loaded cluster (HTTP, or JSON lines with --stdin), then asks every worker to exit.
+async fn serve(mut cluster: tpserve_coordinator::Cluster, loaded: &Loaded, args: &ServeArgs, serving: &ServingArgs) -> Result<()> {
+    if args.stdin {
+        let served = serve_lines(&mut cluster, &loaded.tokenizer).await;
+        cluster.shutdown().await;
+        return served;
+    }
+    let workers = cluster.workers_handle();
+    let served = serve_http(cluster, loaded, args, serving).await;
+    workers.shutdown().await;
+    served
 }

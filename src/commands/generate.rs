@@ -140,19 +140,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let reqs: Vec<GenRequest> =
         (0..args.batch as u64).map(|i| GenRequest { sampling: SamplingParams { seed: sampling.seed.wrapping_add(i), ..sampling }, ..req.clone() }).collect();
     // Decode steps carry one token per sequence: the budget must leave room for prefill.
-    let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1) };
+    let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1), prefix_caching: false };
+    // Room for exactly this batch.
+    let per_seq = (prompt_ids.len() + args.max_tokens).min(ctx);
+    let kv = super::cluster::kv_layout(&loaded.config()?, tpserve_types::kv::KvSizing { block_size: 16, tokens: args.batch * (per_seq + 16), max_seqs: args.batch, max_chunk: opts.token_budget });
     let json = args.json;
     let (outs, stats) = super::block_on(async {
         if plan.world() == 1 {
             let pool = Arc::new(thread_pool(args.model.threads)?);
-            let mut backend = InProcess::load(&loaded, &plan, pool)?;
+            let mut backend = InProcess::load(&loaded, &plan, pool, kv)?;
             stream(&mut backend, &loaded, &reqs, opts, json).await
         } else {
             let threads = threads_per_worker(args.model.threads, plan.world())?;
             let workers = LocalWorkers::spawn(plan.world(), threads).await?;
             let model_path = worker_model_path(args.model.model.as_deref())?;
             let result = async {
-                let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts()).await?;
+                let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
                 let out = stream(&mut cluster, &loaded, &reqs, opts, json).await;
                 cluster.shutdown().await;
                 out

@@ -20,7 +20,8 @@ use crate::ModelArgs;
 /// A model file opened with its tokenizer (and, when asked, its weights).
 pub struct Loaded {
     pub gguf: Gguf,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: std::sync::Arc<Tokenizer>,
+    pub path: std::path::PathBuf,
 }
 
 impl Loaded {
@@ -28,7 +29,7 @@ impl Loaded {
         let path = fetch::resolve_model(args.model.as_deref())?;
         let gguf = Gguf::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("cannot read the tokenizer of {}", path.display()))?;
-        Ok(Self { gguf, tokenizer })
+        Ok(Self { gguf, tokenizer: std::sync::Arc::new(tokenizer), path })
     }
 
     pub fn config(&self) -> Result<tpserve_model::config::ModelConfig> {

@@ -1,7 +1,7 @@
-//! Serving requests as JSON lines on standard input, one result line each on standard
-//! output: what `tpserve up` and `tpserve coordinator` do until the HTTP API arrives
-//! (issue: serving). Requests run one at a time; a bad line or a failed request gets an
-//! error line and the loop goes on.
+//! Serving what `tpserve up` and `tpserve coordinator` loaded: the OpenAI-compatible HTTP
+//! server (`tpserve-server`), or with `--stdin` JSON request lines on standard input, one
+//! result line each on standard output (scripts and tests; one request at a time; a bad
+//! line or a failed request gets an error line and the loop goes on).
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -13,6 +13,67 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tpserve_coordinator::{generate_batch, Backend, ClusterError, GenOptions, GenRequest};
 use tpserve_model::tokenizer::Tokenizer;
 use tpserve_types::SamplingParams;
+
+/// Where and how to serve.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1", env = "TPSERVE_HOST")]
+    pub host: String,
+    /// Port to serve HTTP on (0: any free port; the URL is printed).
+    #[arg(long, default_value_t = 8000, env = "TPSERVE_PORT")]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "TPSERVE_API_KEY")]
+    pub api_key: Option<String>,
+    /// The model id clients send (default: the model file's name without .gguf).
+    #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Seconds in-flight requests get to finish after Ctrl-C.
+    #[arg(long, default_value_t = 30, env = "TPSERVE_DRAIN_SECS")]
+    pub drain_secs: u64,
+    /// Serve JSON request lines on standard input instead of HTTP.
+    #[arg(long)]
+    pub stdin: bool,
+}
+
+/// Serves `backend` over HTTP until Ctrl-C (or SIGTERM), then drains.
+pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded, args: &ServeArgs, serving: &super::cluster::ServingArgs) -> Result<()> {
+    let cfg = loaded.config()?;
+    let tok = loaded.tokenizer.clone();
+    let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
+    let chat_template = tpserve_model::chat::template_for(file_template, cfg.arch, tok.token_id("<|start_header_id|>").is_some());
+    let name = match &args.served_model_name {
+        Some(n) => n.clone(),
+        None => loaded.path.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned()),
+    };
+    let kv = backend.kv_layout().clone();
+    let engine = tpserve_coordinator::EngineConfig { scheduler: serving.scheduler(kv, backend.context_len()) };
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("--host {} --port {}: cannot listen there", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len };
+    let opts = tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
+    eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
+    eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'");
+    let shutdown = async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("stopping: finishing in-flight requests");
+    };
+    tpserve_server::serve(listener, backend, model, engine, opts, shutdown).await
+}
 
 /// One request line.
 #[derive(Debug, Deserialize)]

@@ -1,8 +1,9 @@
-//! What the generation driver steps: a cluster of remote workers, or a shard in this
-//! process. Either way a step goes to every rank and comes back as one answer per rank.
+//! What the engine steps: a cluster of remote workers, or a shard in this process. Either
+//! way a step goes to every rank and comes back as one answer per rank.
 
 use std::future::Future;
 
+use tpserve_types::kv::KvLayout;
 use tpserve_types::step::{StepOutput, StepPlan};
 
 use crate::ClusterError;
@@ -23,4 +24,20 @@ pub trait Backend: Send {
     fn step(&mut self, plan: &StepPlan) -> impl Future<Output = Result<StepReply, ClusterError>> + Send;
     /// The model's context length (positions per sequence).
     fn context_len(&self) -> usize;
+    /// The KV cache the ranks were loaded with.
+    fn kv_layout(&self) -> &KvLayout;
+}
+
+impl<B: Backend> Backend for &mut B {
+    fn step(&mut self, plan: &StepPlan) -> impl Future<Output = Result<StepReply, ClusterError>> + Send {
+        (**self).step(plan)
+    }
+
+    fn context_len(&self) -> usize {
+        (**self).context_len()
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        (**self).kv_layout()
+    }
 }

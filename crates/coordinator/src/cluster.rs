@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tpserve_proto::v1;
 use tpserve_proto::WorkerClient;
+use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::{Plan, RankShard};
 use tpserve_types::step::{StepOutput, StepPlan};
 use tracing::{debug, info_span, warn, Instrument};
@@ -33,6 +34,22 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Self { connect: Duration::from_secs(30), comm: Duration::from_secs(10), step: Duration::from_secs(300), load: Duration::from_secs(600) }
+    }
+}
+
+/// The workers of a cluster, to stop them.
+pub struct Workers(Vec<RemoteWorker>);
+
+impl Workers {
+    /// Asks every worker to exit (best effort, each bounded by a short deadline).
+    pub async fn shutdown(&self) {
+        let calls = self.0.iter().map(|w| {
+            let mut c = w.client.clone();
+            async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown(v1::ShutdownRequest {})).await;
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 }
 
@@ -100,6 +117,8 @@ pub struct LoadedRank {
     /// The worker's peak resident memory after loading.
     pub peak_rss_bytes: u64,
     pub threads: u32,
+    /// Bytes the worker reserved for the KV cache.
+    pub kv_bytes: u64,
 }
 
 /// The workers of a loaded plan, ready to step.
@@ -107,6 +126,7 @@ pub struct Cluster {
     workers: Vec<RemoteWorker>,
     plan: Plan,
     context_len: usize,
+    kv: KvLayout,
     timeouts: Timeouts,
     /// Why the cluster cannot step any more (a worker was lost), once it cannot.
     failed: Option<String>,
@@ -117,11 +137,14 @@ impl Cluster {
     /// Loads `plan`'s shards onto `workers` (world rank = position). `model_path` is the
     /// model file as the workers see it ("" = their cached default model) and `model_bytes`
     /// its size (0 = unchecked). `progress(rank, message)` is called with every progress
-    /// message of every worker. Fails, naming every rank that failed, unless all load.
+    /// message of every worker. Each worker reserves its stage's part of the KV cache `kv`.
+    /// Fails, naming every rank that failed, unless all load.
+    #[allow(clippy::too_many_arguments)]
     pub async fn load(
         workers: Vec<RemoteWorker>,
         plan: Plan,
         context_len: usize,
+        kv: KvLayout,
         model_path: &str,
         model_bytes: u64,
         timeouts: Timeouts,
@@ -152,6 +175,7 @@ impl Cluster {
                 connect_timeout_ms: timeouts.load.as_millis() as u32,
                 stage_timeout_ms: timeouts.step.as_millis() as u32,
                 session,
+                kv: Some(v1::KvLayout::from(&kv)),
             };
             let mut client = w.client.clone();
             let progress = &progress;
@@ -160,7 +184,7 @@ impl Cluster {
                 while let Some(msg) = stream.message().await? {
                     progress(rank, &msg);
                     if msg.done {
-                        return msg.shard.map(|s| (s.to_rank_shard(), msg.peak_rss_bytes)).ok_or_else(|| Status::internal("the last load message has no shard"));
+                        return msg.shard.map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.kv_bytes)).ok_or_else(|| Status::internal("the last load message has no shard"));
                     }
                 }
                 Err(Status::internal("the load stream ended before the shard was ready"))
@@ -176,7 +200,9 @@ impl Cluster {
         let mut errors = Vec::new();
         for (rank, r) in results.into_iter().enumerate() {
             match r {
-                Ok((shard, rss)) => loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes: rss, threads: workers[rank].info.threads }),
+                Ok((shard, rss, kv_bytes)) => {
+                    loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes: rss, threads: workers[rank].info.threads, kv_bytes })
+                }
                 Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
             }
         }
@@ -188,7 +214,7 @@ impl Cluster {
                 return Err(ClusterError::Load(format!("rank {} loaded a different shard than planned (is its model file the same?)", want.rank)));
             }
         }
-        Ok(Cluster { workers, plan, context_len, timeouts, failed: None, loaded })
+        Ok(Cluster { workers, plan, context_len, kv, timeouts, failed: None, loaded })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -202,13 +228,12 @@ impl Cluster {
 
     /// Asks every worker to exit (best effort, each bounded by a short deadline).
     pub async fn shutdown(&self) {
-        let calls = self.workers.iter().map(|w| {
-            let mut c = w.client.clone();
-            async move {
-                let _ = tokio::time::timeout(Duration::from_secs(2), c.shutdown(v1::ShutdownRequest {})).await;
-            }
-        });
-        futures::future::join_all(calls).await;
+        self.workers_handle().shutdown().await;
+    }
+
+    /// What is needed to stop the workers after the cluster itself was handed away.
+    pub fn workers_handle(&self) -> Workers {
+        Workers(self.workers.clone())
     }
 
     /// Names the rank whose loss explains `errors` (one per failing rank) and says what happened.
@@ -240,6 +265,10 @@ impl Cluster {
 impl Backend for Cluster {
     fn context_len(&self) -> usize {
         self.context_len
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        &self.kv
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {

@@ -4,17 +4,21 @@
 //!
 //! - [`cluster`]: connecting, loading shards with progress, fanning steps out, diagnosing a
 //!   lost worker.
-//! - [`generate`]: prefill + decode of a batch of requests through any [`Backend`].
+//! - [`engine`]: the serving loop's core: requests in, scheduler steps out, tokens sampled
+//!   from the merged candidates, text and log-probabilities to each request's channel.
+//! - [`generate`]: a fixed batch of requests run to the end through the engine.
 //! - [`join`]: the service workers started with `--join` register with.
 
 pub mod backend;
 pub mod cluster;
+pub mod engine;
 pub mod generate;
 pub mod join;
 pub mod text;
 
 pub use backend::{Backend, StepReply};
 pub use cluster::{Cluster, RemoteWorker, Timeouts};
+pub use engine::{Engine, EngineConfig, Event, Logprob, Request, Summary};
 pub use generate::{generate_batch, FinishReason, GenOptions, GenOutput, GenRequest, StepStats};
 
 /// Why the cluster could not do what was asked. Each message names the rank or worker

@@ -49,7 +49,9 @@ pub struct KvSizing {
 impl KvLayout {
     /// Groups `windows[layer]` (full-attention layers first, then one group per window size)
     /// and sizes each pool. A full-attention pool holds `tokens` positions; a windowed pool
-    /// holds what `max_seqs` sequences need at most at once (never more than a full pool).
+    /// holds what `max_seqs` sequences need at most at once (each its window and a partial
+    /// block at both ends, plus one step's `max_chunk` new positions over them all), never
+    /// more than a full pool.
     pub fn new(windows: &[Option<usize>], s: KvSizing) -> Self {
         let bs = s.block_size.max(1);
         let full_blocks = s.tokens.div_ceil(bs);
@@ -62,7 +64,7 @@ impl KvLayout {
                 let layers = (0..windows.len()).filter(|&l| windows[l] == window).collect();
                 let blocks = match window {
                     None => full_blocks,
-                    Some(w) => (s.max_seqs.max(1) * Self::window_blocks(bs, w, s.max_chunk)).min(full_blocks),
+                    Some(w) => (s.max_seqs.max(1) * (w.saturating_sub(1).div_ceil(bs) + 2) + s.max_chunk.div_ceil(bs)).min(full_blocks),
                 };
                 KvGroup { window, layers, blocks }
             })
@@ -134,8 +136,8 @@ mod tests {
         assert_eq!(kv.groups[0].window, None);
         assert_eq!(kv.groups[0].layers, [5, 11, 17]);
         assert_eq!(kv.groups[0].blocks, 2048);
-        // (511 + 256) / 16 rounded up, + 1 = 49 blocks per sequence.
-        assert_eq!(kv.groups[1].blocks, 8 * 49);
+        // 511 / 16 rounded up + 2 = 34 blocks per sequence, and 256 / 16 for one step's chunk.
+        assert_eq!(kv.groups[1].blocks, 8 * 34 + 16);
         assert_eq!(kv.group_of(6), Some(1));
         assert_eq!(kv.token_capacity(), 32768);
         assert!(kv.bytes(&(0..18), 256) < kv.bytes_without_windows(&(0..18), 256) / 3);

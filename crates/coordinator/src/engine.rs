@@ -1,0 +1,464 @@
+//! The serving loop's core: requests come in at any time, the scheduler
+//! (`tpserve-scheduler`) forms each step, the backend runs it on every rank, and tokens are
+//! sampled here from the ranks' merged candidates (DESIGN.md, "Combining partial logits"), so
+//! tp = 1 and tp = N run the very same sampler on the very same numbers. Each request's
+//! text, log-probabilities and end are sent on its own channel; a request whose receiver is
+//! gone (the client disconnected) is cancelled and its blocks freed.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tpserve_model::tokenizer::Tokenizer;
+use tpserve_scheduler::{AddError, NewRequest, ReqId, Scheduled, Scheduler, SchedulerConfig};
+use tpserve_types::sampling::{candidates_needed, Penalties};
+use tpserve_types::step::{merge_outputs, LogitsWanted, SeqId, SeqWork, StepPlan};
+use tpserve_types::{SamplingParams, TokenId};
+
+use crate::backend::Backend;
+use crate::generate::{FinishReason, RankTime, StepStats};
+use crate::text::TextOut;
+use crate::ClusterError;
+
+/// What to generate for one prompt.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Prompt token ids, BOS included when wanted.
+    pub prompt_ids: Vec<TokenId>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub penalties: Penalties,
+    /// Generation stops before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Report each sampled token's log-probability and this many alternatives (None: no
+    /// log-probabilities).
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token (`echo` with `logprobs`).
+    pub prompt_logprobs: bool,
+}
+
+/// A token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub id: TokenId,
+    /// None when the token was not among the candidates the ranks reported (temperature
+    /// sampling without top-k can pick a token outside any short list).
+    pub logprob: Option<f32>,
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// How a request ended, with its accounting.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub finish_reason: FinishReason,
+    pub text: String,
+    pub output_ids: Vec<TokenId>,
+    pub prompt_tokens: usize,
+    /// Sampled tokens, an end-of-generation token included.
+    pub completion_tokens: usize,
+    /// Prompt tokens that came from the prefix cache.
+    pub cached_tokens: usize,
+    /// Seconds from arrival to the first scheduled step, to the first token, to the end.
+    pub queue_s: f64,
+    pub ttft_s: f64,
+    pub e2e_s: f64,
+}
+
+/// What a request's channel receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Text that became final, and the tokens sampled since the last event (with their
+    /// log-probabilities when asked for).
+    Delta { text: String, tokens: Vec<Logprob> },
+    /// The prompt's log-probabilities (None for the first token), once, before any text.
+    Prompt(Vec<Option<Logprob>>),
+    Done(Summary),
+    /// The request failed; nothing follows.
+    Error(String),
+}
+
+/// How steps are formed.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+}
+
+struct Live<'t> {
+    req: Request,
+    events: UnboundedSender<Event>,
+    text: TextOut<'t>,
+    out_ids: Vec<TokenId>,
+    /// Sampled tokens (an end-of-generation token included).
+    sampled: usize,
+    arrived: Instant,
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    cached: usize,
+    prompt_lp: Vec<Option<Logprob>>,
+    prompt_sent: bool,
+}
+
+/// The loop state: scheduler, live requests, backend.
+pub struct Engine<'t, B> {
+    backend: B,
+    tok: &'t Tokenizer,
+    sched: Scheduler,
+    live: HashMap<ReqId, Live<'t>>,
+    next_id: ReqId,
+    step_no: u64,
+    stats: StepStats,
+    /// Why the cluster cannot serve any more, once a step failed that way.
+    failed: Option<String>,
+    /// When the last step (or probe) succeeded.
+    last_ok: Option<Instant>,
+}
+
+impl<'t, B: Backend> Engine<'t, B> {
+    pub fn new(backend: B, tok: &'t Tokenizer, cfg: EngineConfig) -> Self {
+        Self {
+            backend,
+            tok,
+            sched: Scheduler::new(cfg.scheduler),
+            live: HashMap::new(),
+            next_id: 0,
+            step_no: 0,
+            stats: StepStats::default(),
+            failed: None,
+            last_ok: None,
+        }
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    pub fn stats(&self) -> &StepStats {
+        &self.stats
+    }
+
+    /// Why the cluster cannot serve, if it cannot.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    pub fn last_ok(&self) -> Option<Instant> {
+        self.last_ok
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    /// Queues a request; its events go to `events`.
+    pub fn add(&mut self, req: Request, events: UnboundedSender<Event>) -> Result<ReqId, AddError> {
+        let id = self.next_id;
+        self.sched.add(NewRequest { id, prompt: req.prompt_ids.clone(), max_tokens: req.max_tokens, prompt_logprobs: req.prompt_logprobs })?;
+        self.next_id += 1;
+        metrics::counter!("tpserve_prompt_tokens_total").increment(req.prompt_ids.len() as u64);
+        let text = TextOut::new(self.tok, &req.stop);
+        let live = Live {
+            events,
+            text,
+            out_ids: Vec::new(),
+            sampled: 0,
+            arrived: Instant::now(),
+            scheduled: None,
+            first_token: None,
+            last_token: None,
+            cached: 0,
+            prompt_lp: Vec::new(),
+            prompt_sent: false,
+            req,
+        };
+        self.live.insert(id, live);
+        if self.live[&id].req.max_tokens == 0 {
+            self.end(id, FinishReason::Length);
+        }
+        self.gauges();
+        Ok(id)
+    }
+
+    /// Cancels request `id` (its channel gets nothing more).
+    pub fn abort(&mut self, id: ReqId) {
+        if self.live.remove(&id).is_some() {
+            self.sched.finish(id);
+            metrics::counter!("tpserve_request_success_total", "finished_reason" => "abort").increment(1);
+        }
+    }
+
+    /// Sends an empty step to every rank: proves the cluster still answers.
+    pub async fn probe(&mut self) -> Result<(), ClusterError> {
+        if let Some(f) = &self.failed {
+            return Err(ClusterError::Unavailable(f.clone()));
+        }
+        let plan = StepPlan { step: self.step_no, seqs: Vec::new(), free: Vec::new() };
+        self.step_no += 1;
+        match self.backend.step(&plan).await {
+            Ok(_) => {
+                self.last_ok = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one step if there is anything to do; returns whether it ran one. A failed step
+    /// fails every live request (each gets [`Event::Error`]).
+    pub async fn step(&mut self) -> Result<bool, ClusterError> {
+        let gone: Vec<ReqId> = self.live.iter().filter(|(_, l)| l.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.abort(id);
+        }
+        let batch = self.sched.schedule();
+        metrics::counter!("tpserve_num_preemptions_total").increment(batch.preempted.len() as u64);
+        if batch.is_empty() {
+            self.gauges();
+            return Ok(false);
+        }
+        let now = Instant::now();
+        for s in &batch.seqs {
+            if let Some(l) = self.live.get_mut(&s.req) {
+                if l.scheduled.is_none() {
+                    l.scheduled = Some(now);
+                    l.cached = s.cached;
+                    metrics::histogram!("tpserve_request_queue_time_seconds").record((now - l.arrived).as_secs_f64());
+                }
+            }
+        }
+        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
+        self.step_no += 1;
+        let reply = match self.backend.step(&plan).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(&e);
+                return Err(e);
+            }
+        };
+        self.last_ok = Some(Instant::now());
+        let took = now.elapsed().as_secs_f64();
+        let decode = batch.seqs.iter().all(|s| s.tokens.len() == 1 && !s.starts);
+        let phase = if decode { "decode" } else { "prefill" };
+        metrics::histogram!("tpserve_step_duration_seconds", "phase" => phase).record(took);
+        metrics::histogram!("tpserve_step_tokens", "phase" => phase).record(batch.n_tokens() as f64);
+        self.account(&reply, took);
+        self.sched.step_done();
+
+        let by_seq: HashMap<SeqId, &Scheduled> = batch.seqs.iter().map(|s| (s.seq_id, s)).collect();
+        let k_for = |id: SeqId| {
+            by_seq.get(&id).and_then(|s| self.live.get(&s.req)).map_or(1, |l| candidates_needed(&l.req.sampling, l.req.logprobs.unwrap_or(0)))
+        };
+        let merged = match merge_outputs(&reply.outputs, k_for) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = ClusterError::Protocol(e);
+                self.fail(&e);
+                return Err(e);
+            }
+        };
+        let now = Instant::now();
+        for m in merged {
+            let Some(s) = by_seq.get(&m.seq_id) else {
+                let e = ClusterError::Protocol(format!("an answer for unknown sequence {}", m.seq_id));
+                self.fail(&e);
+                return Err(e);
+            };
+            if !self.live.contains_key(&s.req) {
+                continue;
+            }
+            self.take_rows(s, m.rows, now);
+        }
+        self.gauges();
+        Ok(true)
+    }
+
+    /// The workers' view of a scheduled sequence.
+    fn work(&self, s: &Scheduled) -> SeqWork {
+        let l = self.live.get(&s.req);
+        let req = l.map(|l| &l.req);
+        let logprobs = req.map_or(0, |r| r.logprobs.unwrap_or(0).max(usize::from(r.logprobs.is_some() || r.prompt_logprobs)));
+        let targets = if s.logits == LogitsWanted::All {
+            let prompt = req.map_or(&[][..], |r| &r.prompt_ids[..]);
+            (0..s.tokens.len()).map(|i| prompt.get(s.start_pos + i + 1).copied().unwrap_or(0)).collect()
+        } else {
+            Vec::new()
+        };
+        SeqWork {
+            seq_id: s.seq_id,
+            tokens: s.tokens.clone(),
+            start_pos: s.start_pos,
+            logits: s.logits,
+            sampling: s.starts.then(|| req.map(|r| r.sampling).unwrap_or_default()),
+            sample_step: if s.logits == LogitsWanted::All { 0 } else { s.generated as u64 },
+            logprobs,
+            blocks: s.blocks.clone(),
+            prompt_len: s.prompt_len,
+            penalties: req.map(|r| r.penalties).unwrap_or_default(),
+            targets,
+        }
+    }
+
+    /// Adds one step's costs to the statistics and metrics.
+    fn account(&mut self, reply: &crate::StepReply, took: f64) {
+        let st = &mut self.stats;
+        st.steps += 1;
+        st.step_ms += took * 1e3;
+        st.request_bytes += reply.request_bytes;
+        st.response_bytes += reply.response_bytes;
+        for o in &reply.outputs {
+            if st.ranks.len() <= o.rank {
+                st.ranks.resize_with(o.rank + 1, RankTime::default);
+            }
+            let r = &mut st.ranks[o.rank];
+            r.rank = o.rank;
+            r.compute_ms += o.compute_us as f64 / 1e3;
+            r.comm_ms += o.comm_us as f64 / 1e3;
+            let rank = o.rank.to_string();
+            metrics::histogram!("tpserve_rank_comm_seconds", "rank" => rank.clone()).record(o.comm_us as f64 / 1e6);
+            metrics::histogram!("tpserve_rank_compute_seconds", "rank" => rank).record(o.compute_us as f64 / 1e6);
+        }
+    }
+
+    /// Handles the rows one sequence got back: prompt log-probabilities, then the next token.
+    fn take_rows(&mut self, s: &Scheduled, rows: Vec<tpserve_types::sampling::Candidates>, now: Instant) {
+        let id = s.req;
+        let end = s.start_pos + s.tokens.len();
+        let l = self.live.get_mut(&id).expect("checked by the caller");
+        let samples = s.logits != LogitsWanted::None && end == s.prompt_len + s.generated;
+        if s.logits == LogitsWanted::All {
+            // Row i predicts the prompt token at start_pos + i + 1.
+            if l.prompt_lp.is_empty() {
+                l.prompt_lp = vec![None; s.prompt_len];
+            }
+            let n = l.req.logprobs.unwrap_or(0);
+            for (i, row) in rows.iter().enumerate() {
+                let target = s.start_pos + i + 1;
+                if target < s.prompt_len && l.prompt_lp[target].is_none() {
+                    l.prompt_lp[target] = Some(Logprob { id: l.req.prompt_ids[target], logprob: row.target_logprob().map(|t| t.1), top: row.top_logprobs(n) });
+                }
+            }
+            if end >= s.prompt_len && !l.prompt_sent {
+                l.prompt_sent = true;
+                let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
+            }
+        }
+        if !samples {
+            return;
+        }
+        let Some(cands) = rows.last() else { return };
+        let token = cands.pick(&l.req.sampling, s.generated as u64);
+        l.sampled += 1;
+        metrics::counter!("tpserve_generation_tokens_total").increment(1);
+        match l.first_token {
+            None => {
+                l.first_token = Some(now);
+                metrics::histogram!("tpserve_time_to_first_token_seconds").record((now - l.arrived).as_secs_f64());
+            }
+            Some(_) => {
+                if let Some(prev) = l.last_token {
+                    metrics::histogram!("tpserve_inter_token_latency_seconds").record((now - prev).as_secs_f64());
+                }
+            }
+        }
+        l.last_token = Some(now);
+        if !l.req.ignore_eos && self.tok.is_eog(token) {
+            return self.end(id, FinishReason::Stop);
+        }
+        l.out_ids.push(token);
+        let lp = l.req.logprobs.map(|n| Logprob { id: token, logprob: cands.logprob(token), top: cands.top_logprobs(n) });
+        let pushed = l.text.push(token);
+        let (text, stopped) = (pushed.new_text.to_string(), pushed.stopped);
+        let sent = l.events.send(Event::Delta { text, tokens: lp.map_or_else(Vec::new, |lp| vec![lp]) }).is_ok();
+        if stopped {
+            return self.end(id, FinishReason::Stop);
+        }
+        if !sent {
+            return self.abort(id);
+        }
+        let ctx = self.sched.config().context_len;
+        if l.out_ids.len() >= l.req.max_tokens || l.req.prompt_ids.len() + l.out_ids.len() >= ctx {
+            return self.end(id, FinishReason::Length);
+        }
+        self.sched.append(id, token);
+    }
+
+    /// Ends request `id`: flushes its text, sends the summary, frees its sequence.
+    fn end(&mut self, id: ReqId, mut finish: FinishReason) {
+        let Some(mut l) = self.live.remove(&id) else { return };
+        self.sched.finish(id);
+        let (rest, stopped) = l.text.finish();
+        if !rest.is_empty() {
+            let _ = l.events.send(Event::Delta { text: rest.to_string(), tokens: Vec::new() });
+        }
+        if stopped {
+            finish = FinishReason::Stop;
+        }
+        let now = Instant::now();
+        let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - l.arrived).as_secs_f64());
+        let e2e = (now - l.arrived).as_secs_f64();
+        metrics::histogram!("tpserve_e2e_request_latency_seconds").record(e2e);
+        let reason = match finish {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "abort",
+        };
+        metrics::counter!("tpserve_request_success_total", "finished_reason" => reason).increment(1);
+        if l.req.prompt_logprobs && !l.prompt_sent {
+            let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
+        }
+        let summary = Summary {
+            finish_reason: finish,
+            text: l.text.into_text(),
+            output_ids: l.out_ids,
+            prompt_tokens: l.req.prompt_ids.len(),
+            completion_tokens: l.sampled,
+            cached_tokens: l.cached,
+            queue_s: secs(l.scheduled),
+            ttft_s: secs(l.first_token),
+            e2e_s: e2e,
+        };
+        let _ = l.events.send(Event::Done(summary));
+    }
+
+    /// Ends every live request with `why` (the server is shutting down).
+    pub fn fail_all(&mut self, why: &str) {
+        let ids: Vec<ReqId> = self.live.keys().copied().collect();
+        for id in ids {
+            if let Some(l) = self.live.remove(&id) {
+                let _ = l.events.send(Event::Error(why.to_string()));
+            }
+            self.sched.finish(id);
+        }
+        self.gauges();
+    }
+
+    /// A step failed: every live request gets the error. A refused step leaves the cluster
+    /// healthy (the workers forget the requests' sequences with the next step); any other
+    /// failure means the cluster cannot serve any more.
+    fn fail(&mut self, e: &ClusterError) {
+        if !matches!(e, ClusterError::Rejected(_)) {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        self.fail_all(&e.to_string());
+    }
+
+    fn gauges(&self) {
+        let st = self.sched.stats();
+        metrics::gauge!("tpserve_num_requests_running").set(st.running as f64);
+        metrics::gauge!("tpserve_num_requests_waiting").set(st.waiting as f64);
+        let full = self.sched.config().kv.groups.iter().position(|g| g.window.is_none()).unwrap_or(0);
+        if let (Some(&u), Some(&t)) = (st.blocks_used.get(full), st.blocks_total.get(full)) {
+            metrics::gauge!("tpserve_kv_cache_usage_perc").set(if t > 0 { u as f64 / t as f64 } else { 0.0 });
+        }
+        for (g, (&u, &t)) in st.blocks_used.iter().zip(&st.blocks_total).enumerate() {
+            metrics::gauge!("tpserve_kv_cache_blocks_free", "group" => g.to_string()).set((t - u) as f64);
+        }
+        metrics::counter!("tpserve_prefix_cache_queries_total").absolute(st.prefix_queries);
+        metrics::counter!("tpserve_prefix_cache_hits_total").absolute(st.prefix_hits);
+    }
+}

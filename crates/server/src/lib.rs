@@ -1,0 +1,209 @@
+//! `tpserve-server`: the coordinator's HTTP face, OpenAI-compatible.
+//!
+//! - `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming),
+//!   `GET /v1/models`; optional Bearer API key on `/v1/*`.
+//! - `GET /health` (the process answers), `GET /ready` (every worker loaded and a real step
+//!   succeeded within the last few seconds; not while draining), `GET /metrics` (Prometheus).
+//!
+//! One task owns the [`Engine`] (and through it the cluster); handlers hand it requests over
+//! a channel and read each request's events from its own channel, so a slow or vanished
+//! client never holds up a step, and a dropped receiver cancels its request.
+
+mod error;
+pub mod openai;
+mod routes;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::{mpsc, oneshot};
+use tpserve_coordinator::{Backend, Engine, EngineConfig, Event, Request};
+use tpserve_model::tokenizer::Tokenizer;
+use tpserve_scheduler::AddError;
+
+pub use error::ApiError;
+
+/// What the server knows about the model it serves.
+pub struct ServedModel {
+    /// The id clients name in `model` (and `GET /v1/models` lists).
+    pub name: String,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: String,
+    pub context_len: usize,
+}
+
+/// How the server behaves.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub api_key: Option<String>,
+    /// When idle, a probe step goes to every worker this often.
+    pub probe_every: Duration,
+    /// Ready only if a step or probe succeeded within this.
+    pub ready_within: Duration,
+    /// After a shutdown signal, in-flight requests get this long to finish.
+    pub drain_for: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { api_key: None, probe_every: Duration::from_secs(2), ready_within: Duration::from_secs(10), drain_for: Duration::from_secs(30) }
+    }
+}
+
+/// What the engine task publishes for `/ready`.
+#[derive(Debug, Clone, Default)]
+struct Status {
+    failed: Option<String>,
+    last_ok: Option<Instant>,
+    draining: bool,
+}
+
+enum Cmd {
+    Submit { req: Request, events: mpsc::UnboundedSender<Event>, reply: oneshot::Sender<Result<(), ApiError>> },
+    /// Ends every live request with this error.
+    FailAll(String),
+}
+
+/// Shared by the handlers.
+struct AppState {
+    model: ServedModel,
+    opts: ServerOptions,
+    limits: openai::Limits,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    status: Arc<Mutex<Status>>,
+    prometheus: PrometheusHandle,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl AppState {
+    fn status(&self) -> Status {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Queues `req`; its events arrive on the returned receiver.
+    async fn submit(&self, req: Request) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let st = self.status();
+        if st.draining {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        if let Some(f) = st.failed {
+            return Err(ApiError::unavailable(format!("the cluster cannot serve: {f}")));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        self.cmds.send(Cmd::Submit { req, events: tx, reply }).map_err(|_| ApiError::unavailable("the engine has stopped"))?;
+        answer.await.map_err(|_| ApiError::unavailable("the engine has stopped"))??;
+        Ok(rx)
+    }
+}
+
+/// The Prometheus recorder of this process (installed once).
+fn prometheus() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let seconds = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0];
+    let tokens = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+    let h = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tpserve_step_tokens".into()), &tokens))
+        .context("cannot configure the metrics")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| h).clone())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: no new requests, in-flight
+/// ones get `opts.drain_for` to finish, then end with an error.
+pub async fn serve<B: Backend + 'static>(
+    listener: tokio::net::TcpListener,
+    backend: B,
+    model: ServedModel,
+    engine: EngineConfig,
+    opts: ServerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let prometheus = prometheus()?;
+    let kv_tokens = engine.scheduler.kv.token_capacity();
+    let limits = openai::Limits { context_len: engine.scheduler.context_len.min(model.context_len), kv_tokens };
+    let (cmds, rx) = mpsc::unbounded_channel();
+    let status = Arc::new(Mutex::new(Status::default()));
+    let tok = model.tokenizer.clone();
+    let engine_task = tokio::spawn(engine_loop(backend, tok, engine, rx, status.clone(), opts.clone()));
+    let state = Arc::new(AppState { model, opts: opts.clone(), limits, cmds: cmds.clone(), status: status.clone(), prometheus, next_id: 0.into() });
+    let app = routes::router(state);
+    let drain_for = opts.drain_for;
+    let graceful = async move {
+        shutdown.await;
+        status.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
+        tracing::info!("shutting down: draining in-flight requests");
+        let cmds = cmds.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(drain_for).await;
+            let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
+        });
+    };
+    axum::serve(listener, app).with_graceful_shutdown(graceful).await.context("the HTTP server failed")?;
+    engine_task.abort();
+    Ok(())
+}
+
+/// The task that owns the engine: takes requests, runs steps while there is work, probes
+/// the workers while there is none.
+async fn engine_loop<B: Backend>(backend: B, tok: Arc<Tokenizer>, cfg: EngineConfig, mut rx: mpsc::UnboundedReceiver<Cmd>, status: Arc<Mutex<Status>>, opts: ServerOptions) {
+    let mut engine = Engine::new(backend, &tok, cfg);
+    let publish = |engine: &Engine<'_, B>| {
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        st.failed = engine.failed().map(str::to_string);
+        st.last_ok = engine.last_ok();
+    };
+    let handle = |engine: &mut Engine<'_, B>, cmd: Cmd| match cmd {
+        Cmd::Submit { req, events, reply } => {
+            let r = match engine.failed() {
+                Some(f) => Err(ApiError::unavailable(format!("the cluster cannot serve: {f}"))),
+                None => engine.add(req, events).map(|_| ()).map_err(|e| match e {
+                    AddError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry later")),
+                    AddError::Duplicate(_) => ApiError::unavailable(e.to_string()),
+                    AddError::EmptyPrompt => ApiError::invalid(Some("prompt"), e.to_string()),
+                    AddError::TooLong { .. } | AddError::TooBig { .. } => ApiError::invalid(Some("max_tokens"), e.to_string()).with_code("context_length_exceeded"),
+                }),
+            };
+            let _ = reply.send(r);
+        }
+        Cmd::FailAll(why) => engine.fail_all(&why),
+    };
+    let _ = engine.probe().await;
+    publish(&engine);
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => handle(&mut engine, cmd),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
+        if engine.has_work() {
+            if let Err(e) = engine.step().await {
+                tracing::warn!(error = %e, "step failed");
+            }
+        } else {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => handle(&mut engine, cmd),
+                    None => return,
+                },
+                _ = tokio::time::sleep(opts.probe_every) => {
+                    if engine.failed().is_none() {
+                        if let Err(e) = engine.probe().await {
+                            tracing::warn!(error = %e, "probe failed");
+                        }
+                    }
+                }
+            }
+        }
+        publish(&engine);
+    }
+}
