@@ -145,7 +145,7 @@ fn pid_alive(pid: u32) -> bool {
 /// `tpserve up --tp tp --pp pp --threads 1 --model model`, waited on until it serves.
 fn up(model: &Path, tp: usize, pp: usize, extra: &[&str]) -> Proc {
     let mut cmd = bin();
-    cmd.args(["up", "--tp", &tp.to_string(), "--pp", &pp.to_string(), "--threads", "1", "--model"]).arg(model).args(extra);
+    cmd.args(["up", "--stdin", "--tp", &tp.to_string(), "--pp", &pp.to_string(), "--threads", "1", "--model"]).arg(model).args(extra);
     let mut p = Proc::spawn(cmd);
     p.wait_stderr("ready:");
     p
@@ -381,7 +381,7 @@ fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     let (_w0, a0) = worker(&[]);
     let (_w1, a1) = worker(&[]);
     let mut c = bin();
-    c.args(["coordinator", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
+    c.args(["coordinator", "--stdin", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
     let mut coord = Proc::spawn(c);
     let plan = coord.wait_stderr("plan: tp = 2");
     assert!(plan.contains("2 workers"), "{plan}");
@@ -396,7 +396,7 @@ fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let join_addr = format!("127.0.0.1:{port}");
     let mut c = bin();
-    c.args(["coordinator", "--tp", "2", "--join-listen", &join_addr, "--model"]).arg(&m);
+    c.args(["coordinator", "--stdin", "--tp", "2", "--join-listen", &join_addr, "--model"]).arg(&m);
     let mut coord = Proc::spawn(c);
     coord.wait_stderr("waiting for 2 workers");
     let (_j0, _) = worker(&["--join", &join_addr]);

@@ -14,7 +14,11 @@ fn every_crate_depends_only_on_the_crates_the_architecture_allows() {
         ("tpserve-worker", &["tpserve-types", "tpserve-proto", "tpserve-comm", "tpserve-model"][..]),
         // The coordinator does no tensor math: the model crate only for its tokenizer, and
         // neither the worker nor the collective.
-        ("tpserve-coordinator", &["tpserve-types", "tpserve-proto", "tpserve-model"][..]),
+        ("tpserve-coordinator", &["tpserve-types", "tpserve-proto", "tpserve-model", "tpserve-scheduler"][..]),
+        // The scheduler is pure bookkeeping: plain types only.
+        ("tpserve-scheduler", &["tpserve-types"][..]),
+        // The HTTP server talks to the engine, never to workers or tensors.
+        ("tpserve-server", &["tpserve-types", "tpserve-model", "tpserve-coordinator", "tpserve-scheduler"][..]),
     ]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)

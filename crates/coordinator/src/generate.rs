@@ -112,14 +112,20 @@ pub async fn generate_batch<B: Backend>(
         context_len: backend.context_len(),
         prefix_caching: opts.prefix_caching,
     };
+    let backend_ctx = scheduler.context_len;
     let mut engine = Engine::new(&mut *backend, tok, EngineConfig { scheduler });
     let mut rxs = Vec::with_capacity(reqs.len());
     let mut ids = Vec::with_capacity(reqs.len());
     for (i, r) in reqs.iter().enumerate() {
+        if r.prompt_ids.len() >= backend_ctx {
+            return Err(ClusterError::Rejected(format!("request {i}: the prompt is {} tokens, the context is {backend_ctx}", r.prompt_ids.len())));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
+        // Generation stops at the end of the context ("length"), as with a long max_tokens.
+        let room = backend_ctx.saturating_sub(r.prompt_ids.len());
         let req = Request {
             prompt_ids: r.prompt_ids.clone(),
-            max_tokens: r.max_tokens,
+            max_tokens: r.max_tokens.min(room),
             sampling: r.sampling,
             stop: r.stop.clone(),
             ignore_eos: r.ignore_eos,

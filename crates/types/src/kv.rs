@@ -64,7 +64,7 @@ impl KvLayout {
                 let layers = (0..windows.len()).filter(|&l| windows[l] == window).collect();
                 let blocks = match window {
                     None => full_blocks,
-                    Some(w) => (s.max_seqs.max(1) * (w.saturating_sub(1).div_ceil(bs) + 2) + s.max_chunk.div_ceil(bs)).min(full_blocks),
+                    Some(w) => s.max_seqs.max(1).saturating_mul(w.saturating_sub(1).div_ceil(bs).saturating_add(2)).saturating_add(s.max_chunk.div_ceil(bs)).min(full_blocks),
                 };
                 KvGroup { window, layers, blocks }
             })
@@ -75,7 +75,7 @@ impl KvLayout {
     /// Most blocks of a `window` group one sequence holds at once while computing up to
     /// `chunk` new positions.
     pub fn window_blocks(block_size: usize, window: usize, chunk: usize) -> usize {
-        (window.saturating_sub(1) + chunk.max(1)).div_ceil(block_size) + 1
+        window.saturating_sub(1).saturating_add(chunk.max(1)).div_ceil(block_size).saturating_add(1)
     }
 
     /// The group of model layer `layer`.
@@ -110,16 +110,16 @@ impl KvLayout {
         self.groups
             .iter()
             .map(|g| {
-                let n = g.layers.iter().filter(|l| layers.contains(l)).count();
-                (n * g.blocks * self.block_size * kv_dim * 2 * 4) as u64
+                let n = g.layers.iter().filter(|l| layers.contains(l)).count() as u64;
+                n.saturating_mul(g.blocks as u64).saturating_mul((self.block_size * kv_dim * 8) as u64)
             })
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 
     /// What [`KvLayout::bytes`] would be if every layer kept the full history.
     pub fn bytes_without_windows(&self, layers: &std::ops::Range<usize>, kv_dim: usize) -> u64 {
         let n = self.groups.iter().flat_map(|g| &g.layers).filter(|l| layers.contains(l)).count();
-        (n * self.token_capacity().div_ceil(self.block_size) * self.block_size * kv_dim * 2 * 4) as u64
+        (n as u64).saturating_mul(self.token_capacity() as u64).saturating_mul((kv_dim * 8) as u64)
     }
 }
 
