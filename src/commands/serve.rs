@@ -56,7 +56,7 @@ pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded
     let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len };
     let opts = tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
     eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
-    eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'");
+    let on_ready = move || eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'");
     let shutdown = async {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -72,7 +72,7 @@ pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded
         }
         eprintln!("stopping: finishing in-flight requests");
     };
-    tpserve_server::serve(listener, backend, model, engine, opts, shutdown).await
+    tpserve_server::serve(listener, backend, model, engine, opts, shutdown, on_ready).await
 }
 
 /// One request line.

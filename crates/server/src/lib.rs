@@ -117,7 +117,9 @@ fn prometheus() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: no new requests, in-flight
-/// ones get `opts.drain_for` to finish, then end with an error.
+/// ones get `opts.drain_for` to finish, then end with an error. `on_ready` is called once a
+/// first step has gone through every worker (requests are accepted from then on); if that
+/// first step fails, so does this.
 pub async fn serve<B: Backend + 'static>(
     listener: tokio::net::TcpListener,
     backend: B,
@@ -125,6 +127,7 @@ pub async fn serve<B: Backend + 'static>(
     engine: EngineConfig,
     opts: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let prometheus = prometheus()?;
     let kv_tokens = engine.scheduler.kv.token_capacity();
@@ -132,7 +135,13 @@ pub async fn serve<B: Backend + 'static>(
     let (cmds, rx) = mpsc::unbounded_channel();
     let status = Arc::new(Mutex::new(Status::default()));
     let tok = model.tokenizer.clone();
-    let engine_task = tokio::spawn(engine_loop(backend, tok, engine, rx, status.clone(), opts.clone()));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let engine_task = tokio::spawn(engine_loop(backend, tok, engine, rx, status.clone(), opts.clone(), ready_tx));
+    match ready_rx.await {
+        Ok(Ok(())) => on_ready(),
+        Ok(Err(e)) => anyhow::bail!("the first step through the workers failed: {e}"),
+        Err(_) => anyhow::bail!("the engine stopped before its first step"),
+    }
     let state = Arc::new(AppState { model, opts: opts.clone(), limits, cmds: cmds.clone(), status: status.clone(), prometheus, next_id: 0.into() });
     let app = routes::router(state);
     let drain_for = opts.drain_for;
@@ -153,7 +162,15 @@ pub async fn serve<B: Backend + 'static>(
 
 /// The task that owns the engine: takes requests, runs steps while there is work, probes
 /// the workers while there is none.
-async fn engine_loop<B: Backend>(backend: B, tok: Arc<Tokenizer>, cfg: EngineConfig, mut rx: mpsc::UnboundedReceiver<Cmd>, status: Arc<Mutex<Status>>, opts: ServerOptions) {
+async fn engine_loop<B: Backend>(
+    backend: B,
+    tok: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    status: Arc<Mutex<Status>>,
+    opts: ServerOptions,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
     let mut engine = Engine::new(backend, &tok, cfg);
     let publish = |engine: &Engine<'_, B>| {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -175,8 +192,9 @@ async fn engine_loop<B: Backend>(backend: B, tok: Arc<Tokenizer>, cfg: EngineCon
         }
         Cmd::FailAll(why) => engine.fail_all(&why),
     };
-    let _ = engine.probe().await;
+    let first = engine.probe().await.map_err(|e| e.to_string());
     publish(&engine);
+    let _ = ready.send(first);
     loop {
         loop {
             match rx.try_recv() {

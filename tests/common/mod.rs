@@ -1,0 +1,167 @@
+//! What the end-to-end tests share: the binary with a clean environment, a spawned process
+//! whose output lines arrive on channels (killed with every worker it reported when
+//! dropped), and tiny models written to a temporary directory.
+#![allow(dead_code)] // each test binary uses its own part of it
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use tpserve_model::testing::{tiny_gguf, TinySpec};
+
+/// Longest wait for any one answer or process exit.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
+    for v in ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "RUST_LOG", "TPSERVE_WORKERS", "TPSERVE_JOIN"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// A running process whose stdout lines and stderr lines arrive on channels.
+pub struct Proc {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub out: Receiver<String>,
+    pub err: Receiver<String>,
+    /// Every stderr line so far, for failure messages.
+    log: Arc<Mutex<String>>,
+    /// Worker pids it reported (`worker N: pid P ...`), killed on drop too.
+    pub pids: Vec<u32>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tpserve");
+        let stdin = child.stdin.take();
+        let log = Arc::new(Mutex::new(String::new()));
+        let lines = |r: Box<dyn std::io::Read + Send>, log: Option<Arc<Mutex<String>>>| {
+            let (tx, rx) = channel();
+            std::thread::spawn(move || {
+                for l in BufReader::new(r).lines().map_while(Result::ok) {
+                    if let Some(log) = &log {
+                        let mut g = log.lock().unwrap();
+                        g.push_str(&l);
+                        g.push('\n');
+                    }
+                    let _ = tx.send(l);
+                }
+            });
+            rx
+        };
+        let out = lines(Box::new(child.stdout.take().unwrap()), None);
+        let err = lines(Box::new(child.stderr.take().unwrap()), Some(log.clone()));
+        Proc { child, stdin, out, err, log, pids: Vec::new() }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a stderr line containing `needle`, remembering worker pids on the way.
+    pub fn wait_stderr(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            match self.err.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(pid) = l.strip_prefix("worker ").and_then(|r| r.split_once(": pid ")).and_then(|(_, p)| p.split_whitespace().next()?.parse().ok()) {
+                        self.pids.push(pid);
+                    }
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {needle:?} within {DEADLINE:?}; stderr:\n{}", self.log()),
+            }
+        }
+    }
+
+    /// Sends one request line and waits for its answer line.
+    pub fn ask(&mut self, req: &Value) -> Value {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{req}").and_then(|()| stdin.flush()).expect("write request");
+        self.answer(DEADLINE)
+    }
+
+    pub fn answer(&mut self, within: Duration) -> Value {
+        match self.out.recv_timeout(within) {
+            Ok(l) => serde_json::from_str(&l).unwrap_or_else(|e| panic!("answer {l:?} is not JSON: {e}")),
+            Err(_) => panic!("no answer within {within:?}; stderr:\n{}", self.log()),
+        }
+    }
+
+    /// Waits up to `within` for the process to exit; `why` says what should have ended it.
+    pub fn wait_exit(&mut self, within: Duration, why: &str) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(start.elapsed() < within, "tpserve did not exit after {why} within {within:?}; stderr:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Closes stdin and waits for the exit status.
+    pub fn finish(mut self) -> (Option<i32>, String) {
+        drop(self.stdin.take());
+        let code = self.wait_exit(DEADLINE, "its stdin closed");
+        (code, self.log())
+    }
+}
+
+/// Waits up to `within` for process `pid` to be gone.
+pub fn wait_gone(pid: u32, within: Duration) {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        assert!(start.elapsed() < within, "process {pid} did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for &pid in &self.pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+}
+
+pub fn tiny(dir: &TempDir, name: &str, spec: &TinySpec) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, tiny_gguf(spec)).unwrap();
+    p
+}
+
+
+/// The default model, fetched on first use; None with TPSERVE_SKIP_MODEL=1.
+pub fn default_model() -> Option<PathBuf> {
+    if std::env::var("TPSERVE_SKIP_MODEL").as_deref() == Ok("1") {
+        eprintln!("skipping: TPSERVE_SKIP_MODEL=1");
+        return None;
+    }
+    static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    Some(MODEL.get_or_init(|| tpserve_model::fetch::fetch_default(false).expect("fetch the default model")).clone())
+}
+
+pub fn shared_prompts(n: usize) -> Vec<String> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/reference/greedy.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    text.lines().filter(|l| !l.trim().is_empty()).take(n).map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].as_str().unwrap().to_string()).collect()
+}
+
