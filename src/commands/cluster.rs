@@ -26,9 +26,10 @@ use super::Loaded;
 #[derive(Args, Debug, Clone)]
 pub struct ParallelArgs {
     /// Tensor-parallel ranks per pipeline stage (attention heads, FFN columns and the
-    /// vocabulary are split over them).
-    #[arg(long, default_value_t = 1, env = "TPSERVE_TP")]
-    pub tp: usize,
+    /// vocabulary are split over them). Default 1; for `up`, as many as there are cores
+    /// (the largest the model allows).
+    #[arg(long, env = "TPSERVE_TP")]
+    pub tp: Option<usize>,
     /// Pipeline stages (contiguous layer ranges balanced by bytes).
     #[arg(long, default_value_t = 1, env = "TPSERVE_PP")]
     pub pp: usize,
@@ -43,7 +44,23 @@ impl ParallelArgs {
     /// would work, before any worker is started.
     pub fn plan(&self, loaded: &Loaded) -> Result<Plan> {
         let shape = model_shape(&loaded.gguf).context("cannot read the model's shape")?;
-        Plan::new(shape, self.tp, self.pp).map_err(|e| anyhow!("--tp {} --pp {}: {e}", self.tp, self.pp))
+        let tp = self.tp.unwrap_or(1);
+        Plan::new(shape, tp, self.pp).map_err(|e| anyhow!("--tp {tp} --pp {}: {e}", self.pp))
+    }
+
+    /// Like [`ParallelArgs::plan`], but without --tp the largest tp the model allows within
+    /// the machine's cores (one compute thread per worker at least).
+    pub fn plan_for_machine(&self, loaded: &Loaded) -> Result<Plan> {
+        if self.tp.is_some() {
+            return self.plan(loaded);
+        }
+        let shape = model_shape(&loaded.gguf).context("cannot read the model's shape")?;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let fits = (1..=(cores / self.pp.max(1)).max(1)).rev().find_map(|tp| Plan::new(shape.clone(), tp, self.pp).ok());
+        match fits {
+            Some(p) => Ok(p),
+            None => self.plan(loaded),
+        }
     }
 
     pub fn timeouts(&self) -> Timeouts {

@@ -103,7 +103,7 @@ async fn wait_for_joins(listen: &str, n: usize) -> Result<Vec<String>> {
 
 pub fn run_up(args: UpArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model)?;
-    let plan = args.parallel.plan(&loaded)?;
+    let plan = args.parallel.plan_for_machine(&loaded)?;
     let threads = threads_per_worker(args.model.threads, plan.world())?;
     let model_path = worker_model_path(args.model.model.as_deref())?;
     let kv = kv_for(&loaded, &args.serving)?;

@@ -117,8 +117,7 @@ pub fn merge_outputs(outputs: &[StepOutput], k_for: impl Fn(SeqId) -> usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::BlockId;
-use crate::sampling::{Candidates, Penalties};
+    use crate::sampling::Candidates;
 
     fn out(rank: usize, seqs: Vec<(SeqId, Vec<f32>, u32)>) -> StepOutput {
         let p = SamplingParams::default();
