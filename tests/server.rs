@@ -208,6 +208,23 @@ fn health_ready_models_metrics_and_the_api_key() {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
     assert_eq!(metric(&text, "tpserve_generation_tokens_total"), 4.0);
+
+    // Chat reports each token's log-probability and alternatives.
+    let post = |body: Value, path: &str| {
+        let (code, v) = s.post_raw(path, &body.to_string(), Some("sesame"));
+        assert_eq!(code, 200, "{v}");
+        v
+    };
+    let chat = post(json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2, "temperature": 0, "ignore_eos": true}), "/v1/chat/completions");
+    let content = chat["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3, "{chat}");
+    for c in content {
+        let lp = c["logprob"].as_f64().unwrap();
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one.
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6 && lp <= 0.0, "{c}");
+    }
 }
 
 #[test]
@@ -349,6 +366,17 @@ fn thirty_two_concurrent_greedy_requests_return_what_each_returns_alone() {
     }
     // And the same as one process without any server.
     assert_eq!(alone[0], generate_alone(&m, &["--prompt", &prompts[0], "--max-tokens", "12", "--ignore-eos"]));
+}
+
+#[test]
+fn presence_and_frequency_penalties_break_greedy_repetition() {
+    let Some(m) = default_model() else { return };
+    let s = serve(&m, 2, &[]);
+    let body = |pen: f64| json!({"prompt": "The the the the", "max_tokens": 8, "temperature": 0, "ignore_eos": true, "frequency_penalty": pen, "presence_penalty": pen});
+    let plain = s.text(&body(0.0));
+    assert_eq!(plain, " the".repeat(8), "the unpenalised text should repeat");
+    let penalised = s.text(&body(2.0));
+    assert!(penalised.matches(" the").count() <= 1, "{penalised:?}");
 }
 
 #[test]

@@ -323,6 +323,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn penalties_lower_generated_tokens_in_this_slice_only() {
+        let counts = std::collections::HashMap::from([(10, 3), (12, 1), (40, 2)]);
+        let mut l = vec![1.0f32; 4]; // ids 10..14
+        Penalties { presence: 0.5, frequency: 0.25 }.apply(&mut l, 10, &counts);
+        assert_eq!(l, [1.0 - 0.5 - 0.75, 1.0, 1.0 - 0.5 - 0.25, 1.0]);
+        let mut l = vec![1.0f32; 4];
+        Penalties::default().apply(&mut l, 10, &counts);
+        assert_eq!(l, [1.0; 4]);
+    }
+
+    #[test]
     fn greedy_picks_the_argmax_and_breaks_ties_low() {
         let p = SamplingParams::default();
         assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &p, 0), 1);
