@@ -372,3 +372,25 @@ fn four_tokens<A>(k: &super::kernels::DotKernels<A>, w: &[u8], a: [&[A]; 4]) -> 
     (k.rows4)(w, w.len(), a, &mut out);
     out[0]
 }
+
+/// Throughput of batched matmuls in the shapes of a decode step (one thread):
+/// `cargo test -p tpserve-model --release -- --ignored --nocapture matmul_throughput`.
+#[test]
+#[ignore]
+fn matmul_throughput() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    for (dtype, rows, cols) in [(GgmlDType::Q8_0, 131072, 640), (GgmlDType::Q5_0, 2048, 640), (GgmlDType::Q4_K, 2048, 1024)] {
+        let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(dtype, cols, &mut rng, false)).collect();
+        let m = QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
+        for n in [1, 8, 32] {
+            let x = random_floats(&mut rng, n * cols);
+            let mut out = vec![0f32; n * rows];
+            let reps = (2_000_000_000 / (rows * cols * n)).max(1);
+            let t = std::time::Instant::now();
+            pool.install(|| (0..reps).for_each(|_| m.matmul(&x, n, &mut out)));
+            let s = t.elapsed().as_secs_f64();
+            println!("{dtype:?} {rows}x{cols} n={n}: {:.2} GMAC/s", (reps * rows * cols * n) as f64 / s / 1e9);
+        }
+    }
+}
