@@ -209,6 +209,11 @@ fn health_ready_models_metrics_and_the_api_key() {
     }
     assert_eq!(metric(&text, "tpserve_generation_tokens_total"), 4.0);
 
+    // Sampled tokens have log-probabilities too, also when they are not the most likely.
+    let (code, v) = s.post_raw("/v1/completions", &json!({"prompt": "a b", "max_tokens": 16, "temperature": 2, "seed": 9, "logprobs": 1, "ignore_eos": true}).to_string(), Some("sesame"));
+    assert_eq!(code, 200, "{v}");
+    let lps = v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(lps.len() == 16 && lps.iter().all(|l| l.as_f64().is_some_and(|x| x <= 0.0)), "{v}");
     // Chat reports each token's log-probability and alternatives.
     let post = |body: Value, path: &str| {
         let (code, v) = s.post_raw(path, &body.to_string(), Some("sesame"));

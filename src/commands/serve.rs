@@ -53,7 +53,7 @@ pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded
         .await
         .with_context(|| format!("--host {} --port {}: cannot listen there", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len };
+    let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len, vocab: cfg.vocab };
     let opts = tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
     eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
     let on_ready = move || eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'");

@@ -236,7 +236,14 @@ impl<'t, B: Backend> Engine<'t, B> {
         let reply = match self.backend.step(&plan).await {
             Ok(r) => r,
             Err(e) => {
-                self.fail(&e);
+                if matches!(e, ClusterError::Rejected(_)) {
+                    // Every rank refused the step and changed nothing: only this step's
+                    // requests fail; the others go on.
+                    let ids: Vec<ReqId> = batch.seqs.iter().map(|s| s.req).collect();
+                    self.fail_some(&ids, &e.to_string());
+                } else {
+                    self.fail(&e);
+                }
                 return Err(e);
             }
         };
@@ -261,6 +268,21 @@ impl<'t, B: Backend> Engine<'t, B> {
                 return Err(e);
             }
         };
+        // Every sequence that wanted logits must have exactly its rows: anything else means
+        // the ranks ran something other than the plan.
+        let answered: HashMap<SeqId, usize> = merged.iter().map(|m| (m.seq_id, m.rows.len())).collect();
+        for s in &batch.seqs {
+            let want = match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => s.tokens.len(),
+            };
+            if answered.get(&s.seq_id).copied().unwrap_or(0) != want {
+                let e = ClusterError::Protocol(format!("sequence {} wanted {want} rows of logits and got {:?}", s.seq_id, answered.get(&s.seq_id)));
+                self.fail(&e);
+                return Err(e);
+            }
+        }
         let now = Instant::now();
         for m in merged {
             let Some(s) = by_seq.get(&m.seq_id) else {
@@ -294,7 +316,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             start_pos: s.start_pos,
             logits: s.logits,
             sampling: s.starts.then(|| req.map(|r| r.sampling).unwrap_or_default()),
-            sample_step: if s.logits == LogitsWanted::All { 0 } else { s.generated as u64 },
+            sample_step: s.generated as u64,
             logprobs,
             blocks: s.blocks.clone(),
             prompt_len: s.prompt_len,
@@ -428,7 +450,12 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// Ends every live request with `why` (the server is shutting down).
     pub fn fail_all(&mut self, why: &str) {
         let ids: Vec<ReqId> = self.live.keys().copied().collect();
-        for id in ids {
+        self.fail_some(&ids, why);
+    }
+
+    /// Ends requests `ids` with `why`.
+    fn fail_some(&mut self, ids: &[ReqId], why: &str) {
+        for &id in ids {
             if let Some(l) = self.live.remove(&id) {
                 let _ = l.events.send(Event::Error(why.to_string()));
             }

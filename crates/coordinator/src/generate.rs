@@ -154,7 +154,9 @@ pub async fn generate_batch<B: Backend>(
         if !engine.has_work() {
             break;
         }
-        engine.step().await?;
+        if !engine.step().await? {
+            return Err(ClusterError::Protocol("the scheduler has work but formed no step".into()));
+        }
     }
     let stats = engine.stats().clone();
     let outputs = outputs.into_iter().map(|o| o.expect("every request ends with a summary")).collect();

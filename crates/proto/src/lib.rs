@@ -123,6 +123,7 @@ impl From<&Candidates> for v1::Candidates {
             lse_t: c.lse_t,
             gumbel_id: c.gumbel.map(|g| g.0),
             gumbel_value: c.gumbel.map_or(0.0, |g| g.1),
+            gumbel_logit: c.gumbel_logit,
             target_id: c.target.map(|t| t.0),
             target_logit: c.target.map_or(0.0, |t| t.1),
         }
@@ -140,6 +141,7 @@ impl TryFrom<v1::Candidates> for Candidates {
             lse: c.lse,
             lse_t: c.lse_t,
             gumbel: c.gumbel_id.map(|id| (id, c.gumbel_value)),
+            gumbel_logit: c.gumbel_logit,
             target: c.target_id.map(|id| (id, c.target_logit)),
         })
     }
@@ -279,7 +281,7 @@ mod tests {
         assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
         let out = StepOutput {
             rank: 1,
-            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)), target: Some((8, -1.0)) }] }],
+            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)), gumbel_logit: 1.25, target: Some((8, -1.0)) }] }],
             compute_us: 10,
             comm_us: 3,
         };

@@ -468,8 +468,8 @@ impl Scheduler {
         }
     }
 
-    /// The longest cached prefix of `s` that every group can start from: whole blocks, at
-    /// most all tokens but the last (whose logits are needed), with a windowed group needing
+    /// The longest cached prefix of `s` that every group can start from: whole blocks of the
+    /// prompt, at most all tokens but the last (whose logits are needed), with a windowed group needing
     /// only the blocks a query right after the prefix sees.
     fn prefix_hit(&self, s: &Seq) -> Hit {
         let groups = self.pools.len();
@@ -478,7 +478,9 @@ impl Scheduler {
             return none;
         }
         let bs = self.cfg.kv.block_size;
-        let max_blocks = ((s.tokens.len() - 1) / bs).min(s.hashes.len());
+        // Within the prompt: a sequence recomputed after preemption recomputes what it had
+        // generated, so the workers see (and count, for penalties) every generated token.
+        let max_blocks = ((s.tokens.len() - 1).min(s.prompt_len) / bs).min(s.hashes.len());
         // Full-attention groups need every block: how far the chain goes.
         let mut m = max_blocks;
         for (g, group) in self.cfg.kv.groups.iter().enumerate() {

@@ -32,6 +32,8 @@ pub struct ServedModel {
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: String,
     pub context_len: usize,
+    /// Token ids the model has embeddings for.
+    pub vocab: usize,
 }
 
 /// How the server behaves.
@@ -204,8 +206,11 @@ async fn engine_loop<B: Backend>(
             }
         }
         if engine.has_work() {
-            if let Err(e) = engine.step().await {
-                tracing::warn!(error = %e, "step failed");
+            match engine.step().await {
+                Ok(true) => {}
+                // Work that no step can make progress on would be a bug: never spin on it.
+                Ok(false) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                Err(e) => tracing::warn!(error = %e, "step failed"),
             }
         } else {
             tokio::select! {

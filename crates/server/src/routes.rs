@@ -172,8 +172,9 @@ async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Resul
     let (ids, text) = match r.prompt()? {
         Prompt::Text(t) => (tok.encode(&t, true, true), t),
         Prompt::Ids(ids) => {
-            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= tok.vocab_size()) {
-                return Err(ApiError::invalid(Some("prompt"), format!("token id {bad} is outside the vocabulary ({} tokens)", tok.vocab_size())));
+            let vocab = tok.vocab_size().min(state.model.vocab);
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return Err(ApiError::invalid(Some("prompt"), format!("token id {bad} is outside the vocabulary ({vocab} tokens)")));
             }
             let t = tok.decode(&ids);
             (ids, t)

@@ -161,6 +161,8 @@ pub struct Candidates {
     pub lse_t: f32,
     /// The Gumbel-max winner (id, logit / T + noise), for unrestricted temperature sampling.
     pub gumbel: Option<(TokenId, f32)>,
+    /// The Gumbel-max winner's raw logit (its log-probability when it is not in `top`).
+    pub gumbel_logit: f32,
     /// The raw logit of a token asked for by id (a prompt token's log-probability), from
     /// the rank whose slice holds it.
     pub target: Option<(TokenId, f32)>,
@@ -207,6 +209,7 @@ impl Candidates {
             let lse = logsumexp(logits.iter().copied());
             (lse, if greedy { lse } else { logsumexp(logits.iter().map(|l| l / t)) })
         };
+        let mut gumbel_logit = f32::NAN;
         let gumbel = (!greedy && !params.is_restricted()).then(|| {
             let mut best = (offset, f32::NEG_INFINITY);
             for (i, &l) in logits.iter().enumerate() {
@@ -214,11 +217,12 @@ impl Candidates {
                 let v = l / t + gumbel(params.seed, step, id);
                 if v > best.1 {
                     best = (id, v);
+                    gumbel_logit = l;
                 }
             }
             best
         });
-        Self { top, lse, lse_t, gumbel, target: None }
+        Self { top, lse, lse_t, gumbel, gumbel_logit, target: None }
     }
 
     /// Also reports the logit of `id` when this slice (ids `offset..offset + logits.len()`)
@@ -239,6 +243,7 @@ impl Candidates {
         let mut top = Vec::new();
         let (mut lses, mut lses_t) = (Vec::new(), Vec::new());
         let mut gum: Option<(TokenId, f32)> = None;
+        let mut gumbel_logit = f32::NAN;
         let mut target = None;
         for p in parts {
             target = target.or(p.target);
@@ -246,15 +251,18 @@ impl Candidates {
             lses.push(p.lse);
             lses_t.push(p.lse_t);
             if let Some(g) = p.gumbel {
-                gum = match gum {
-                    Some(b) if b.1 > g.1 || (b.1 == g.1 && b.0 < g.0) => Some(b),
-                    _ => Some(g),
-                };
+                match gum {
+                    Some(b) if b.1 > g.1 || (b.1 == g.1 && b.0 < g.0) => {}
+                    _ => {
+                        gum = Some(g);
+                        gumbel_logit = p.gumbel_logit;
+                    }
+                }
             }
         }
         top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         top.truncate(k);
-        Self { top, lse: logsumexp(lses.into_iter()), lse_t: logsumexp(lses_t.into_iter()), gumbel: gum, target }
+        Self { top, lse: logsumexp(lses.into_iter()), lse_t: logsumexp(lses_t.into_iter()), gumbel: gum, gumbel_logit, target }
     }
 
     /// The next token: the argmax when greedy, otherwise an exact sample of softmax(logit / T)
@@ -283,9 +291,12 @@ impl Candidates {
         pick.0
     }
 
-    /// log p(id) under the model's (temperature 1) distribution, if `id` is a candidate.
+    /// log p(id) under the model's (temperature 1) distribution, if `id` is a candidate or
+    /// the Gumbel-max winner.
     pub fn logprob(&self, id: TokenId) -> Option<f32> {
-        self.top.iter().find(|c| c.0 == id).map(|c| c.1 - self.lse)
+        let raw = self.top.iter().find(|c| c.0 == id).map(|c| c.1);
+        let raw = raw.or_else(|| self.gumbel.filter(|g| g.0 == id).map(|_| self.gumbel_logit));
+        raw.map(|l| l - self.lse).filter(|l| l.is_finite())
     }
 
     /// The `n` most likely tokens with their log-probabilities.
@@ -321,6 +332,26 @@ fn nucleus(scaled: impl Iterator<Item = f32>, lse: f32, top_p: f32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sampled_token_has_a_logprob_even_outside_the_reported_candidates() {
+        // Unrestricted temperature sampling reports one candidate (the argmax); the Gumbel
+        // winner may be another token, and its log-probability must still be known, also
+        // after merging vocabulary slices.
+        let logits: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams { temperature: 1.5, top_k: 0, top_p: 1.0, seed: 4 };
+        let lse = logsumexp(logits.iter().copied());
+        let mut outside = 0;
+        for step in 0..40 {
+            let parts = [Candidates::from_logits(&logits[..32], 0, &p, step, 1), Candidates::from_logits(&logits[32..], 32, &p, step, 1)];
+            let c = Candidates::merge(parts, 1);
+            let id = c.pick(&p, step);
+            outside += usize::from(c.top.iter().all(|t| t.0 != id));
+            let lp = c.logprob(id).expect("the sampled token's logprob");
+            assert!((lp - (logits[id as usize] - lse)).abs() < 1e-5);
+        }
+        assert!(outside > 0, "every sample was the argmax: the test tests nothing");
+    }
 
     #[test]
     fn penalties_lower_generated_tokens_in_this_slice_only() {

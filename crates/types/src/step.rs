@@ -33,8 +33,8 @@ pub struct SeqWork {
     pub logits: LogitsWanted,
     /// Given when the sequence starts; workers keep it.
     pub sampling: Option<SamplingParams>,
-    /// Index among the generated tokens of the token the first wanted row predicts (seeds
-    /// the sampling noise; row i of an `All` chunk uses `sample_step + i`).
+    /// Index among the generated tokens of the token the last row predicts (seeds the
+    /// sampling noise of every row; only the last row of a chunk is ever sampled from).
     pub sample_step: u64,
     /// Alternatives wanted per row for log-probabilities.
     pub logprobs: usize,

@@ -123,6 +123,11 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
         return Err(Status::invalid_argument(format!("the KV cache layout covers {} layers, the model has {}", kv.groups.iter().map(|g| g.layers.len()).sum::<usize>(), plan.shape.n_layers)));
     }
 
+    let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).map_err(|e| Status::failed_precondition(e.to_string()))?;
+    if let Some((l, w)) = kv.groups.iter().flat_map(|g| g.layers.iter().map(move |&l| (l, g.window))).find(|&(l, w)| l >= cfg.n_layers || cfg.window(l) != w) {
+        return Err(Status::invalid_argument(format!("the KV cache layout gives layer {l} window {w:?}, the model does not")));
+    }
+
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
     let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, connect_within, timeout)
         .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?

@@ -177,7 +177,7 @@ impl Shard {
                     .enumerate()
                     .map(|(i, row)| {
                         st.penalties.apply(row, vocab_start, &st.counts);
-                        let c = Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step + i as u64, w.logprobs);
+                        let c = Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step, w.logprobs);
                         match w.targets.get(i) {
                             Some(&t) => c.with_target(row, vocab_start, t),
                             None => c,
