@@ -229,14 +229,6 @@ fn bad_request_lines_get_error_lines_and_the_next_request_is_served() {
 }
 
 /// Starts a `tpserve worker` on a free loopback port; returns it and its address.
-fn worker(extra: &[&str]) -> (Proc, String) {
-    let mut c = bin();
-    c.args(["worker", "--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
-    let w = Proc::spawn(c);
-    let line = w.out.recv_timeout(DEADLINE).expect("the worker says where it listens");
-    let addr = line.split_once("listening on ").unwrap().1.split_whitespace().next().unwrap().to_string();
-    (w, addr)
-}
 
 #[test]
 fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {

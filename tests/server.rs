@@ -318,6 +318,33 @@ fn ready_turns_false_when_a_worker_is_lost_and_requests_get_503() {
 }
 
 #[test]
+fn http_answers_while_the_workers_load_and_ready_turns_true_only_after() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let (_w0, a0) = worker(&[]);
+    let (w1, a1) = worker(&[]);
+    // A frozen worker holds the load up.
+    assert!(Command::new("kill").args(["-STOP", &w1.child.id().to_string()]).status().unwrap().success());
+    let mut c = bin();
+    c.args(["coordinator", "--tp", "2", "--port", "0", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
+    let mut p = Proc::spawn(c);
+    let line = p.wait_stderr("serving ");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
+    let http = Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() };
+    assert_eq!(http.get("/health").0, 200);
+    let (code, body) = http.get("/ready");
+    assert_eq!(code, 503);
+    assert!(body.contains("loading"), "{body}");
+    let (code, v) = http.post("/v1/completions", &completion("a", 2));
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("loading"), "{v}");
+    assert!(Command::new("kill").args(["-CONT", &w1.child.id().to_string()]).status().unwrap().success());
+    p.wait_stderr("ready:");
+    assert_eq!(http.get("/ready").0, 200);
+    assert!(!http.text(&completion("a b", 3)).is_empty());
+}
+
+#[test]
 fn ctrl_c_lets_in_flight_requests_finish_then_stops_everything() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());

@@ -65,8 +65,8 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         if addrs.len() != plan.world() {
             bail!("--tp {} --pp {} needs {} workers, --workers names {}", plan.tp, plan.pp, plan.world(), addrs.len());
         }
-        let cluster = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
-        serve(cluster, &loaded, &args.serve, &args.serving).await
+        let load = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone());
+        serve(load, kv, &loaded, &args.serve, &args.serving).await
     })
 }
 
@@ -110,8 +110,8 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     super::block_on(async {
         let workers = LocalWorkers::spawn(plan.world(), threads).await?;
         let result = async {
-            let cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
-            serve(cluster, &loaded, &args.serve, &args.serving).await
+            let load = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone());
+            serve(load, kv, &loaded, &args.serve, &args.serving).await
         }
         .await;
         workers.stop(Duration::from_secs(5)).await;
@@ -127,15 +127,32 @@ fn kv_for(loaded: &Loaded, serving: &ServingArgs) -> Result<tpserve_types::kv::K
     Ok(kv)
 }
 
-/// Serves the loaded cluster (HTTP, or JSON lines with --stdin), then asks every worker to exit.
-async fn serve(mut cluster: tpserve_coordinator::Cluster, loaded: &Loaded, args: &ServeArgs, serving: &ServingArgs) -> Result<()> {
+/// Serves the cluster `load` gives (HTTP, or JSON lines with --stdin), then asks every
+/// worker to exit.
+async fn serve(
+    load: impl std::future::Future<Output = Result<tpserve_coordinator::Cluster>>,
+    kv: tpserve_types::kv::KvLayout,
+    loaded: &Loaded,
+    args: &ServeArgs,
+    serving: &ServingArgs,
+) -> Result<()> {
     if args.stdin {
+        let mut cluster = load.await?;
         let served = serve_lines(&mut cluster, &loaded.tokenizer).await;
         cluster.shutdown().await;
         return served;
     }
-    let workers = cluster.workers_handle();
-    let served = serve_http(cluster, loaded, args, serving).await;
-    workers.shutdown().await;
+    // The HTTP server owns the cluster once loaded; keep what is needed to stop its workers.
+    let workers = std::sync::Mutex::new(None);
+    let load = async {
+        let cluster = load.await?;
+        *workers.lock().unwrap_or_else(|p| p.into_inner()) = Some(cluster.workers_handle());
+        Ok(cluster)
+    };
+    let served = serve_http(load, kv, loaded, args, serving).await;
+    let handle = workers.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(w) = handle {
+        w.shutdown().await;
+    }
     served
 }

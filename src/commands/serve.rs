@@ -37,8 +37,15 @@ pub struct ServeArgs {
     pub stdin: bool,
 }
 
-/// Serves `backend` over HTTP until Ctrl-C (or SIGTERM), then drains.
-pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded, args: &ServeArgs, serving: &super::cluster::ServingArgs) -> Result<()> {
+/// Serves the backend `load` gives over HTTP until Ctrl-C (or SIGTERM), then drains.
+/// HTTP is up before `load` finishes: `/health` answers and `/ready` says "loading" meanwhile.
+pub async fn serve_http<B: Backend>(
+    load: impl std::future::Future<Output = Result<B>>,
+    kv: tpserve_types::kv::KvLayout,
+    loaded: &super::Loaded,
+    args: &ServeArgs,
+    serving: &super::cluster::ServingArgs,
+) -> Result<()> {
     let cfg = loaded.config()?;
     let tok = loaded.tokenizer.clone();
     let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
@@ -47,8 +54,7 @@ pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded
         Some(n) => n.clone(),
         None => loaded.path.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned()),
     };
-    let kv = backend.kv_layout().clone();
-    let engine = tpserve_coordinator::EngineConfig { scheduler: serving.scheduler(kv, backend.context_len()) };
+    let engine = tpserve_coordinator::EngineConfig { scheduler: serving.scheduler(kv, cfg.context_len) };
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("--host {} --port {}: cannot listen there", args.host, args.port))?;
@@ -72,7 +78,7 @@ pub async fn serve_http<B: Backend + 'static>(backend: B, loaded: &super::Loaded
         }
         eprintln!("stopping: finishing in-flight requests");
     };
-    tpserve_server::serve(listener, backend, model, engine, opts, shutdown, on_ready).await
+    tpserve_server::serve(listener, load, model, engine, opts, shutdown, on_ready).await
 }
 
 /// One request line.

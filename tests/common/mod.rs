@@ -165,3 +165,13 @@ pub fn shared_prompts(n: usize) -> Vec<String> {
     text.lines().filter(|l| !l.trim().is_empty()).take(n).map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].as_str().unwrap().to_string()).collect()
 }
 
+
+/// `tpserve worker --listen 127.0.0.1:0 --threads 1 extra..` and the address it listens on.
+pub fn worker(extra: &[&str]) -> (Proc, String) {
+    let mut c = bin();
+    c.args(["worker", "--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
+    let w = Proc::spawn(c);
+    let line = w.out.recv_timeout(DEADLINE).expect("the worker says where it listens");
+    let addr = line.split_once("listening on ").unwrap().1.split_whitespace().next().unwrap().to_string();
+    (w, addr)
+}

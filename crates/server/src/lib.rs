@@ -57,6 +57,8 @@ impl Default for ServerOptions {
 /// What the engine task publishes for `/ready`.
 #[derive(Debug, Clone, Default)]
 struct Status {
+    /// The workers are still loading.
+    loading: bool,
     failed: Option<String>,
     last_ok: Option<Instant>,
     draining: bool,
@@ -90,6 +92,9 @@ impl AppState {
         if st.draining {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
+        if st.loading {
+            return Err(ApiError::unavailable("the model is still loading; retry when /ready answers 200"));
+        }
         if let Some(f) = st.failed {
             return Err(ApiError::unavailable(format!("the cluster cannot serve: {f}")));
         }
@@ -119,12 +124,15 @@ fn prometheus() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: no new requests, in-flight
-/// ones get `opts.drain_for` to finish, then end with an error. `on_ready` is called once a
-/// first step has gone through every worker (requests are accepted from then on); if that
-/// first step fails, so does this.
-pub async fn serve<B: Backend + 'static>(
+/// ones get `opts.drain_for` to finish, then end with an error.
+///
+/// HTTP is up at once: while `load` (loading the workers) runs, `/health` answers and
+/// `/ready` and requests get 503 "loading". `on_ready` is called once a first step has gone
+/// through every worker; from then on requests are served. If loading or that first step
+/// fails, so does this.
+pub async fn serve<B: Backend>(
     listener: tokio::net::TcpListener,
-    backend: B,
+    load: impl std::future::Future<Output = anyhow::Result<B>>,
     model: ServedModel,
     engine: EngineConfig,
     opts: ServerOptions,
@@ -135,31 +143,48 @@ pub async fn serve<B: Backend + 'static>(
     let kv_tokens = engine.scheduler.kv.token_capacity();
     let limits = openai::Limits { context_len: engine.scheduler.context_len.min(model.context_len), kv_tokens };
     let (cmds, rx) = mpsc::unbounded_channel();
-    let status = Arc::new(Mutex::new(Status::default()));
+    let status = Arc::new(Mutex::new(Status { loading: true, ..Status::default() }));
     let tok = model.tokenizer.clone();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let engine_task = tokio::spawn(engine_loop(backend, tok, engine, rx, status.clone(), opts.clone(), ready_tx));
-    match ready_rx.await {
-        Ok(Ok(())) => on_ready(),
-        Ok(Err(e)) => anyhow::bail!("the first step through the workers failed: {e}"),
-        Err(_) => anyhow::bail!("the engine stopped before its first step"),
-    }
     let state = Arc::new(AppState { model, opts: opts.clone(), limits, cmds: cmds.clone(), status: status.clone(), prometheus, next_id: 0.into() });
     let app = routes::router(state);
     let drain_for = opts.drain_for;
+    let st = status.clone();
     let graceful = async move {
         shutdown.await;
-        status.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
+        st.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
         tracing::info!("shutting down: draining in-flight requests");
-        let cmds = cmds.clone();
         tokio::spawn(async move {
             tokio::time::sleep(drain_for).await;
             let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
         });
     };
-    axum::serve(listener, app).with_graceful_shutdown(graceful).await.context("the HTTP server failed")?;
-    engine_task.abort();
-    Ok(())
+    let http = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let engine = async {
+        let backend = load.await?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let run = engine_loop(backend, tok, engine, rx, status.clone(), opts.clone(), ready_tx);
+        tokio::pin!(run);
+        // The loop makes the first step; wait for its outcome while it runs.
+        tokio::select! {
+            _ = &mut run => anyhow::bail!("the engine stopped before its first step"),
+            first = ready_rx => match first {
+                Ok(Ok(())) => {
+                    status.lock().unwrap_or_else(|p| p.into_inner()).loading = false;
+                    on_ready();
+                }
+                Ok(Err(e)) => anyhow::bail!("the first step through the workers failed: {e}"),
+                Err(_) => anyhow::bail!("the engine stopped before its first step"),
+            },
+        }
+        // Until the server stops (which drops this future).
+        run.await;
+        Ok(())
+    };
+    tokio::pin!(engine);
+    tokio::select! {
+        r = http => r.context("the HTTP server failed"),
+        r = &mut engine => r,
+    }
 }
 
 /// The task that owns the engine: takes requests, runs steps while there is work, probes

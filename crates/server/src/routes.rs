@@ -54,6 +54,8 @@ async fn ready(State(state): St) -> Response {
     let fresh = st.last_ok.is_some_and(|t| t.elapsed() <= state.opts.ready_within);
     let (code, why) = if st.draining {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())
+    } else if st.loading {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading".to_string())
     } else if let Some(f) = st.failed {
         (StatusCode::SERVICE_UNAVAILABLE, f)
     } else if !fresh {
