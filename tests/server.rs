@@ -186,6 +186,11 @@ fn health_ready_models_metrics_and_the_api_key() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 4);
     assert_eq!(v["model"], "tiny");
+    // Token ids, also as a batch of one prompt.
+    for prompt in [json!([2, 7, 9]), json!([[2, 7, 9]])] {
+        let (code, v) = s.post_raw("/v1/completions", &json!({"prompt": prompt, "max_tokens": 2}).to_string(), Some("sesame"));
+        assert_eq!((code, v["usage"]["prompt_tokens"].as_u64()), (200, Some(3)), "{v}");
+    }
     let models = s.agent.get(&format!("{}/v1/models", s.url)).set("Authorization", "Bearer sesame").call().unwrap().into_json::<Value>().unwrap();
     assert_eq!(models["data"][0]["id"], "tiny");
     let text = s.get("/metrics").1;
@@ -207,7 +212,8 @@ fn health_ready_models_metrics_and_the_api_key() {
     ] {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
-    assert_eq!(metric(&text, "tpserve_generation_tokens_total"), 4.0);
+    // 4 tokens, then 2 + 2 for the token-id prompts.
+    assert_eq!(metric(&text, "tpserve_generation_tokens_total"), 8.0);
 
     // Sampled tokens have log-probabilities too, also when they are not the most likely.
     let (code, v) = s.post_raw("/v1/completions", &json!({"prompt": "a b", "max_tokens": 16, "temperature": 2, "seed": 9, "logprobs": 1, "ignore_eos": true}).to_string(), Some("sesame"));

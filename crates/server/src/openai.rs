@@ -80,12 +80,13 @@ pub enum Prompt {
 impl CompletionRequest {
     pub fn prompt(&self) -> Result<Prompt, ApiError> {
         let bad = || ApiError::invalid(Some("prompt"), "prompt must be a string, an array of one string, or an array of token ids");
+        let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> { a.iter().map(|v| v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(bad)).collect() };
         match &self.prompt {
             Value::String(s) => Ok(Prompt::Text(s.clone())),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(Prompt::Text(a[0].as_str().unwrap_or_default().to_string())),
-            Value::Array(a) if a.iter().all(|v| v.is_u64()) => {
-                a.iter().map(|v| v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(bad)).collect::<Result<_, _>>().map(Prompt::Ids)
-            }
+            Value::Array(a) if a.iter().all(|v| v.is_u64()) => ids(a).map(Prompt::Ids),
+            // One prompt of token ids, as a batch of one.
+            Value::Array(a) if a.len() == 1 && a[0].as_array().is_some_and(|x| x.iter().all(|v| v.is_u64())) => ids(a[0].as_array().unwrap_or(&Vec::new())).map(Prompt::Ids),
             Value::Array(a) if a.len() > 1 && a.iter().all(|v| v.is_string() || v.is_array()) => {
                 Err(ApiError::invalid(Some("prompt"), "only one prompt per request is supported (n = 1, no prompt batches)"))
             }

@@ -357,8 +357,12 @@ fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Id
     let chunk = {
         let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
         move |text: &str, lp: Value, finish: Option<&str>| {
-            json!({ "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }] })
+            let mut c = json!({ "id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }] });
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c
         }
     };
     let usage_chunk = {
@@ -406,8 +410,13 @@ fn chat_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Ids, log
     let chunk = {
         let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
         move |delta: Value, lp: Value, finish: Option<&str>| {
-            json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }] })
+            let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }] });
+            // With include_usage, OpenAI sends "usage": null on every chunk but the last.
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c
         }
     };
     let usage_chunk = {
