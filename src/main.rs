@@ -32,6 +32,11 @@ enum Command {
     Coordinator(commands::coordinator::CoordinatorArgs),
     /// Start a coordinator and tp x pp local workers on loopback with one command.
     Up(commands::coordinator::UpArgs),
+    /// Measure the accuracy of what the cluster serves (perplexity, KL divergence).
+    Eval {
+        #[command(subcommand)]
+        command: commands::eval::EvalCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +79,7 @@ fn main() {
         Command::Worker(args) => commands::worker::run(args),
         Command::Coordinator(args) => commands::coordinator::run_coordinator(args),
         Command::Up(args) => commands::coordinator::run_up(args),
+        Command::Eval { command } => commands::eval::run(command),
     };
     if let Err(e) = result {
         // A closed stdout (`tpserve model info | head`) means the reader has seen enough.

@@ -363,3 +363,64 @@ pub fn worker_model_path(explicit: Option<&Path>) -> Result<String> {
         None => Ok(String::new()),
     }
 }
+
+/// Where a one-off command (`generate`, `eval`) runs: in this process at tp = pp = 1, else on
+/// tp x pp worker processes started on loopback for it.
+pub enum LocalBackend {
+    InProcess(InProcess),
+    Workers(Box<(Cluster, LocalWorkers)>),
+}
+
+impl LocalBackend {
+    /// Loads `plan` with the KV cache `kv`: here, or on workers with `threads` threads each
+    /// (default: the cores shared out).
+    pub async fn start(loaded: &Loaded, plan: Plan, threads: Option<usize>, parallel: &ParallelArgs, kv: KvLayout) -> Result<Self> {
+        if plan.world() == 1 {
+            let pool = Arc::new(super::thread_pool(threads)?);
+            return Ok(Self::InProcess(InProcess::load(loaded, &plan, pool, kv)?));
+        }
+        let threads = threads_per_worker(threads, plan.world())?;
+        let workers = LocalWorkers::spawn(plan.world(), threads).await?;
+        // `--model` as the user gave it, or each worker's cached default model.
+        let model_path = if loaded.explicit { loaded.path.to_string_lossy().into_owned() } else { String::new() };
+        match load_cluster(&workers.addrs, plan, loaded, &model_path, parallel.timeouts(), kv).await {
+            Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),
+            Err(e) => {
+                workers.stop(Duration::from_secs(5)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the workers, if any.
+    pub async fn stop(self) {
+        if let Self::Workers(b) = self {
+            let (c, w) = *b;
+            c.shutdown().await;
+            w.stop(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn context_len(&self) -> usize {
+        match self {
+            Self::InProcess(b) => b.context_len(),
+            Self::Workers(b) => b.0.context_len(),
+        }
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        match self {
+            Self::InProcess(b) => b.kv_layout(),
+            Self::Workers(b) => b.0.kv_layout(),
+        }
+    }
+
+    async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
+        match self {
+            Self::InProcess(b) => b.step(plan).await,
+            Self::Workers(b) => b.0.step(plan).await,
+        }
+    }
+}

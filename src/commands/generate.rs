@@ -6,15 +6,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::ops::ControlFlow;
-use std::sync::Arc;
-use std::time::Duration;
 
 use tpserve_coordinator::{generate_batch, Backend, GenOptions, GenOutput, GenRequest, StepStats};
 use tpserve_model::chat::{self, Message};
 use tpserve_types::{SamplingError, SamplingParams};
 
-use super::cluster::{load_cluster, threads_per_worker, worker_model_path, InProcess, LocalWorkers, ParallelArgs};
-use super::{thread_pool, Loaded};
+use super::cluster::{LocalBackend, ParallelArgs};
+use super::Loaded;
 use crate::ModelArgs;
 
 /// A seed that differs from run to run.
@@ -146,24 +144,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let kv = super::cluster::kv_layout(&loaded.config()?, tpserve_types::kv::KvSizing { block_size: 16, tokens: args.batch * (per_seq + 16), max_seqs: args.batch, max_chunk: opts.token_budget });
     let json = args.json;
     let (outs, stats) = super::block_on(async {
-        if plan.world() == 1 {
-            let pool = Arc::new(thread_pool(args.model.threads)?);
-            let mut backend = InProcess::load(&loaded, &plan, pool, kv)?;
-            stream(&mut backend, &loaded, &reqs, opts, json).await
-        } else {
-            let threads = threads_per_worker(args.model.threads, plan.world())?;
-            let workers = LocalWorkers::spawn(plan.world(), threads).await?;
-            let model_path = worker_model_path(args.model.model.as_deref())?;
-            let result = async {
-                let mut cluster = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv).await?;
-                let out = stream(&mut cluster, &loaded, &reqs, opts, json).await;
-                cluster.shutdown().await;
-                out
-            }
-            .await;
-            workers.stop(Duration::from_secs(5)).await;
-            result
-        }
+        let mut backend = LocalBackend::start(&loaded, plan, args.model.threads, &args.parallel, kv).await?;
+        let out = stream(&mut backend, &loaded, &reqs, opts, json).await;
+        backend.stop().await;
+        out
     })?;
     let out = &outs[0];
     let stdout = std::io::stdout();

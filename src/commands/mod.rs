@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod coordinator;
+pub mod eval;
 pub mod generate;
 pub mod serve;
 pub mod tokenize;
@@ -22,6 +23,8 @@ pub struct Loaded {
     pub gguf: Gguf,
     pub tokenizer: std::sync::Arc<Tokenizer>,
     pub path: std::path::PathBuf,
+    /// The user named the file (`--model`); otherwise it is the cached default model.
+    pub explicit: bool,
 }
 
 impl Loaded {
@@ -29,7 +32,8 @@ impl Loaded {
         let path = fetch::resolve_model(args.model.as_deref())?;
         let gguf = Gguf::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(&gguf).with_context(|| format!("cannot read the tokenizer of {}", path.display()))?;
-        Ok(Self { gguf, tokenizer: std::sync::Arc::new(tokenizer), path })
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        Ok(Self { gguf, tokenizer: std::sync::Arc::new(tokenizer), path, explicit: args.model.is_some() })
     }
 
     pub fn config(&self) -> Result<tpserve_model::config::ModelConfig> {

@@ -6,12 +6,15 @@
 //!   lost worker.
 //! - [`engine`]: the serving loop's core: requests in, scheduler steps out, tokens sampled
 //!   from the merged candidates, text and log-probabilities to each request's channel.
+//! - [`eval`]: perplexity windows and statistics, prompt log-likelihoods through the engine,
+//!   KL divergence.
 //! - [`generate`]: a fixed batch of requests run to the end through the engine.
 //! - [`join`]: the service workers started with `--join` register with.
 
 pub mod backend;
 pub mod cluster;
 pub mod engine;
+pub mod eval;
 pub mod generate;
 pub mod join;
 pub mod text;
