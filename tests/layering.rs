@@ -19,6 +19,8 @@ fn every_crate_depends_only_on_the_crates_the_architecture_allows() {
         ("tpserve-scheduler", &["tpserve-types"][..]),
         // The HTTP server talks to the engine, never to workers or tensors.
         ("tpserve-server", &["tpserve-types", "tpserve-model", "tpserve-coordinator", "tpserve-scheduler"][..]),
+        // The load tester talks only HTTP: no tpserve crate at all.
+        ("tpserve-bench", &[][..]),
     ]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the model loading they share.
 
+pub mod bench;
 pub mod cluster;
 pub mod coordinator;
 pub mod eval;

@@ -1,0 +1,241 @@
+//! `tpserve bench`: load-tests any OpenAI-compatible server (tpserve, vLLM, llama-server...)
+//! and reports vLLM `bench serve`'s metrics under the same names.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use tpserve_bench::client::{send, Prompt, Target};
+use tpserve_bench::metrics::{summarize, Record, Slo};
+
+use super::Loaded;
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// `/v1/completions` or `/v1/chat/completions`.
+    #[arg(long, default_value = "/v1/completions")]
+    pub endpoint: String,
+    /// The model id to send (default: none, the server's only model).
+    #[arg(long = "served-model")]
+    pub served_model: Option<String>,
+    #[arg(long, env = "TPSERVE_BENCH_API_KEY")]
+    pub api_key: Option<String>,
+    /// Requests to send (after the warm-up).
+    #[arg(long, default_value_t = 100)]
+    pub num_requests: usize,
+    /// Requests per second, Poisson arrivals (default: all at once).
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    /// Gamma shape of the gaps between arrivals (1: Poisson; < 1 burstier).
+    #[arg(long, default_value_t = 1.0)]
+    pub burstiness: f64,
+    /// Most requests in flight at once.
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Requests sent (one at a time) before measuring.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Seed of the workload and the arrivals.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `random` (prompts cut from --text) or a JSONL file of {"prompt": ..., "max_tokens"?}.
+    #[arg(long, default_value = "random")]
+    pub dataset: String,
+    /// Text the random prompts are cut from.
+    #[arg(long, default_value = "../shared/data/wikitext-2-raw-test.txt")]
+    pub text: PathBuf,
+    /// Prompt tokens of a random request.
+    #[arg(long, default_value_t = 106)]
+    pub input_len: usize,
+    /// Tokens to generate per request.
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Lengths vary uniformly within ± this fraction.
+    #[arg(long, default_value_t = 0.0)]
+    pub range_ratio: f64,
+    /// Ask the server to ignore end-of-generation tokens (exact output lengths).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Percentiles reported, comma-separated.
+    #[arg(long, default_value = "99", value_delimiter = ',')]
+    pub percentiles: Vec<f64>,
+    /// SLOs for goodput, e.g. `ttft:500,tpot:50,e2el:10000` (milliseconds).
+    #[arg(long)]
+    pub goodput: Option<String>,
+    /// Write the results (vLLM's keys) to this JSON file.
+    #[arg(long)]
+    pub save_result: Option<PathBuf>,
+    /// The tokenizer that measures prompt lengths (default: the default model's).
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn parse_slo(s: &str) -> Result<Slo> {
+    let mut slo = Slo::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once(':').with_context(|| format!("--goodput {s}: {part:?} is not name:ms"))?;
+        let v: f64 = v.parse().with_context(|| format!("--goodput {s}: {v:?} is not a number of milliseconds"))?;
+        match k {
+            "ttft" => slo.ttft_ms = Some(v),
+            "tpot" => slo.tpot_ms = Some(v),
+            "e2el" => slo.e2el_ms = Some(v),
+            _ => bail!("--goodput {s}: unknown metric {k:?} (ttft, tpot, e2el)"),
+        }
+    }
+    Ok(slo)
+}
+
+/// The workload: `n` prompts.
+fn workload(a: &BenchArgs, n: usize) -> Result<Vec<Prompt>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let vary = |rng: &mut rand::rngs::StdRng, len: usize| -> usize {
+        let r = a.range_ratio.clamp(0.0, 1.0);
+        let (lo, hi) = (((len as f64) * (1.0 - r)).round() as usize, ((len as f64) * (1.0 + r)).round() as usize);
+        rng.gen_range(lo.max(1)..=hi.max(1))
+    };
+    if a.dataset != "random" {
+        let text = std::fs::read_to_string(&a.dataset).with_context(|| format!("--dataset {}: cannot read it", a.dataset))?;
+        let loaded = Loaded::open(&a.model)?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("--dataset {} line {}: not JSON", a.dataset, i + 1))?;
+            let p = v["prompt"].as_str().with_context(|| format!("--dataset {} line {}: no \"prompt\" string", a.dataset, i + 1))?;
+            let max_tokens = v["max_tokens"].as_u64().map_or(a.output_len, |m| m as usize);
+            out.push(Prompt { tokens: loaded.tokenizer.encode(p, true, false).len(), text: p.to_string(), max_tokens });
+        }
+        if out.is_empty() {
+            bail!("--dataset {}: no prompts", a.dataset);
+        }
+        return Ok((0..n).map(|i| out[i % out.len()].clone()).collect());
+    }
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("--text {}: cannot read it (give a text file to cut prompts from)", a.text.display()))?;
+    let loaded = Loaded::open(&a.model)?;
+    let ids = loaded.tokenizer.encode(&text, false, false);
+    if ids.len() < a.input_len * 2 {
+        bail!("--text {}: {} tokens, too short for prompts of {}", a.text.display(), ids.len(), a.input_len);
+    }
+    Ok((0..n)
+        .map(|_| {
+            let len = vary(&mut rng, a.input_len).min(ids.len() - 1);
+            let at = rng.gen_range(0..ids.len() - len);
+            let text = loaded.tokenizer.decode(&ids[at..at + len]);
+            Prompt { tokens: loaded.tokenizer.encode(&text, true, false).len(), text, max_tokens: vary(&mut rng, a.output_len) }
+        })
+        .collect())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.num_requests == 0 {
+        bail!("--num-requests 0: send at least one");
+    }
+    if a.max_concurrency == Some(0) {
+        bail!("--max-concurrency 0: must be at least 1");
+    }
+    if !matches!(a.endpoint.as_str(), "/v1/completions" | "/v1/chat/completions") {
+        bail!("--endpoint {}: /v1/completions or /v1/chat/completions", a.endpoint);
+    }
+    let slo = a.goodput.as_deref().map(parse_slo).transpose()?.unwrap_or_default();
+    let arrivals = tpserve_bench::arrivals::schedule(a.num_requests, a.request_rate, a.burstiness, a.seed).map_err(anyhow::Error::msg)?;
+    let prompts = workload(&a, a.warmup + a.num_requests)?;
+    let target = Target { base_url: a.base_url.clone(), endpoint: a.endpoint.clone(), model: a.served_model.clone(), api_key: a.api_key.clone() };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build().context("cannot make an HTTP client")?;
+    let records = super::block_on(async {
+        for p in &prompts[..a.warmup] {
+            let r = send(&http, &target, p, a.ignore_eos, Instant::now()).await;
+            if let Some(e) = r.error {
+                bail!("the warm-up request failed ({e}): is a server at {}?", a.base_url);
+            }
+        }
+        let pb = ProgressBar::new(a.num_requests as u64);
+        pb.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} requests ({elapsed}, {msg})").expect("valid template"));
+        let limit = Arc::new(tokio::sync::Semaphore::new(a.max_concurrency.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS)));
+        let start = Instant::now();
+        let tasks: Vec<_> = prompts[a.warmup..]
+            .iter()
+            .cloned()
+            .zip(arrivals)
+            .map(|(p, at)| {
+                let (http, target, limit, pb) = (http.clone(), target.clone(), limit.clone(), pb.clone());
+                let ignore_eos = a.ignore_eos;
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(at))).await;
+                    let _permit = limit.acquire_owned().await.expect("the semaphore is never closed");
+                    let r = send(&http, &target, &p, ignore_eos, start).await;
+                    pb.inc(1);
+                    if r.error.is_some() {
+                        pb.set_message("some failed");
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut records: Vec<Record> = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            records.push(t.await.context("a request task panicked")?);
+        }
+        pb.finish_and_clear();
+        Ok((records, start.elapsed().as_secs_f64()))
+    })?;
+    let (records, duration) = records;
+    let mut result = summarize(&records, duration, &a.percentiles, &slo);
+    result["num_prompts"] = a.num_requests.into();
+    result["request_rate"] = a.request_rate.map_or("inf".into(), serde_json::Value::from);
+    result["burstiness"] = a.burstiness.into();
+    result["max_concurrency"] = a.max_concurrency.into();
+    result["input_lens"] = records.iter().map(|r| r.input_tokens).collect::<Vec<_>>().into();
+    result["output_lens"] = records.iter().map(|r| r.output_tokens).collect::<Vec<_>>().into();
+    result["ttfts"] = records.iter().map(|r| r.ttft).collect::<Vec<_>>().into();
+    result["errors"] = records.iter().map(|r| r.error.clone().unwrap_or_default()).collect::<Vec<_>>().into();
+    print_table(&result, &a.percentiles)?;
+    if let Some(f) = &a.save_result {
+        std::fs::write(f, serde_json::to_string_pretty(&result)?).with_context(|| format!("--save-result {}: cannot write it", f.display()))?;
+    }
+    Ok(())
+}
+
+/// vLLM's result table.
+fn print_table(r: &serde_json::Value, percentiles: &[f64]) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    let num = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    let mut w = || -> std::io::Result<()> {
+        writeln!(o, "{:=^50}", " Serving Benchmark Result ")?;
+        writeln!(o, "{:<40}{:<10}", "Successful requests:", r["completed"])?;
+        writeln!(o, "{:<40}{:<10}", "Failed requests:", r["failed"])?;
+        writeln!(o, "{:<40}{:<10.2}", "Benchmark duration (s):", num("duration"))?;
+        writeln!(o, "{:<40}{:<10}", "Total input tokens:", r["total_input_tokens"])?;
+        writeln!(o, "{:<40}{:<10}", "Total generated tokens:", r["total_output_tokens"])?;
+        writeln!(o, "{:<40}{:<10.2}", "Request throughput (req/s):", num("request_throughput"))?;
+        if r.get("request_goodput").is_some() {
+            writeln!(o, "{:<40}{:<10.2}", "Request goodput (req/s):", num("request_goodput"))?;
+        }
+        writeln!(o, "{:<40}{:<10.2}", "Output token throughput (tok/s):", num("output_throughput"))?;
+        writeln!(o, "{:<40}{:<10.2}", "Peak output token throughput (tok/s):", num("max_output_tokens_per_s"))?;
+        writeln!(o, "{:<40}{:<10.2}", "Total Token throughput (tok/s):", num("total_token_throughput"))?;
+        for (name, title) in [("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"), ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")] {
+            writeln!(o, "{:-^50}", format!(" {title} "))?;
+            writeln!(o, "{:<40}{:<10.2}", format!("Mean {} (ms):", name.to_uppercase()), num(&format!("mean_{name}_ms")))?;
+            writeln!(o, "{:<40}{:<10.2}", format!("Median {} (ms):", name.to_uppercase()), num(&format!("median_{name}_ms")))?;
+            for p in percentiles {
+                let key = if p.fract() == 0.0 { format!("p{}_{name}_ms", *p as u64) } else { format!("p{p}_{name}_ms") };
+                writeln!(o, "{:<40}{:<10.2}", format!("P{p} {} (ms):", name.to_uppercase()), num(&key))?;
+            }
+        }
+        if let Some(e) = r["errors_by_kind"].as_object().filter(|e| !e.is_empty()) {
+            writeln!(o, "{:-^50}", " Errors ")?;
+            for (k, v) in e {
+                writeln!(o, "{:<40}{:<10}", format!("{k}:"), v)?;
+            }
+        }
+        writeln!(o, "{:=^50}", "")
+    };
+    w().context("cannot write to standard output")
+}

@@ -1,0 +1,123 @@
+//! `tpserve bench` against a fake OpenAI server whose timings the test sets, and against a
+//! real `tpserve up` on a tiny model.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+use tpserve_model::testing::TinySpec;
+
+mod common;
+use common::*;
+
+/// A server that answers every streamed completion with `chunks` text chunks, the first
+/// after `first_ms` and the others `gap_ms` apart, then usage and `[DONE]`; every third
+/// request gets a 429 instead. Returns its base URL.
+fn fake_server(first_ms: u64, gap_ms: u64, chunks: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (i, conn) in l.incoming().enumerate() {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                // Read the head, then the body by Content-Length.
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                if i % 3 == 2 {
+                    let _ = s.write_all(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+                    return;
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
+                std::thread::sleep(Duration::from_millis(first_ms));
+                for c in 0..chunks {
+                    if c > 0 {
+                        std::thread::sleep(Duration::from_millis(gap_ms));
+                    }
+                    let _ = s.write_all(format!("data: {{\"choices\": [{{\"index\": 0, \"text\": \"t{c}\"}}]}}\n\n").as_bytes());
+                    let _ = s.flush();
+                }
+                let _ = s.write_all(format!("data: {{\"choices\": [], \"usage\": {{\"completion_tokens\": {chunks}}}}}\n\ndata: [DONE]\n\n").as_bytes());
+            });
+        }
+    });
+    url
+}
+
+fn bench(args: &[&str], model: &std::path::Path, dir: &TempDir) -> Value {
+    let out_file = dir.path().join("result.json");
+    let out = bin().arg("bench").args(args).arg("--save-result").arg(&out_file).arg("--model").arg(model).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("Serving Benchmark Result") && table.contains("Mean TTFT (ms):"), "{table}");
+    serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap()
+}
+
+fn text(dir: &TempDir) -> String {
+    let p = dir.path().join("text.txt");
+    std::fs::write(&p, "a b c hello world x y ".repeat(200)).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn metrics_from_a_server_with_known_timings() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3());
+    let url = fake_server(200, 40, 6);
+    let t = text(&dir);
+    let r = bench(&["--base-url", &url, "--num-requests", "9", "--max-concurrency", "3", "--input-len", "8", "--text", &t, "--goodput", "ttft:5000"], &m, &dir);
+    // Every third request is refused: 6 complete, 3 fail as "http 429".
+    assert_eq!(r["completed"], 6, "{r}");
+    assert_eq!(r["failed"], 3);
+    assert_eq!(r["errors_by_kind"]["http 429"], 3);
+    assert_eq!(r["total_output_tokens"], 36);
+    // 8 tokens cut from the text, plus BOS.
+    assert_eq!(r["total_input_tokens"], 6 * 9);
+    let f = |k: &str| r[k].as_f64().unwrap();
+    // The server's own timings, plus what loopback and scheduling add (tens of ms at most).
+    assert!((200.0..400.0).contains(&f("mean_ttft_ms")), "{r}");
+    assert!((40.0..80.0).contains(&f("median_itl_ms")), "{r}");
+    assert!((40.0..80.0).contains(&f("mean_tpot_ms")), "{r}");
+    assert!((400.0..700.0).contains(&f("mean_e2el_ms")), "{r}");
+    assert!(f("p99_ttft_ms") >= f("median_ttft_ms"));
+    // Throughput is what completed over the duration; goodput counts the 6 (all within 5 s).
+    assert!((f("output_throughput") - 36.0 / f("duration")).abs() < 1e-9);
+    assert!((f("request_goodput") - 6.0 / f("duration")).abs() < 1e-9);
+}
+
+#[test]
+fn a_run_against_tpserve_up_produces_a_result_file() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut c = bin();
+    c.args(["up", "--tp", "2", "--threads", "1", "--port", "0", "--model"]).arg(&m);
+    let mut p = Proc::spawn(c);
+    let line = p.wait_stderr("serving ");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
+    p.wait_stderr("ready:");
+    let t = text(&dir);
+    for endpoint in ["/v1/completions", "/v1/chat/completions"] {
+        let r = bench(
+            &["--base-url", &url, "--endpoint", endpoint, "--num-requests", "6", "--request-rate", "20", "--seed", "1", "--input-len", "12", "--output-len", "10", "--ignore-eos", "--text", &t],
+            &m,
+            &dir,
+        );
+        assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)), "{endpoint}: {r}");
+        assert_eq!(r["total_output_tokens"], 60, "{endpoint}: {r}");
+        for k in ["request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "mean_e2el_ms"] {
+            assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{endpoint}: {k} in {r}");
+        }
+    }
+}
