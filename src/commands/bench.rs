@@ -29,9 +29,12 @@ pub struct BenchArgs {
     pub served_model: Option<String>,
     #[arg(long, env = "TPSERVE_BENCH_API_KEY")]
     pub api_key: Option<String>,
-    /// Requests to send (after the warm-up).
+    /// Requests to send (after the warm-up); with --duration, at most this many.
     #[arg(long, default_value_t = 100)]
     pub num_requests: usize,
+    /// Stop sending new requests after this many seconds (those in flight finish).
+    #[arg(long)]
+    pub duration: Option<f64>,
     /// Requests per second, Poisson arrivals (default: all at once).
     #[arg(long)]
     pub request_rate: Option<f64>,
@@ -47,9 +50,15 @@ pub struct BenchArgs {
     /// Seed of the workload and the arrivals.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// `random` (prompts cut from --text) or a JSONL file of {"prompt": ..., "max_tokens"?}.
+    /// `random` (prompts cut from --text), `shared-prefix` (one --prefix-len prefix shared by
+    /// every prompt, then --input-len tokens of its own: measures prefix caching), a JSONL file
+    /// of {"prompt", "max_tokens"?}, or a ShareGPT JSON file (first human turn as the prompt,
+    /// the first reply's length as max_tokens).
     #[arg(long, default_value = "random")]
     pub dataset: String,
+    /// Tokens of the prefix every shared-prefix prompt starts with.
+    #[arg(long, default_value_t = 512)]
+    pub prefix_len: usize,
     /// Text the random prompts are cut from.
     #[arg(long, default_value = "../shared/data/wikitext-2-raw-test.txt")]
     pub text: PathBuf,
@@ -102,20 +111,36 @@ fn workload(a: &BenchArgs, n: usize) -> Result<Vec<Prompt>> {
         let (lo, hi) = (((len as f64) * (1.0 - r)).round() as usize, ((len as f64) * (1.0 + r)).round() as usize);
         rng.gen_range(lo.max(1)..=hi.max(1))
     };
-    if a.dataset != "random" {
+    if a.dataset != "random" && a.dataset != "shared-prefix" {
         let text = std::fs::read_to_string(&a.dataset).with_context(|| format!("--dataset {}: cannot read it", a.dataset))?;
         let loaded = Loaded::open(&a.model)?;
+        let count = |t: &str| loaded.tokenizer.encode(t, true, false).len();
         let mut out = Vec::new();
-        for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("--dataset {} line {}: not JSON", a.dataset, i + 1))?;
-            let p = v["prompt"].as_str().with_context(|| format!("--dataset {} line {}: no \"prompt\" string", a.dataset, i + 1))?;
-            let max_tokens = v["max_tokens"].as_u64().map_or(a.output_len, |m| m as usize);
-            out.push(Prompt { tokens: loaded.tokenizer.encode(p, true, false).len(), text: p.to_string(), max_tokens });
+        if text.trim_start().starts_with('[') {
+            // ShareGPT: [{"conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}, ...]
+            let all: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("--dataset {}: not a ShareGPT JSON array", a.dataset))?;
+            for c in &all {
+                let turns = c["conversations"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if let [q, r, ..] = turns {
+                    if let (Some(q), Some(r)) = (q["value"].as_str(), r["value"].as_str()) {
+                        out.push(Prompt { tokens: count(q), text: q.to_string(), max_tokens: count(r).saturating_sub(1).max(1) });
+                    }
+                }
+            }
+        } else {
+            for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("--dataset {} line {}: not JSON", a.dataset, i + 1))?;
+                let p = v["prompt"].as_str().with_context(|| format!("--dataset {} line {}: no \"prompt\" string", a.dataset, i + 1))?;
+                let max_tokens = v["max_tokens"].as_u64().map_or(a.output_len, |m| m as usize);
+                out.push(Prompt { tokens: count(p), text: p.to_string(), max_tokens });
+            }
         }
         if out.is_empty() {
             bail!("--dataset {}: no prompts", a.dataset);
         }
-        return Ok((0..n).map(|i| out[i % out.len()].clone()).collect());
+        // Seeded order, cycling when more requests than prompts are asked for.
+        let start = rng.gen_range(0..out.len());
+        return Ok((0..n).map(|i| out[(start + i) % out.len()].clone()).collect());
     }
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("--text {}: cannot read it (give a text file to cut prompts from)", a.text.display()))?;
     let loaded = Loaded::open(&a.model)?;
@@ -123,11 +148,20 @@ fn workload(a: &BenchArgs, n: usize) -> Result<Vec<Prompt>> {
     if ids.len() < a.input_len * 2 {
         bail!("--text {}: {} tokens, too short for prompts of {}", a.text.display(), ids.len(), a.input_len);
     }
+    let prefix = if a.dataset == "shared-prefix" {
+        if ids.len() < a.prefix_len + a.input_len * 2 {
+            bail!("--text {}: {} tokens, too short for a prefix of {}", a.text.display(), ids.len(), a.prefix_len);
+        }
+        loaded.tokenizer.decode(&ids[..a.prefix_len])
+    } else {
+        String::new()
+    };
+    let from = if prefix.is_empty() { 0 } else { a.prefix_len };
     Ok((0..n)
         .map(|_| {
-            let len = vary(&mut rng, a.input_len).min(ids.len() - 1);
-            let at = rng.gen_range(0..ids.len() - len);
-            let text = loaded.tokenizer.decode(&ids[at..at + len]);
+            let len = vary(&mut rng, a.input_len).min(ids.len() - from - 1);
+            let at = rng.gen_range(from..ids.len() - len);
+            let text = prefix.clone() + &loaded.tokenizer.decode(&ids[at..at + len]);
             Prompt { tokens: loaded.tokenizer.encode(&text, true, false).len(), text, max_tokens: vary(&mut rng, a.output_len) }
         })
         .collect())
@@ -136,6 +170,9 @@ fn workload(a: &BenchArgs, n: usize) -> Result<Vec<Prompt>> {
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.num_requests == 0 {
         bail!("--num-requests 0: send at least one");
+    }
+    if a.duration.is_some_and(|d| d.is_nan() || d <= 0.0) {
+        bail!("--duration {}: must be above 0 seconds", a.duration.unwrap_or(0.0));
     }
     if a.max_concurrency == Some(0) {
         bail!("--max-concurrency 0: must be at least 1");
@@ -165,29 +202,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .zip(arrivals)
             .map(|(p, at)| {
                 let (http, target, limit, pb) = (http.clone(), target.clone(), limit.clone(), pb.clone());
-                let ignore_eos = a.ignore_eos;
+                let (ignore_eos, duration) = (a.ignore_eos, a.duration);
                 tokio::spawn(async move {
+                    if duration.is_some_and(|d| at > d) {
+                        return None;
+                    }
                     tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(at))).await;
                     let _permit = limit.acquire_owned().await.expect("the semaphore is never closed");
+                    // Past --duration nothing new is sent.
+                    if duration.is_some_and(|d| start.elapsed().as_secs_f64() > d) {
+                        pb.inc(1);
+                        return None;
+                    }
                     let r = send(&http, &target, &p, ignore_eos, start).await;
                     pb.inc(1);
                     if r.error.is_some() {
                         pb.set_message("some failed");
                     }
-                    r
+                    Some(r)
                 })
             })
             .collect();
         let mut records: Vec<Record> = Vec::with_capacity(tasks.len());
         for t in tasks {
-            records.push(t.await.context("a request task panicked")?);
+            records.extend(t.await.context("a request task panicked")?);
         }
         pb.finish_and_clear();
         Ok((records, start.elapsed().as_secs_f64()))
     })?;
     let (records, duration) = records;
     let mut result = summarize(&records, duration, &a.percentiles, &slo);
-    result["num_prompts"] = a.num_requests.into();
+    result["num_prompts"] = records.len().into();
     result["request_rate"] = a.request_rate.map_or("inf".into(), serde_json::Value::from);
     result["burstiness"] = a.burstiness.into();
     result["max_concurrency"] = a.max_concurrency.into();
