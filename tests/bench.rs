@@ -101,6 +101,28 @@ fn metrics_from_a_server_with_known_timings() {
 }
 
 #[test]
+fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3());
+    let url = fake_server(20, 10, 4);
+    let t = text(&dir);
+    let svg = dir.path().join("sweep.svg");
+    let r = bench(&["--base-url", &url, "--num-requests", "6", "--input-len", "4", "--text", &t, "--sweep", "max-concurrency=1,3", "--plot", svg.to_str().unwrap()], &m, &dir);
+    assert_eq!(r["sweep"]["parameter"], "max_concurrency");
+    let levels = r["results"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    assert_eq!((levels[0]["max_concurrency"].as_u64(), levels[1]["max_concurrency"].as_u64()), (Some(1), Some(3)));
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("throughput vs latency"), "{}", &chart[..chart.len().min(200)]);
+    let cdf = dir.path().join("latency.svg");
+    bench(&["--base-url", &url, "--num-requests", "4", "--input-len", "4", "--text", &t, "--plot", cdf.to_str().unwrap()], &m, &dir);
+    assert!(std::fs::read_to_string(&cdf).unwrap().contains("latency distributions"));
+    // Bad sweeps are named.
+    let out = bin().args(["bench", "--base-url", &url, "--sweep", "threads=1,2", "--model"]).arg(&m).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep threads=1,2"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn sharegpt_and_jsonl_datasets_and_a_duration_limit() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3());

@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// Write the results (vLLM's keys) to this JSON file.
     #[arg(long)]
     pub save_result: Option<PathBuf>,
+    /// Run one level per value: `max-concurrency=1,8,32` or `request-rate=1,2,4`.
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Draw an SVG chart: latency distributions, or for a sweep throughput against latency.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// The tokenizer that measures prompt lengths (default: the default model's).
     #[command(flatten)]
     pub model: ModelArgs,
@@ -181,70 +187,144 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--endpoint {}: /v1/completions or /v1/chat/completions", a.endpoint);
     }
     let slo = a.goodput.as_deref().map(parse_slo).transpose()?.unwrap_or_default();
-    let arrivals = tpserve_bench::arrivals::schedule(a.num_requests, a.request_rate, a.burstiness, a.seed).map_err(anyhow::Error::msg)?;
+    let sweep = a.sweep.as_deref().map(parse_sweep).transpose()?;
     let prompts = workload(&a, a.warmup + a.num_requests)?;
     let target = Target { base_url: a.base_url.clone(), endpoint: a.endpoint.clone(), model: a.served_model.clone(), api_key: a.api_key.clone() };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build().context("cannot make an HTTP client")?;
-    let records = super::block_on(async {
+    super::block_on(async {
         for p in &prompts[..a.warmup] {
             let r = send(&http, &target, p, a.ignore_eos, Instant::now()).await;
             if let Some(e) = r.error {
                 bail!("the warm-up request failed ({e}): is a server at {}?", a.base_url);
             }
         }
-        let pb = ProgressBar::new(a.num_requests as u64);
-        pb.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} requests ({elapsed}, {msg})").expect("valid template"));
-        let limit = Arc::new(tokio::sync::Semaphore::new(a.max_concurrency.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS)));
-        let start = Instant::now();
-        let tasks: Vec<_> = prompts[a.warmup..]
-            .iter()
-            .cloned()
-            .zip(arrivals)
-            .map(|(p, at)| {
-                let (http, target, limit, pb) = (http.clone(), target.clone(), limit.clone(), pb.clone());
-                let (ignore_eos, duration) = (a.ignore_eos, a.duration);
-                tokio::spawn(async move {
-                    if duration.is_some_and(|d| at > d) {
-                        return None;
-                    }
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(at))).await;
-                    let _permit = limit.acquire_owned().await.expect("the semaphore is never closed");
-                    // Past --duration nothing new is sent.
-                    if duration.is_some_and(|d| start.elapsed().as_secs_f64() > d) {
-                        pb.inc(1);
-                        return None;
-                    }
-                    let r = send(&http, &target, &p, ignore_eos, start).await;
-                    pb.inc(1);
-                    if r.error.is_some() {
-                        pb.set_message("some failed");
-                    }
-                    Some(r)
-                })
-            })
-            .collect();
-        let mut records: Vec<Record> = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            records.extend(t.await.context("a request task panicked")?);
+        let prompts = &prompts[a.warmup..];
+        let Some((param, values)) = sweep else {
+            let (result, records) = level(&a, &http, &target, prompts, a.request_rate, a.max_concurrency, &slo).await?;
+            print_table(&result, &a.percentiles)?;
+            if let Some(f) = &a.plot {
+                super::bench_plot::latencies(f, &records).with_context(|| format!("--plot {}: cannot draw it", f.display()))?;
+            }
+            return save(&a, &result);
+        };
+        let mut results = Vec::new();
+        for v in &values {
+            let (rate, conc) = match param {
+                SweepParam::Concurrency => (a.request_rate, Some(*v as usize)),
+                SweepParam::Rate => (Some(*v), a.max_concurrency),
+            };
+            eprintln!("sweep: {} = {v}", param.name());
+            let (result, _) = level(&a, &http, &target, prompts, rate, conc, &slo).await?;
+            print_table(&result, &a.percentiles)?;
+            results.push(result);
         }
-        pb.finish_and_clear();
-        Ok((records, start.elapsed().as_secs_f64()))
-    })?;
-    let (records, duration) = records;
-    let mut result = summarize(&records, duration, &a.percentiles, &slo);
+        if let Some(f) = &a.plot {
+            super::bench_plot::sweep(f, param.name(), &values, &results).with_context(|| format!("--plot {}: cannot draw it", f.display()))?;
+        }
+        save(&a, &serde_json::json!({ "sweep": { "parameter": param.name(), "values": values }, "results": results }))
+    })
+}
+
+/// What `--sweep` varies.
+#[derive(Debug, Clone, Copy)]
+enum SweepParam {
+    Concurrency,
+    Rate,
+}
+
+impl SweepParam {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Concurrency => "max_concurrency",
+            Self::Rate => "request_rate",
+        }
+    }
+}
+
+/// `max-concurrency=1,8,32` or `request-rate=1,2,4`.
+fn parse_sweep(s: &str) -> Result<(SweepParam, Vec<f64>)> {
+    let (k, vs) = s.split_once('=').with_context(|| format!("--sweep {s}: write max-concurrency=1,8,32 or request-rate=1,2,4"))?;
+    let param = match k {
+        "max-concurrency" | "max_concurrency" | "concurrency" => SweepParam::Concurrency,
+        "request-rate" | "request_rate" | "rate" => SweepParam::Rate,
+        _ => bail!("--sweep {s}: unknown parameter {k:?} (max-concurrency or request-rate)"),
+    };
+    let values = vs
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x > 0.0).with_context(|| format!("--sweep {s}: {v:?} is not a positive number")))
+        .collect::<Result<Vec<_>>>()?;
+    if matches!(param, SweepParam::Concurrency) && values.iter().any(|v| v.fract() != 0.0) {
+        bail!("--sweep {s}: concurrencies are whole numbers");
+    }
+    Ok((param, values))
+}
+
+fn save(a: &BenchArgs, result: &serde_json::Value) -> Result<()> {
+    if let Some(f) = &a.save_result {
+        std::fs::write(f, serde_json::to_string_pretty(result)?).with_context(|| format!("--save-result {}: cannot write it", f.display()))?;
+    }
+    Ok(())
+}
+
+/// One load level: sends `prompts` at `rate` with at most `max_concurrency` in flight, and
+/// returns the results (vLLM's keys) and the records.
+async fn level(
+    a: &BenchArgs,
+    http: &reqwest::Client,
+    target: &Target,
+    prompts: &[Prompt],
+    rate: Option<f64>,
+    max_concurrency: Option<usize>,
+    slo: &Slo,
+) -> Result<(serde_json::Value, Vec<Record>)> {
+    let arrivals = tpserve_bench::arrivals::schedule(prompts.len(), rate, a.burstiness, a.seed).map_err(anyhow::Error::msg)?;
+    let pb = ProgressBar::new(prompts.len() as u64);
+    pb.set_style(ProgressStyle::with_template("bench {bar:30} {pos}/{len} requests ({elapsed}, {msg})").expect("valid template"));
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_concurrency.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS)));
+    let start = Instant::now();
+    let tasks: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .zip(arrivals)
+        .map(|(p, at)| {
+            let (http, target, limit, pb) = (http.clone(), target.clone(), limit.clone(), pb.clone());
+            let (ignore_eos, duration) = (a.ignore_eos, a.duration);
+            tokio::spawn(async move {
+                if duration.is_some_and(|d| at > d) {
+                    return None;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(at))).await;
+                let _permit = limit.acquire_owned().await.expect("the semaphore is never closed");
+                // Past --duration nothing new is sent.
+                if duration.is_some_and(|d| start.elapsed().as_secs_f64() > d) {
+                    pb.inc(1);
+                    return None;
+                }
+                let r = send(&http, &target, &p, ignore_eos, start).await;
+                pb.inc(1);
+                if r.error.is_some() {
+                    pb.set_message("some failed");
+                }
+                Some(r)
+            })
+        })
+        .collect();
+    let mut records: Vec<Record> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        records.extend(t.await.context("a request task panicked")?);
+    }
+    pb.finish_and_clear();
+    let duration = start.elapsed().as_secs_f64();
+    let mut result = summarize(&records, duration, &a.percentiles, slo);
     result["num_prompts"] = records.len().into();
-    result["request_rate"] = a.request_rate.map_or("inf".into(), serde_json::Value::from);
+    result["request_rate"] = rate.map_or("inf".into(), serde_json::Value::from);
     result["burstiness"] = a.burstiness.into();
-    result["max_concurrency"] = a.max_concurrency.into();
+    result["max_concurrency"] = max_concurrency.into();
     result["input_lens"] = records.iter().map(|r| r.input_tokens).collect::<Vec<_>>().into();
     result["output_lens"] = records.iter().map(|r| r.output_tokens).collect::<Vec<_>>().into();
     result["ttfts"] = records.iter().map(|r| r.ttft).collect::<Vec<_>>().into();
     result["errors"] = records.iter().map(|r| r.error.clone().unwrap_or_default()).collect::<Vec<_>>().into();
-    print_table(&result, &a.percentiles)?;
-    if let Some(f) = &a.save_result {
-        std::fs::write(f, serde_json::to_string_pretty(&result)?).with_context(|| format!("--save-result {}: cannot write it", f.display()))?;
-    }
-    Ok(())
+    Ok((result, records))
 }
 
 /// vLLM's result table.

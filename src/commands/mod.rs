@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the model loading they share.
 
 pub mod bench;
+mod bench_plot;
 pub mod cluster;
 pub mod coordinator;
 pub mod eval;
