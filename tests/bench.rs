@@ -154,12 +154,15 @@ fn a_run_against_tpserve_up_produces_a_result_file() {
     let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
     p.wait_stderr("ready:");
     let t = text(&dir);
+    let svg = dir.path().join("run.svg");
     for endpoint in ["/v1/completions", "/v1/chat/completions"] {
         let r = bench(
-            &["--base-url", &url, "--endpoint", endpoint, "--num-requests", "6", "--request-rate", "20", "--seed", "1", "--input-len", "12", "--output-len", "10", "--ignore-eos", "--text", &t],
+            &["--base-url", &url, "--endpoint", endpoint, "--num-requests", "6", "--request-rate", "20", "--seed", "1", "--input-len", "12", "--output-len", "10", "--ignore-eos", "--text", &t, "--plot", svg.to_str().unwrap()],
             &m,
             &dir,
         );
+        assert!(std::fs::read_to_string(&svg).unwrap().contains("latency distributions"));
+        assert!(r["p90_ttft_ms"].as_f64().is_some() && r["p99_e2el_ms"].as_f64().is_some(), "{r}");
         assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)), "{endpoint}: {r}");
         assert_eq!(r["total_output_tokens"], 60, "{endpoint}: {r}");
         for k in ["request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "mean_e2el_ms"] {

@@ -75,7 +75,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Percentiles reported, comma-separated.
-    #[arg(long, default_value = "99", value_delimiter = ',')]
+    #[arg(long, default_value = "90,99", value_delimiter = ',')]
     pub percentiles: Vec<f64>,
     /// SLOs for goodput, e.g. `ttft:500,tpot:50,e2el:10000` (milliseconds).
     #[arg(long)]
