@@ -381,8 +381,7 @@ impl LocalBackend {
         }
         let threads = threads_per_worker(threads, plan.world())?;
         let workers = LocalWorkers::spawn(plan.world(), threads).await?;
-        // `--model` as the user gave it, or each worker's cached default model.
-        let model_path = if loaded.explicit { loaded.path.to_string_lossy().into_owned() } else { String::new() };
+        let model_path = worker_model_path(loaded.explicit.then_some(loaded.path.as_path()))?;
         match load_cluster(&workers.addrs, plan, loaded, &model_path, parallel.timeouts(), kv).await {
             Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),
             Err(e) => {
