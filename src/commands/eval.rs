@@ -128,7 +128,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         let mut missing = None;
         let r = {
             let mut engine = Engine::new(&mut backend, &loaded.tokenizer, EngineConfig { scheduler });
-            window_logprobs(&mut engine, &windows, a.batch, |i, lps| {
+            window_logprobs(&mut engine, &windows, scored_positions(ctx).start, a.batch, |i, lps| {
                 for t in scored_positions(ctx) {
                     match lps.get(t).copied().flatten() {
                         Some(lp) => stats.push(-(lp as f64)),

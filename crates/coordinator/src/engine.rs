@@ -35,8 +35,10 @@ pub struct Request {
     /// Report each sampled token's log-probability and this many alternatives (None: no
     /// log-probabilities).
     pub logprobs: Option<usize>,
-    /// Report the log-probability of every prompt token (`echo` with `logprobs`).
-    pub prompt_logprobs: bool,
+    /// `Some(first)`: report the log-probabilities of the prompt tokens from index `first` on
+    /// (`echo` with `logprobs` asks for `Some(0)`, perplexity for the scored half of a
+    /// window); earlier positions cost no logits.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// A token's log-probability and the most likely alternatives at its position.
@@ -303,7 +305,7 @@ impl<'t, B: Backend> Engine<'t, B> {
     fn work(&self, s: &Scheduled) -> SeqWork {
         let l = self.live.get(&s.req);
         let req = l.map(|l| &l.req);
-        let logprobs = req.map_or(0, |r| r.logprobs.unwrap_or(0).max(usize::from(r.logprobs.is_some() || r.prompt_logprobs)));
+        let logprobs = req.map_or(0, |r| r.logprobs.unwrap_or(0).max(usize::from(r.logprobs.is_some() || r.prompt_logprobs.is_some())));
         let targets = if s.logits == LogitsWanted::All {
             let prompt = req.map_or(&[][..], |r| &r.prompt_ids[..]);
             (0..s.tokens.len()).map(|i| prompt.get(s.start_pos + i + 1).copied().unwrap_or(0)).collect()
@@ -430,7 +432,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             FinishReason::Cancelled => "abort",
         };
         metrics::counter!("tpserve_request_success_total", "finished_reason" => reason).increment(1);
-        if l.req.prompt_logprobs && !l.prompt_sent {
+        if l.req.prompt_logprobs.is_some() && !l.prompt_sent {
             let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
         }
         let summary = Summary {

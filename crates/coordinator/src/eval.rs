@@ -79,12 +79,14 @@ impl Nll {
     }
 }
 
-/// Every prompt position's log-probability of its own token for each window (index t: log
-/// p(window[t] | window[..t]); None at t = 0), through the engine, `in_flight` windows at a
-/// time; `done(i, logprobs)` is called as each window finishes.
+/// The log-probability of each window's tokens from index `first` on (index t: log
+/// p(window[t] | window[..t]); None before `first` and at t = 0), through the engine,
+/// `in_flight` windows at a time; `done(i, logprobs)` is called as each window finishes.
+/// Positions before `first - 1` compute no logits.
 pub async fn window_logprobs<B: Backend>(
     engine: &mut Engine<'_, B>,
     windows: &[Vec<TokenId>],
+    first: usize,
     in_flight: usize,
     mut done: impl FnMut(usize, Vec<Option<f32>>),
 ) -> Result<(), ClusterError> {
@@ -98,7 +100,7 @@ pub async fn window_logprobs<B: Backend>(
                 max_tokens: 1,
                 sampling: SamplingParams::default(),
                 logprobs: Some(0),
-                prompt_logprobs: true,
+                prompt_logprobs: Some(first),
                 ignore_eos: true,
                 ..Request::default()
             };

@@ -32,9 +32,11 @@ pub struct NewRequest {
     pub prompt: Vec<TokenId>,
     /// Most tokens it will generate (for the capacity check; the caller decides when it ends).
     pub max_tokens: usize,
-    /// It wants log-probabilities of its prompt: every prompt position's logits (no prefix
-    /// cache for its first pass).
-    pub prompt_logprobs: bool,
+    /// `Some(first)`: it wants the log-probabilities of its prompt tokens from index `first`
+    /// on, so logits for every prompt position from `first - 1` on (no prefix cache for its
+    /// first pass; a chunk never straddles `first - 1`, so positions before it cost no
+    /// logits). `Some(0)` and `Some(1)` ask for the whole prompt.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Why a request was not queued.
@@ -126,8 +128,8 @@ struct Seq {
     worker_id: SeqId,
     /// The workers hold it.
     started: bool,
-    /// Prompt log-probabilities still wanted.
-    prompt_logprobs: bool,
+    /// Prompt log-probabilities still wanted: logits for prompt positions from this one on.
+    prompt_logprobs: Option<usize>,
     cached: usize,
 }
 
@@ -227,7 +229,7 @@ impl Scheduler {
             registered: 0,
             worker_id: 0,
             started: false,
-            prompt_logprobs: r.prompt_logprobs,
+            prompt_logprobs: r.prompt_logprobs.map(|first| first.saturating_sub(1).min(prompt - 1)),
             cached: 0,
         };
         self.extend_hashes(&mut seq);
@@ -283,7 +285,7 @@ impl Scheduler {
         let mut budget = self.cfg.token_budget.max(1);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let want = (self.running[i].tokens.len() - self.running[i].computed).min(budget);
+            let want = Self::chunk(&self.running[i], self.running[i].tokens.len() - self.running[i].computed, budget);
             if want == 0 {
                 i += 1;
                 continue;
@@ -313,12 +315,12 @@ impl Scheduler {
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs && batch.preempted.is_empty() {
             let Some(mut s) = self.waiting.pop_front() else { break };
             let hit = self.prefix_hit(&s);
-            let want = (s.tokens.len() - hit.tokens).min(budget);
+            let want = Self::chunk(&s, s.tokens.len() - hit.tokens, budget);
             if !self.can_start(&hit, hit.tokens + want) {
                 self.waiting.push_front(s);
                 break;
             }
-            if self.cfg.prefix_caching && !s.prompt_logprobs {
+            if self.cfg.prefix_caching && s.prompt_logprobs.is_none() {
                 self.stats.prefix_queries += s.prompt_len as u64;
                 self.stats.prefix_hits += hit.tokens.min(s.prompt_len) as u64;
             }
@@ -353,8 +355,18 @@ impl Scheduler {
             registered: 0,
             worker_id: 0,
             started: false,
-            prompt_logprobs: false,
+            prompt_logprobs: None,
             cached: 0,
+        }
+    }
+
+    /// How many of the `left` tokens of `s` to run within `budget`: a chunk that would
+    /// start before the first position whose logits it wants stops there.
+    fn chunk(s: &Seq, left: usize, budget: usize) -> usize {
+        let want = left.min(budget);
+        match s.prompt_logprobs {
+            Some(from) if s.computed < from => want.min(from - s.computed),
+            _ => want,
         }
     }
 
@@ -373,7 +385,7 @@ impl Scheduler {
             s.sent[g] = s.tables[g].len();
         }
         let in_prompt = s.computed < s.prompt_len;
-        let logits = if s.prompt_logprobs && in_prompt {
+        let logits = if in_prompt && s.prompt_logprobs.is_some_and(|from| s.computed >= from) {
             LogitsWanted::All
         } else if end == s.tokens.len() {
             LogitsWanted::Last
@@ -381,7 +393,7 @@ impl Scheduler {
             LogitsWanted::None
         };
         if end >= s.prompt_len {
-            s.prompt_logprobs = false;
+            s.prompt_logprobs = None;
         }
         let out = Scheduled {
             req: s.id,
@@ -474,7 +486,7 @@ impl Scheduler {
     fn prefix_hit(&self, s: &Seq) -> Hit {
         let groups = self.pools.len();
         let none = Hit { tokens: 0, tables: vec![Vec::new(); groups] };
-        if !self.cfg.prefix_caching || s.prompt_logprobs {
+        if !self.cfg.prefix_caching || s.prompt_logprobs.is_some() {
             return none;
         }
         let bs = self.cfg.kv.block_size;

@@ -26,7 +26,7 @@ fn config(block_size: usize, full_blocks: usize, window_blocks: usize, window: u
 }
 
 fn req(id: u64, prompt: Vec<TokenId>, max_tokens: usize) -> NewRequest {
-    NewRequest { id, prompt, max_tokens, prompt_logprobs: false }
+    NewRequest { id, prompt, max_tokens, prompt_logprobs: None }
 }
 
 /// What a worker would hold: per sequence its block tables, per block position the token
@@ -101,6 +101,24 @@ fn decodes_go_first_and_long_prompts_are_chunked_under_the_budget() {
     // Request 1 decodes one token, request 2 gets the rest of the budget.
     assert_eq!(b.seqs.iter().map(|x| (x.req, x.start_pos, x.tokens.len())).collect::<Vec<_>>(), [(1, 6, 1), (2, 4, 9)]);
     assert!(b.n_tokens() <= 10);
+    s.audit().unwrap();
+}
+
+#[test]
+fn prompt_logprobs_from_a_position_cost_logits_only_from_there() {
+    let mut s = Scheduler::new(config(4, 64, 64, 8, 100, 8));
+    // Log-probabilities of tokens 6..10: logits for positions 5..10, in a chunk of their own.
+    s.add(NewRequest { id: 1, prompt: (0..10).collect(), max_tokens: 1, prompt_logprobs: Some(6) }).unwrap();
+    // The whole prompt (0 and 1 mean the same: token 0 has nothing before it).
+    s.add(NewRequest { id: 2, prompt: (0..7).collect(), max_tokens: 1, prompt_logprobs: Some(0) }).unwrap();
+    // From beyond the prompt: its last position only.
+    s.add(NewRequest { id: 3, prompt: (0..5).collect(), max_tokens: 1, prompt_logprobs: Some(40) }).unwrap();
+    let b = s.schedule();
+    let chunks = |b: &Batch| b.seqs.iter().map(|x| (x.req, x.start_pos, x.tokens.len(), x.logits)).collect::<Vec<_>>();
+    assert_eq!(chunks(&b), [(1, 0, 5, LogitsWanted::None), (2, 0, 7, LogitsWanted::All), (3, 0, 4, LogitsWanted::None)]);
+    s.step_done();
+    let b = s.schedule();
+    assert_eq!(chunks(&b), [(1, 5, 5, LogitsWanted::All), (3, 4, 1, LogitsWanted::All)]);
     s.audit().unwrap();
 }
 
@@ -188,14 +206,14 @@ fn impossible_requests_are_refused_with_reasons() {
 #[derive(Debug, Clone)]
 enum Op {
     /// Prompt from one of a few shared prefixes plus a tail, and how many tokens to generate.
-    Add { prefix: u8, prefix_len: usize, tail: usize, max_tokens: usize, logprobs: bool },
+    Add { prefix: u8, prefix_len: usize, tail: usize, max_tokens: usize, logprobs: Option<usize> },
     Step,
     Cancel(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u8..3, 0usize..24, 1usize..10, 1usize..12, prop::bool::weighted(0.1))
+        (0u8..3, 0usize..24, 1usize..10, 1usize..12, prop::option::weighted(0.15, 0usize..36))
             .prop_map(|(prefix, prefix_len, tail, max_tokens, logprobs)| Op::Add { prefix, prefix_len, tail, max_tokens, logprobs }),
         Just(Op::Step),
         Just(Op::Step),
@@ -222,17 +240,30 @@ proptest! {
         let mut left: HashMap<u64, usize> = HashMap::new();
         let mut w = Workers::default();
         let mut next_id = 0u64;
-        let step = |s: &mut Scheduler, w: &mut Workers, tokens: &mut HashMap<u64, Vec<TokenId>>, left: &mut HashMap<u64, usize>| -> Result<(), TestCaseError> {
+        // Requests that want prompt log-probabilities: the first position whose logits they
+        // want, and the prompt positions that got them.
+        let mut lp: HashMap<u64, (usize, Vec<bool>)> = HashMap::new();
+        let step = |s: &mut Scheduler, w: &mut Workers, tokens: &mut HashMap<u64, Vec<TokenId>>, left: &mut HashMap<u64, usize>, lp: &mut HashMap<u64, (usize, Vec<bool>)>| -> Result<(), TestCaseError> {
             let b = s.schedule();
             prop_assert!(b.n_tokens() <= budget.max(1));
             prop_assert!(b.seqs.len() <= max_seqs);
             w.run(&s.config().kv, &b, tokens);
             s.step_done();
             for x in &b.seqs {
+                if x.logits == LogitsWanted::All {
+                    let (from, got) = lp.get_mut(&x.req).expect("all logits only for prompt log-probabilities");
+                    prop_assert!(x.start_pos >= *from, "logits from {} before the first wanted position {from}", x.start_pos);
+                    for p in x.start_pos..(x.start_pos + x.tokens.len()).min(got.len()) {
+                        got[p] = true;
+                    }
+                }
                 let all = &tokens[&x.req];
                 if x.start_pos + x.tokens.len() == all.len() && x.logits != LogitsWanted::None {
                     let l = left.get_mut(&x.req).unwrap();
                     *l -= 1;
+                    if let Some((from, got)) = lp.remove(&x.req) {
+                        prop_assert!(got[from..].iter().all(|&g| g), "prompt positions {from}.. lacked logits: {got:?}");
+                    }
                     if *l == 0 {
                         s.finish(x.req);
                         tokens.remove(&x.req);
@@ -253,18 +284,22 @@ proptest! {
                     p.extend((0..tail).map(|i| (next_id as TokenId * 13 + i as TokenId) % 40));
                     let r = NewRequest { id: next_id, prompt: p.clone(), max_tokens, prompt_logprobs: logprobs };
                     if s.add(r).is_ok() {
+                        if let Some(first) = logprobs {
+                            lp.insert(next_id, (first.saturating_sub(1).min(p.len() - 1), vec![false; p.len()]));
+                        }
                         tokens.insert(next_id, p);
                         left.insert(next_id, max_tokens);
                     }
                     next_id += 1;
                 }
-                Op::Step => step(&mut s, &mut w, &mut tokens, &mut left)?,
+                Op::Step => step(&mut s, &mut w, &mut tokens, &mut left, &mut lp)?,
                 Op::Cancel(k) => {
                     let mut ids: Vec<u64> = tokens.keys().copied().collect();
                     ids.sort_unstable();
                     if let Some(&id) = ids.get(k) {
                         s.finish(id);
                         tokens.remove(&id);
+                        lp.remove(&id);
                     }
                 }
             }
@@ -275,7 +310,7 @@ proptest! {
             if !s.has_work() {
                 break;
             }
-            step(&mut s, &mut w, &mut tokens, &mut left)?;
+            step(&mut s, &mut w, &mut tokens, &mut left, &mut lp)?;
         }
         prop_assert!(!s.has_work(), "requests never finished: {} running, {} waiting", s.n_running(), s.n_waiting());
         prop_assert!(w.tables.is_empty(), "the workers still hold {} sequences", w.tables.len());

@@ -202,7 +202,7 @@ impl Sampling {
         };
         let sampling = SamplingParams { temperature, top_k, top_p, seed };
         sampling.validate().map_err(|e| ApiError::invalid(None, e.to_string()))?;
-        Ok(Request { prompt_ids, max_tokens, sampling, penalties, stop, ignore_eos: self.ignore_eos, logprobs: None, prompt_logprobs: false })
+        Ok(Request { prompt_ids, max_tokens, sampling, penalties, stop, ignore_eos: self.ignore_eos, logprobs: None, prompt_logprobs: None })
     }
 
     pub fn include_usage(&self) -> bool {

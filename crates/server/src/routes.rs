@@ -188,7 +188,7 @@ async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Resul
     let mut req = r.common.to_request(ids, state.limits, Some(16), "prompt")?;
     let logprobs = logprobs_count(r.logprobs, "logprobs")?;
     req.logprobs = logprobs;
-    req.prompt_logprobs = r.echo && logprobs.is_some();
+    req.prompt_logprobs = (r.echo && logprobs.is_some()).then_some(0);
     let prompt_ids = req.prompt_ids.clone();
     let rx = state.submit(req).await?;
     let ids = Ids::new(&state, "cmpl");
