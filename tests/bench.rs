@@ -117,6 +117,18 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     let cdf = dir.path().join("latency.svg");
     bench(&["--base-url", &url, "--num-requests", "4", "--input-len", "4", "--text", &t, "--plot", cdf.to_str().unwrap()], &m, &dir);
     assert!(std::fs::read_to_string(&cdf).unwrap().contains("latency distributions"));
+    // A PNG of the same chart, its caption drawn with the embedded font: dark pixels in the
+    // top rows, where nothing but the caption is.
+    let png = dir.path().join("latency.PNG");
+    bench(&["--base-url", &url, "--num-requests", "4", "--input-len", "4", "--text", &t, "--plot", png.to_str().unwrap()], &m, &dir);
+    let mut reader = png::Decoder::new(std::fs::File::open(&png).unwrap()).read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height, info.color_type), (900, 540, png::ColorType::Rgb));
+    let dark = |rows: std::ops::Range<usize>| pixels[rows.start * info.line_size..rows.end * info.line_size].chunks(3).filter(|p| p.iter().all(|&c| c < 128)).count();
+    assert!(dark(0..44) > 200, "no caption drawn: {} dark pixels", dark(0..44));
+    let out = bin().args(["bench", "--base-url", &url, "--num-requests", "1", "--text", &t, "--plot", "chart.pdf", "--model"]).arg(&m).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--plot chart.pdf"), "{}", String::from_utf8_lossy(&out.stderr));
     // Bad sweeps are named.
     let out = bin().args(["bench", "--base-url", &url, "--sweep", "threads=1,2", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep threads=1,2"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -86,7 +86,8 @@ pub struct BenchArgs {
     /// Run one level per value: `max-concurrency=1,8,32` or `request-rate=1,2,4`.
     #[arg(long)]
     pub sweep: Option<String>,
-    /// Draw an SVG chart: latency distributions, or for a sweep throughput against latency.
+    /// Draw a chart, SVG or PNG by the extension: latency distributions, or for a sweep
+    /// throughput against latency.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// The tokenizer that measures prompt lengths (default: the default model's).
@@ -185,6 +186,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if !matches!(a.endpoint.as_str(), "/v1/completions" | "/v1/chat/completions") {
         bail!("--endpoint {}: /v1/completions or /v1/chat/completions", a.endpoint);
+    }
+    if let Some(f) = &a.plot {
+        super::bench_plot::Format::of(f).with_context(|| format!("--plot {}", f.display()))?;
     }
     let slo = a.goodput.as_deref().map(parse_slo).transpose()?.unwrap_or_default();
     let sweep = a.sweep.as_deref().map(parse_sweep).transpose()?;
