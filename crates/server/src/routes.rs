@@ -99,6 +99,7 @@ fn token_text(state: &AppState, id: u32) -> String {
     state.model.tokenizer.decode(&[id])
 }
 
+#[derive(Clone)]
 struct Ids {
     id: String,
     created: u64,
@@ -292,15 +293,35 @@ fn sse(stream: impl futures::Stream<Item = Value> + Send + 'static) -> Response 
     axum::response::Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// Turns a request's events into chunks with `chunk(delta, logprobs, finish)`, then the
-/// usage chunk when asked for. The receiver lives in the stream: when the client goes away
-/// the stream is dropped, and the engine cancels the request.
-fn chunks(
-    mut rx: UnboundedReceiver<Event>,
+/// What every chunk of one stream shares: id, object, creation time, model.
+#[derive(Clone)]
+struct Envelope {
+    ids: Ids,
+    object: &'static str,
     include_usage: bool,
-    mut on_event: impl FnMut(Event) -> Vec<Value> + Send + 'static,
-    usage_chunk: impl Fn(&Summary) -> Value + Send + 'static,
-) -> impl futures::Stream<Item = Value> + Send + 'static {
+}
+
+impl Envelope {
+    /// A chunk with one choice. With `include_usage`, OpenAI sends `"usage": null` on every
+    /// chunk but the last.
+    fn chunk(&self, choice: Value) -> Value {
+        let mut c = json!({ "id": self.ids.id, "object": self.object, "created": self.ids.created, "model": self.ids.model, "choices": [choice] });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    /// The last chunk, when `include_usage` asked for it: no choices, the usage.
+    fn usage(&self, s: &Summary) -> Value {
+        json!({ "id": self.ids.id, "object": self.object, "created": self.ids.created, "model": self.ids.model, "choices": [], "usage": usage(s) })
+    }
+}
+
+/// Turns a request's events into chunks with `on_event`, then the usage chunk when asked
+/// for. The receiver lives in the stream: when the client goes away the stream is dropped,
+/// and the engine cancels the request.
+fn chunks(mut rx: UnboundedReceiver<Event>, env: Envelope, mut on_event: impl FnMut(Event) -> Vec<Value> + Send + 'static) -> impl futures::Stream<Item = Value> + Send + 'static {
     async_stream(move |tx| async move {
         while let Some(ev) = rx.recv().await {
             let done = match &ev {
@@ -314,8 +335,8 @@ fn chunks(
                 }
             }
             if let Some(s) = done {
-                if include_usage {
-                    let _ = tx.send(usage_chunk(&s)).await;
+                if env.include_usage {
+                    let _ = tx.send(env.usage(&s)).await;
                 }
                 return;
             }
@@ -354,96 +375,65 @@ fn error_chunk(e: &str) -> Value {
 }
 
 fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Ids, echo: Option<String>, prompt_ids: Vec<u32>, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = Value> + Send + 'static {
+    let env = Envelope { ids, object: "text_completion", include_usage };
     let chunk = {
-        let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
-        move |text: &str, lp: Value, finish: Option<&str>| {
-            let mut c = json!({ "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }] });
-            if include_usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        }
-    };
-    let usage_chunk = {
-        let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
-        move |s: &Summary| json!({ "id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage(s) })
+        let env = env.clone();
+        move |text: &str, lp: Value, finish: Option<&str>| env.chunk(json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }))
     };
     let mut echo = echo;
     let mut lps = CompletionLogprobs::default();
     let st = state.clone();
-    chunks(
-        rx,
-        include_usage,
-        move |ev| match ev {
-            Event::Prompt(p) => {
-                for (lp, &id) in p.iter().zip(&prompt_ids) {
-                    lps.push(&st, lp.as_ref(), id);
-                }
-                vec![chunk(&echo.take().unwrap_or_default(), if logprobs { lps.take() } else { Value::Null }, None)]
+    chunks(rx, env, move |ev| match ev {
+        Event::Prompt(p) => {
+            for (lp, &id) in p.iter().zip(&prompt_ids) {
+                lps.push(&st, lp.as_ref(), id);
             }
-            Event::Delta { text, tokens } => {
-                let mut out = Vec::new();
-                if let Some(e) = echo.take() {
-                    out.push(chunk(&e, Value::Null, None));
-                }
-                for lp in &tokens {
-                    lps.push(&st, Some(lp), lp.id);
-                }
-                if !text.is_empty() || !tokens.is_empty() {
-                    out.push(chunk(&text, if logprobs { lps.take() } else { Value::Null }, None));
-                }
-                out
+            vec![chunk(&echo.take().unwrap_or_default(), if logprobs { lps.take() } else { Value::Null }, None)]
+        }
+        Event::Delta { text, tokens } => {
+            let mut out = Vec::new();
+            if let Some(e) = echo.take() {
+                out.push(chunk(&e, Value::Null, None));
             }
-            Event::Done(s) => {
-                let mut out: Vec<Value> = echo.take().map(|e| chunk(&e, Value::Null, None)).into_iter().collect();
-                out.push(chunk("", Value::Null, Some(finish_str(s.finish_reason))));
-                out
+            for lp in &tokens {
+                lps.push(&st, Some(lp), lp.id);
             }
-            Event::Error(e) => vec![error_chunk(&e)],
-        },
-        usage_chunk,
-    )
+            if !text.is_empty() || !tokens.is_empty() {
+                out.push(chunk(&text, if logprobs { lps.take() } else { Value::Null }, None));
+            }
+            out
+        }
+        Event::Done(s) => {
+            let mut out: Vec<Value> = echo.take().map(|e| chunk(&e, Value::Null, None)).into_iter().collect();
+            out.push(chunk("", Value::Null, Some(finish_str(s.finish_reason))));
+            out
+        }
+        Event::Error(e) => vec![error_chunk(&e)],
+    })
 }
 
 fn chat_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Ids, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = Value> + Send + 'static {
+    let env = Envelope { ids, object: "chat.completion.chunk", include_usage };
     let chunk = {
-        let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
-        move |delta: Value, lp: Value, finish: Option<&str>| {
-            let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }] });
-            // With include_usage, OpenAI sends "usage": null on every chunk but the last.
-            if include_usage {
-                c["usage"] = Value::Null;
-            }
-            c
-        }
-    };
-    let usage_chunk = {
-        let (id, created, model) = (ids.id.clone(), ids.created, ids.model.clone());
-        move |s: &Summary| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage(s) })
+        let env = env.clone();
+        move |delta: Value, lp: Value, finish: Option<&str>| env.chunk(json!({ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }))
     };
     let mut first = true;
-    chunks(
-        rx,
-        include_usage,
-        move |ev| {
-            let mut out = Vec::new();
-            if first && !matches!(ev, Event::Error(_)) {
-                first = false;
-                out.push(chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None));
+    chunks(rx, env, move |ev| {
+        let mut out = Vec::new();
+        if first && !matches!(ev, Event::Error(_)) {
+            first = false;
+            out.push(chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None));
+        }
+        match ev {
+            Event::Delta { text, tokens } if !text.is_empty() || !tokens.is_empty() => {
+                let lp = if logprobs { json!({ "content": tokens.iter().map(|l| chat_logprob(&state, l)).collect::<Vec<_>>() }) } else { Value::Null };
+                out.push(chunk(json!({ "content": text }), lp, None));
             }
-            match ev {
-                Event::Delta { text, tokens } if !text.is_empty() || !tokens.is_empty() => {
-                    let lp = if logprobs { json!({ "content": tokens.iter().map(|l| chat_logprob(&state, l)).collect::<Vec<_>>() }) } else { Value::Null };
-                    out.push(chunk(json!({ "content": text }), lp, None));
-                }
-                Event::Done(s) => out.push(chunk(json!({}), Value::Null, Some(finish_str(s.finish_reason)))),
-                Event::Error(e) => out.push(error_chunk(&e)),
-                _ => {}
-            }
-            out
-        },
-        usage_chunk,
-    )
+            Event::Done(s) => out.push(chunk(json!({}), Value::Null, Some(finish_str(s.finish_reason)))),
+            Event::Error(e) => out.push(error_chunk(&e)),
+            _ => {}
+        }
+        out
+    })
 }

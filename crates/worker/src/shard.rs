@@ -112,28 +112,37 @@ impl Shard {
             self.seqs.remove(id);
         }
 
-        // The tables as they will be after this step's blocks are appended (committed only
-        // when the forward pass succeeds).
-        let tables: Vec<Vec<Vec<BlockId>>> = plan
-            .seqs
-            .iter()
-            .map(|w| {
-                let mut t = match self.seqs.get(&w.seq_id) {
-                    Some(st) if !w.starts() => st.tables.clone(),
-                    _ => vec![Vec::new(); self.kv.layout().groups.len()],
-                };
-                for (t, new) in t.iter_mut().zip(&w.blocks) {
-                    t.extend_from_slice(new);
-                }
-                t
-            })
-            .collect();
-        let chunks: Vec<SeqChunk<'_>> =
-            plan.seqs.iter().zip(&tables).map(|(w, t)| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: t, logits: w.logits }).collect();
+        // This step's blocks join the tables now, and come off again if the model refuses
+        // the step.
+        let groups = self.kv.layout().groups.len();
+        for w in &plan.seqs {
+            let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
+                tables: vec![Vec::new(); groups],
+                len: 0,
+                sampling: w.sampling.expect("checked: new sequences carry sampling"),
+                penalties: w.penalties,
+                prompt_len: w.prompt_len,
+                counts: HashMap::new(),
+            });
+            for (t, new) in st.tables.iter_mut().zip(&w.blocks) {
+                t.extend_from_slice(new);
+            }
+        }
+        let seqs = &self.seqs;
+        let chunks: Vec<SeqChunk<'_>> = plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
         let logits = match self.model.forward(&mut self.kv, &chunks) {
             Ok(l) => l,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
-                // Refused before any cache was touched.
+                // Refused before any cache was touched: undo the tables.
+                for w in &plan.seqs {
+                    if w.starts() {
+                        self.seqs.remove(&w.seq_id);
+                    } else if let Some(st) = self.seqs.get_mut(&w.seq_id) {
+                        for (t, new) in st.tables.iter_mut().zip(&w.blocks) {
+                            t.truncate(t.len() - new.len());
+                        }
+                    }
+                }
                 return Err(invalid(e.to_string()));
             }
             Err(source) => {
@@ -142,16 +151,8 @@ impl Shard {
                 return Err(StepError::Failed { step: plan.step, rank, source });
             }
         };
-        for (w, t) in plan.seqs.iter().zip(tables) {
-            let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
-                tables: Vec::new(),
-                len: 0,
-                sampling: w.sampling.expect("checked: new sequences carry sampling"),
-                penalties: w.penalties,
-                prompt_len: w.prompt_len,
-                counts: HashMap::new(),
-            });
-            st.tables = t;
+        for w in &plan.seqs {
+            let st = self.seqs.get_mut(&w.seq_id).expect("every sequence of the step is held");
             st.len = w.start_pos + w.tokens.len();
             if !st.penalties.is_none() {
                 for (i, &tok) in w.tokens.iter().enumerate() {
@@ -294,11 +295,13 @@ mod tests {
             let e = step(&mut s, seqs, vec![]).unwrap_err();
             assert!(matches!(e, StepError::Invalid { .. }) && e.to_string().contains(needle), "{e}");
         }
-        // A token outside the vocabulary is refused by the model before any cache changes.
-        let e = step(&mut s, vec![work(1, vec![1 << 30], 2)], vec![]).unwrap_err();
+        // A token outside the vocabulary is refused by the model before any cache changes,
+        // in a step that brings new blocks for sequence 1 and starts sequence 6.
+        let e = step(&mut s, vec![work(1, vec![5, 5, 5, 1 << 30], 2), work(6, vec![2, 3], 0)], vec![]).unwrap_err();
         assert!(matches!(e, StepError::Invalid { .. }), "{e}");
-        // Sequence 1 is still at position 2 and continues normally.
+        // Sequence 1 is still at position 2 with its one block, and continues normally.
         assert_eq!(s.n_seqs(), 1);
+        assert_eq!(s.seqs[&1].tables, [vec![8], vec![8]]);
         step(&mut s, vec![work(1, vec![5], 2)], vec![]).unwrap();
         assert!(s.broken().is_none());
     }
