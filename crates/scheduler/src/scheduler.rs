@@ -232,7 +232,7 @@ impl Scheduler {
             prompt_logprobs: r.prompt_logprobs.map(|first| first.saturating_sub(1).min(prompt - 1)),
             cached: 0,
         };
-        self.extend_hashes(&mut seq);
+        extend_hashes(self.cfg.kv.block_size, &mut seq);
         self.waiting.push_back(seq);
         Ok(())
     }
@@ -240,10 +240,9 @@ impl Scheduler {
     /// Appends a token sampled for request `id` (it will be fed next step).
     pub fn append(&mut self, id: ReqId, token: TokenId) {
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            let mut s = std::mem::replace(&mut self.running[i], Self::placeholder());
+            let s = &mut self.running[i];
             s.tokens.push(token);
-            self.extend_hashes(&mut s);
-            self.running[i] = s;
+            extend_hashes(self.cfg.kv.block_size, s);
         }
     }
 
@@ -305,9 +304,7 @@ impl Scheduler {
             if lost_self {
                 break;
             }
-            let mut s = std::mem::replace(&mut self.running[i], Self::placeholder());
-            batch.seqs.push(self.emit(&mut s, want));
-            self.running[i] = s;
+            batch.seqs.push(Self::emit(&self.cfg, &mut self.pools, &mut self.running[i], want));
             budget -= want;
             i += 1;
         }
@@ -335,29 +332,12 @@ impl Scheduler {
             s.sent = vec![0; self.pools.len()];
             s.worker_id = self.next_worker_id;
             self.next_worker_id += 1;
-            batch.seqs.push(self.emit(&mut s, want));
+            batch.seqs.push(Self::emit(&self.cfg, &mut self.pools, &mut s, want));
             budget -= want;
             self.running.push(s);
         }
         batch.free = std::mem::take(&mut self.to_free);
         batch
-    }
-
-    fn placeholder() -> Seq {
-        Seq {
-            id: 0,
-            tokens: Vec::new(),
-            prompt_len: 0,
-            computed: 0,
-            tables: Vec::new(),
-            sent: Vec::new(),
-            hashes: Vec::new(),
-            registered: 0,
-            worker_id: 0,
-            started: false,
-            prompt_logprobs: None,
-            cached: 0,
-        }
     }
 
     /// How many of the `left` tokens of `s` to run within `budget`: a chunk that would
@@ -371,17 +351,17 @@ impl Scheduler {
     }
 
     /// Allocates the blocks for `want` more tokens of `s` (checked to be there) and
-    /// describes its work.
-    fn emit(&mut self, s: &mut Seq, want: usize) -> Scheduled {
+    /// describes its work. (Takes the fields it needs, so `s` may be one of `running`.)
+    fn emit(cfg: &SchedulerConfig, pools: &mut [BlockPool], s: &mut Seq, want: usize) -> Scheduled {
         let end = s.computed + want;
-        let need = self.cfg.kv.blocks_for(end);
-        for (g, pool) in self.pools.iter_mut().enumerate() {
+        let need = cfg.kv.blocks_for(end);
+        for (g, pool) in pools.iter_mut().enumerate() {
             while s.tables[g].len() < need {
                 s.tables[g].push(pool.allocate().expect("checked: enough free blocks"));
             }
         }
-        let blocks = (0..self.pools.len()).map(|g| s.tables[g][s.sent[g]..].to_vec()).collect();
-        for g in 0..self.pools.len() {
+        let blocks = (0..pools.len()).map(|g| s.tables[g][s.sent[g]..].to_vec()).collect();
+        for g in 0..pools.len() {
             s.sent[g] = s.tables[g].len();
         }
         let in_prompt = s.computed < s.prompt_len;
@@ -468,17 +448,6 @@ impl Scheduler {
         }
     }
 
-    /// Chain hashes for every full block of `s.tokens` not hashed yet.
-    fn extend_hashes(&self, s: &mut Seq) {
-        let bs = self.cfg.kv.block_size;
-        while (s.hashes.len() + 1) * bs <= s.tokens.len() {
-            let b = s.hashes.len();
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            s.hashes.last().copied().unwrap_or(0x7470_7365_7276_6521).hash(&mut h);
-            s.tokens[b * bs..(b + 1) * bs].hash(&mut h);
-            s.hashes.push(h.finish());
-        }
-    }
 
     /// The longest cached prefix of `s` that every group can start from: whole blocks of the
     /// prompt, at most all tokens but the last (whose logits are needed), with a windowed group needing
@@ -554,5 +523,16 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+/// Chain hashes for every full block (of `bs` tokens) of `s.tokens` not hashed yet.
+fn extend_hashes(bs: usize, s: &mut Seq) {
+    while (s.hashes.len() + 1) * bs <= s.tokens.len() {
+        let b = s.hashes.len();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        s.hashes.last().copied().unwrap_or(0x7470_7365_7276_6521).hash(&mut h);
+        s.tokens[b * bs..(b + 1) * bs].hash(&mut h);
+        s.hashes.push(h.finish());
     }
 }
