@@ -113,7 +113,7 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     assert_eq!(levels.len(), 2);
     assert_eq!((levels[0]["max_concurrency"].as_u64(), levels[1]["max_concurrency"].as_u64()), (Some(1), Some(3)));
     let chart = std::fs::read_to_string(&svg).unwrap();
-    assert!(chart.starts_with("<svg") && chart.contains("throughput vs latency"), "{}", &chart[..chart.len().min(200)]);
+    assert!(chart.starts_with("<svg") && chart.contains("throughput vs latency, max_concurrency = 1, 3"), "{}", &chart[..chart.len().min(200)]);
     let cdf = dir.path().join("latency.svg");
     bench(&["--base-url", &url, "--num-requests", "4", "--input-len", "4", "--text", &t, "--plot", cdf.to_str().unwrap()], &m, &dir);
     assert!(std::fs::read_to_string(&cdf).unwrap().contains("latency distributions"));

@@ -130,7 +130,7 @@ impl Chart for Sweep<'_> {
         let ymax = results.iter().flat_map(|r| curves.iter().map(move |c| get(r, c.1))).fold(1.0, f64::max) * 1.1;
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(root)
-            .caption(format!("throughput vs latency, {param} = {values:?}"), ("sans-serif", 20))
+            .caption(format!("throughput vs latency, {param} = {}", values.iter().map(f64::to_string).collect::<Vec<_>>().join(", ")), ("sans-serif", 20))
             .margin(16)
             .x_label_area_size(40)
             .y_label_area_size(60)
