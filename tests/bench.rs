@@ -129,6 +129,9 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     assert!(dark(0..44) > 200, "no caption drawn: {} dark pixels", dark(0..44));
     let out = bin().args(["bench", "--base-url", &url, "--num-requests", "1", "--text", &t, "--plot", "chart.pdf", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--plot chart.pdf"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A served model's name given as --model (vLLM's meaning) points at --served-model.
+    let out = bin().args(["bench", "--base-url", &url, "--model", "gemma-3-270m"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--served-model"), "{}", String::from_utf8_lossy(&out.stderr));
     // Bad sweeps are named.
     let out = bin().args(["bench", "--base-url", &url, "--sweep", "threads=1,2", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep threads=1,2"), "{}", String::from_utf8_lossy(&out.stderr));

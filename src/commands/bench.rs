@@ -187,6 +187,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !matches!(a.endpoint.as_str(), "/v1/completions" | "/v1/chat/completions") {
         bail!("--endpoint {}: /v1/completions or /v1/chat/completions", a.endpoint);
     }
+    if let Some(m) = a.model.model.as_ref().filter(|m| !m.exists()) {
+        // vLLM's `--model` names the served model; ours is the local tokenizer's file.
+        bail!("--model {}: no such file; here --model is the GGUF whose tokenizer measures the prompts, and the model id sent to the server is --served-model", m.display());
+    }
     if let Some(f) = &a.plot {
         super::bench_plot::Format::of(f).with_context(|| format!("--plot {}", f.display()))?;
     }
