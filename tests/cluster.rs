@@ -228,8 +228,6 @@ fn bad_request_lines_get_error_lines_and_the_next_request_is_served() {
     assert_eq!(code, Some(0), "{log}");
 }
 
-/// Starts a `tpserve worker` on a free loopback port; returns it and its address.
-
 #[test]
 fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     let dir = TempDir::new().unwrap();

@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use tpserve_bench::client::{send, Prompt, Target};
-use tpserve_bench::metrics::{summarize, Record, Slo};
+use tpserve_bench::metrics::{percentile_key, summarize, Record, Slo};
 
 use super::Loaded;
 use crate::ModelArgs;
@@ -358,8 +358,7 @@ fn print_table(r: &serde_json::Value, percentiles: &[f64]) -> Result<()> {
             writeln!(o, "{:<40}{:<10.2}", format!("Mean {} (ms):", name.to_uppercase()), num(&format!("mean_{name}_ms")))?;
             writeln!(o, "{:<40}{:<10.2}", format!("Median {} (ms):", name.to_uppercase()), num(&format!("median_{name}_ms")))?;
             for p in percentiles {
-                let key = if p.fract() == 0.0 { format!("p{}_{name}_ms", *p as u64) } else { format!("p{p}_{name}_ms") };
-                writeln!(o, "{:<40}{:<10.2}", format!("P{p} {} (ms):", name.to_uppercase()), num(&key))?;
+                writeln!(o, "{:<40}{:<10.2}", format!("P{p} {} (ms):", name.to_uppercase()), num(&percentile_key(*p, name)))?;
             }
         }
         if let Some(e) = r["errors_by_kind"].as_object().filter(|e| !e.is_empty()) {

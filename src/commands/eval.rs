@@ -174,15 +174,19 @@ fn kl(a: KlArgs) -> Result<()> {
     pb.set_prefix("kl");
     let v = rc.vocab;
     let (mut kl, mut agree, mut n) = (Nll::default(), 0usize, 0usize);
+    let scored = scored_positions(a.text.ctx);
+    // Logits only for the rows that predict scored tokens: positions scored.start - 1 on.
+    let from = scored.start - 1;
     for w in &windows {
         let logits = |m: &Model| -> Result<Vec<f32>> {
             let mut seqs = tpserve_model::testing::Seqs::new(m, 1, w.len());
-            Ok(pool.install(|| seqs.forward(m, &[(0, w, LogitsWanted::All)]))?.remove(0))
+            pool.install(|| seqs.forward(m, &[(0, &w[..from], LogitsWanted::None)]))?;
+            Ok(pool.install(|| seqs.forward(m, &[(0, &w[from..], LogitsWanted::All)]))?.remove(0))
         };
         let (lr, lm) = (logits(&mr)?, logits(&mm)?);
-        // Row t - 1 predicts token t.
-        for t in scored_positions(a.text.ctx) {
-            let row = t - 1;
+        // Row r predicts token from + r + 1.
+        for t in scored.clone() {
+            let row = t - 1 - from;
             let (k, top1) = kl_and_top1(&lr[row * v..(row + 1) * v], &lm[row * v..(row + 1) * v]);
             kl.push(k);
             agree += usize::from(top1);

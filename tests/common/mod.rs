@@ -165,7 +165,6 @@ pub fn shared_prompts(n: usize) -> Vec<String> {
     text.lines().filter(|l| !l.trim().is_empty()).take(n).map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].as_str().unwrap().to_string()).collect()
 }
 
-
 /// `tpserve worker --listen 127.0.0.1:0 --threads 1 extra..` and the address it listens on.
 pub fn worker(extra: &[&str]) -> (Proc, String) {
     let mut c = bin();

@@ -121,7 +121,7 @@ pub fn summarize(records: &[Record], duration: f64, percentiles: &[f64], slo: &S
         m.insert(format!("median_{name}_ms"), json!(percentile(v, 50.0)));
         m.insert(format!("std_{name}_ms"), json!(std(v)));
         for &p in percentiles {
-            m.insert(format!("p{}_{name}_ms", fmt_p(p)), json!(percentile(v, p)));
+            m.insert(percentile_key(p, name), json!(percentile(v, p)));
         }
     }
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
@@ -134,12 +134,13 @@ pub fn summarize(records: &[Record], duration: f64, percentiles: &[f64], slo: &S
     Value::Object(m)
 }
 
-/// "99", "99.9": a percentile as vLLM spells it in a key.
-fn fmt_p(p: f64) -> String {
+/// The result key of percentile `p` of metric `name`, as vLLM spells it: `p99_ttft_ms`,
+/// `p99.9_itl_ms`.
+pub fn percentile_key(p: f64, name: &str) -> String {
     if p.fract() == 0.0 {
-        format!("{}", p as u64)
+        format!("p{}_{name}_ms", p as u64)
     } else {
-        format!("{p}")
+        format!("p{p}_{name}_ms")
     }
 }
 

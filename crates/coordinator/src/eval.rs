@@ -141,7 +141,7 @@ pub fn kl_and_top1(reference: &[f32], model: &[f32]) -> (f64, bool) {
         let lpa = a as f64 - la;
         lpa.exp() * (lpa - (b as f64 - lb))
     });
-    let argmax = |l: &[f32]| tpserve_types::sampling::argmax(l);
+    use tpserve_types::sampling::argmax;
     (kl.sum::<f64>().max(0.0), argmax(reference) == argmax(model))
 }
 
