@@ -5,7 +5,7 @@ mod commands;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use tpserve_model::fetch;
+use tpserve_fetch as fetch;
 
 /// Serve large language models from a cluster of tensor- and pipeline-parallel workers.
 #[derive(Parser)]

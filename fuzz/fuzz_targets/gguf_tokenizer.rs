@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tpserve_model::gguf::Gguf;
-use tpserve_model::tokenizer::{StreamDecoder, Tokenizer};
+use tpserve_gguf::Gguf;
+use tpserve_tokenizer::{StreamDecoder, Tokenizer};
 
 /// One scratch file per fuzzing process (in memory when `/dev/shm` exists).
 fn scratch() -> &'static PathBuf {

@@ -1,25 +1,25 @@
-//! What `up`, `coordinator` and `generate --tp/--pp` share: starting local worker processes,
-//! loading a plan onto workers with a progress bar per worker, printing the plan, and the
-//! in-process backend that runs tp = pp = 1 without any worker.
+//! What `up`, `coordinator`, `generate` and `eval` share: the parallelism and scheduling
+//! flags, loading a plan onto workers with a progress bar per worker, printing the plan and
+//! the KV cache, and where a one-off command runs ([`LocalBackend`]: in this process at
+//! tp = pp = 1, else on local worker processes).
 
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tpserve_coordinator::{Backend, Cluster, ClusterError, StepReply, Timeouts};
+use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, LoadProgress, StepReply, Timeouts};
+use tpserve_model::config::ModelConfig;
 use tpserve_model::model::model_shape;
 use tpserve_scheduler::SchedulerConfig;
 use tpserve_types::kv::{KvLayout, KvSizing};
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
-use tpserve_worker::Shard;
+use tpserve_worker::{LocalShard, StepError};
 
+use super::local_workers::{threads_per_worker, LocalWorkers};
 use super::Loaded;
 
 /// How the model is split.
@@ -94,7 +94,7 @@ pub struct ServingArgs {
 
 impl ServingArgs {
     /// The KV cache layout for `cfg`, checked.
-    pub fn kv_layout(&self, cfg: &tpserve_model::config::ModelConfig) -> Result<KvLayout> {
+    pub fn kv_layout(&self, cfg: &ModelConfig) -> Result<KvLayout> {
         if self.block_size == 0 {
             bail!("--block-size 0: must be at least 1");
         }
@@ -108,7 +108,7 @@ impl ServingArgs {
         if tokens < self.block_size {
             bail!("--kv-cache-tokens {tokens}: must hold at least one block of {} positions", self.block_size);
         }
-        Ok(kv_layout(cfg, KvSizing { block_size: self.block_size, tokens, max_seqs: self.max_num_seqs, max_chunk: self.max_num_batched_tokens }))
+        Ok(cfg.kv_layout(KvSizing { block_size: self.block_size, tokens, max_seqs: self.max_num_seqs, max_chunk: self.max_num_batched_tokens }))
     }
 
     /// The scheduler's limits over `kv`.
@@ -124,13 +124,8 @@ impl ServingArgs {
     }
 }
 
-/// `cfg`'s layers grouped by attention window and sized by `sizing`.
-pub fn kv_layout(cfg: &tpserve_model::config::ModelConfig, sizing: KvSizing) -> KvLayout {
-    KvLayout::new(&(0..cfg.n_layers).map(|l| cfg.window(l)).collect::<Vec<_>>(), sizing)
-}
-
 /// One line on the KV cache: capacity, and what the sliding windows save.
-pub fn describe_kv(kv: &KvLayout, cfg: &tpserve_model::config::ModelConfig, kv_dim: usize) -> String {
+pub fn describe_kv(kv: &KvLayout, cfg: &ModelConfig, kv_dim: usize) -> String {
     let all = 0..cfg.n_layers;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let (with, without) = (kv.bytes(&all, kv_dim), kv.bytes_without_windows(&all, kv_dim));
@@ -152,90 +147,14 @@ pub fn describe_kv(kv: &KvLayout, cfg: &tpserve_model::config::ModelConfig, kv_d
     )
 }
 
-/// Worker processes started by this process on loopback; killed when dropped.
-pub struct LocalWorkers {
-    pub children: Vec<Child>,
-    pub addrs: Vec<String>,
-}
-
-impl LocalWorkers {
-    /// Starts `n` `tpserve worker` processes on 127.0.0.1 with `threads` compute threads each
-    /// and waits for each to say where it listens. They exit when this process's end of
-    /// their standard input closes, so they never outlive it.
-    pub async fn spawn(n: usize, threads: usize) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the tpserve executable to start workers")?;
-        let mut children = Vec::with_capacity(n);
-        let mut addrs = Vec::with_capacity(n);
-        for rank in 0..n {
-            // Workers inherit TPSERVE_COMM_SPIN_US and the rest of the environment.
-            let mut child = Command::new(&exe)
-                .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                // Their own process group: a terminal's Ctrl-C reaches only this process,
-                // which then stops the workers in order (their stdin closes).
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("cannot start worker {rank} ({})", exe.display()))?;
-            let stdout = child.stdout.take().expect("stdout is piped");
-            let mut lines = BufReader::new(stdout).lines();
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .map_err(|_| anyhow!("worker {rank} did not start within 30 s"))?
-                .context("cannot read the worker's address")?
-                .ok_or_else(|| anyhow!("worker {rank} exited before it started listening"))?;
-            let addr = parse_listening(&line).ok_or_else(|| anyhow!("worker {rank} said {line:?}, not where it listens"))?;
-            tracing::info!(rank, pid = child.id(), %addr, "started worker");
-            eprintln!("worker {rank}: pid {} listening on {addr}", child.id().unwrap_or(0));
-            addrs.push(addr);
-            children.push(child);
-        }
-        Ok(Self { children, addrs })
-    }
-
-    /// Waits up to `grace` (in all) for every worker to exit, then kills what is left.
-    pub async fn stop(mut self, grace: Duration) {
-        for c in &mut self.children {
-            // Closing stdin asks --exit-with-stdin workers to stop.
-            drop(c.stdin.take());
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        for c in &mut self.children {
-            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
-        }
-    }
-}
-
-/// The address in a worker's first line, `tpserve worker listening on ADDR ...`.
-pub fn parse_listening(line: &str) -> Option<String> {
-    let rest = line.split_once("listening on ")?.1;
-    Some(rest.split_whitespace().next()?.to_string())
-}
-
-/// Default compute threads per local worker: the cores shared out, at least one each.
-pub fn threads_per_worker(explicit: Option<usize>, world: usize) -> Result<usize> {
-    match explicit {
-        Some(0) => bail!("--threads 0: need at least one thread"),
-        Some(n) => Ok(n),
-        None => {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            Ok((cores / world.max(1)).max(1))
-        }
-    }
-}
-
 /// Connects to `addrs` and loads `plan` onto them with a progress bar per worker, then
 /// prints the plan with each rank's memory. `model_path` is the file as workers see it.
 pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts, kv: KvLayout) -> Result<Cluster> {
-    let workers = futures_try_join(addrs.iter().map(|a| tpserve_coordinator::cluster::connect(a, timeouts.connect))).await?;
+    let workers = cluster::connect_all(addrs, timeouts.connect).await?;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}").expect("valid template");
-    let shards = plan.shards();
-    let pbs: Vec<ProgressBar> = shards
+    let pbs: Vec<ProgressBar> = plan
+        .shards()
         .iter()
         .map(|s| {
             let pb = bars.add(ProgressBar::new(s.bytes.max(1)));
@@ -246,7 +165,7 @@ pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_p
         .collect();
     let ctx = loaded.config()?.context_len;
     let model_bytes = loaded.gguf.file_len() as u64;
-    let cluster = Cluster::load(workers, plan, ctx, kv, model_path, model_bytes, timeouts, |rank, p| {
+    let cluster = Cluster::load(workers, plan, ctx, kv, model_path, model_bytes, timeouts, |rank, p: &LoadProgress| {
         let pb = &pbs[rank];
         pb.set_length(p.bytes_total.max(1));
         pb.set_position(p.bytes_done);
@@ -259,26 +178,9 @@ pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_p
     for pb in &pbs {
         pb.finish_and_clear();
     }
-    let cluster = cluster.map_err(anyhow::Error::from)?;
+    let cluster = cluster?;
     eprint!("{}", describe(&cluster));
     Ok(cluster)
-}
-
-/// Runs every future, waits for all of them, and fails with every error if any failed.
-async fn futures_try_join<T>(futs: impl Iterator<Item = impl std::future::Future<Output = Result<T, ClusterError>>>) -> Result<Vec<T>> {
-    let results = futures::future::join_all(futs).await;
-    let mut ok = Vec::new();
-    let mut errors = Vec::new();
-    for r in results {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
-    Ok(ok)
 }
 
 /// The plan as loaded: one line per rank with its slices, weights and peak memory.
@@ -303,28 +205,12 @@ pub fn describe(c: &Cluster) -> String {
     s
 }
 
-/// tp = pp = 1 in this process: the whole model as one shard, no network.
+/// tp = pp = 1 in this process: the worker's own [`LocalShard`] stepped directly, no
+/// network. Only the error mapping lives here; the step is the worker crate's.
 pub struct InProcess {
-    shard: Arc<Mutex<Shard>>,
-    pool: Arc<rayon::ThreadPool>,
+    shard: LocalShard,
     context_len: usize,
     kv: KvLayout,
-}
-
-impl InProcess {
-    /// Loads the single rank of `plan` (tp = pp = 1).
-    pub fn load(loaded: &Loaded, plan: &Plan, pool: Arc<rayon::ThreadPool>, kv: KvLayout) -> Result<Self> {
-        if plan.world() != 1 {
-            bail!("the in-process backend runs tp = pp = 1, not a world of {}", plan.world());
-        }
-        let shard = pool
-            .install(|| Shard::load(&loaded.gguf, &plan.shard(0), Arc::new(tpserve_comm::Local), None, &kv))
-            .context("cannot load the model weights")?;
-        // As workers do: read the weights now, not on the first request.
-        shard.model().prefault(|_, _| {});
-        let context_len = shard.model().config().context_len;
-        Ok(Self { shard: Arc::new(Mutex::new(shard)), pool, context_len, kv })
-    }
 }
 
 impl Backend for InProcess {
@@ -337,16 +223,9 @@ impl Backend for InProcess {
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
-        let (shard, plan) = (self.shard.clone(), plan.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pool.spawn(move || {
-            let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = tx.send(guard.step(&plan));
-        });
-        let out = rx.await.map_err(|_| ClusterError::Protocol("the step's compute thread panicked".into()))?;
-        match out {
+        match self.shard.step(plan.clone()).await {
             Ok(o) => Ok(StepReply { outputs: vec![o], request_bytes: 0, response_bytes: 0 }),
-            Err(e @ tpserve_worker::StepError::Invalid { .. }) => Err(ClusterError::Rejected(e.to_string())),
+            Err(e @ StepError::Invalid { .. }) => Err(ClusterError::Rejected(e.to_string())),
             Err(e) => Err(ClusterError::WorkerLost(e.to_string())),
         }
     }
@@ -377,7 +256,8 @@ impl LocalBackend {
     pub async fn start(loaded: &Loaded, plan: Plan, threads: Option<usize>, parallel: &ParallelArgs, kv: KvLayout) -> Result<Self> {
         if plan.world() == 1 {
             let pool = Arc::new(super::thread_pool(threads)?);
-            return Ok(Self::InProcess(InProcess::load(loaded, &plan, pool, kv)?));
+            let shard = LocalShard::load_whole(&loaded.gguf, &kv, pool).context("cannot load the model weights")?;
+            return Ok(Self::InProcess(InProcess { shard, context_len: loaded.config()?.context_len, kv }));
         }
         let threads = threads_per_worker(threads, plan.world())?;
         let workers = LocalWorkers::spawn(plan.world(), threads).await?;

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tokio::sync::mpsc;
 
-use super::cluster::{describe_kv, load_cluster, threads_per_worker, worker_model_path, LocalWorkers, ParallelArgs, ServingArgs};
+use super::cluster::{describe_kv, load_cluster, worker_model_path, ParallelArgs, ServingArgs};
+use super::local_workers::{threads_per_worker, LocalWorkers};
 use super::serve::{serve_http, serve_lines, ServeArgs};
 use super::Loaded;
 use crate::ModelArgs;
@@ -70,35 +70,15 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     })
 }
 
-/// Serves the join service on `listen` until `n` workers have joined; their addresses in order.
+/// Waits on `listen` until `n` workers have joined (or Ctrl-C); their addresses in order.
 async fn wait_for_joins(listen: &str, n: usize) -> Result<Vec<String>> {
-    let (service, mut rx) = tpserve_coordinator::join::JoinService::new(n);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--join-listen {listen}: cannot listen there"))?;
     eprintln!("waiting for {n} workers to join at {}", listener.local_addr()?);
-    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(tpserve_proto::CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                stop_rx.recv().await;
-            })
-            .await
-    });
-    let mut addrs = Vec::with_capacity(n);
-    while addrs.len() < n {
-        tokio::select! {
-            a = rx.recv() => match a {
-                Some(a) => { eprintln!("worker {} joined: {a}", addrs.len()); addrs.push(a) }
-                None => bail!("the join service stopped"),
-            },
-            _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for workers"),
-        }
+    let joins = tpserve_coordinator::join::wait_for_joins(listener, n, |rank, addr| eprintln!("worker {rank} joined: {addr}"));
+    tokio::select! {
+        addrs = joins => Ok(addrs?),
+        _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for workers"),
     }
-    // Every rank has come: stop listening (a late joiner's retries then fail with an error
-    // that names this coordinator).
-    let _ = stop_tx.send(()).await;
-    let _ = server.await;
-    Ok(addrs)
 }
 
 pub fn run_up(args: UpArgs) -> Result<()> {

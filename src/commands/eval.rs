@@ -14,7 +14,7 @@ use tpserve_model::model::{LogitsWanted, Model};
 use tpserve_scheduler::SchedulerConfig;
 use tpserve_types::kv::KvSizing;
 
-use super::cluster::{kv_layout, LocalBackend, ParallelArgs};
+use super::cluster::{LocalBackend, ParallelArgs};
 use super::Loaded;
 use crate::ModelArgs;
 
@@ -118,7 +118,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ctx = a.text.ctx;
     let cfg = loaded.config()?;
     let budget = ctx.max(512);
-    let kv = kv_layout(&cfg, KvSizing { block_size: 16, tokens: a.batch * (ctx + 32), max_seqs: a.batch, max_chunk: budget });
+    let kv = cfg.kv_layout(KvSizing { block_size: 16, tokens: a.batch * (ctx + 32), max_seqs: a.batch, max_chunk: budget });
     let scheduler = SchedulerConfig { kv: kv.clone(), max_num_seqs: a.batch, token_budget: budget, max_waiting: a.batch, context_len: cfg.context_len, prefix_caching: false };
     let pb = bar(windows.len());
     pb.set_prefix("perplexity");

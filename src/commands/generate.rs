@@ -3,22 +3,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
 use std::ops::ControlFlow;
 
-use tpserve_coordinator::{generate_batch, Backend, GenOptions, GenOutput, GenRequest, StepStats};
-use tpserve_model::chat::{self, Message};
-use tpserve_types::{SamplingError, SamplingParams};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use tpserve_coordinator::{generate_batch, Backend, GenOptions, GenOutput, Limits, OverContext, Request, RequestParams, StepStats};
+use tpserve_tokenizer::chat::{ChatTemplate, Message};
+use tpserve_types::kv::KvSizing;
+use tpserve_types::SamplingParams;
 
 use super::cluster::{LocalBackend, ParallelArgs};
 use super::Loaded;
 use crate::ModelArgs;
-
-/// A seed that differs from run to run.
-pub fn fresh_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -31,7 +27,7 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128, env = "TPSERVE_MAX_TOKENS")]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 picks the most likely token every time (greedy).
+    /// Sampling temperature, 0 to 2; 0 picks the most likely token every time (greedy).
     // Negative numbers are read as values so that `--temperature -1` reaches `validate` and
     // gets its real message, not clap's "unexpected argument '-1'".
     #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
@@ -77,6 +73,46 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompt = read_prompt(&args)?;
+    let params = request_params(&args);
+    // Refuse a bad flag before anything is loaded.
+    params.validate().map_err(|e| anyhow!(e.as_flag_message()))?;
+    if args.batch == 0 {
+        bail!("--batch 0: must be at least 1");
+    }
+    if args.prefill_chunk == 0 {
+        bail!("--prefill-chunk 0: must be at least 1");
+    }
+
+    let loaded = Loaded::open(&args.model)?;
+    let plan = args.parallel.plan(&loaded)?;
+    let cfg = loaded.config()?;
+    let prompt_ids = prompt_ids(&args, &loaded, prompt)?;
+    let limits = Limits { context_len: cfg.context_len, kv_tokens: usize::MAX, vocab: cfg.vocab };
+    let req = params.build(prompt_ids.clone(), limits).map_err(|e| match e.param {
+        "prompt" => anyhow!("the prompt is {} tokens, but the model's context is {}: shorten it", prompt_ids.len(), cfg.context_len),
+        _ => anyhow!(e.as_flag_message()),
+    })?;
+    // Copy i samples with seed + i.
+    let reqs: Vec<Request> =
+        (0..args.batch as u64).map(|i| Request { sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i), ..req.sampling }, ..req.clone() }).collect();
+    // Decode steps carry one token per sequence: the budget must leave room for prefill.
+    let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1), prefix_caching: false };
+    // Room for exactly this batch.
+    let per_seq = prompt_ids.len() + req.max_tokens;
+    let kv = cfg.kv_layout(KvSizing { block_size: 16, tokens: args.batch * (per_seq + 16), max_seqs: args.batch, max_chunk: opts.token_budget });
+    let json = args.json;
+    let (outs, stats) = super::block_on(async {
+        let mut backend = LocalBackend::start(&loaded, plan, args.model.threads, &args.parallel, kv).await?;
+        let out = stream(&mut backend, &loaded, &reqs, opts, json).await;
+        backend.stop().await;
+        out
+    })?;
+    report(&args, &prompt_ids, &outs, &stats)
+}
+
+/// The prompt text from --prompt or --prompt-file.
+fn read_prompt(args: &GenerateArgs) -> Result<String> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}: cannot read it", f.display()))?,
@@ -85,107 +121,80 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give some text with --prompt or --prompt-file");
     }
-    if args.max_tokens == 0 {
-        bail!("--max-tokens 0: ask for at least one token");
-    }
-    if args.batch == 0 {
-        bail!("--batch 0: must be at least 1");
-    }
-    if args.prefill_chunk == 0 {
-        bail!("--prefill-chunk 0: must be at least 1");
-    }
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed.unwrap_or_else(fresh_seed),
-    };
-    // Name the flags as the user typed them (`--top-p`, not the field name `top_p`).
-    sampling.validate().map_err(|e| match e {
-        SamplingError::Temperature(t) => anyhow!("--temperature {t}: must be a finite number >= 0 (0 = greedy)"),
-        SamplingError::TopP(p) => anyhow!("--top-p {p}: must be greater than 0 and at most 1 (1 = no limit)"),
-    })?;
+    Ok(prompt)
+}
 
-    let loaded = Loaded::open(&args.model)?;
-    let plan = args.parallel.plan(&loaded)?;
-    let tok = &loaded.tokenizer;
-    let prompt_ids = if args.chat {
-        let cfg = loaded.config()?;
-        let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
-        let template = chat::template_for(file_template, cfg.arch, tok.token_id("<|start_header_id|>").is_some());
-        let mut messages = Vec::new();
-        if let Some(s) = &args.system {
-            messages.push(Message { role: "system".into(), content: s.clone() });
-        }
-        messages.push(Message { role: "user".into(), content: prompt });
-        let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or("").to_owned();
-        let text = chat::render(&template, &messages, &piece(tok.bos_id()), &piece(tok.eos_id()), true)?;
-        tok.encode(&text, false, true)
-    } else {
-        tok.encode(&prompt, true, true)
-    };
-    let ctx = loaded.config()?.context_len;
-    if prompt_ids.len() >= ctx {
-        bail!("the prompt is {} tokens, but the model's context is {ctx}: shorten it", prompt_ids.len());
-    }
-    let req = GenRequest {
-        prompt_ids: prompt_ids.clone(),
-        max_tokens: args.max_tokens,
-        sampling,
+/// The flags as the request builder's values. A long --max-tokens stops at the end of the
+/// context ("length"), as a script asking for "as much as fits" expects.
+fn request_params(args: &GenerateArgs) -> RequestParams {
+    RequestParams {
+        max_tokens: Some(i64::try_from(args.max_tokens).unwrap_or(i64::MAX)),
+        over_context: OverContext::Clamp,
+        temperature: Some(args.temperature),
+        top_p: Some(args.top_p),
+        top_k: Some(i64::try_from(args.top_k).unwrap_or(i64::MAX)),
+        seed: args.seed,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
-    };
-    let reqs: Vec<GenRequest> =
-        (0..args.batch as u64).map(|i| GenRequest { sampling: SamplingParams { seed: sampling.seed.wrapping_add(i), ..sampling }, ..req.clone() }).collect();
-    // Decode steps carry one token per sequence: the budget must leave room for prefill.
-    let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1), prefix_caching: false };
-    // Room for exactly this batch.
-    let per_seq = (prompt_ids.len() + args.max_tokens).min(ctx);
-    let kv = super::cluster::kv_layout(&loaded.config()?, tpserve_types::kv::KvSizing { block_size: 16, tokens: args.batch * (per_seq + 16), max_seqs: args.batch, max_chunk: opts.token_budget });
-    let json = args.json;
-    let (outs, stats) = super::block_on(async {
-        let mut backend = LocalBackend::start(&loaded, plan, args.model.threads, &args.parallel, kv).await?;
-        let out = stream(&mut backend, &loaded, &reqs, opts, json).await;
-        backend.stop().await;
-        out
-    })?;
+        ..RequestParams::default()
+    }
+}
+
+/// The prompt's token ids: the text as it is (BOS first), or with --chat wrapped in the
+/// model's chat template as a user turn (after a --system turn).
+fn prompt_ids(args: &GenerateArgs, loaded: &Loaded, prompt: String) -> Result<Vec<u32>> {
+    let tok = &loaded.tokenizer;
+    if !args.chat {
+        return Ok(tok.encode(&prompt, true, true));
+    }
+    let template = ChatTemplate::for_model(&loaded.gguf, tok).context("cannot read the model's chat template")?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(Message { role: "system".into(), content: s.clone() });
+    }
+    messages.push(Message { role: "user".into(), content: prompt });
+    let text = template.render(&messages, true)?;
+    Ok(tok.encode(&text, false, true))
+}
+
+/// Prints the result: the JSON object with --json, else the timings line (the text was
+/// streamed already).
+fn report(args: &GenerateArgs, prompt_ids: &[u32], outs: &[GenOutput], stats: &StepStats) -> Result<()> {
     let out = &outs[0];
     let stdout = std::io::stdout();
     let mut o = stdout.lock();
-    if args.json {
-        let json = serde_json::json!({
-            "prompt_ids": prompt_ids,
-            "output_ids": out.output_ids,
-            "text": out.text,
-            "finish_reason": out.finish_reason,
-            "timings": out.timings,
-            "steps": stats,
-        });
-        let mut json = json;
-        if outs.len() > 1 {
-            // Aggregate decode speed: every copy's decode tokens over the longest decode time.
-            let tokens: usize = outs.iter().map(|o| o.timings.decode_tokens).sum();
-            let ms = outs.iter().map(|o| o.timings.decode_ms).fold(0.0, f64::max);
-            json["batch"] = serde_json::json!({
-                "n": outs.len(),
-                "output_tokens": outs.iter().map(|o| o.output_ids.len()).sum::<usize>(),
-                "decode_tokens_per_s": if ms > 0.0 { tokens as f64 / (ms / 1e3) } else { 0.0 },
-            });
-        }
-        writeln!(o, "{json}").context("cannot write the result to standard output")?;
-    } else {
+    if !args.json {
         writeln!(o).context("cannot write the generated text to standard output")?;
         let t = &out.timings;
         eprintln!(
             "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
             t.prefill_tokens, t.prefill_tokens_per_s, t.decode_tokens, t.decode_tokens_per_s, out.finish_reason
         );
+        return Ok(());
     }
-    Ok(())
+    let mut json = serde_json::json!({
+        "prompt_ids": prompt_ids,
+        "output_ids": out.output_ids,
+        "text": out.text,
+        "finish_reason": out.finish_reason,
+        "timings": out.timings,
+        "steps": stats,
+    });
+    if outs.len() > 1 {
+        // Aggregate decode speed: every copy's decode tokens over the longest decode time.
+        let tokens: usize = outs.iter().map(|o| o.timings.decode_tokens).sum();
+        let ms = outs.iter().map(|o| o.timings.decode_ms).fold(0.0, f64::max);
+        json["batch"] = serde_json::json!({
+            "n": outs.len(),
+            "output_tokens": outs.iter().map(|o| o.output_ids.len()).sum::<usize>(),
+            "decode_tokens_per_s": if ms > 0.0 { tokens as f64 / (ms / 1e3) } else { 0.0 },
+        });
+    }
+    writeln!(o, "{json}").context("cannot write the result to standard output")
 }
 
 /// Runs `reqs` as one batch on `backend`, streaming the first one's text to stdout unless `json`.
-async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, reqs: &[GenRequest], opts: GenOptions, json: bool) -> Result<(Vec<GenOutput>, StepStats)> {
+async fn stream<B: Backend>(backend: &mut B, loaded: &Loaded, reqs: &[Request], opts: GenOptions, json: bool) -> Result<(Vec<GenOutput>, StepStats)> {
     let stdout = std::io::stdout();
     // The failed write (e.g. the reader of a pipe went away) that stopped generation.
     let mut write_error: Option<std::io::Error> = None;

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod coordinator;
 pub mod eval;
 pub mod generate;
+mod local_workers;
 pub mod serve;
 pub mod tokenize;
 pub mod worker;
@@ -13,10 +14,9 @@ pub mod worker;
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use tpserve_model::gguf::Gguf;
-use tpserve_model::tokenizer::Tokenizer;
-
-use tpserve_model::fetch;
+use tpserve_fetch as fetch;
+use tpserve_gguf::Gguf;
+use tpserve_tokenizer::Tokenizer;
 
 use crate::ModelArgs;
 

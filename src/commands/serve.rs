@@ -10,9 +10,8 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tpserve_coordinator::{generate_batch, Backend, ClusterError, GenOptions, GenRequest};
-use tpserve_model::tokenizer::Tokenizer;
-use tpserve_types::SamplingParams;
+use tpserve_coordinator::{generate_batch, Backend, ClusterError, GenOptions, InvalidParam, Limits, OverContext, RequestParams};
+use tpserve_tokenizer::Tokenizer;
 
 /// Where and how to serve.
 #[derive(clap::Args, Debug, Clone)]
@@ -48,8 +47,7 @@ pub async fn serve_http<B: Backend>(
 ) -> Result<()> {
     let cfg = loaded.config()?;
     let tok = loaded.tokenizer.clone();
-    let file_template = loaded.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
-    let chat_template = tpserve_model::chat::template_for(file_template, cfg.arch, tok.token_id("<|start_header_id|>").is_some());
+    let chat_template = tpserve_tokenizer::chat::ChatTemplate::for_model(&loaded.gguf, &tok).context("cannot read the model's chat template")?;
     let name = match &args.served_model_name {
         Some(n) => n.clone(),
         None => loaded.path.file_stem().map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned()),
@@ -139,6 +137,9 @@ pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result
 }
 
 fn kind(e: &anyhow::Error) -> &'static str {
+    if e.downcast_ref::<InvalidParam>().is_some() {
+        return "invalid_request_error";
+    }
     match e.downcast_ref::<ClusterError>() {
         Some(ClusterError::WorkerLost(_) | ClusterError::Unavailable(_)) => "cluster_error",
         Some(ClusterError::Rejected(_)) | None => "invalid_request_error",
@@ -151,13 +152,20 @@ async fn answer<B: Backend>(backend: &mut B, tok: &Tokenizer, line: &str) -> Res
     if r.prompt.is_empty() {
         anyhow::bail!("prompt is empty");
     }
-    if r.max_tokens == 0 {
-        anyhow::bail!("max_tokens must be at least 1");
-    }
-    let sampling = SamplingParams { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed.unwrap_or_else(super::generate::fresh_seed) };
-    sampling.validate()?;
+    let params = RequestParams {
+        max_tokens: Some(i64::try_from(r.max_tokens).unwrap_or(i64::MAX)),
+        over_context: OverContext::Clamp,
+        temperature: Some(r.temperature),
+        top_p: Some(r.top_p),
+        top_k: Some(i64::try_from(r.top_k).unwrap_or(i64::MAX)),
+        seed: r.seed,
+        stop: r.stop,
+        ignore_eos: r.ignore_eos,
+        ..RequestParams::default()
+    };
     let prompt_ids = tok.encode(&r.prompt, true, true);
-    let req = GenRequest { prompt_ids: prompt_ids.clone(), max_tokens: r.max_tokens, sampling, stop: r.stop, ignore_eos: r.ignore_eos };
+    let limits = Limits { context_len: backend.context_len(), kv_tokens: backend.kv_layout().token_capacity(), vocab: tok.vocab_size() };
+    let req = params.build(prompt_ids.clone(), limits)?;
     let (mut outs, stats) = generate_batch(backend, tok, &[req], GenOptions::default(), |_, _| ControlFlow::Continue(())).await?;
     let out = outs.pop().expect("one output per request");
     Ok(json!({

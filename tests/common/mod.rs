@@ -1,7 +1,7 @@
 //! What the end-to-end tests share: the binary with a clean environment, a spawned process
 //! whose output lines arrive on channels (killed with every worker it reported when
 //! dropped), and tiny models written to a temporary directory.
-#![allow(dead_code)] // each test binary uses its own part of it
+#![allow(dead_code, unused_imports)] // each test binary uses its own part of it
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -149,20 +149,11 @@ pub fn tiny(dir: &TempDir, name: &str, spec: &TinySpec) -> PathBuf {
 }
 
 
-/// The default model, fetched on first use; None with TPSERVE_SKIP_MODEL=1.
-pub fn default_model() -> Option<PathBuf> {
-    if std::env::var("TPSERVE_SKIP_MODEL").as_deref() == Ok("1") {
-        eprintln!("skipping: TPSERVE_SKIP_MODEL=1");
-        return None;
-    }
-    static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    Some(MODEL.get_or_init(|| tpserve_model::fetch::fetch_default(false).expect("fetch the default model")).clone())
-}
+pub use tpserve_fetch::testing::default_model;
 
+/// The first `n` prompts of llama.cpp's reference outputs (`tests/data/reference`).
 pub fn shared_prompts(n: usize) -> Vec<String> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/reference/greedy.jsonl");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    text.lines().filter(|l| !l.trim().is_empty()).take(n).map(|l| serde_json::from_str::<Value>(l).unwrap()["prompt"].as_str().unwrap().to_string()).collect()
+    tpserve_fetch::testing::reference("greedy.jsonl").into_iter().take(n).map(|v| v["prompt"].as_str().unwrap().to_string()).collect()
 }
 
 /// `tpserve worker --listen 127.0.0.1:0 --threads 1 extra..` and the address it listens on.

@@ -6,7 +6,7 @@ use std::future::Future;
 use tpserve_types::kv::KvLayout;
 use tpserve_types::step::{StepOutput, StepPlan};
 
-use crate::ClusterError;
+use crate::error::ClusterError;
 
 /// Every rank's answer to one step, with what it cost on the wire.
 #[derive(Debug, Clone, Default)]

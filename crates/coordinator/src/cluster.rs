@@ -16,7 +16,7 @@ use tpserve_types::step::{StepOutput, StepPlan};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::backend::{Backend, StepReply};
-use crate::ClusterError;
+use crate::error::ClusterError;
 
 /// How long the coordinator waits for things.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +94,44 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, Clus
     Ok(RemoteWorker { addr: addr.into(), client, info })
 }
 
+/// Connects to every worker in `addrs` at once (see [`connect`]), in the same order; fails
+/// naming every worker that could not be reached.
+pub async fn connect_all(addrs: &[String], timeout: Duration) -> Result<Vec<RemoteWorker>, ClusterError> {
+    let results = futures::future::join_all(addrs.iter().map(|a| connect(a, timeout))).await;
+    let mut workers = Vec::with_capacity(addrs.len());
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(w) => workers.push(w),
+            Err(e) => errors.push(e),
+        }
+    }
+    match errors.len() {
+        0 => Ok(workers),
+        1 => Err(errors.remove(0)),
+        _ => Err(ClusterError::Unreachable(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))),
+    }
+}
+
+/// What a worker says while it loads its shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// What it is doing ("connecting", "loading", "ready").
+    pub phase: String,
+    /// Shard bytes read so far.
+    pub bytes_done: u64,
+    /// Shard bytes to read in all.
+    pub bytes_total: u64,
+    /// The shard is loaded (the last message).
+    pub done: bool,
+}
+
+impl From<&v1::LoadProgress> for LoadProgress {
+    fn from(p: &v1::LoadProgress) -> Self {
+        Self { phase: p.phase.clone(), bytes_done: p.bytes_done, bytes_total: p.bytes_total, done: p.done }
+    }
+}
+
 /// The host part of `host:port` (IPv6 in brackets kept as it is).
 fn host_of(addr: &str) -> &str {
     let a = addr.rsplit_once("://").map_or(addr, |(_, rest)| rest);
@@ -112,10 +150,13 @@ fn comm_addr(w: &RemoteWorker) -> String {
 /// What loading reported for one rank.
 #[derive(Debug, Clone)]
 pub struct LoadedRank {
+    /// The worker's gRPC address.
     pub addr: String,
+    /// What it holds.
     pub shard: RankShard,
     /// The worker's peak resident memory after loading.
     pub peak_rss_bytes: u64,
+    /// Its compute threads.
     pub threads: u32,
     /// Bytes the worker reserved for the KV cache.
     pub kv_bytes: u64,
@@ -148,7 +189,7 @@ impl Cluster {
         model_path: &str,
         model_bytes: u64,
         timeouts: Timeouts,
-        progress: impl Fn(usize, &v1::LoadProgress) + Sync,
+        progress: impl Fn(usize, &LoadProgress) + Sync,
     ) -> Result<Cluster, ClusterError> {
         if workers.len() != plan.world() {
             return Err(ClusterError::Plan(format!(
@@ -182,7 +223,7 @@ impl Cluster {
             let load = async move {
                 let mut stream = client.load(req).await?.into_inner();
                 while let Some(msg) = stream.message().await? {
-                    progress(rank, &msg);
+                    progress(rank, &LoadProgress::from(&msg));
                     if msg.done {
                         return msg.shard.map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.kv_bytes)).ok_or_else(|| Status::internal("the last load message has no shard"));
                     }

@@ -1,32 +1,38 @@
 //! The serving loop's core: requests come in at any time, the scheduler
 //! (`tpserve-scheduler`) forms each step, the backend runs it on every rank, and tokens are
-//! sampled here from the ranks' merged candidates (DESIGN.md, "Combining partial logits"), so
-//! tp = 1 and tp = N run the very same sampler on the very same numbers. Each request's
-//! text, log-probabilities and end are sent on its own channel; a request whose receiver is
-//! gone (the client disconnected) is cancelled and its blocks freed.
+//! sampled here from the ranks' merged candidates (ARCHITECTURE.md, "Combining partial
+//! logits"), so tp = 1 and tp = N run the very same sampler on the very same numbers. Each
+//! request's text, log-probabilities and end are sent on its own channel; a request whose
+//! receiver is gone (the client disconnected) is cancelled and its blocks freed.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
-use tpserve_model::tokenizer::Tokenizer;
-use tpserve_scheduler::{AddError, NewRequest, ReqId, Scheduled, Scheduler, SchedulerConfig};
-use tpserve_types::sampling::{candidates_needed, Penalties};
-use tpserve_types::step::{merge_outputs, LogitsWanted, SeqId, SeqWork, StepPlan};
+use tpserve_scheduler::{AddError, Batch, NewRequest, ReqId, Scheduled, Scheduler, SchedulerConfig};
+use tpserve_tokenizer::Tokenizer;
+use tpserve_types::sampling::{candidates_needed, Candidates, Penalties};
+use tpserve_types::step::{merge_outputs, LogitsWanted, SeqId, SeqOutput, SeqStart, SeqWork, StepPlan};
 use tpserve_types::{SamplingParams, TokenId};
+use tracing::{trace_span, Instrument};
 
-use crate::backend::Backend;
-use crate::generate::{FinishReason, RankTime, StepStats};
+use crate::backend::{Backend, StepReply};
+use crate::error::ClusterError;
+use crate::stats::StepStats;
 use crate::text::TextOut;
-use crate::ClusterError;
 
-/// What to generate for one prompt.
+/// What to generate for one prompt. Front ends make it with
+/// [`crate::request::RequestParams::build`], which checks every value.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     /// Prompt token ids, BOS included when wanted.
     pub prompt_ids: Vec<TokenId>,
+    /// Most tokens to generate (the prompt and these fit the context).
     pub max_tokens: usize,
+    /// How tokens are sampled.
     pub sampling: SamplingParams,
+    /// Presence and frequency penalties on generated tokens.
     pub penalties: Penalties,
     /// Generation stops before the first occurrence of any of these strings.
     pub stop: Vec<String>,
@@ -41,30 +47,62 @@ pub struct Request {
     pub prompt_logprobs: Option<usize>,
 }
 
+/// Why generation ended: OpenAI's `finish_reason`, and vLLM's `abort` for a request whose
+/// client went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The consumer of the text went away (closed pipe, disconnected client).
+    Abort,
+}
+
+impl FinishReason {
+    /// The one string form: in responses, in `--json` output and as the metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
 /// A token's log-probability and the most likely alternatives at its position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logprob {
+    /// The token.
     pub id: TokenId,
     /// None when the token was not among the candidates the ranks reported (temperature
     /// sampling without top-k can pick a token outside any short list).
     pub logprob: Option<f32>,
+    /// The most likely tokens at the position, best first.
     pub top: Vec<(TokenId, f32)>,
 }
 
 /// How a request ended, with its accounting.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Why it ended.
     pub finish_reason: FinishReason,
+    /// The whole generated text (stop string excluded).
     pub text: String,
+    /// The generated tokens (an end-of-generation token excluded).
     pub output_ids: Vec<TokenId>,
+    /// Prompt tokens.
     pub prompt_tokens: usize,
     /// Sampled tokens, an end-of-generation token included.
     pub completion_tokens: usize,
     /// Prompt tokens that came from the prefix cache.
     pub cached_tokens: usize,
-    /// Seconds from arrival to the first scheduled step, to the first token, to the end.
+    /// Seconds from arrival to the first scheduled step.
     pub queue_s: f64,
+    /// Seconds from arrival to the first token.
     pub ttft_s: f64,
+    /// Seconds from arrival to the end.
     pub e2e_s: f64,
 }
 
@@ -73,9 +111,15 @@ pub struct Summary {
 pub enum Event {
     /// Text that became final, and the tokens sampled since the last event (with their
     /// log-probabilities when asked for).
-    Delta { text: String, tokens: Vec<Logprob> },
+    Delta {
+        /// The new text.
+        text: String,
+        /// The new tokens (log-probabilities only when asked for).
+        tokens: Vec<Logprob>,
+    },
     /// The prompt's log-probabilities (None for the first token), once, before any text.
     Prompt(Vec<Option<Logprob>>),
+    /// The request ended; nothing follows.
     Done(Summary),
     /// The request failed; nothing follows.
     Error(String),
@@ -84,9 +128,11 @@ pub enum Event {
 /// How steps are formed.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// The scheduler's limits and the KV cache it hands out.
     pub scheduler: SchedulerConfig,
 }
 
+/// A request in flight and what it has produced so far.
 struct Live<'t> {
     req: Request,
     events: UnboundedSender<Event>,
@@ -98,7 +144,9 @@ struct Live<'t> {
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    /// Prompt tokens served from the prefix cache.
     cached: usize,
+    /// Prompt log-probabilities gathered so far (when asked for).
     prompt_lp: Vec<Option<Logprob>>,
     prompt_sent: bool,
 }
@@ -119,6 +167,7 @@ pub struct Engine<'t, B> {
 }
 
 impl<'t, B: Backend> Engine<'t, B> {
+    /// An engine over `backend`, detokenizing with `tok`.
     pub fn new(backend: B, tok: &'t Tokenizer, cfg: EngineConfig) -> Self {
         Self {
             backend,
@@ -133,10 +182,12 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
     }
 
+    /// The scheduler (its configuration and statistics).
     pub fn scheduler(&self) -> &Scheduler {
         &self.sched
     }
 
+    /// What the steps so far cost.
     pub fn stats(&self) -> &StepStats {
         &self.stats
     }
@@ -146,10 +197,12 @@ impl<'t, B: Backend> Engine<'t, B> {
         self.failed.as_deref()
     }
 
+    /// When the last step or probe went through every rank.
     pub fn last_ok(&self) -> Option<Instant> {
         self.last_ok
     }
 
+    /// Whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
         self.sched.has_work()
     }
@@ -175,8 +228,9 @@ impl<'t, B: Backend> Engine<'t, B> {
             prompt_sent: false,
             req,
         };
+        let nothing_to_do = live.req.max_tokens == 0;
         self.live.insert(id, live);
-        if self.live[&id].req.max_tokens == 0 {
+        if nothing_to_do {
             self.end(id, FinishReason::Length);
         }
         self.gauges();
@@ -187,7 +241,7 @@ impl<'t, B: Backend> Engine<'t, B> {
     pub fn abort(&mut self, id: ReqId) {
         if self.live.remove(&id).is_some() {
             self.sched.finish(id);
-            metrics::counter!("tpserve_request_success_total", "finished_reason" => "abort").increment(1);
+            metrics::counter!("tpserve_request_success_total", "finished_reason" => FinishReason::Abort.as_str()).increment(1);
         }
     }
 
@@ -210,20 +264,49 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
     }
 
-    /// Runs one step if there is anything to do; returns whether it ran one. A failed step
-    /// fails every live request (each gets [`Event::Error`]).
+    /// Runs one step if there is anything to do; returns whether it ran one: cancels the
+    /// requests whose receivers are gone, asks the scheduler for the batch, runs it on every
+    /// rank, merges the last stage's candidates, and hands each sequence its rows. A failed
+    /// step fails its requests (each gets [`Event::Error`]): only those of the step when
+    /// every rank refused it, every live one when the cluster is broken.
     pub async fn step(&mut self) -> Result<bool, ClusterError> {
-        let gone: Vec<ReqId> = self.live.iter().filter(|(_, l)| l.events.is_closed()).map(|(&id, _)| id).collect();
-        for id in gone {
-            self.abort(id);
-        }
+        self.reap_disconnected();
         let batch = self.sched.schedule();
         metrics::counter!("tpserve_num_preemptions_total").increment(batch.preempted.len() as u64);
         if batch.is_empty() {
             self.gauges();
             return Ok(false);
         }
+        let started = Instant::now();
+        self.mark_scheduled(&batch, started);
+        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
+        self.step_no += 1;
+        let reply = self.run(&plan, &batch).await?;
+        self.record(&batch, &reply, started.elapsed().as_secs_f64());
+        self.sched.step_done();
+        let merged = self.merge(&batch, &reply)?;
+        let by_seq: HashMap<SeqId, &Scheduled> = batch.seqs.iter().map(|s| (s.seq_id, s)).collect();
         let now = Instant::now();
+        for m in merged {
+            let s = by_seq[&m.seq_id];
+            if self.live.contains_key(&s.req) {
+                self.take_rows(s, m.rows, now);
+            }
+        }
+        self.gauges();
+        Ok(true)
+    }
+
+    /// Cancels every request whose receiver was dropped.
+    fn reap_disconnected(&mut self) {
+        let gone: Vec<ReqId> = self.live.iter().filter(|(_, l)| l.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.abort(id);
+        }
+    }
+
+    /// Notes when each request of `batch` was first scheduled (its queue time).
+    fn mark_scheduled(&mut self, batch: &Batch, now: Instant) {
         for s in &batch.seqs {
             if let Some(l) = self.live.get_mut(&s.req) {
                 if l.scheduled.is_none() {
@@ -233,78 +316,79 @@ impl<'t, B: Backend> Engine<'t, B> {
                 }
             }
         }
-        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
-        self.step_no += 1;
-        let reply = match self.backend.step(&plan).await {
-            Ok(r) => r,
-            Err(e) => {
-                if matches!(e, ClusterError::Rejected(_)) {
-                    // Every rank refused the step and changed nothing: only this step's
-                    // requests fail; the others go on.
-                    let ids: Vec<ReqId> = batch.seqs.iter().map(|s| s.req).collect();
-                    self.fail_some(&ids, &e.to_string());
-                } else {
-                    self.fail(&e);
-                }
-                return Err(e);
+    }
+
+    /// Sends `plan` through the backend; on failure, fails the requests it takes down.
+    async fn run(&mut self, plan: &StepPlan, batch: &Batch) -> Result<StepReply, ClusterError> {
+        let span = trace_span!("engine_step", step = plan.step, seqs = plan.seqs.len());
+        match self.backend.step(plan).instrument(span).await {
+            Ok(r) => {
+                self.last_ok = Some(Instant::now());
+                Ok(r)
             }
-        };
-        self.last_ok = Some(Instant::now());
-        let took = now.elapsed().as_secs_f64();
+            Err(e @ ClusterError::Rejected(_)) => {
+                // Every rank refused the step and changed nothing: only this step's
+                // requests fail; the others go on.
+                let ids: Vec<ReqId> = batch.seqs.iter().map(|s| s.req).collect();
+                self.fail_some(&ids, &e.to_string());
+                Err(e)
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds one step's costs to the statistics and the metrics.
+    fn record(&mut self, batch: &Batch, reply: &StepReply, took: f64) {
         let decode = batch.seqs.iter().all(|s| s.tokens.len() == 1 && !s.starts);
         let phase = if decode { "decode" } else { "prefill" };
         metrics::histogram!("tpserve_step_duration_seconds", "phase" => phase).record(took);
         metrics::histogram!("tpserve_step_tokens", "phase" => phase).record(batch.n_tokens() as f64);
-        self.account(&reply, took);
-        self.sched.step_done();
+        self.stats.add(reply, took * 1e3);
+        for o in &reply.outputs {
+            let rank = o.rank.to_string();
+            metrics::histogram!("tpserve_rank_comm_seconds", "rank" => rank.clone()).record(o.comm_us as f64 / 1e6);
+            metrics::histogram!("tpserve_rank_compute_seconds", "rank" => rank).record(o.compute_us as f64 / 1e6);
+        }
+    }
 
+    /// The last stage's answers merged into one report per sequence and row, checked to be
+    /// exactly the rows the plan asked for: anything else means the ranks ran something
+    /// other than the plan, and the cluster is failed.
+    fn merge(&mut self, batch: &Batch, reply: &StepReply) -> Result<Vec<SeqOutput>, ClusterError> {
         let by_seq: HashMap<SeqId, &Scheduled> = batch.seqs.iter().map(|s| (s.seq_id, s)).collect();
         let k_for = |id: SeqId| {
             by_seq.get(&id).and_then(|s| self.live.get(&s.req)).map_or(1, |l| candidates_needed(&l.req.sampling, l.req.logprobs.unwrap_or(0)))
         };
-        let merged = match merge_outputs(&reply.outputs, k_for) {
-            Ok(m) => m,
-            Err(e) => {
-                let e = ClusterError::Protocol(e);
-                self.fail(&e);
-                return Err(e);
+        let checked = merge_outputs(&reply.outputs, k_for).and_then(|merged| {
+            let answered: HashMap<SeqId, usize> = merged.iter().map(|m| (m.seq_id, m.rows.len())).collect();
+            if let Some(m) = merged.iter().find(|m| !by_seq.contains_key(&m.seq_id)) {
+                return Err(format!("an answer for unknown sequence {}", m.seq_id));
             }
-        };
-        // Every sequence that wanted logits must have exactly its rows: anything else means
-        // the ranks ran something other than the plan.
-        let answered: HashMap<SeqId, usize> = merged.iter().map(|m| (m.seq_id, m.rows.len())).collect();
-        for s in &batch.seqs {
-            let want = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
-            if answered.get(&s.seq_id).copied().unwrap_or(0) != want {
-                let e = ClusterError::Protocol(format!("sequence {} wanted {want} rows of logits and got {:?}", s.seq_id, answered.get(&s.seq_id)));
-                self.fail(&e);
-                return Err(e);
+            for s in &batch.seqs {
+                let want = match s.logits {
+                    LogitsWanted::None => 0,
+                    LogitsWanted::Last => 1,
+                    LogitsWanted::All => s.tokens.len(),
+                };
+                if answered.get(&s.seq_id).copied().unwrap_or(0) != want {
+                    return Err(format!("sequence {} wanted {want} rows of logits and got {:?}", s.seq_id, answered.get(&s.seq_id)));
+                }
             }
-        }
-        let now = Instant::now();
-        for m in merged {
-            let Some(s) = by_seq.get(&m.seq_id) else {
-                let e = ClusterError::Protocol(format!("an answer for unknown sequence {}", m.seq_id));
-                self.fail(&e);
-                return Err(e);
-            };
-            if !self.live.contains_key(&s.req) {
-                continue;
-            }
-            self.take_rows(s, m.rows, now);
-        }
-        self.gauges();
-        Ok(true)
+            Ok(merged)
+        });
+        checked.map_err(|why| {
+            let e = ClusterError::Protocol(why);
+            self.fail(&e);
+            e
+        })
     }
 
     /// The workers' view of a scheduled sequence.
     fn work(&self, s: &Scheduled) -> SeqWork {
-        let l = self.live.get(&s.req);
-        let req = l.map(|l| &l.req);
+        let req = self.live.get(&s.req).map(|l| &l.req);
         let logprobs = req.map_or(0, |r| r.logprobs.unwrap_or(0).max(usize::from(r.logprobs.is_some() || r.prompt_logprobs.is_some())));
         let targets = if s.logits == LogitsWanted::All {
             let prompt = req.map_or(&[][..], |r| &r.prompt_ids[..]);
@@ -312,82 +396,70 @@ impl<'t, B: Backend> Engine<'t, B> {
         } else {
             Vec::new()
         };
+        let start = s.starts.then(|| SeqStart {
+            sampling: req.map(|r| r.sampling).unwrap_or_default(),
+            penalties: req.map(|r| r.penalties).unwrap_or_default(),
+            prompt_len: s.prompt_len,
+        });
         SeqWork {
             seq_id: s.seq_id,
             tokens: s.tokens.clone(),
             start_pos: s.start_pos,
             logits: s.logits,
-            sampling: s.starts.then(|| req.map(|r| r.sampling).unwrap_or_default()),
+            start,
             sample_step: s.generated as u64,
             logprobs,
             blocks: s.blocks.clone(),
-            prompt_len: s.prompt_len,
-            penalties: req.map(|r| r.penalties).unwrap_or_default(),
             targets,
         }
     }
 
-    /// Adds one step's costs to the statistics and metrics.
-    fn account(&mut self, reply: &crate::StepReply, took: f64) {
-        let st = &mut self.stats;
-        st.steps += 1;
-        st.step_ms += took * 1e3;
-        st.request_bytes += reply.request_bytes;
-        st.response_bytes += reply.response_bytes;
-        for o in &reply.outputs {
-            if st.ranks.len() <= o.rank {
-                st.ranks.resize_with(o.rank + 1, RankTime::default);
-            }
-            let r = &mut st.ranks[o.rank];
-            r.rank = o.rank;
-            r.compute_ms += o.compute_us as f64 / 1e3;
-            r.comm_ms += o.comm_us as f64 / 1e3;
-            let rank = o.rank.to_string();
-            metrics::histogram!("tpserve_rank_comm_seconds", "rank" => rank.clone()).record(o.comm_us as f64 / 1e6);
-            metrics::histogram!("tpserve_rank_compute_seconds", "rank" => rank).record(o.compute_us as f64 / 1e6);
+    /// Handles the rows one sequence got back: prompt log-probabilities, then, when the
+    /// chunk reached the end of what the sequence holds, the next token.
+    fn take_rows(&mut self, s: &Scheduled, rows: Vec<Candidates>, now: Instant) {
+        if s.logits == LogitsWanted::All {
+            self.take_prompt_rows(s, &rows);
+        }
+        let end = s.start_pos + s.tokens.len();
+        let samples = s.logits != LogitsWanted::None && end == s.prompt_len + s.generated;
+        if let (true, Some(cands)) = (samples, rows.last()) {
+            self.sample(s.req, s.generated, cands, now);
         }
     }
 
-    /// Handles the rows one sequence got back: prompt log-probabilities, then the next token.
-    fn take_rows(&mut self, s: &Scheduled, rows: Vec<tpserve_types::sampling::Candidates>, now: Instant) {
-        let id = s.req;
-        let end = s.start_pos + s.tokens.len();
+    /// Row i of an all-positions chunk predicts the prompt token at `start_pos + i + 1`.
+    fn take_prompt_rows(&mut self, s: &Scheduled, rows: &[Candidates]) {
+        let l = self.live.get_mut(&s.req).expect("checked by the caller");
+        if l.prompt_lp.is_empty() {
+            l.prompt_lp = vec![None; s.prompt_len];
+        }
+        let n = l.req.logprobs.unwrap_or(0);
+        for (i, row) in rows.iter().enumerate() {
+            let target = s.start_pos + i + 1;
+            if target < s.prompt_len && l.prompt_lp[target].is_none() {
+                l.prompt_lp[target] = Some(Logprob { id: l.req.prompt_ids[target], logprob: row.target_logprob().map(|t| t.1), top: row.top_logprobs(n) });
+            }
+        }
+        if s.start_pos + s.tokens.len() >= s.prompt_len && !l.prompt_sent {
+            l.prompt_sent = true;
+            let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
+        }
+    }
+
+    /// Samples request `id`'s next token (its `generated`-th) from `cands` and hands it on:
+    /// the end of generation, or text and log-probabilities, and the token to the scheduler.
+    fn sample(&mut self, id: ReqId, generated: usize, cands: &Candidates, now: Instant) {
         let l = self.live.get_mut(&id).expect("checked by the caller");
-        let samples = s.logits != LogitsWanted::None && end == s.prompt_len + s.generated;
-        if s.logits == LogitsWanted::All {
-            // Row i predicts the prompt token at start_pos + i + 1.
-            if l.prompt_lp.is_empty() {
-                l.prompt_lp = vec![None; s.prompt_len];
-            }
-            let n = l.req.logprobs.unwrap_or(0);
-            for (i, row) in rows.iter().enumerate() {
-                let target = s.start_pos + i + 1;
-                if target < s.prompt_len && l.prompt_lp[target].is_none() {
-                    l.prompt_lp[target] = Some(Logprob { id: l.req.prompt_ids[target], logprob: row.target_logprob().map(|t| t.1), top: row.top_logprobs(n) });
-                }
-            }
-            if end >= s.prompt_len && !l.prompt_sent {
-                l.prompt_sent = true;
-                let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
-            }
-        }
-        if !samples {
-            return;
-        }
-        let Some(cands) = rows.last() else { return };
-        let token = cands.pick(&l.req.sampling, s.generated as u64);
+        let token = cands.pick(&l.req.sampling, generated as u64);
         l.sampled += 1;
         metrics::counter!("tpserve_generation_tokens_total").increment(1);
-        match l.first_token {
-            None => {
+        match (l.first_token, l.last_token) {
+            (None, _) => {
                 l.first_token = Some(now);
                 metrics::histogram!("tpserve_time_to_first_token_seconds").record((now - l.arrived).as_secs_f64());
             }
-            Some(_) => {
-                if let Some(prev) = l.last_token {
-                    metrics::histogram!("tpserve_inter_token_latency_seconds").record((now - prev).as_secs_f64());
-                }
-            }
+            (Some(_), Some(prev)) => metrics::histogram!("tpserve_inter_token_latency_seconds").record((now - prev).as_secs_f64()),
+            (Some(_), None) => {}
         }
         l.last_token = Some(now);
         if !l.req.ignore_eos && self.tok.is_eog(token) {
@@ -404,8 +476,9 @@ impl<'t, B: Backend> Engine<'t, B> {
         if !sent {
             return self.abort(id);
         }
-        let ctx = self.sched.config().context_len;
-        if l.out_ids.len() >= l.req.max_tokens || l.req.prompt_ids.len() + l.out_ids.len() >= ctx {
+        // The scheduler admitted prompt + max_tokens within the context: max_tokens is the
+        // only length limit left to check.
+        if l.out_ids.len() >= l.req.max_tokens {
             return self.end(id, FinishReason::Length);
         }
         self.sched.append(id, token);
@@ -426,12 +499,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - l.arrived).as_secs_f64());
         let e2e = (now - l.arrived).as_secs_f64();
         metrics::histogram!("tpserve_e2e_request_latency_seconds").record(e2e);
-        let reason = match finish {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "abort",
-        };
-        metrics::counter!("tpserve_request_success_total", "finished_reason" => reason).increment(1);
+        metrics::counter!("tpserve_request_success_total", "finished_reason" => finish.as_str()).increment(1);
         if l.req.prompt_logprobs.is_some() && !l.prompt_sent {
             let _ = l.events.send(Event::Prompt(l.prompt_lp.clone()));
         }

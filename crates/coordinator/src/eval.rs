@@ -11,7 +11,7 @@ use tpserve_types::{SamplingParams, TokenId};
 
 use crate::backend::Backend;
 use crate::engine::{Engine, Event, Request};
-use crate::ClusterError;
+use crate::error::ClusterError;
 
 /// llama.cpp's perplexity windows: the text's tokens cut into non-overlapping windows of
 /// `ctx`, each starting with BOS (replacing its first token), at most `max_chunks` of them.

@@ -1,82 +1,47 @@
 //! A fixed batch of requests generated to the end (the `generate` command, the JSON-lines
-//! loop): the [`Engine`] with every request queued at once.
+//! loop): the [`Engine`] with every request queued at once, and what each request cost.
 
 use std::ops::ControlFlow;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tpserve_model::tokenizer::Tokenizer;
 use tpserve_scheduler::SchedulerConfig;
-use tpserve_types::{SamplingParams, TokenId};
+use tpserve_tokenizer::Tokenizer;
+use tpserve_types::TokenId;
 
 use crate::backend::Backend;
-use crate::engine::{Engine, EngineConfig, Event, Request, Summary};
-use crate::ClusterError;
+use crate::engine::{Engine, EngineConfig, Event, FinishReason, Request, Summary};
+use crate::error::ClusterError;
+use crate::stats::StepStats;
 
-/// What to generate for one prompt.
-#[derive(Debug, Clone)]
-pub struct GenRequest {
-    /// Prompt token ids, BOS included when wanted.
-    pub prompt_ids: Vec<TokenId>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Generation stops before the first occurrence of any of these strings.
-    pub stop: Vec<String>,
-    /// Keep going past end-of-generation tokens.
-    pub ignore_eos: bool,
-}
-
-/// Why generation ended (OpenAI's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-generation token or a stop string.
-    Stop,
-    /// `max_tokens` or the context length was reached.
-    Length,
-    /// The consumer of the text went away (closed pipe, disconnected client).
-    Cancelled,
-}
-
+/// Prefill and decode speed of one request.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
+    /// Prompt tokens.
     pub prefill_tokens: usize,
     /// From the start until the first token was sampled.
     pub prefill_ms: f64,
+    /// Prompt tokens per second of `prefill_ms`.
     pub prefill_tokens_per_s: f64,
     /// Tokens produced by decode steps (the first token comes from the prefill).
     pub decode_tokens: usize,
+    /// From the first token to the last.
     pub decode_ms: f64,
+    /// Decode tokens per second of `decode_ms`.
     pub decode_tokens_per_s: f64,
 }
 
+/// What one request of a batch produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenOutput {
+    /// The generated tokens.
     pub output_ids: Vec<TokenId>,
+    /// Their text.
     pub text: String,
+    /// Why generation ended.
     pub finish_reason: FinishReason,
+    /// How fast.
     pub timings: Timings,
-}
-
-/// One rank's share of the steps' time.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RankTime {
-    pub rank: usize,
-    pub compute_ms: f64,
-    /// Part of `compute_ms` spent in collectives (waiting for peers included).
-    pub comm_ms: f64,
-}
-
-/// What the steps of a generation cost.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StepStats {
-    pub steps: usize,
-    /// Wall time of the steps as the coordinator saw them (network included).
-    pub step_ms: f64,
-    pub ranks: Vec<RankTime>,
-    /// Encoded step messages: requests to all ranks, answers from all ranks.
-    pub request_bytes: usize,
-    pub response_bytes: usize,
 }
 
 /// How steps are formed.
@@ -84,6 +49,7 @@ pub struct StepStats {
 pub struct GenOptions {
     /// Most new tokens in one step (decode tokens first, then prefill chunks).
     pub token_budget: usize,
+    /// Whether requests of the batch share the KV blocks of a common prompt prefix.
     pub prefix_caching: bool,
 }
 
@@ -96,11 +62,11 @@ impl Default for GenOptions {
 /// Generates for every request at once through an [`Engine`], calling `on_text(i, piece)`
 /// with each piece of request i's text as soon as it is final. When it returns
 /// `ControlFlow::Break` (the reader went away) request i stops with
-/// [`FinishReason::Cancelled`]. A failed step fails the whole batch.
+/// [`FinishReason::Abort`]. A failed step fails the whole batch.
 pub async fn generate_batch<B: Backend>(
     backend: &mut B,
     tok: &Tokenizer,
-    reqs: &[GenRequest],
+    reqs: &[Request],
     opts: GenOptions,
     mut on_text: impl FnMut(usize, &str) -> ControlFlow<()>,
 ) -> Result<(Vec<GenOutput>, StepStats), ClusterError> {
@@ -112,26 +78,12 @@ pub async fn generate_batch<B: Backend>(
         context_len: backend.context_len(),
         prefix_caching: opts.prefix_caching,
     };
-    let backend_ctx = scheduler.context_len;
     let mut engine = Engine::new(&mut *backend, tok, EngineConfig { scheduler });
     let mut rxs = Vec::with_capacity(reqs.len());
     let mut ids = Vec::with_capacity(reqs.len());
     for (i, r) in reqs.iter().enumerate() {
-        if r.prompt_ids.len() >= backend_ctx {
-            return Err(ClusterError::Rejected(format!("request {i}: the prompt is {} tokens, the context is {backend_ctx}", r.prompt_ids.len())));
-        }
         let (tx, rx) = mpsc::unbounded_channel();
-        // Generation stops at the end of the context ("length"), as with a long max_tokens.
-        let room = backend_ctx.saturating_sub(r.prompt_ids.len());
-        let req = Request {
-            prompt_ids: r.prompt_ids.clone(),
-            max_tokens: r.max_tokens.min(room),
-            sampling: r.sampling,
-            stop: r.stop.clone(),
-            ignore_eos: r.ignore_eos,
-            ..Request::default()
-        };
-        ids.push(engine.add(req, tx).map_err(|e| ClusterError::Rejected(format!("request {i}: {e}")))?);
+        ids.push(engine.add(r.clone(), tx).map_err(|e| ClusterError::Rejected(format!("request {i}: {e}")))?);
         rxs.push(rx);
     }
     let mut outputs: Vec<Option<GenOutput>> = vec![None; reqs.len()];
@@ -143,7 +95,7 @@ pub async fn generate_batch<B: Backend>(
                     Event::Delta { text, .. } if !text.is_empty() && !cancelled[i] && on_text(i, &text).is_break() => {
                         cancelled[i] = true;
                         engine.abort(ids[i]);
-                        outputs[i] = Some(GenOutput { output_ids: Vec::new(), text: String::new(), finish_reason: FinishReason::Cancelled, timings: Timings::default() });
+                        outputs[i] = Some(GenOutput { output_ids: Vec::new(), text: String::new(), finish_reason: FinishReason::Abort, timings: Timings::default() });
                     }
                     Event::Done(s) if !cancelled[i] => outputs[i] = Some(GenOutput::from_summary(s)),
                     Event::Error(e) => return Err(ClusterError::Unavailable(e)),

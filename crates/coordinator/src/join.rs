@@ -7,6 +7,8 @@ use tonic::{Request, Response, Status};
 use tpserve_proto::v1;
 use tracing::info;
 
+use crate::error::ClusterError;
+
 /// Accepts joins until `wanted` workers have come.
 pub struct JoinService {
     state: Mutex<JoinState>,
@@ -24,6 +26,36 @@ impl JoinService {
         let (tx, rx) = mpsc::channel(wanted.max(1));
         (Self { state: Mutex::new(JoinState { joined: Vec::new(), wanted, tx }) }, rx)
     }
+}
+
+/// Serves the join service on `listener` until `n` workers have joined, calling
+/// `on_join(rank, addr)` as each comes; returns their addresses in joining order. Then it
+/// stops listening, so a late joiner's retries fail with an error that names this
+/// coordinator.
+pub async fn wait_for_joins(listener: tokio::net::TcpListener, n: usize, mut on_join: impl FnMut(usize, &str)) -> Result<Vec<String>, ClusterError> {
+    let (service, mut rx) = JoinService::new(n);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(tpserve_proto::CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                stop_rx.recv().await;
+            })
+            .await
+    });
+    let mut addrs = Vec::with_capacity(n);
+    while addrs.len() < n {
+        match rx.recv().await {
+            Some(a) => {
+                on_join(addrs.len(), &a);
+                addrs.push(a);
+            }
+            None => return Err(ClusterError::Plan("the join service stopped before every worker joined".into())),
+        }
+    }
+    let _ = stop_tx.send(()).await;
+    let _ = server.await;
+    Ok(addrs)
 }
 
 #[tonic::async_trait]

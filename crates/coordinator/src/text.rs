@@ -1,7 +1,7 @@
 //! Turning sampled tokens into text a client can be shown at once: never half a UTF-8
 //! character, never the start of a stop string, and nothing after a stop string.
 
-use tpserve_model::tokenizer::{StreamDecoder, Tokenizer};
+use tpserve_tokenizer::{StreamDecoder, Tokenizer};
 
 /// The text of one sequence as its tokens arrive.
 pub struct TextOut<'a> {

@@ -1,7 +1,8 @@
 //! Architecture hyper-parameters read from GGUF metadata, for the `gemma3` and `llama`
 //! architectures, with the facts the metadata leaves implicit written down in one place.
 
-use crate::gguf::{Gguf, GgufError};
+use tpserve_gguf::{Gguf, GgufError};
+use tpserve_types::kv::{KvLayout, KvSizing};
 
 /// The model families tpserve runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +210,12 @@ impl ModelConfig {
         } else {
             self.rope_base_global
         }
+    }
+
+    /// The paged KV cache for this model's layers, grouped by attention window and sized by
+    /// `sizing`.
+    pub fn kv_layout(&self, sizing: KvSizing) -> KvLayout {
+        KvLayout::new(&(0..self.n_layers).map(|il| self.window(il)).collect::<Vec<_>>(), sizing)
     }
 
     /// The window of layer `il`, or None for full attention.

@@ -1,22 +1,22 @@
-//! tpserve-model: everything that turns a GGUF file into next-token logits on a CPU.
+//! `tpserve-model`: the forward pass and its CPU kernels: what turns one rank's shard of a
+//! GGUF file into next-token logits. The file format is `tpserve-gguf`; the tokenizer is
+//! `tpserve-tokenizer`; nothing here knows about requests, text or the network.
 //!
-//! - [`gguf`]: the file format (metadata, tensor directory, mmap).
-//! - [`quant`]: ggml block formats and our SIMD quantized matmul kernels.
-//! - [`tokenizer`]: SentencePiece-style and GPT-2-style BPE read from the GGUF.
 //! - [`config`]: the architecture hyper-parameters (`gemma3`, `llama`).
-//! - [`layers`]: tensor-parallel layer types (column-, row-, vocab-parallel).
-//! - [`attention`]: tiled online-softmax attention over the KV cache.
+//! - [`weights`]: a GGUF tensor as a [`quant::QMatrix`] or an f32 vector.
+//! - [`quant`]: ggml block formats and our SIMD quantized matmul kernels.
+//! - [`layers`]: tensor-parallel layer types (column-, row-, vocab-parallel) and RMSNorm.
+//! - [`attention`]: tiled online-softmax attention over the paged KV cache ([`kv_cache`]).
 //! - [`model`]: the transformer forward pass.
+//! - [`simd`]: small f32 vector primitives.
+//! - [`testing`]: tiny random-weight models and sequences without a scheduler.
 
-pub mod fetch;
-pub mod gguf;
-pub mod quant;
-pub mod tokenizer;
 pub mod attention;
 pub mod config;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;
+pub mod quant;
 pub mod simd;
-pub mod chat;
 pub mod testing;
+pub mod weights;

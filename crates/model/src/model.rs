@@ -15,7 +15,7 @@ use tpserve_types::kv::{BlockId, KvLayout, KvSizing};
 
 use crate::attention::{flash_attention, AttnShape, AttnSpan};
 use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
-use crate::gguf::{Gguf, GgufError};
+use tpserve_gguf::{GgmlDType, Gguf, GgufError};
 use crate::kv_cache::KvPool;
 use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
 use crate::quant::QuantError;
@@ -26,6 +26,10 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("tensor {name:?} has type {dtype}, which tpserve cannot compute with (supported: {list})", list = crate::quant::supported_list())]
+    UnsupportedType { name: String, dtype: GgmlDType },
+    #[error("tensor {name:?}: {source}")]
+    Tensor { name: String, source: QuantError },
     #[error("cannot shard tensor {name:?}: {source}")]
     Shard { name: String, source: QuantError },
     #[error("collective failed: {0}")]
@@ -170,7 +174,7 @@ impl Model {
             let name = name.to_owned();
             move |source| ModelError::Shard { name, source }
         };
-        let norm = |name: &str, n: usize| -> Result<RmsNorm, ModelError> { Ok(RmsNorm::new(g.vector(name, n)?, cfg.rms_eps)) };
+        let norm = |name: &str, n: usize| -> Result<RmsNorm, ModelError> { Ok(RmsNorm::new(crate::weights::vector(g, name, n)?, cfg.rms_eps)) };
         let opt_norm = |name: &str, n: usize| -> Result<Option<RmsNorm>, ModelError> {
             if g.tensors.contains_key(name) {
                 norm(name, n).map(Some)
@@ -181,14 +185,14 @@ impl Model {
 
         let vocab_rows = tp.split(cfg.vocab);
         let embed = if shard.first_stage {
-            let embd = g.matrix("token_embd.weight", cfg.vocab, hidden)?;
+            let embd = crate::weights::matrix(g, "token_embd.weight", cfg.vocab, hidden)?;
             Some(VocabParallel::new(&embd, vocab_rows.clone()).map_err(shard_err("token_embd.weight"))?)
         } else {
             None
         };
         let head = if shard.last_stage {
             let name = if g.tensors.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
-            let out = g.matrix(name, cfg.vocab, hidden)?;
+            let out = crate::weights::matrix(g, name, cfg.vocab, hidden)?;
             let head = VocabParallel::new(&out, vocab_rows).map_err(shard_err(name))?;
             Some((norm("output_norm.weight", hidden)?, head))
         } else {
@@ -200,12 +204,12 @@ impl Model {
             let n = |s: &str| format!("blk.{il}.{s}.weight");
             let col = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<ColumnParallel, ModelError> {
                 let name = n(s);
-                let m = g.matrix(&name, rows, cols)?;
+                let m = crate::weights::matrix(g, &name, rows, cols)?;
                 ColumnParallel::new(&m, keep).map_err(shard_err(&name))
             };
             let row = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<RowParallel, ModelError> {
                 let name = n(s);
-                let m = g.matrix(&name, rows, cols)?;
+                let m = crate::weights::matrix(g, &name, rows, cols)?;
                 RowParallel::new(&m, keep, parts).map_err(shard_err(&name))
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
@@ -305,7 +309,7 @@ impl Model {
 
     /// The KV cache layout for this model (all its layers) sized by `sizing`.
     pub fn kv_layout(&self, sizing: KvSizing) -> KvLayout {
-        KvLayout::new(&(0..self.cfg.n_layers).map(|il| self.cfg.window(il)).collect::<Vec<_>>(), sizing)
+        self.cfg.kv_layout(sizing)
     }
 
     /// The memory for `layout`'s blocks on this rank (this stage's layers).

@@ -3,8 +3,8 @@
 //! forward pass, here and in the end-to-end tests of the `tpserve` binary.
 
 use crate::config::Arch;
-use crate::gguf::{GgufWriter, Value};
-use crate::quant::{quantize, GgmlDType};
+use crate::quant::{quantize, GgmlDType, SUPPORTED};
+use tpserve_gguf::{GgufWriter, Value};
 
 /// The shape of a tiny model. Input dimensions are multiples of 256 so k-quants fit.
 #[derive(Debug, Clone)]
@@ -21,20 +21,12 @@ pub struct TinySpec {
     pub seed: u64,
     /// Tensor types used in turn for the weight matrices.
     pub dtypes: Vec<GgmlDType>,
+    /// Embedding values are drawn from `-embed_range..embed_range`. At 1 the residual
+    /// stream is mostly the input embedding and, the output being the tied embedding, the
+    /// last token's own logit stands far above the rest (greedy repeats it); smaller values
+    /// give flatter distributions that sampling at temperatures of 1-2 varies.
+    pub embed_range: f32,
 }
-
-/// Every weight type tpserve computes with.
-pub const ALL_TYPES: [GgmlDType; 9] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::Q5_0,
-    GgmlDType::Q4_K,
-    GgmlDType::Q5_K,
-    GgmlDType::Q6_K,
-    GgmlDType::F16,
-    GgmlDType::BF16,
-    GgmlDType::F32,
-];
 
 impl TinySpec {
     pub fn gemma3() -> Self {
@@ -49,7 +41,8 @@ impl TinySpec {
             context_len: 512,
             sliding_window: 8,
             seed: 1,
-            dtypes: ALL_TYPES.to_vec(),
+            dtypes: SUPPORTED.to_vec(),
+            embed_range: 1.0,
         }
     }
 
@@ -66,6 +59,17 @@ impl TinySpec {
 
     pub fn llama() -> Self {
         Self { arch: Arch::Llama, n_layers: 2, n_kv_heads: 2, seed: 2, ..Self::gemma3() }
+    }
+
+    /// The same model with embeddings small enough that sampling at temperature 2 (the
+    /// highest the API allows) gives varied text, for tests of sampling, seeds and stop
+    /// strings. Gemma scales embeddings by sqrt(hidden), so it needs them smaller.
+    pub fn for_sampling(self) -> Self {
+        let embed_range = match self.arch {
+            Arch::Gemma3 => 0.15,
+            Arch::Llama => 0.3,
+        };
+        Self { embed_range, ..self }
     }
 }
 
@@ -153,7 +157,7 @@ pub fn tiny_gguf(spec: &TinySpec) -> Vec<u8> {
     };
     let (h, hd) = (spec.hidden, spec.head_dim);
     // The embedding is Q8_0 like the real model's, so it doubles as the tied output.
-    let embd = rng.vec(vocab * h, 1.0);
+    let embd = rng.vec(vocab * h, spec.embed_range);
     w.tensor("token_embd.weight", &[h as u64, vocab as u64], GgmlDType::Q8_0, quantize(GgmlDType::Q8_0, &embd).expect("whole blocks"));
     norm(&mut w, &mut rng, "output_norm.weight", h);
     for il in 0..spec.n_layers {

@@ -1,10 +1,10 @@
 //! The default model (Gemma 3 270M Q4_K_M) against llama.cpp's outputs in
-//! `shared/data/reference`: greedy tokens and top-5 log-probabilities.
+//! `tests/data/reference`: greedy tokens and top-5 log-probabilities.
 
 mod common;
 
 
-use tpserve_model::gguf::Gguf;
+use tpserve_gguf::Gguf;
 use tpserve_model::model::{LogitsWanted, Model};
 use tpserve_model::testing::Seqs;
 use tpserve_types::sampling::{argmax, logsumexp};

@@ -3,7 +3,7 @@
 mod common;
 
 
-use tpserve_model::gguf::{Gguf, GgufError, GgufWriter, Value};
+use tpserve_gguf::{Gguf, GgufError, GgufWriter, Value};
 use tpserve_model::model::{LogitsWanted, Model, ModelError};
 use tpserve_model::testing::{tiny_gguf, Seqs, TinySpec};
 
@@ -150,7 +150,7 @@ fn a_missing_tensor_or_a_wrong_shape_is_named_in_the_error() {
 fn unknown_tensor_types_are_refused_by_name() {
     let mut w = GgufWriter::new();
     w.meta("general.architecture", Value::String("llama".into()));
-    let mut bytes = w.tensor("x", &[32], tpserve_model::quant::GgmlDType::F32, vec![0; 128]).to_bytes();
+    let mut bytes = w.tensor("x", &[32], tpserve_gguf::GgmlDType::F32, vec![0; 128]).to_bytes();
     // Patch the type id (it follows the name, n_dims and one dim) to 99.
     let name_at = bytes.windows(9).position(|w| w == b"\x01\0\0\0\0\0\0\0x").unwrap();
     let type_at = name_at + 9 + 4 + 8;

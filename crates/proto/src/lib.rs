@@ -6,7 +6,7 @@
 use tpserve_types::kv::{KvGroup, KvLayout};
 use tpserve_types::plan::{RankShard, TpRank};
 use tpserve_types::sampling::{Candidates, Penalties};
-use tpserve_types::step::{LogitsWanted, SeqOutput, SeqWork, StepOutput, StepPlan};
+use tpserve_types::step::{LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput, StepPlan};
 use tpserve_types::SamplingParams;
 
 /// Generated messages and services of package `tpserve.v1`.
@@ -54,13 +54,10 @@ impl From<&SeqWork> for v1::SeqWork {
                 LogitsWanted::Last => v1::Logits::Last,
                 LogitsWanted::All => v1::Logits::All,
             } as i32,
-            sampling: s.sampling.map(|p| v1::Sampling { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed }),
+            start: s.start.as_ref().map(v1::SeqStart::from),
             sample_step: s.sample_step,
             logprobs: s.logprobs as u32,
             blocks: s.blocks.iter().map(|b| v1::BlockList { ids: b.clone() }).collect(),
-            prompt_len: s.prompt_len as u32,
-            presence_penalty: s.penalties.presence,
-            frequency_penalty: s.penalties.frequency,
             targets: s.targets.clone(),
         }
     }
@@ -83,18 +80,7 @@ impl TryFrom<v1::SeqWork> for SeqWork {
             Ok(v1::Logits::All) => LogitsWanted::All,
             Err(_) => return Err(wire("SeqWork.logits", format!("unknown value {}", s.logits))),
         };
-        let sampling = match s.sampling {
-            Some(p) => {
-                let params = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, seed: p.seed };
-                params.validate().map_err(|e| wire("SeqWork.sampling", e.to_string()))?;
-                Some(params)
-            }
-            None => None,
-        };
-        let penalties = Penalties { presence: s.presence_penalty, frequency: s.frequency_penalty };
-        if !(penalties.presence.is_finite() && penalties.frequency.is_finite()) {
-            return Err(wire("SeqWork.presence_penalty", "penalties must be finite numbers"));
-        }
+        let start = s.start.map(SeqStart::try_from).transpose()?;
         if !s.targets.is_empty() && (logits != LogitsWanted::All || s.targets.len() != s.tokens.len()) {
             return Err(wire("SeqWork.targets", format!("{} targets for {} tokens", s.targets.len(), s.tokens.len())));
         }
@@ -103,14 +89,38 @@ impl TryFrom<v1::SeqWork> for SeqWork {
             tokens: s.tokens,
             start_pos: s.start_pos as usize,
             logits,
-            sampling,
+            start,
             sample_step: s.sample_step,
             logprobs: s.logprobs as usize,
             blocks: s.blocks.into_iter().map(|b| b.ids).collect(),
-            prompt_len: s.prompt_len as usize,
-            penalties,
             targets: s.targets,
         })
+    }
+}
+
+impl From<&SeqStart> for v1::SeqStart {
+    fn from(s: &SeqStart) -> Self {
+        let p = s.sampling;
+        v1::SeqStart {
+            sampling: Some(v1::Sampling { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed }),
+            prompt_len: s.prompt_len as u32,
+            presence_penalty: s.penalties.presence,
+            frequency_penalty: s.penalties.frequency,
+        }
+    }
+}
+
+impl TryFrom<v1::SeqStart> for SeqStart {
+    type Error = WireError;
+    fn try_from(s: v1::SeqStart) -> Result<Self, WireError> {
+        let p = s.sampling.ok_or_else(|| wire("SeqStart.sampling", "a starting sequence needs sampling parameters"))?;
+        let sampling = SamplingParams { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, seed: p.seed };
+        sampling.validate().map_err(|e| wire("SeqStart.sampling", e.to_string()))?;
+        let penalties = Penalties { presence: s.presence_penalty, frequency: s.frequency_penalty };
+        if !(penalties.presence.is_finite() && penalties.frequency.is_finite()) {
+            return Err(wire("SeqStart.presence_penalty", "penalties must be finite numbers"));
+        }
+        Ok(SeqStart { sampling, penalties, prompt_len: s.prompt_len as usize })
     }
 }
 
@@ -266,15 +276,17 @@ mod tests {
                     tokens: vec![2, 5, 7],
                     start_pos: 0,
                     logits: LogitsWanted::Last,
-                    sampling: Some(SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 }),
+                    start: Some(SeqStart {
+                        sampling: SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 },
+                        penalties: Penalties { presence: 0.5, frequency: -0.25 },
+                        prompt_len: 3,
+                    }),
                     sample_step: 0,
                     logprobs: 2,
                     blocks: vec![vec![3, 4], vec![tpserve_types::kv::NO_BLOCK, 9]],
-                    prompt_len: 3,
-                    penalties: Penalties { presence: 0.5, frequency: -0.25 },
                     targets: vec![],
                 },
-                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, sampling: None, sample_step: 5, logprobs: 0, blocks: vec![], prompt_len: 0, penalties: Penalties::default(), targets: vec![12] },
+                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, start: None, sample_step: 5, logprobs: 0, blocks: vec![], targets: vec![12] },
             ],
             free: vec![3],
         };
@@ -292,7 +304,8 @@ mod tests {
     fn nonsense_on_the_wire_is_refused_naming_the_field() {
         let bad = v1::SeqWork { logits: 9, ..Default::default() };
         assert_eq!(SeqWork::try_from(bad).unwrap_err().field, "SeqWork.logits");
-        let bad = v1::SeqWork { sampling: Some(v1::Sampling { temperature: -1.0, top_k: 0, top_p: 1.0, seed: 0 }), ..Default::default() };
+        let start = v1::SeqStart { sampling: Some(v1::Sampling { temperature: -1.0, top_k: 0, top_p: 1.0, seed: 0 }), ..Default::default() };
+        let bad = v1::SeqWork { start: Some(start), ..Default::default() };
         let e = SeqWork::try_from(bad).unwrap_err();
         assert!(e.to_string().contains("temperature"), "{e}");
         let bad = v1::Candidates { ids: vec![1, 2], logits: vec![0.5], ..Default::default() };

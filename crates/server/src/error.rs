@@ -2,7 +2,28 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+
+/// OpenAI's error body.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    /// What went wrong.
+    pub error: ErrorDetail<'a>,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    /// What was wrong, with the offending value, and what to do.
+    pub message: &'a str,
+    /// `invalid_request_error`, `rate_limit_exceeded`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request parameter concerned, when one is.
+    pub param: Option<&'static str>,
+    /// A machine-readable code (`context_length_exceeded`, `model_not_found`).
+    pub code: Option<&'static str>,
+}
 
 /// An error answer.
 #[derive(Debug, Clone)]
@@ -57,8 +78,20 @@ impl ApiError {
         Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody { error: ErrorDetail { message: &self.message, kind: self.kind, param: self.param, code: self.code } }
+    }
+}
+
+impl From<tpserve_coordinator::InvalidParam> for ApiError {
+    fn from(e: tpserve_coordinator::InvalidParam) -> Self {
+        let message = e.to_string();
+        let err = Self::invalid(Some(e.param), message);
+        match e.code {
+            Some(c) => err.with_code(c),
+            None => err,
+        }
     }
 }
 

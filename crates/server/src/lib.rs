@@ -11,6 +11,7 @@
 
 mod error;
 pub mod openai;
+pub mod response;
 mod routes;
 
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, oneshot};
 use tpserve_coordinator::{Backend, Engine, EngineConfig, Event, Request};
-use tpserve_model::tokenizer::Tokenizer;
+use tpserve_tokenizer::Tokenizer;
 use tpserve_scheduler::AddError;
 
 pub use error::ApiError;
@@ -30,7 +31,7 @@ pub struct ServedModel {
     /// The id clients name in `model` (and `GET /v1/models` lists).
     pub name: String,
     pub tokenizer: Arc<Tokenizer>,
-    pub chat_template: String,
+    pub chat_template: tpserve_tokenizer::chat::ChatTemplate,
     pub context_len: usize,
     /// Token ids the model has embeddings for.
     pub vocab: usize,
@@ -74,7 +75,7 @@ enum Cmd {
 struct AppState {
     model: ServedModel,
     opts: ServerOptions,
-    limits: openai::Limits,
+    limits: tpserve_coordinator::Limits,
     cmds: mpsc::UnboundedSender<Cmd>,
     status: Arc<Mutex<Status>>,
     prometheus: PrometheusHandle,
@@ -141,7 +142,11 @@ pub async fn serve<B: Backend>(
 ) -> anyhow::Result<()> {
     let prometheus = prometheus()?;
     let kv_tokens = engine.scheduler.kv.token_capacity();
-    let limits = openai::Limits { context_len: engine.scheduler.context_len.min(model.context_len), kv_tokens };
+    let limits = tpserve_coordinator::Limits {
+        context_len: engine.scheduler.context_len.min(model.context_len),
+        kv_tokens,
+        vocab: model.tokenizer.vocab_size().min(model.vocab),
+    };
     let (cmds, rx) = mpsc::unbounded_channel();
     let status = Arc::new(Mutex::new(Status { loading: true, ..Status::default() }));
     let tok = model.tokenizer.clone();

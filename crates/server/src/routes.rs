@@ -1,24 +1,32 @@
-//! The HTTP routes and the OpenAI response shapes.
+//! The HTTP routes: each turns an OpenAI request into an engine request (through the one
+//! request builder), submits it, and shapes its events into the typed responses of
+//! [`crate::response`], whole or as server-sent events.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
-use tpserve_coordinator::{Event, FinishReason, Logprob, Summary};
-use tpserve_model::chat;
+use tpserve_coordinator::{Event, Logprob, Summary};
+use tpserve_tokenizer::chat;
 
 use crate::error::ApiError;
-use crate::openai::{logprobs_count, ChatRequest, CompletionRequest, Prompt, Sampling};
+use crate::openai::{ChatRequest, CompletionRequest, Prompt, Sampling};
+use crate::response::{
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs, ChunkUsage, Completion, CompletionChoice, CompletionLogprobs, Delta, Head, ModelCard, ModelList,
+    TokenLogprob, TopLogprob, Usage, LOGPROB_FLOOR,
+};
 use crate::AppState;
 
 type St = State<Arc<AppState>>;
@@ -29,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
@@ -72,12 +81,21 @@ async fn metrics(State(state): St) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
 }
 
-async fn models(State(state): St, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+fn model_card(state: &AppState) -> ModelCard {
+    ModelCard { id: state.model.name.clone(), object: "model", created: 0, owned_by: "tpserve", max_model_len: state.limits.context_len }
+}
+
+async fn models(State(state): St, headers: HeaderMap) -> Result<Json<ModelList>, ApiError> {
     auth(&state, &headers)?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{ "id": state.model.name, "object": "model", "created": 0, "owned_by": "tpserve", "max_model_len": state.limits.context_len }],
-    })))
+    Ok(Json(ModelList { object: "list", data: vec![model_card(&state)] }))
+}
+
+async fn model(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    auth(&state, &headers)?;
+    if id != state.model.name {
+        return Err(ApiError::model_not_found(&id));
+    }
+    Ok(Json(model_card(&state)))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -99,72 +117,59 @@ fn token_text(state: &AppState, id: u32) -> String {
     state.model.tokenizer.decode(&[id])
 }
 
-#[derive(Clone)]
-struct Ids {
-    id: String,
-    created: u64,
-    model: String,
+/// The head every response and chunk of one request shares.
+fn head(state: &AppState, prefix: &str, object: &'static str) -> Head {
+    Head { id: format!("{prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)), object, created: now_s(), model: state.model.name.clone() }
 }
 
-impl Ids {
-    fn new(state: &AppState, prefix: &str) -> Self {
-        Ids { id: format!("{prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)), created: now_s(), model: state.model.name.clone() }
-    }
-}
-
-fn finish_str(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Cancelled => "abort",
-    }
-}
-
-fn usage(s: &Summary) -> Value {
-    json!({
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": s.cached_tokens },
-    })
-}
-
-/// Log-probabilities in the completions format, accumulated.
+/// Log-probabilities in the completions format, accumulated token by token.
 #[derive(Default)]
-struct CompletionLogprobs {
-    tokens: Vec<String>,
-    token_logprobs: Vec<Option<f32>>,
-    top: Vec<Option<Value>>,
-    offsets: Vec<usize>,
+struct CompletionLogprobsBuilder {
+    lp: CompletionLogprobs,
+    /// Byte offset of the next token in the whole text.
     offset: usize,
 }
 
-impl CompletionLogprobs {
+impl CompletionLogprobsBuilder {
     fn push(&mut self, state: &AppState, lp: Option<&Logprob>, id: u32) {
         let text = token_text(state, id);
-        self.offsets.push(self.offset);
+        self.lp.text_offset.push(self.offset);
         self.offset += text.len();
-        self.tokens.push(text);
-        self.token_logprobs.push(lp.and_then(|l| l.logprob));
-        self.top.push(lp.map(|l| Value::Object(l.top.iter().map(|&(t, v)| (token_text(state, t), json!(v))).collect())));
+        self.lp.tokens.push(text);
+        self.lp.token_logprobs.push(lp.and_then(|l| l.logprob));
+        self.lp.top_logprobs.push(lp.map(|l| l.top.iter().map(|&(t, v)| (token_text(state, t), v)).collect::<BTreeMap<_, _>>()));
     }
 
-    fn take(&mut self) -> Value {
-        let v = json!({ "tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top, "text_offset": self.offsets });
-        let offset = self.offset;
-        *self = Self { offset, ..Self::default() };
-        v
+    /// What was pushed since the last take.
+    fn take(&mut self) -> CompletionLogprobs {
+        std::mem::take(&mut self.lp)
     }
 }
 
-fn chat_logprob(state: &AppState, l: &Logprob) -> Value {
-    let entry = |id: u32, lp: Option<f32>| {
-        let t = token_text(state, id);
-        json!({ "token": t, "logprob": lp, "bytes": t.as_bytes() })
-    };
-    let mut e = entry(l.id, l.logprob);
-    e["top_logprobs"] = Value::Array(l.top.iter().map(|&(id, v)| entry(id, Some(v))).collect());
-    e
+fn token_logprob(state: &AppState, l: &Logprob) -> TokenLogprob {
+    let token = token_text(state, l.id);
+    let top_logprobs = l
+        .top
+        .iter()
+        .map(|&(id, logprob)| {
+            let token = token_text(state, id);
+            TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
+        })
+        .collect();
+    TokenLogprob { bytes: token.as_bytes().to_vec(), token, logprob: l.logprob.unwrap_or(LOGPROB_FLOOR), top_logprobs }
+}
+
+/// Reads `rx` to the end of the request, calling `on_event` with every event before the
+/// summary.
+async fn collect(mut rx: UnboundedReceiver<Event>, mut on_event: impl FnMut(Event)) -> Result<Summary, ApiError> {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Done(s) => return Ok(s),
+            Event::Error(e) => return Err(ApiError::unavailable(e)),
+            ev => on_event(ev),
+        }
+    }
+    Err(ApiError::unavailable("the engine stopped before the request finished"))
 }
 
 async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -175,59 +180,37 @@ async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Resul
     let (ids, text) = match r.prompt()? {
         Prompt::Text(t) => (tok.encode(&t, true, true), t),
         Prompt::Ids(ids) => {
-            let vocab = tok.vocab_size().min(state.model.vocab);
-            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(ApiError::invalid(Some("prompt"), format!("token id {bad} is outside the vocabulary ({vocab} tokens)")));
-            }
-            let t = tok.decode(&ids);
+            let t = ids.iter().all(|&i| (i as usize) < state.limits.vocab).then(|| tok.decode(&ids)).unwrap_or_default();
             (ids, t)
         }
     };
     if text.is_empty() && !ids.iter().any(|&i| Some(i) != tok.bos_id()) {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
     }
-    let mut req = r.common.to_request(ids, state.limits, Some(16), "prompt")?;
-    let logprobs = logprobs_count(r.logprobs, "logprobs")?;
-    req.logprobs = logprobs;
-    req.prompt_logprobs = (r.echo && logprobs.is_some()).then_some(0);
+    let mut params = r.common.params(Some(16))?;
+    params.logprobs = r.logprobs;
+    let logprobs = r.logprobs.is_some();
+    params.prompt_logprobs = (r.echo && logprobs).then_some(0);
+    let req = params.build(ids, state.limits)?;
     let prompt_ids = req.prompt_ids.clone();
     let rx = state.submit(req).await?;
-    let ids = Ids::new(&state, "cmpl");
+    let head = head(&state, "cmpl", "text_completion");
     let echo = r.echo.then_some(text);
     if r.common.stream {
-        return Ok(sse(completion_stream(state, rx, ids, echo, prompt_ids, logprobs.is_some(), r.common.include_usage())));
+        return Ok(sse(completion_stream(state, rx, head, echo, prompt_ids, logprobs, r.common.include_usage())));
     }
-    let (mut text, mut lps, summary) = (echo.unwrap_or_default(), CompletionLogprobs::default(), None::<Summary>);
-    let mut rx = rx;
-    let mut summary = summary;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Prompt(p) => {
-                for (lp, &id) in p.iter().zip(&prompt_ids) {
-                    lps.push(&state, lp.as_ref(), id);
-                }
-            }
-            Event::Delta { text: t, tokens } => {
-                text.push_str(&t);
-                for lp in &tokens {
-                    lps.push(&state, Some(lp), lp.id);
-                }
-            }
-            Event::Done(s) => {
-                summary = Some(s);
-                break;
-            }
-            Event::Error(e) => return Err(ApiError::unavailable(e)),
+    let (mut text, mut lps) = (echo.unwrap_or_default(), CompletionLogprobsBuilder::default());
+    let s = collect(rx, |ev| match ev {
+        Event::Prompt(p) => p.iter().zip(&prompt_ids).for_each(|(lp, &id)| lps.push(&state, lp.as_ref(), id)),
+        Event::Delta { text: t, tokens } => {
+            text.push_str(&t);
+            tokens.iter().for_each(|lp| lps.push(&state, Some(lp), lp.id));
         }
-    }
-    let s = summary.ok_or_else(|| ApiError::unavailable("the engine stopped before the request finished"))?;
-    let logprobs = if logprobs.is_some() { lps.take() } else { Value::Null };
-    Ok(Json(json!({
-        "id": ids.id, "object": "text_completion", "created": ids.created, "model": ids.model,
-        "choices": [{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(s.finish_reason) }],
-        "usage": usage(&s),
-    }))
-    .into_response())
+        _ => {}
+    })
+    .await?;
+    let choice = CompletionChoice { index: 0, text, logprobs: logprobs.then(|| lps.take()), finish_reason: Some(s.finish_reason.as_str()) };
+    Ok(Json(Completion { head, choices: vec![choice], usage: ChunkUsage::Usage(Usage::from(&s)) }).into_response())
 }
 
 async fn chat_completions(State(state): St, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -246,86 +229,67 @@ async fn chat_completions(State(state): St, headers: HeaderMap, body: Bytes) -> 
         messages.push(chat::Message { role, content: m.text()? });
     }
     let tok = &state.model.tokenizer;
-    let piece = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).unwrap_or("").to_owned();
-    let text = chat::render(&state.model.chat_template, &messages, &piece(tok.bos_id()), &piece(tok.eos_id()), true)
-        .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    let text = state.model.chat_template.render(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     let ids = tok.encode(&text, false, true);
-    let mut req = r.common.to_request(ids, state.limits, None, "messages")?;
-    let top = logprobs_count(r.top_logprobs, "top_logprobs")?;
-    if top.is_some() && !r.logprobs {
+    if r.top_logprobs.is_some() && !r.logprobs {
         return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true"));
     }
-    req.logprobs = r.logprobs.then_some(top.unwrap_or(0));
-    let rx = state.submit(req).await?;
-    let ids = Ids::new(&state, "chatcmpl");
-    if r.common.stream {
-        return Ok(sse(chat_stream(state, rx, ids, r.logprobs, r.common.include_usage())));
-    }
-    let (mut text, mut content_lp) = (String::new(), Vec::new());
-    let mut rx = rx;
-    let mut summary = None;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Delta { text: t, tokens } => {
-                text.push_str(&t);
-                content_lp.extend(tokens.iter().map(|l| chat_logprob(&state, l)));
-            }
-            Event::Done(s) => {
-                summary = Some(s);
-                break;
-            }
-            Event::Error(e) => return Err(ApiError::unavailable(e)),
-            Event::Prompt(_) => {}
+    let mut params = r.common.params(None)?;
+    params.logprobs = r.logprobs.then_some(r.top_logprobs.unwrap_or(0));
+    params.logprobs_param = Some("top_logprobs");
+    // The prompt of a chat request is its messages.
+    let req = params.build(ids, state.limits).map_err(|mut e| {
+        if e.param == "prompt" {
+            e.param = "messages";
         }
+        ApiError::from(e)
+    })?;
+    let rx = state.submit(req).await?;
+    if r.common.stream {
+        let head = head(&state, "chatcmpl", "chat.completion.chunk");
+        return Ok(sse(chat_stream(state, rx, head, r.logprobs, r.common.include_usage())));
     }
-    let s = summary.ok_or_else(|| ApiError::unavailable("the engine stopped before the request finished"))?;
-    let logprobs = if r.logprobs { json!({ "content": content_lp }) } else { Value::Null };
-    Ok(Json(json!({
-        "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": logprobs, "finish_reason": finish_str(s.finish_reason) }],
-        "usage": usage(&s),
-    }))
-    .into_response())
+    let head = head(&state, "chatcmpl", "chat.completion");
+    let (mut text, mut content) = (String::new(), Vec::new());
+    let s = collect(rx, |ev| {
+        if let Event::Delta { text: t, tokens } = ev {
+            text.push_str(&t);
+            content.extend(tokens.iter().map(|l| token_logprob(&state, l)));
+        }
+    })
+    .await?;
+    let choice = ChatChoice {
+        index: 0,
+        message: AssistantMessage { role: "assistant", content: text, refusal: None },
+        logprobs: r.logprobs.then_some(ChatLogprobs { content, refusal: None }),
+        finish_reason: s.finish_reason.as_str(),
+    };
+    Ok(Json(ChatCompletion { head, choices: vec![choice], usage: Usage::from(&s) }).into_response())
 }
 
-fn sse(stream: impl futures::Stream<Item = Value> + Send + 'static) -> Response {
-    let events = stream.map(|v| Ok::<_, Infallible>(Sse::default().data(v.to_string()))).chain(futures::stream::once(async { Ok(Sse::default().data("[DONE]")) }));
+/// One SSE `data:` line per chunk, then `[DONE]`.
+fn sse(stream: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let events = stream.map(|v| Ok::<_, Infallible>(Sse::default().data(v))).chain(futures::stream::once(async { Ok(Sse::default().data("[DONE]")) }));
     axum::response::Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// What every chunk of one stream shares: id, object, creation time, model.
-#[derive(Clone)]
-struct Envelope {
-    ids: Ids,
-    object: &'static str,
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).expect("response types always serialize")
+}
+
+/// Turns a request's events into chunks with `on_event`, then, when `include_usage` asked
+/// for it, the usage chunk `usage_chunk` makes. The receiver lives in the stream: when the
+/// client goes away the stream is dropped, and the engine cancels the request.
+fn chunks(
+    mut rx: UnboundedReceiver<Event>,
     include_usage: bool,
-}
-
-impl Envelope {
-    /// A chunk with one choice. With `include_usage`, OpenAI sends `"usage": null` on every
-    /// chunk but the last.
-    fn chunk(&self, choice: Value) -> Value {
-        let mut c = json!({ "id": self.ids.id, "object": self.object, "created": self.ids.created, "model": self.ids.model, "choices": [choice] });
-        if self.include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    }
-
-    /// The last chunk, when `include_usage` asked for it: no choices, the usage.
-    fn usage(&self, s: &Summary) -> Value {
-        json!({ "id": self.ids.id, "object": self.object, "created": self.ids.created, "model": self.ids.model, "choices": [], "usage": usage(s) })
-    }
-}
-
-/// Turns a request's events into chunks with `on_event`, then the usage chunk when asked
-/// for. The receiver lives in the stream: when the client goes away the stream is dropped,
-/// and the engine cancels the request.
-fn chunks(mut rx: UnboundedReceiver<Event>, env: Envelope, mut on_event: impl FnMut(Event) -> Vec<Value> + Send + 'static) -> impl futures::Stream<Item = Value> + Send + 'static {
+    usage_chunk: impl Fn(Usage) -> String + Send + 'static,
+    mut on_event: impl FnMut(Event) -> Vec<String> + Send + 'static,
+) -> impl futures::Stream<Item = String> + Send + 'static {
     async_stream(move |tx| async move {
         while let Some(ev) = rx.recv().await {
             let done = match &ev {
-                Event::Done(s) => Some(s.clone()),
+                Event::Done(s) => Some(Usage::from(s)),
                 _ => None,
             };
             let is_err = matches!(ev, Event::Error(_));
@@ -334,9 +298,9 @@ fn chunks(mut rx: UnboundedReceiver<Event>, env: Envelope, mut on_event: impl Fn
                     return;
                 }
             }
-            if let Some(s) = done {
-                if env.include_usage {
-                    let _ = tx.send(env.usage(&s)).await;
+            if let Some(u) = done {
+                if include_usage {
+                    let _ = tx.send(usage_chunk(u)).await;
                 }
                 return;
             }
@@ -348,9 +312,9 @@ fn chunks(mut rx: UnboundedReceiver<Event>, env: Envelope, mut on_event: impl Fn
 }
 
 /// A stream fed by a task through a bounded channel (dropping the stream ends the task).
-fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Value> + Send + 'static
+fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = String> + Send + 'static
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Value>) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::Sender<String>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -370,67 +334,77 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn error_chunk(e: &str) -> Value {
-    ApiError::unavailable(e).body()
+fn error_chunk(e: &str) -> String {
+    to_json(&ApiError::unavailable(e).body())
 }
 
-fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Ids, echo: Option<String>, prompt_ids: Vec<u32>, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = Value> + Send + 'static {
-    let env = Envelope { ids, object: "text_completion", include_usage };
-    let chunk = {
-        let env = env.clone();
-        move |text: &str, lp: Value, finish: Option<&str>| env.chunk(json!({ "index": 0, "text": text, "logprobs": lp, "finish_reason": finish }))
+/// `usage: null` on every chunk with a choice when the client asked for usage.
+fn pending_usage(include_usage: bool) -> ChunkUsage {
+    if include_usage {
+        ChunkUsage::Null
+    } else {
+        ChunkUsage::Absent
+    }
+}
+
+fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, head: Head, echo: Option<String>, prompt_ids: Vec<u32>, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = String> + Send + 'static {
+    let usage_head = head.clone();
+    let chunk = move |text: &str, lp: Option<CompletionLogprobs>, finish: Option<&'static str>| {
+        let choice = CompletionChoice { index: 0, text: text.to_string(), logprobs: lp, finish_reason: finish };
+        to_json(&Completion { head: head.clone(), choices: vec![choice], usage: pending_usage(include_usage) })
     };
+    let usage_chunk = move |u: Usage| to_json(&Completion { head: usage_head.clone(), choices: Vec::new(), usage: ChunkUsage::Usage(u) });
     let mut echo = echo;
-    let mut lps = CompletionLogprobs::default();
-    let st = state.clone();
-    chunks(rx, env, move |ev| match ev {
+    let mut lps = CompletionLogprobsBuilder::default();
+    chunks(rx, include_usage, usage_chunk, move |ev| match ev {
         Event::Prompt(p) => {
             for (lp, &id) in p.iter().zip(&prompt_ids) {
-                lps.push(&st, lp.as_ref(), id);
+                lps.push(&state, lp.as_ref(), id);
             }
-            vec![chunk(&echo.take().unwrap_or_default(), if logprobs { lps.take() } else { Value::Null }, None)]
+            vec![chunk(&echo.take().unwrap_or_default(), logprobs.then(|| lps.take()), None)]
         }
         Event::Delta { text, tokens } => {
             let mut out = Vec::new();
             if let Some(e) = echo.take() {
-                out.push(chunk(&e, Value::Null, None));
+                out.push(chunk(&e, None, None));
             }
             for lp in &tokens {
-                lps.push(&st, Some(lp), lp.id);
+                lps.push(&state, Some(lp), lp.id);
             }
             if !text.is_empty() || !tokens.is_empty() {
-                out.push(chunk(&text, if logprobs { lps.take() } else { Value::Null }, None));
+                out.push(chunk(&text, logprobs.then(|| lps.take()), None));
             }
             out
         }
         Event::Done(s) => {
-            let mut out: Vec<Value> = echo.take().map(|e| chunk(&e, Value::Null, None)).into_iter().collect();
-            out.push(chunk("", Value::Null, Some(finish_str(s.finish_reason))));
+            let mut out: Vec<String> = echo.take().map(|e| chunk(&e, None, None)).into_iter().collect();
+            out.push(chunk("", None, Some(s.finish_reason.as_str())));
             out
         }
         Event::Error(e) => vec![error_chunk(&e)],
     })
 }
 
-fn chat_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, ids: Ids, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = Value> + Send + 'static {
-    let env = Envelope { ids, object: "chat.completion.chunk", include_usage };
-    let chunk = {
-        let env = env.clone();
-        move |delta: Value, lp: Value, finish: Option<&str>| env.chunk(json!({ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish }))
+fn chat_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, head: Head, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = String> + Send + 'static {
+    let usage_head = head.clone();
+    let chunk = move |delta: Delta, lp: Option<ChatLogprobs>, finish: Option<&'static str>| {
+        let choice = ChatChunkChoice { index: 0, delta, logprobs: lp, finish_reason: finish };
+        to_json(&ChatChunk { head: head.clone(), choices: vec![choice], usage: pending_usage(include_usage) })
     };
+    let usage_chunk = move |u: Usage| to_json(&ChatChunk { head: usage_head.clone(), choices: Vec::new(), usage: ChunkUsage::Usage(u) });
     let mut first = true;
-    chunks(rx, env, move |ev| {
+    chunks(rx, include_usage, usage_chunk, move |ev| {
         let mut out = Vec::new();
         if first && !matches!(ev, Event::Error(_)) {
             first = false;
-            out.push(chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None));
+            out.push(chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None, None));
         }
         match ev {
             Event::Delta { text, tokens } if !text.is_empty() || !tokens.is_empty() => {
-                let lp = if logprobs { json!({ "content": tokens.iter().map(|l| chat_logprob(&state, l)).collect::<Vec<_>>() }) } else { Value::Null };
-                out.push(chunk(json!({ "content": text }), lp, None));
+                let lp = logprobs.then(|| ChatLogprobs { content: tokens.iter().map(|l| token_logprob(&state, l)).collect(), refusal: None });
+                out.push(chunk(Delta { role: None, content: Some(text) }, lp, None));
             }
-            Event::Done(s) => out.push(chunk(json!({}), Value::Null, Some(finish_str(s.finish_reason)))),
+            Event::Done(s) => out.push(chunk(Delta::default(), None, Some(s.finish_reason.as_str()))),
             Event::Error(e) => out.push(error_chunk(&e)),
             _ => {}
         }

@@ -31,8 +31,8 @@ pub struct SeqWork {
     /// Position of `tokens[0]`: 0 starts the sequence, otherwise the count already held.
     pub start_pos: usize,
     pub logits: LogitsWanted,
-    /// Given when the sequence starts; workers keep it.
-    pub sampling: Option<SamplingParams>,
+    /// Given exactly on the step that starts the sequence; workers keep it.
+    pub start: Option<SeqStart>,
     /// Index among the generated tokens of the token the last row predicts (seeds the
     /// sampling noise of every row; only the last row of a chunk is ever sampled from).
     pub sample_step: u64,
@@ -43,19 +43,26 @@ pub struct SeqWork {
     /// another sequence computed (a prefix-cache hit: `start_pos` > 0) and with
     /// [`crate::kv::NO_BLOCK`] for blocks a windowed group no longer needs.
     pub blocks: Vec<Vec<BlockId>>,
-    /// Given when the sequence starts: prompt tokens (later tokens count for penalties).
-    pub prompt_len: usize,
-    /// Given when the sequence starts: presence and frequency penalties.
-    pub penalties: Penalties,
     /// For `All` rows: the token each row's logit is reported for (the next prompt token),
     /// one per row, or empty.
     pub targets: Vec<TokenId>,
 }
 
+/// What a worker keeps about a sequence, sent once on the step that starts it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SeqStart {
+    /// How its tokens are sampled (the noise of every rank's candidates).
+    pub sampling: SamplingParams,
+    /// Presence and frequency penalties, applied on the workers to their vocabulary slice.
+    pub penalties: Penalties,
+    /// Prompt tokens: later tokens count for the penalties.
+    pub prompt_len: usize,
+}
+
 impl SeqWork {
-    /// Whether the sequence starts with this step (it carries its sampling parameters).
+    /// Whether the sequence starts with this step (it carries its [`SeqStart`]).
     pub fn starts(&self) -> bool {
-        self.sampling.is_some()
+        self.start.is_some()
     }
 }
 

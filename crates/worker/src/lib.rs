@@ -1,6 +1,9 @@
 //! `tpserve-worker`: one rank of a cluster. A gRPC server ([`server`]) around a loaded
-//! model shard and its sequences ([`shard`]), talking to its peers over a collective.
+//! model shard and its sequences ([`shard`]) on this process's compute pool ([`local`]),
+//! talking to its peers over a collective. The binary steps the same [`LocalShard`] in
+//! process at tp = pp = 1.
 
+pub mod local;
 pub mod server;
 pub mod shard;
 
@@ -13,6 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tpserve_proto::v1;
 
+pub use local::LocalShard;
 pub use server::WorkerService;
 pub use shard::{Shard, StepError};
 

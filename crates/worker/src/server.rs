@@ -4,20 +4,21 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tpserve_comm::{Collective, TcpCollective};
-use tpserve_model::gguf::Gguf;
+use tpserve_gguf::Gguf;
 use tpserve_model::model::model_shape;
 use tpserve_proto::v1;
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
-use tracing::{debug, info, info_span, warn};
+use tracing::{info, warn};
 
+use crate::local::LocalShard;
 use crate::shard::{Shard, StepError};
 
 impl From<StepError> for Status {
@@ -25,7 +26,8 @@ impl From<StepError> for Status {
         match e {
             StepError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             StepError::Failed { .. } => Status::aborted(e.to_string()),
-            StepError::Broken { .. } => Status::failed_precondition(e.to_string()),
+            StepError::Broken { .. } | StepError::NotLoaded => Status::failed_precondition(e.to_string()),
+            StepError::Panicked => Status::internal(e.to_string()),
         }
     }
 }
@@ -37,12 +39,10 @@ pub struct WorkerService {
 }
 
 struct Inner {
-    /// Compute threads for forward passes (only this pool's threads compute).
-    pool: Arc<rayon::ThreadPool>,
+    /// The shard and the compute threads it runs on.
+    local: LocalShard,
     /// Where peers connect for the collective; kept across loads.
     comm_listener: StdListener,
-    /// The loaded shard; steps run one at a time.
-    shard: Mutex<Option<Shard>>,
     /// Notified by Shutdown.
     shutdown: Arc<Notify>,
     /// How long collective receives poll before blocking.
@@ -53,17 +53,11 @@ impl WorkerService {
     /// A worker that computes on `pool` and accepts collective connections on `comm_listener`;
     /// its collective receives poll for `comm_spin` before blocking.
     pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, comm_spin: Duration) -> Self {
-        Self { inner: Arc::new(Inner { pool, comm_listener, shard: Mutex::new(None), shutdown, comm_spin }) }
+        Self { inner: Arc::new(Inner { local: LocalShard::new(pool), comm_listener, shutdown, comm_spin }) }
     }
 
     pub fn comm_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.comm_listener.local_addr()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Shard>> {
-        // A panic while holding the lock leaves no half-written Rust state behind it that a
-        // later step could misuse: the shard marks itself broken before returning errors.
-        self.inner.shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -84,7 +78,7 @@ fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
 /// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
 fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Status> {
     let path = if req.model_path.is_empty() {
-        tpserve_model::fetch::resolve_model(None).map_err(|e| Status::failed_precondition(format!("cannot get the default model: {e}")))?
+        tpserve_fetch::resolve_model(None).map_err(|e| Status::failed_precondition(format!("cannot get the default model: {e}")))?
     } else {
         PathBuf::from(&req.model_path)
     };
@@ -146,7 +140,8 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
 
     let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
     let loaded = inner
-        .pool
+        .local
+        .pool()
         .install(|| Shard::load(&g, &shard, tp_comm, pp_comm, &kv))
         .map_err(|e| Status::failed_precondition(format!("rank {rank} cannot load its shard: {e}")))?;
     loaded.model().prefault(|done, total| {
@@ -167,10 +162,10 @@ fn resolve(addr: &str) -> Option<SocketAddr> {
 #[tonic::async_trait]
 impl tpserve_proto::Worker for WorkerService {
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
-        let shard = self.lock().as_ref().map(|s| v1::Shard::from(s.shard()));
+        let shard = self.inner.local.lock().as_ref().map(|s| v1::Shard::from(s.shard()));
         Ok(Response::new(v1::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
-            threads: self.inner.pool.current_num_threads() as u32,
+            threads: self.inner.local.pool().current_num_threads() as u32,
             comm_port: self.comm_addr().map(|a| a.port() as u32).unwrap_or(0),
             comm_addr: self.comm_addr().map(|a| a.to_string()).unwrap_or_default(),
             shard,
@@ -187,7 +182,7 @@ impl tpserve_proto::Worker for WorkerService {
         info!(rank = req.rank, tp = req.tp, pp = req.pp, model = %req.model_path, "loading");
         tokio::task::spawn_blocking(move || {
             // Drop any previous shard first: its memory and its collective go.
-            *this.lock() = None;
+            this.inner.local.set(None);
             match load(&this.inner, req, &tx) {
                 Ok(shard) => {
                     let done = v1::LoadProgress {
@@ -200,7 +195,7 @@ impl tpserve_proto::Worker for WorkerService {
                         kv_bytes: shard.kv_bytes(),
                     };
                     info!(rank = shard.shard().rank, weight_bytes = shard.model().weight_bytes(), "loaded");
-                    *this.lock() = Some(shard);
+                    this.inner.local.set(Some(shard));
                     let _ = tx.blocking_send(Ok(done));
                 }
                 Err(status) => {
@@ -213,47 +208,15 @@ impl tpserve_proto::Worker for WorkerService {
     }
 
     async fn step(&self, req: Request<v1::StepRequest>) -> Result<Response<v1::StepResponse>, Status> {
-        let t_enter = std::time::Instant::now();
         let plan = StepPlan::try_from(req.into_inner())?;
-        let this = self.clone();
-        // The step runs on a compute thread itself and wakes this task when done: one thread
-        // hand-off each way (each wake of an idle core costs tens of microseconds or more on
-        // a virtual machine, and a decode step is only ~25 ms).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner.pool.spawn(move || {
-            let queued_us = t_enter.elapsed().as_micros() as u64;
-            let mut guard = this.lock();
-            let out = match guard.as_mut() {
-                None => Err(Status::failed_precondition("no shard is loaded: send Load first")),
-                Some(shard) => {
-                    let span = info_span!("step", rank = shard.shard().rank, step = plan.step, seqs = plan.seqs.len());
-                    let _enter = span.enter();
-                    let out = shard.step(&plan);
-                    match &out {
-                        Ok(o) => debug!(queued_us, compute_us = o.compute_us, comm_us = o.comm_us, "step done"),
-                        Err(e) => warn!(error = %e, "step failed"),
-                    }
-                    out.map_err(Status::from)
-                }
-            };
-            let _ = tx.send(out);
-        });
-        let out = rx.await.map_err(|_| Status::internal("the step's compute thread panicked"))??;
-        debug!(handler_us = t_enter.elapsed().as_micros() as u64, "step answered");
+        let out = self.inner.local.step(plan).await?;
         Ok(Response::new(v1::StepResponse::from(&out)))
     }
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        // A step in progress holds the lock; the worker is alive and busy, so it is ready.
-        let (ready, reason) = match self.inner.shard.try_lock() {
-            Ok(g) => match g.as_ref() {
-                None => (false, "no shard is loaded".to_string()),
-                Some(s) => match s.broken() {
-                    Some(why) => (false, why.to_string()),
-                    None => (true, String::new()),
-                },
-            },
-            Err(_) => (true, String::new()),
+        let (ready, reason) = match self.inner.local.health() {
+            None | Some(Ok(())) => (true, String::new()),
+            Some(Err(why)) => (false, why),
         };
         Ok(Response::new(v1::HealthResponse { ready, reason }))
     }

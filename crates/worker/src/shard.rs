@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tpserve_comm::{Collective, Timed};
-use tpserve_model::gguf::Gguf;
+use tpserve_gguf::Gguf;
 use tpserve_model::kv_cache::KvPool;
 use tpserve_model::model::{Model, ModelError, SeqChunk};
 use tpserve_types::kv::{BlockId, KvLayout};
 use tpserve_types::plan::RankShard;
-use tpserve_types::sampling::{Candidates, Penalties};
-use tpserve_types::step::{LogitsWanted, SeqId, SeqOutput, StepOutput, StepPlan};
-use tpserve_types::{SamplingParams, TokenId};
+use tpserve_types::sampling::Candidates;
+use tpserve_types::step::{LogitsWanted, SeqId, SeqOutput, SeqStart, StepOutput, StepPlan};
+use tpserve_types::TokenId;
 
 /// Why a step was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +26,15 @@ pub enum StepError {
     /// longer agree with its peers', so it refuses further steps until it is loaded again.
     #[error("step {step} failed on rank {rank}: {source}")]
     Failed { step: u64, rank: usize, source: ModelError },
+    /// An earlier step failed part-way; see [`StepError::Failed`].
     #[error("rank {rank} cannot run steps: an earlier step failed ({reason}); load the model again")]
     Broken { rank: usize, reason: String },
+    /// No shard has been loaded yet.
+    #[error("no shard is loaded: send Load first")]
+    NotLoaded,
+    /// The compute thread running the step panicked.
+    #[error("the step's compute thread panicked")]
+    Panicked,
 }
 
 /// What a worker keeps about one live sequence between steps.
@@ -36,9 +43,8 @@ struct SeqState {
     tables: Vec<Vec<BlockId>>,
     /// Positions computed.
     len: usize,
-    sampling: SamplingParams,
-    penalties: Penalties,
-    prompt_len: usize,
+    /// Sampling, penalties and prompt length, from the step that started it.
+    start: SeqStart,
     /// How often each generated token was fed (for the penalties; empty without them).
     counts: HashMap<TokenId, u32>,
 }
@@ -119,9 +125,7 @@ impl Shard {
             let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
                 tables: vec![Vec::new(); groups],
                 len: 0,
-                sampling: w.sampling.expect("checked: new sequences carry sampling"),
-                penalties: w.penalties,
-                prompt_len: w.prompt_len,
+                start: w.start.expect("checked: new sequences carry their start"),
                 counts: HashMap::new(),
             });
             for (t, new) in st.tables.iter_mut().zip(&w.blocks) {
@@ -154,9 +158,9 @@ impl Shard {
         for w in &plan.seqs {
             let st = self.seqs.get_mut(&w.seq_id).expect("every sequence of the step is held");
             st.len = w.start_pos + w.tokens.len();
-            if !st.penalties.is_none() {
+            if !st.start.penalties.is_none() {
                 for (i, &tok) in w.tokens.iter().enumerate() {
-                    if w.start_pos + i >= st.prompt_len {
+                    if w.start_pos + i >= st.start.prompt_len {
                         *st.counts.entry(tok).or_default() += 1;
                     }
                 }
@@ -177,8 +181,8 @@ impl Shard {
                     .chunks_exact_mut(width)
                     .enumerate()
                     .map(|(i, row)| {
-                        st.penalties.apply(row, vocab_start, &st.counts);
-                        let c = Candidates::from_logits(row, vocab_start, &st.sampling, w.sample_step, w.logprobs);
+                        st.start.penalties.apply(row, vocab_start, &st.counts);
+                        let c = Candidates::from_logits(row, vocab_start, &st.start.sampling, w.sample_step, w.logprobs);
                         match w.targets.get(i) {
                             Some(&t) => c.with_target(row, vocab_start, t),
                             None => c,
@@ -232,7 +236,9 @@ mod tests {
     use tpserve_model::model::model_shape;
     use tpserve_model::testing::{tiny_gguf, TinySpec};
     use tpserve_types::plan::Plan;
+    use tpserve_types::sampling::Penalties;
     use tpserve_types::step::SeqWork;
+    use tpserve_types::SamplingParams;
 
     fn shard() -> (Shard, tempfile::NamedTempFile) {
         let f = tempfile::NamedTempFile::new().unwrap();
@@ -240,8 +246,7 @@ mod tests {
         let g = Gguf::open(f.path()).unwrap();
         let plan = Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap();
         let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
-        let windows: Vec<Option<usize>> = (0..cfg.n_layers).map(|l| cfg.window(l)).collect();
-        let kv = KvLayout::new(&windows, tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
+        let kv = cfg.kv_layout(tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
         (Shard::load(&g, &plan.shard(0), Arc::new(Local), None, &kv).unwrap(), f)
     }
 
@@ -254,12 +259,10 @@ mod tests {
             tokens,
             start_pos,
             logits: LogitsWanted::Last,
-            sampling: (start_pos == 0).then(SamplingParams::default),
+            start: (start_pos == 0).then(|| SeqStart { sampling: SamplingParams::default(), penalties: Penalties::default(), prompt_len: 0 }),
             sample_step: 0,
             logprobs: 0,
             blocks: vec![blocks.clone(), blocks],
-            prompt_len: 0,
-            penalties: Penalties::default(),
             targets: Vec::new(),
         }
     }
@@ -288,7 +291,7 @@ mod tests {
             (vec![work(9, vec![5], 4)], "unknown here"),
             (vec![work(1, vec![5], 0)], "already exists"),
             (vec![work(3, vec![5], 0), work(3, vec![6], 0)], "appears twice"),
-            (vec![SeqWork { sampling: None, ..work(4, vec![1], 0) }], "needs sampling parameters"),
+            (vec![SeqWork { start: None, ..work(4, vec![1], 0) }], "needs sampling parameters"),
             (vec![SeqWork { blocks: vec![vec![], vec![]], ..work(5, vec![1, 2, 3, 4, 5], 0) }], "KV group 0 has 0 blocks"),
         ];
         for (seqs, needle) in bad {

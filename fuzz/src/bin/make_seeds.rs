@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 
 use tpserve_model::config::Arch;
-use tpserve_model::gguf::{GgufWriter, Value};
-use tpserve_model::quant::{quantize, GgmlDType};
-use tpserve_model::testing::{tiny_gguf, TinySpec, ALL_TYPES};
+use tpserve_gguf::{GgufWriter, Value};
+use tpserve_model::quant::{quantize, GgmlDType, SUPPORTED};
+use tpserve_model::testing::{tiny_gguf, TinySpec};
 
 fn main() -> std::io::Result<()> {
     let dir = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("corpus/gguf_parse"));
@@ -27,6 +27,7 @@ fn main() -> std::io::Result<()> {
         sliding_window: 4,
         seed: 3,
         dtypes,
+        embed_range: 1.0,
     };
     let seeds = [
         ("tiny_gemma3.gguf", tiny_gguf(&small(Arch::Gemma3, vec![GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::F16, GgmlDType::F32]))),
@@ -67,7 +68,7 @@ fn all_types() -> Vec<u8> {
             "array.nested",
             Value::Array(vec![Value::Array(vec![Value::I16(1), Value::I16(-1)]), Value::Array(vec![Value::I16(2)])]),
         );
-    for (i, dtype) in ALL_TYPES.iter().enumerate() {
+    for (i, dtype) in SUPPORTED.iter().enumerate() {
         let n = dtype.block_size().max(8);
         let values: Vec<f32> = (0..2 * n).map(|k| ((k * 37 + i) % 17) as f32 / 8.0 - 1.0).collect();
         let two_rows = quantize(*dtype, &values).expect("whole blocks");

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::kernels::{active_isa, avx2_available, Isa};
-use super::{GgmlDType, QMatrix, WeightBytes};
+use super::{GgmlDType, QMatrix, TensorBytes};
 
 /// Random blocks with sane f16 scales (the values do not matter for speed).
 fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize) -> QMatrix {
@@ -26,7 +26,7 @@ fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize) -> QMatrix {
             block[o..o + 2].copy_from_slice(&d);
         }
     }
-    QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap()
+    QMatrix::new(dtype, rows, cols, TensorBytes::Owned(Arc::new(bytes))).unwrap()
 }
 
 /// Nanoseconds this thread has spent on a CPU (Linux `schedstat`), to see through the other

@@ -84,7 +84,7 @@ pub(crate) fn nearest_int(x: f32) -> i32 {
 
 /// Checks that `n` elements of `dtype` are supported and whole blocks.
 fn check_elems(dtype: GgmlDType, n: usize) -> Result<usize, QuantError> {
-    if !dtype.is_supported() {
+    if !super::is_supported(dtype) {
         return Err(QuantError::Unsupported(dtype));
     }
     dtype.bytes_for(n).ok_or(QuantError::NotBlockMultiple { dtype, len: n, block: dtype.block_size() })

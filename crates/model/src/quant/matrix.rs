@@ -14,48 +14,8 @@ use rayon::prelude::*;
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::QK_K;
 use super::kernels::{activation_quantizers, active_isa, select, DotKernels, Isa, Kernel};
-use super::{dequantize, GgmlDType, QuantError};
-
-/// Bytes of one weight tensor: borrowed from the mmapped GGUF file, or owned (after a column split, or made by tests).
-#[derive(Clone)]
-pub enum WeightBytes {
-    /// `len` bytes at `offset` of a mapped file, shared by every matrix cut from it.
-    Mmap { map: Arc<memmap2::Mmap>, offset: usize, len: usize },
-    /// Bytes in memory.
-    Owned(Arc<Vec<u8>>),
-}
-
-impl WeightBytes {
-    /// The bytes. An `Mmap` range outside the file reads as empty (which [`QMatrix::new`]
-    /// reports as an error), so a corrupt tensor directory cannot cause a panic here.
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            WeightBytes::Mmap { map, offset, len } => {
-                offset.checked_add(*len).and_then(|end| map.get(*offset..end)).unwrap_or(&[])
-            }
-            WeightBytes::Owned(v) => v,
-        }
-    }
-
-    /// Checks an `Mmap` range against the file size.
-    fn check(&self) -> Result<(), QuantError> {
-        if let WeightBytes::Mmap { map, offset, len } = self {
-            if offset.checked_add(*len).is_none_or(|end| end > map.len()) {
-                return Err(QuantError::OutOfFile { offset: *offset, len: *len, file_len: map.len() });
-            }
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for WeightBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WeightBytes::Mmap { offset, len, .. } => write!(f, "Mmap {{ offset: {offset}, len: {len} }}"),
-            WeightBytes::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
-        }
-    }
-}
+use super::{dequantize, is_supported, GgmlDType, QuantError};
+use tpserve_gguf::TensorBytes;
 
 /// A weight matrix W [rows = out features, cols = in features], row-major in ggml blocks.
 #[derive(Clone)]
@@ -64,7 +24,7 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: WeightBytes,
+    data: TensorBytes,
     /// Byte offset of row 0 within `data` (non-zero after `slice_rows`).
     start: usize,
 }
@@ -86,8 +46,8 @@ const MANY_TASKS_BYTES: usize = 4 << 20;
 impl QMatrix {
     /// Wraps `data` as a `rows × cols` matrix of `dtype`; checks the type is supported, rows
     /// are whole blocks and the byte length is exact.
-    pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: WeightBytes) -> Result<Self, QuantError> {
-        if !dtype.is_supported() {
+    pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: TensorBytes) -> Result<Self, QuantError> {
+        if !is_supported(dtype) {
             return Err(QuantError::Unsupported(dtype));
         }
         let row_bytes = dtype.bytes_for(cols).ok_or(QuantError::NotBlockMultiple {
@@ -162,7 +122,7 @@ impl QMatrix {
         for r in 0..self.rows {
             bytes.extend_from_slice(&self.row(r)[b0..b1]);
         }
-        Self::new(self.dtype, self.rows, end - start, WeightBytes::Owned(Arc::new(bytes)))
+        Self::new(self.dtype, self.rows, end - start, TensorBytes::Owned(Arc::new(bytes)))
     }
 
     /// Dequantizes row r into out (len cols) — embedding lookup.

@@ -4,7 +4,8 @@
 //! Q8_K blocks) right before each matmul, as llama.cpp does, and an integer dot product
 //! runs per block. Kernels are picked at run time from the CPU's features.
 //!
-//! - [`dtype`]: [`GgmlDType`], the type ids and block geometry.
+//! - [`GgmlDType`] (from `tpserve-gguf`): the type ids and block geometry; [`SUPPORTED`]:
+//!   the types these kernels compute with.
 //! - [`blocks`]: scalar reference dequantizers and simple quantizers for every supported type.
 //! - [`act`]: activation quantization to Q8_0 / Q8_K, bit-compatible with llama.cpp.
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
@@ -13,7 +14,6 @@
 
 pub mod act;
 pub mod blocks;
-pub mod dtype;
 pub mod kernels;
 pub mod matrix;
 
@@ -27,16 +27,40 @@ mod bench;
 mod tests;
 
 pub use blocks::{dequantize, quantize};
-pub use dtype::GgmlDType;
 pub use kernels::kernel_name;
-pub use matrix::{QMatrix, WeightBytes};
+pub use matrix::QMatrix;
+pub use tpserve_gguf::{GgmlDType, TensorBytes};
+
+/// Every tensor type tpserve loads and multiplies (the one list: error messages, tests and
+/// the tiny test models use it).
+pub const SUPPORTED: [GgmlDType; 9] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q5_0,
+    GgmlDType::Q4_K,
+    GgmlDType::Q5_K,
+    GgmlDType::Q6_K,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::F32,
+];
+
+/// Whether tpserve can load and multiply tensors of this type.
+pub fn is_supported(dtype: GgmlDType) -> bool {
+    SUPPORTED.contains(&dtype)
+}
+
+/// The supported types as a list for messages ("Q8_0, Q4_0, ...").
+pub fn supported_list() -> String {
+    SUPPORTED.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+}
 
 /// Why a quantized tensor could not be decoded, encoded, built or sliced; carries the
 /// offending sizes so a bad GGUF file can be diagnosed from the message alone.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantError {
     /// The tensor type has no kernels in tpserve.
-    #[error("tensor type {0} is not supported")]
+    #[error("tensor type {0} is not supported (tpserve computes with {list})", list = supported_list())]
     Unsupported(GgmlDType),
     /// An element count (a row length, a buffer length) is not a whole number of blocks.
     #[error("{dtype}: {len} elements is not a multiple of the {block}-element block size")]
@@ -51,8 +75,8 @@ pub enum QuantError {
     #[error("{dtype}: shape {rows}x{cols} is too large")]
     ShapeOverflow { dtype: GgmlDType, rows: usize, cols: usize },
     /// A tensor's byte range reaches past the end of the mapped file.
-    #[error("tensor bytes [{offset}, {offset}+{len}) lie outside the {file_len}-byte file")]
-    OutOfFile { offset: usize, len: usize, file_len: usize },
+    #[error(transparent)]
+    OutOfFile(#[from] tpserve_gguf::OutOfFile),
     /// A row or column range that is reversed or past the end.
     #[error("{axis} range [{start}, {end}) is invalid for size {size}")]
     BadRange { axis: &'static str, start: usize, end: usize, size: usize },

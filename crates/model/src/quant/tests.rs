@@ -149,7 +149,7 @@ fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut StdRng) -
     for r in 0..rows {
         bytes.extend(random_row(dtype, cols, rng, r % 2 == 1));
     }
-    QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap()
+    QMatrix::new(dtype, rows, cols, TensorBytes::Owned(Arc::new(bytes))).unwrap()
 }
 
 /// The activations a kernel of `dtype` really multiplies with: x itself for float weights,
@@ -273,7 +273,7 @@ fn slice_cols_halves_sum_to_the_full_matmul() {
 
 #[test]
 fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
-    let owned = |n: usize| WeightBytes::Owned(Arc::new(vec![0u8; n]));
+    let owned = |n: usize| TensorBytes::Owned(Arc::new(vec![0u8; n]));
     assert!(matches!(
         QMatrix::new(GgmlDType::Q8_0, 2, 64, owned(135)),
         Err(QuantError::ByteLength { expected: 136, got: 135, .. })
@@ -298,15 +298,15 @@ fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
     std::io::Write::write_all(&mut file, &[0u8; 100]).unwrap();
     // SAFETY: the temporary file is private to this test and not modified while mapped.
     let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
-    let past_end = WeightBytes::Mmap { map: map.clone(), offset: 90, len: 34 };
+    let past_end = TensorBytes::Mmap { map: map.clone(), offset: 90, len: 34 };
     assert!(past_end.as_slice().is_empty());
     assert!(matches!(
         QMatrix::new(GgmlDType::Q8_0, 1, 32, past_end),
-        Err(QuantError::OutOfFile { offset: 90, len: 34, file_len: 100 })
+        Err(QuantError::OutOfFile(tpserve_gguf::OutOfFile { offset: 90, len: 34, file_len: 100 }))
     ));
-    let overflow = WeightBytes::Mmap { map: map.clone(), offset: usize::MAX, len: 2 };
-    assert!(matches!(QMatrix::new(GgmlDType::Q8_0, 1, 32, overflow), Err(QuantError::OutOfFile { .. })));
-    let ok = WeightBytes::Mmap { map, offset: 66, len: 34 };
+    let overflow = TensorBytes::Mmap { map: map.clone(), offset: usize::MAX, len: 2 };
+    assert!(matches!(QMatrix::new(GgmlDType::Q8_0, 1, 32, overflow), Err(QuantError::OutOfFile(_))));
+    let ok = TensorBytes::Mmap { map, offset: 66, len: 34 };
     assert_eq!(QMatrix::new(GgmlDType::Q8_0, 1, 32, ok).unwrap().nbytes(), 34);
 }
 
@@ -382,7 +382,7 @@ fn matmul_throughput() {
     let mut rng = StdRng::seed_from_u64(5);
     for (dtype, rows, cols) in [(GgmlDType::Q8_0, 131072, 640), (GgmlDType::Q5_0, 2048, 640), (GgmlDType::Q4_K, 2048, 1024)] {
         let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(dtype, cols, &mut rng, false)).collect();
-        let m = QMatrix::new(dtype, rows, cols, WeightBytes::Owned(Arc::new(bytes))).unwrap();
+        let m = QMatrix::new(dtype, rows, cols, TensorBytes::Owned(Arc::new(bytes))).unwrap();
         for n in [1, 8, 32] {
             let x = random_floats(&mut rng, n * cols);
             let mut out = vec![0f32; n * rows];

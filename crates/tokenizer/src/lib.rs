@@ -1,8 +1,12 @@
-//! Tokenizers read from GGUF metadata (`tokenizer.ggml.*`), bit-exact with llama.cpp: the
-//! SentencePiece-style BPE of Gemma and Llama 2, and the GPT-2-style byte-level BPE of
-//! Llama 3 and Qwen, with special tokens written in the text parsed as llama.cpp does.
+//! `tpserve-tokenizer`: tokenizers read from GGUF metadata (`tokenizer.ggml.*`), bit-exact
+//! with llama.cpp: the SentencePiece-style BPE of Gemma and Llama 2 (`spm`), and the
+//! GPT-2-style byte-level BPE of Llama 3 and Qwen (`bpe`, `pretok`), with special tokens
+//! written in the text parsed as llama.cpp does (`special`); the streaming detokenizer
+//! ([`StreamDecoder`]) and chat templates ([`chat`]). It does no tensor math: the
+//! coordinator and the HTTP server link it without the model's kernels.
 
 mod bpe;
+pub mod chat;
 mod pretok;
 mod special;
 mod spm;
@@ -16,7 +20,7 @@ pub use stream::StreamDecoder;
 
 use std::collections::HashMap;
 
-use crate::gguf::{Gguf, Value};
+use tpserve_gguf::{Gguf, Value};
 use special::{Fragment, SpecialMatcher};
 
 /// Everything that can be wrong with a model's tokenizer metadata.

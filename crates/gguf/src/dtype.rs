@@ -96,22 +96,6 @@ impl GgmlDType {
         }
     }
 
-    /// Whether tpserve can load and multiply tensors of this type.
-    pub fn is_supported(self) -> bool {
-        matches!(
-            self,
-            Self::F32
-                | Self::F16
-                | Self::BF16
-                | Self::Q8_0
-                | Self::Q4_0
-                | Self::Q5_0
-                | Self::Q4_K
-                | Self::Q5_K
-                | Self::Q6_K
-        )
-    }
-
     /// Bytes taken by `n` elements (which must be a whole number of blocks).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         if !n.is_multiple_of(self.block_size()) {

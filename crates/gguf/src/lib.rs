@@ -1,19 +1,29 @@
-//! GGUF, the llama.cpp model file format: a header, typed metadata, a tensor directory, and
-//! the tensor bytes (which we mmap and never copy unless a tensor-parallel split needs to).
+//! `tpserve-gguf`: GGUF, the llama.cpp model file format: a header, typed metadata, a tensor
+//! directory, and the tensor bytes (which we mmap and never copy unless a tensor-parallel
+//! split needs to). It knows the format, not what the tensors mean: the forward pass
+//! (`tpserve-model`) and the tokenizer (`tpserve-tokenizer`) read their parts out of it.
+//!
+//! - [`Gguf`]: an opened file; [`Value`] and [`TensorInfo`]: its metadata and directory.
+//! - [`GgmlDType`]: the tensor element types and their block geometry.
+//! - [`TensorBytes`]: one tensor's bytes, borrowed from the mmap or owned.
+//! - [`GgufWriter`]: writes files (tests, fuzz seeds, tiny models).
 //!
 //! The parser trusts nothing in the file: every length is bounds-checked against the bytes
 //! actually present, so a truncated or hostile file is an error, never a panic or a huge
 //! allocation (`fuzz/` runs it under libFuzzer).
 
+mod bytes;
+mod dtype;
 mod writer;
 
+pub use bytes::{OutOfFile, TensorBytes};
+pub use dtype::GgmlDType;
 pub use writer::GgufWriter;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::quant::{GgmlDType, QMatrix, QuantError, WeightBytes};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -39,8 +49,6 @@ pub enum GgufError {
     TooManyDims { name: String, n_dims: u32 },
     #[error("tensor {name:?} has unknown ggml type id {id}")]
     UnknownType { name: String, id: u32 },
-    #[error("tensor {name:?} has type {dtype}, which tpserve cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K)")]
-    UnsupportedType { name: String, dtype: GgmlDType },
     #[error("tensor {name:?} has shape {shape:?} that is not a whole number of {dtype} blocks")]
     BadShape { name: String, shape: Vec<u64>, dtype: GgmlDType },
     #[error("tensor {name:?} lies outside the file (bytes {start}..{end}, file has {len}); the file is truncated or corrupt")]
@@ -55,8 +63,6 @@ pub enum GgufError {
     MissingKey { key: String },
     #[error("metadata key {key:?} has the wrong type: expected {expected}, found {found}")]
     WrongKeyType { key: String, expected: &'static str, found: &'static str },
-    #[error("tensor {name:?}: {source}")]
-    Quant { name: String, source: QuantError },
 }
 
 /// One metadata value.
@@ -215,37 +221,20 @@ impl Gguf {
     }
 
     /// The raw bytes of a tensor, borrowed from the mmap.
-    pub fn tensor_bytes(&self, name: &str) -> Result<WeightBytes, GgufError> {
+    pub fn tensor_bytes(&self, name: &str) -> Result<TensorBytes, GgufError> {
         let t = self.tensor_info(name)?;
-        Ok(WeightBytes::Mmap { map: self.map.clone(), offset: t.offset as usize, len: t.nbytes as usize })
+        Ok(TensorBytes::Mmap { map: self.map.clone(), offset: t.offset as usize, len: t.nbytes as usize })
     }
 
-    /// A 2-D weight as a matrix `[rows, cols]` (ggml dims `[cols, rows]`), checking the shape.
-    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, GgufError> {
+    /// The tensor `name` with its bytes, checked to have exactly the ggml dimensions `dims`
+    /// (`dims[0]` fastest-varying: a `[rows, cols]` matrix is `[cols, rows]`).
+    pub fn tensor_of_shape(&self, name: &str, dims: &[usize]) -> Result<(&TensorInfo, TensorBytes), GgufError> {
         let t = self.tensor_info(name)?;
         let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        if got != [cols, rows] {
-            return Err(GgufError::ShapeMismatch { name: name.into(), expected: vec![cols, rows], got });
+        if got != dims {
+            return Err(GgufError::ShapeMismatch { name: name.into(), expected: dims.to_vec(), got });
         }
-        if !t.dtype.is_supported() {
-            return Err(GgufError::UnsupportedType { name: name.into(), dtype: t.dtype });
-        }
-        QMatrix::new(t.dtype, rows, cols, self.tensor_bytes(name)?)
-            .map_err(|source| GgufError::Quant { name: name.into(), source })
-    }
-
-    /// A 1-D tensor (a norm weight) of length `n`, dequantized to f32.
-    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
-        let t = self.tensor_info(name)?;
-        let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        if got != [n] {
-            return Err(GgufError::ShapeMismatch { name: name.into(), expected: vec![n], got });
-        }
-        let m = QMatrix::new(t.dtype, 1, n, self.tensor_bytes(name)?)
-            .map_err(|source| GgufError::Quant { name: name.into(), source })?;
-        let mut out = vec![0f32; n];
-        m.dequantize_row(0, &mut out);
-        Ok(out)
+        Ok((t, self.tensor_bytes(name)?))
     }
 
     /// Total bytes of the file.

@@ -2,7 +2,7 @@
 //! both algorithms, special tokens and streaming are checked without the real model.
 
 use super::*;
-use crate::gguf::{Gguf, GgufWriter, Value};
+use tpserve_gguf::{Gguf, GgufWriter, Value};
 use rand::{Rng, SeedableRng};
 
 fn strings(items: &[&str]) -> Value {

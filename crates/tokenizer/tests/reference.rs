@@ -2,14 +2,12 @@
 //! every reference text encodes to exactly llama.cpp's ids, decodes back, streams without
 //! splitting characters, and a 1.3 MB text encodes quickly.
 
-mod common;
-
 use std::time::Instant;
 
-use tpserve_model::gguf::Gguf;
-use tpserve_model::tokenizer::{StreamDecoder, Tokenizer};
+use tpserve_gguf::Gguf;
+use tpserve_tokenizer::{StreamDecoder, Tokenizer};
 
-use common::{default_model, shared_data};
+use tpserve_fetch::testing::{data_dir, default_model, wikitext};
 
 fn gemma() -> Option<Tokenizer> {
     let path = default_model()?;
@@ -25,7 +23,7 @@ struct Case {
 }
 
 fn reference_cases() -> Vec<Case> {
-    let path = shared_data().join("reference/tokenize.jsonl");
+    let path = data_dir().join("reference/tokenize.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
@@ -126,8 +124,7 @@ fn gemma_stream_decoder_never_emits_half_a_character() {
 #[test]
 fn gemma_encodes_the_wikitext_test_set_in_reasonable_time() {
     let Some(tok) = gemma() else { return };
-    let path = shared_data().join("wikitext-2-raw-test.txt");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = wikitext();
     let t = Instant::now();
     let ids = tok.encode(&text, true, false);
     let enc = t.elapsed();
