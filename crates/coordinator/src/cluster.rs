@@ -312,14 +312,42 @@ impl Backend for Cluster {
         &self.kv
     }
 
+    /// Sends the step to every rank and looks at every answer: a failure anywhere fails
+    /// the cluster (naming the rank that explains it), except a step every rank refused,
+    /// which leaves the cluster as it was.
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
         if let Some(why) = &self.failed {
             return Err(ClusterError::Unavailable(why.clone()));
         }
         let req = v1::StepRequest::from(plan);
-        let world = self.workers.len();
-        let request_bytes = req.encoded_len() * world;
+        let request_bytes = req.encoded_len() * self.workers.len();
         let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
+        let (answers, mut errors) = self.fan_out(req).instrument(span.clone()).await;
+        if !errors.is_empty() {
+            errors.sort_by_key(|(r, _)| *r);
+            // Every rank refused the step the same way: the request was bad, the cluster is fine.
+            if errors.len() == self.workers.len() && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
+                return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
+            }
+            let why = self.diagnose(&errors);
+            warn!(parent: &span, error = %why, "step failed");
+            self.failed = Some(why.clone());
+            return Err(ClusterError::WorkerLost(why));
+        }
+        let (outputs, response_bytes) = self.outputs(answers)?;
+        for o in &outputs {
+            debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
+        }
+        Ok(StepReply { outputs, request_bytes, response_bytes })
+    }
+}
+
+impl Cluster {
+    /// Sends `req` to every rank at once and gathers every answer. Once one rank has
+    /// failed, the others get one collective deadline (plus a margin) to report what they
+    /// saw; a rank that has not answered by then counts as failed too.
+    async fn fan_out(&self, req: v1::StepRequest) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
+        let world = self.workers.len();
         let mut pending: FuturesUnordered<_> = self
             .workers
             .iter()
@@ -338,65 +366,48 @@ impl Backend for Cluster {
             .collect();
         let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];
         let mut errors: Vec<(usize, Status)> = Vec::new();
-        // Look at every rank's answer. Once one has failed, the others get one collective
-        // deadline (plus a margin) to report what they saw, then count as failed too.
+        let waited = self.timeouts.comm + Duration::from_secs(1);
         let mut grace: Option<tokio::time::Instant> = None;
-        async {
-            loop {
-                let next = match grace {
-                    None => pending.next().await,
-                    Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
-                        Ok(n) => n,
-                        Err(_) => break,
-                    },
-                };
-                let Some((rank, r)) = next else { break };
-                match r {
-                    Ok(a) => answers[rank] = Some(a),
-                    Err(s) => {
-                        grace.get_or_insert_with(|| tokio::time::Instant::now() + self.timeouts.comm + Duration::from_secs(1));
-                        errors.push((rank, s));
-                    }
+        loop {
+            let next = match grace {
+                None => pending.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+            };
+            let Some((rank, r)) = next else { break };
+            match r {
+                Ok(a) => answers[rank] = Some(a),
+                Err(s) => {
+                    grace.get_or_insert_with(|| tokio::time::Instant::now() + waited);
+                    errors.push((rank, s));
                 }
             }
         }
-        .instrument(span.clone())
-        .await;
-        drop(pending);
         for (rank, a) in answers.iter().enumerate() {
             if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
-                let waited = self.timeouts.comm + Duration::from_secs(1);
                 errors.push((rank, Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?"))));
             }
         }
-        if !errors.is_empty() {
-            errors.sort_by_key(|(r, _)| *r);
-            // Every rank refused the step the same way: the request was bad, the cluster is fine.
-            if errors.len() == world && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
-                return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
-            }
-            let why = self.diagnose(&errors);
-            warn!(parent: &span, error = %why, "step failed");
-            self.failed = Some(why.clone());
-            return Err(ClusterError::WorkerLost(why));
-        }
-        let mut outputs = Vec::with_capacity(world);
+        (answers.into_iter().flatten().collect(), errors)
+    }
+
+    /// Every rank's answer checked and converted, in rank order, with their encoded size;
+    /// a malformed one fails the cluster.
+    fn outputs(&mut self, answers: Vec<v1::StepResponse>) -> Result<(Vec<StepOutput>, usize), ClusterError> {
+        let mut outputs = Vec::with_capacity(answers.len());
         let mut response_bytes = 0;
         for (rank, a) in answers.into_iter().enumerate() {
-            let a = a.expect("every rank answered");
             response_bytes += a.encoded_len();
-            let out = StepOutput::try_from(a).ok().filter(|o| o.rank == rank);
-            let Some(out) = out else {
+            let Some(out) = StepOutput::try_from(a).ok().filter(|o| o.rank == rank) else {
                 let why = format!("worker rank {rank} ({}) sent a malformed step answer; the cluster must be restarted", self.workers[rank].addr);
                 self.failed = Some(why.clone());
                 return Err(ClusterError::Protocol(why));
             };
             outputs.push(out);
         }
-        for o in &outputs {
-            debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
-        }
-        Ok(StepReply { outputs, request_bytes, response_bytes })
+        Ok((outputs, response_bytes))
     }
 }
 

@@ -13,6 +13,8 @@ use tpserve_types::plan::{ModelShape, Plan, RankShard};
 
 use tpserve_types::kv::{BlockId, KvLayout, KvSizing};
 
+use tracing::trace_span;
+
 use crate::attention::{flash_attention, AttnShape, AttnSpan};
 use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
 use tpserve_gguf::{GgmlDType, Gguf, GgufError};
@@ -323,14 +325,29 @@ impl Model {
     /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
     pub fn forward(&self, kv: &mut KvPool, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let cfg = &self.cfg;
-        let (hidden, hd) = (cfg.hidden, cfg.head_dim);
-        let q_dim = self.n_heads * hd;
-        let kv_dim = self.n_kv_heads * hd;
-        let ffn_local = self.layers.first().map_or(0, |l| l.gate.out_features());
-
         // Validate before touching any cache, so a bad request changes nothing.
-        for s in batch.iter() {
+        self.check(kv, batch)?;
+        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        if tokens.is_empty() {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
+        let positions: Vec<usize> = batch.iter().flat_map(|s| s.pos..s.pos + s.tokens.len()).collect();
+        let _span = trace_span!("forward", stage = self.shard.stage, tokens = tokens.len(), seqs = batch.len()).entered();
+        let mut x = self.input(&tokens)?;
+        let ropes = Ropes::new(&self.cfg, &positions);
+        let mut s = Scratch::new(self, tokens.len());
+        for (il, layer) in self.layers.iter().enumerate() {
+            let _span = trace_span!("layer", layer = self.shard.layers.start + il).entered();
+            self.attention(il, layer, &mut x, kv, batch, &ropes, &mut s)?;
+            self.feed_forward(layer, &mut x, &mut s)?;
+        }
+        self.output(&x, batch)
+    }
+
+    /// Why `batch` cannot run against `kv`, if it cannot.
+    fn check(&self, kv: &KvPool, batch: &[SeqChunk<'_>]) -> Result<(), ModelError> {
+        let cfg = &self.cfg;
+        for s in batch {
             let end = s.pos + s.tokens.len();
             kv.check(s.tables, s.pos, end).map_err(ModelError::Kv)?;
             if end > cfg.context_len {
@@ -343,102 +360,111 @@ impl Model {
                 return Err(ModelError::EmptySequence);
             }
         }
-        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let positions: Vec<usize> = batch.iter().flat_map(|s| s.pos..s.pos + s.tokens.len()).collect();
-        let n = tokens.len();
-        if n == 0 {
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
-        }
+        Ok(())
+    }
 
-        let mut x = vec![0f32; n * hidden];
+    /// The residual stream entering this stage: the scaled embeddings on the first stage,
+    /// the previous stage's hidden states on the others.
+    fn input(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let _span = trace_span!("input").entered();
+        let mut x = vec![0f32; tokens.len() * self.cfg.hidden];
         match (&self.embed, &self.pp_comm) {
             (Some(embed), _) => {
-                embed.embed(&tokens, &mut x, self.tp_comm.as_ref())?;
-                if cfg.embed_scale != 1.0 {
-                    crate::simd::scale(&mut x, cfg.embed_scale);
+                embed.embed(tokens, &mut x, self.tp_comm.as_ref())?;
+                if self.cfg.embed_scale != 1.0 {
+                    crate::simd::scale(&mut x, self.cfg.embed_scale);
                 }
             }
             (None, Some(pp)) => pp.recv(&mut x, self.shard.stage - 1)?,
             (None, None) => unreachable!("load_shard gives a later stage its pipeline collective"),
         }
+        Ok(x)
+    }
 
-        let rope_global = RopeTable::new(&positions, cfg.rope_dims, cfg.rope_base_global);
-        let rope_local = (cfg.rope_base_local != cfg.rope_base_global).then(|| RopeTable::new(&positions, cfg.rope_dims, cfg.rope_base_local));
-
-        let mut h = vec![0f32; n * hidden];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
-        let mut gate = vec![0f32; n * ffn_local];
-        let mut up = vec![0f32; n * ffn_local];
-        let shape = AttnShape { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: hd };
-
-        for (il, layer) in self.layers.iter().enumerate() {
-            let global_il = self.shard.layers.start + il;
-            // --- attention ---
-            layer.attn_norm.forward(&x, &mut h);
-            layer.q.forward(&h, n, &mut q);
-            layer.k.forward(&h, n, &mut k);
-            layer.v.forward(&h, n, &mut v);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                qn.forward_inplace(&mut q);
-                kn.forward_inplace(&mut k);
-            }
-            let rope = match (&rope_local, cfg.layer_is_local[global_il]) {
-                (Some(local), true) => local,
-                _ => &rope_global,
-            };
-            rope.apply(&mut q, hd, cfg.rope_style);
-            rope.apply(&mut k, hd, cfg.rope_style);
-            crate::simd::scale(&mut q, cfg.query_scale);
-
-            let group = kv.group(il);
-            let mut off = 0;
-            for s in batch.iter() {
-                let t = s.tokens.len();
-                let table = &s.tables[group];
-                kv.write(il, table, s.pos, &k[off * kv_dim..(off + t) * kv_dim], &v[off * kv_dim..(off + t) * kv_dim]);
-                let span = AttnSpan { q_pos0: s.pos, window: self.windows[il] };
-                flash_attention(&q[off * q_dim..(off + t) * q_dim], kv.view(il, table), shape, span, &mut attn[off * q_dim..(off + t) * q_dim]);
-                off += t;
-            }
-            layer.o.forward(&attn, n, &mut h, self.tp_comm.as_ref())?;
-            if let Some(pn) = &layer.post_attn_norm {
-                pn.forward_inplace(&mut h);
-            }
-            crate::simd::add_inplace(&mut x, &h);
-
-            // --- feed-forward ---
-            layer.ffn_norm.forward(&x, &mut h);
-            layer.gate.forward(&h, n, &mut gate);
-            layer.up.forward(&h, n, &mut up);
-            match cfg.activation {
-                Activation::GeluTanh => crate::simd::geglu(&mut gate, &up),
-                Activation::Silu => gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u),
-            }
-            layer.down.forward(&gate, n, &mut h, self.tp_comm.as_ref())?;
-            if let Some(pn) = &layer.post_ffn_norm {
-                pn.forward_inplace(&mut h);
-            }
-            crate::simd::add_inplace(&mut x, &h);
+    /// `x += PostNorm(Attn(Norm(x)))` for local layer `il`: q/k/v projections of this
+    /// rank's heads, q/k norms and RoPE, each sequence's keys and values written into its
+    /// blocks and attended over through its block table, and the row-parallel output
+    /// projection all-reduced over the stage.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, il: usize, layer: &Layer, x: &mut [f32], kv: &mut KvPool, batch: &[SeqChunk<'_>], ropes: &Ropes, s: &mut Scratch) -> Result<(), ModelError> {
+        let _span = trace_span!("attention").entered();
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        let (n, q_dim, kv_dim) = (s.n, self.n_heads * hd, self.n_kv_heads * hd);
+        layer.attn_norm.forward(x, &mut s.h);
+        layer.q.forward(&s.h, n, &mut s.q);
+        layer.k.forward(&s.h, n, &mut s.k);
+        layer.v.forward(&s.h, n, &mut s.v);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            qn.forward_inplace(&mut s.q);
+            kn.forward_inplace(&mut s.k);
         }
+        let rope = ropes.for_layer(cfg.layer_is_local[self.shard.layers.start + il]);
+        rope.apply(&mut s.q, hd, cfg.rope_style);
+        rope.apply(&mut s.k, hd, cfg.rope_style);
+        crate::simd::scale(&mut s.q, cfg.query_scale);
+
+        let shape = AttnShape { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: hd };
+        let group = kv.group(il);
+        let mut off = 0;
+        for seq in batch {
+            let t = seq.tokens.len();
+            let table = &seq.tables[group];
+            kv.write(il, table, seq.pos, &s.k[off * kv_dim..(off + t) * kv_dim], &s.v[off * kv_dim..(off + t) * kv_dim]);
+            let span = AttnSpan { q_pos0: seq.pos, window: self.windows[il] };
+            flash_attention(&s.q[off * q_dim..(off + t) * q_dim], kv.view(il, table), shape, span, &mut s.attn[off * q_dim..(off + t) * q_dim]);
+            off += t;
+        }
+        layer.o.forward(&s.attn, n, &mut s.h, self.tp_comm.as_ref())?;
+        if let Some(pn) = &layer.post_attn_norm {
+            pn.forward_inplace(&mut s.h);
+        }
+        crate::simd::add_inplace(x, &s.h);
+        Ok(())
+    }
+
+    /// `x += PostNorm(FFN(Norm(x)))`: the gated FFN over this rank's columns, the down
+    /// projection all-reduced over the stage.
+    fn feed_forward(&self, layer: &Layer, x: &mut [f32], s: &mut Scratch) -> Result<(), ModelError> {
+        let _span = trace_span!("ffn").entered();
+        let n = s.n;
+        layer.ffn_norm.forward(x, &mut s.h);
+        layer.gate.forward(&s.h, n, &mut s.gate);
+        layer.up.forward(&s.h, n, &mut s.up);
+        match self.cfg.activation {
+            Activation::GeluTanh => crate::simd::geglu(&mut s.gate, &s.up),
+            Activation::Silu => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = silu(*g) * u),
+        }
+        layer.down.forward(&s.gate, n, &mut s.h, self.tp_comm.as_ref())?;
+        if let Some(pn) = &layer.post_ffn_norm {
+            pn.forward_inplace(&mut s.h);
+        }
+        crate::simd::add_inplace(x, &s.h);
+        Ok(())
+    }
+
+    /// What leaves this stage: the hidden states to the next stage, or on the last stage
+    /// the logits of the rows each sequence asked for (final norm, then this rank's slice
+    /// of the output projection).
+    fn output(&self, x: &[f32], batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some((final_norm, head)) = &self.head else {
             let pp = self.pp_comm.as_ref().expect("a stage without the head has a next stage");
-            pp.send(&x, self.shard.stage + 1)?;
+            pp.send(x, self.shard.stage + 1)?;
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         };
-
-        // --- logits, only for the rows asked for ---
+        let _span = trace_span!("head").entered();
+        let hidden = self.cfg.hidden;
+        let rows_of = |s: &SeqChunk<'_>| match s.logits {
+            LogitsWanted::None => 0,
+            LogitsWanted::Last => 1,
+            LogitsWanted::All => s.tokens.len(),
+        };
+        // Only the rows asked for go through the (vocabulary-wide) projection.
         let mut rows: Vec<usize> = Vec::new();
         let mut off = 0;
-        for s in batch.iter() {
+        for s in batch {
             let t = s.tokens.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => rows.push(off + t - 1),
-                LogitsWanted::All => rows.extend(off..off + t),
-            }
+            rows.extend(off + t - rows_of(s)..off + t);
             off += t;
         }
         let mut sel = vec![0f32; rows.len() * hidden];
@@ -451,17 +477,13 @@ impl Model {
         if !rows.is_empty() {
             head.logits(&sel, rows.len(), &mut logits);
         }
-        if let Some(cap) = cfg.final_logit_softcap {
+        if let Some(cap) = self.cfg.final_logit_softcap {
             logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
         }
         let mut out = Vec::with_capacity(batch.len());
         let mut next = 0;
-        for s in batch.iter() {
-            let r = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
+        for s in batch {
+            let r = rows_of(s);
             out.push(logits[next * vocab_local..(next + r) * vocab_local].to_vec());
             next += r;
         }
@@ -469,6 +491,59 @@ impl Model {
     }
 }
 
+/// The activations of one forward pass, allocated once and reused by every layer.
+struct Scratch {
+    /// Tokens in the batch.
+    n: usize,
+    /// The normed input of a sublayer, then its output.
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(m: &Model, n: usize) -> Self {
+        let hd = m.cfg.head_dim;
+        let ffn_local = m.layers.first().map_or(0, |l| l.gate.out_features());
+        let (q_dim, kv_dim) = (m.n_heads * hd, m.n_kv_heads * hd);
+        Self {
+            n,
+            h: vec![0f32; n * m.cfg.hidden],
+            q: vec![0f32; n * q_dim],
+            k: vec![0f32; n * kv_dim],
+            v: vec![0f32; n * kv_dim],
+            attn: vec![0f32; n * q_dim],
+            gate: vec![0f32; n * ffn_local],
+            up: vec![0f32; n * ffn_local],
+        }
+    }
+}
+
+/// The RoPE tables of one forward pass: global layers' base, and the local layers' when it
+/// differs (Gemma 3).
+struct Ropes {
+    global: RopeTable,
+    local: Option<RopeTable>,
+}
+
+impl Ropes {
+    fn new(cfg: &ModelConfig, positions: &[usize]) -> Self {
+        let global = RopeTable::new(positions, cfg.rope_dims, cfg.rope_base_global);
+        let local = (cfg.rope_base_local != cfg.rope_base_global).then(|| RopeTable::new(positions, cfg.rope_dims, cfg.rope_base_local));
+        Self { global, local }
+    }
+
+    fn for_layer(&self, is_local: bool) -> &RopeTable {
+        match (&self.local, is_local) {
+            (Some(local), true) => local,
+            _ => &self.global,
+        }
+    }
+}
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())

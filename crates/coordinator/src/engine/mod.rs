@@ -559,3 +559,6 @@ impl<'t, B: Backend> Engine<'t, B> {
         metrics::counter!("tpserve_prefix_cache_hits_total").absolute(st.prefix_hits);
     }
 }
+
+#[cfg(test)]
+mod tests;
