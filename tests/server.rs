@@ -23,6 +23,8 @@ struct Http {
 struct Server {
     p: Proc,
     http: Http,
+    /// The `ready:` line it printed.
+    ready: String,
 }
 
 impl std::ops::Deref for Server {
@@ -39,8 +41,8 @@ fn serve(model: &Path, tp: usize, extra: &[&str]) -> Server {
     let mut p = Proc::spawn(cmd);
     let line = p.wait_stderr("serving ");
     let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("a URL").trim_end_matches("/v1").to_string();
-    p.wait_stderr("ready:");
-    Server { p, http: Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() } }
+    let ready = p.wait_stderr("ready:");
+    Server { p, http: Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() }, ready }
 }
 
 impl Http {
@@ -176,6 +178,8 @@ fn health_ready_models_metrics_and_the_api_key() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
     let s = serve(&m, 2, &["--api-key", "sesame", "--served-model-name", "tiny"]);
+    // The start-up hint shows how to send the key, and never the key itself.
+    assert!(s.ready.contains("Authorization: Bearer $TPSERVE_API_KEY") && !s.ready.contains("sesame"), "{}", s.ready);
     assert_eq!(s.get("/health").0, 200);
     assert_eq!(s.get("/ready").0, 200);
     let (code, v) = s.post_raw("/v1/completions", &completion("a", 4).to_string(), None);

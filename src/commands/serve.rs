@@ -60,7 +60,11 @@ pub async fn serve_http<B: Backend>(
     let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len, vocab: cfg.vocab };
     let opts = tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
     eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
-    let on_ready = move || eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'");
+    // The key itself never goes into a log: the hint reads it from the environment.
+    let auth = if args.api_key.is_some() { " -H \"Authorization: Bearer $TPSERVE_API_KEY\"" } else { "" };
+    let on_ready = move || {
+        eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json'{auth} -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'")
+    };
     let shutdown = async {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
