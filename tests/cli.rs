@@ -1,14 +1,13 @@
 //! End-to-end tests of the `tpserve` binary: `tokenize`, `generate` and `model info` run as
 //! child processes on tiny random-weight GGUF models written by the tests themselves, with
 //! `TPSERVE_HOME` pointed at a temporary folder so nothing touches the user's cache. Every
-//! child is killed if it runs past [`CHILD_TIMEOUT`], so a hang fails a test instead of
+//! child is killed if it runs past [`common::DEADLINE`], so a hang fails a test instead of
 //! blocking the suite (the timeout is a guard, never an assertion about speed).
 
-use std::io::{Read, Write};
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -16,8 +15,8 @@ use tpserve_gguf::{Gguf, GgufWriter, Value as GgufValue};
 use tpserve_model::testing::{tiny_gguf, TinySpec};
 use tpserve_tokenizer::Tokenizer;
 
-/// How long one child may run before it is killed and the test fails.
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+use common::{bin, run_to_end, Output};
+
 /// Token ids of the tiny vocabulary's specials (see `tpserve_model::testing::tiny_vocab`).
 const BOS: u64 = 2;
 const START_OF_TURN: u64 = 4;
@@ -128,34 +127,8 @@ impl Env {
     }
 }
 
-/// What a finished child printed.
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn assert_success(&self) {
-        assert_eq!(self.code, Some(0), "tpserve failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-    }
-
-    /// A clean failure: non-zero exit, no panic, and one `error: ...` line that contains every
-    /// one of `needles`.
-    fn assert_clean_error(&self, needles: &[&str]) {
-        assert!(self.code.is_some_and(|c| c != 0), "expected a failure, got exit {:?}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
-        assert!(!self.stderr.contains("panicked"), "tpserve panicked:\n{}", self.stderr);
-        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{}", self.stderr);
-        assert!(lines[0].starts_with("error: "), "stderr does not start with `error: `:\n{}", self.stderr);
-        for n in needles {
-            assert!(lines[0].contains(n), "the error does not mention {n:?}:\n{}", self.stderr);
-        }
-    }
-}
-
 /// Runs the binary with a clean environment (`TPSERVE_HOME` = `home`, none of the other
-/// `TPSERVE_*` variables), feeding it `stdin`, killing it after [`CHILD_TIMEOUT`].
+/// `TPSERVE_*` variables), feeding it `stdin`, killing it after [`common::DEADLINE`].
 fn tpserve(home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     run_child(home, args, stdin, false, &[])
 }
@@ -167,59 +140,10 @@ fn tpserve_with_stdout_closed(home: &Path, args: &[&str]) -> Output {
 }
 
 fn run_child(home: &Path, args: &[&str], stdin: Option<&str>, close_stdout: bool, envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tpserve"));
-    cmd.args(args)
-        .env("TPSERVE_HOME", home)
-        .env_remove("TPSERVE_MODEL")
-        .env_remove("TPSERVE_THREADS")
-        .env_remove("TPSERVE_MAX_TOKENS")
-        .env_remove("RUST_LOG")
-        .env_remove("RUST_BACKTRACE")
-        // The caller's variables last, so they may set what is cleared above.
-        .envs(envs.iter().copied())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn tpserve");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-        // Dropping the pipe closes it, so the child sees end-of-file.
-    }
-    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let stdout = child.stdout.take().expect("piped stdout");
-    let out_thread = if close_stdout {
-        drop(stdout);
-        std::thread::spawn(String::new)
-    } else {
-        drain(Box::new(stdout))
-    };
-    let err_thread = drain(Box::new(child.stderr.take().expect("piped stderr")));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll tpserve") {
-            break status;
-        }
-        if start.elapsed() > CHILD_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err_thread.join().unwrap_or_default();
-            panic!("tpserve {args:?} did not finish within {CHILD_TIMEOUT:?}; killed it. stderr:\n{stderr}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        code: status.code(),
-        stdout: out_thread.join().expect("stdout reader"),
-        stderr: err_thread.join().expect("stderr reader"),
-    }
+    let mut cmd = bin();
+    // The caller's variables after bin()'s clean-up, so they may set what it cleared.
+    cmd.args(args).env("TPSERVE_HOME", home).envs(envs.iter().copied());
+    run_to_end(cmd, stdin, close_stdout)
 }
 
 /// A JSON array of token ids.

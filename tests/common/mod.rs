@@ -3,7 +3,7 @@
 //! dropped), and tiny models written to a temporary directory.
 #![allow(dead_code, unused_imports)] // each test binary uses its own part of it
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -17,12 +17,81 @@ use tpserve_model::testing::{tiny_gguf, TinySpec};
 /// Longest wait for any one answer or process exit.
 pub const DEADLINE: Duration = Duration::from_secs(120);
 
+/// The binary, with none of the environment variables that would change what it does.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
-    for v in ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "RUST_LOG", "TPSERVE_WORKERS", "TPSERVE_JOIN"] {
+    for v in ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "TPSERVE_MAX_TOKENS", "TPSERVE_WORKERS", "TPSERVE_JOIN", "RUST_LOG", "RUST_BACKTRACE"] {
         c.env_remove(v);
     }
     c
+}
+
+/// What a finished child printed.
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn assert_success(&self) {
+        assert_eq!(self.code, Some(0), "tpserve failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+    }
+
+    /// A clean failure: non-zero exit, no panic, and one `error: ...` line that contains every
+    /// one of `needles`.
+    pub fn assert_clean_error(&self, needles: &[&str]) {
+        assert!(self.code.is_some_and(|c| c != 0), "expected a failure, got exit {:?}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        assert!(!self.stderr.contains("panicked"), "tpserve panicked:\n{}", self.stderr);
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{}", self.stderr);
+        assert!(lines[0].starts_with("error: "), "stderr does not start with `error: `:\n{}", self.stderr);
+        for n in needles {
+            assert!(lines[0].contains(n), "the error does not mention {n:?}:\n{}", self.stderr);
+        }
+    }
+}
+
+/// Runs `cmd` to its end, feeding it `stdin` (else no input); with `close_stdout` the read end
+/// of its stdout is closed at once, as `cmd | head -0` would. Killed after [`DEADLINE`].
+pub fn run_to_end(mut cmd: Command, stdin: Option<&str>, close_stdout: bool) -> Output {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn tpserve");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+        // Dropping the pipe closes it, so the child sees end-of-file.
+    }
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = child.stdout.take().expect("piped stdout");
+    let out_thread = if close_stdout {
+        drop(stdout);
+        std::thread::spawn(String::new)
+    } else {
+        drain(Box::new(stdout))
+    };
+    let err_thread = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll tpserve") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_thread.join().unwrap_or_default();
+            panic!("tpserve {:?} did not finish within {DEADLINE:?}; killed it. stderr:\n{stderr}", cmd.get_args().collect::<Vec<_>>());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { code: status.code(), stdout: out_thread.join().expect("stdout reader"), stderr: err_thread.join().expect("stderr reader") }
 }
 
 /// A running process whose stdout lines and stderr lines arrive on channels.

@@ -112,6 +112,31 @@ impl ModelConfig {
                 return Err(ConfigError::Invalid(format!("{what} {v} is out of range (1..={MAX_DIM})")));
             }
         }
+        // What the two families share; Llama's choices where they differ.
+        let base = ModelConfig {
+            arch,
+            n_layers,
+            hidden,
+            ffn,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab,
+            rms_eps,
+            context_len,
+            rope_style: RopeStyle::Interleaved,
+            rope_dims,
+            rope_base_global: 10_000.0,
+            rope_base_local: 10_000.0,
+            sliding_window: None,
+            layer_is_local: vec![false; n_layers],
+            embed_scale: 1.0,
+            query_scale: 1.0 / (head_dim as f32).sqrt(),
+            qk_norm: false,
+            post_norms: false,
+            activation: Activation::Silu,
+            final_logit_softcap: None,
+        };
         let cfg = match arch {
             Arch::Gemma3 => {
                 let window = g.get_u64(&key("attention.sliding_window")).map(|v| v as usize).ok();
@@ -120,63 +145,22 @@ impl ModelConfig {
                 }
                 // llama.cpp (and the reference implementation) fix these for Gemma 3: every
                 // 6th layer is global, local layers use RoPE base 10,000.
-                let layer_is_local = (0..n_layers).map(|il| window.is_some() && il % 6 != 5).collect();
-                let rope_base_global = g.get_f64(&key("rope.freq_base")).unwrap_or(1_000_000.0) as f32;
                 ModelConfig {
-                    arch,
-                    n_layers,
-                    hidden,
-                    ffn,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    vocab,
-                    rms_eps,
-                    context_len,
                     rope_style: RopeStyle::Neox,
-                    rope_dims,
-                    rope_base_global,
-                    rope_base_local: 10_000.0,
+                    rope_base_global: g.get_f64(&key("rope.freq_base")).unwrap_or(1_000_000.0) as f32,
                     sliding_window: window,
-                    layer_is_local,
+                    layer_is_local: (0..n_layers).map(|il| window.is_some() && il % 6 != 5).collect(),
                     embed_scale: (hidden as f32).sqrt(),
-                    query_scale: 1.0 / (head_dim as f32).sqrt(),
                     qk_norm: true,
                     post_norms: true,
                     activation: Activation::GeluTanh,
-                    final_logit_softcap: g
-                        .get_f64(&key("final_logit_softcapping"))
-                        .ok()
-                        .map(|v| v as f32)
-                        .filter(|v| *v > 0.0),
+                    final_logit_softcap: g.get_f64(&key("final_logit_softcapping")).ok().map(|v| v as f32).filter(|v| *v > 0.0),
+                    ..base
                 }
             }
             Arch::Llama => {
-                let base = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32;
-                ModelConfig {
-                    arch,
-                    n_layers,
-                    hidden,
-                    ffn,
-                    n_heads,
-                    n_kv_heads,
-                    head_dim,
-                    vocab,
-                    rms_eps,
-                    context_len,
-                    rope_style: RopeStyle::Interleaved,
-                    rope_dims,
-                    rope_base_global: base,
-                    rope_base_local: base,
-                    sliding_window: None,
-                    layer_is_local: vec![false; n_layers],
-                    embed_scale: 1.0,
-                    query_scale: 1.0 / (head_dim as f32).sqrt(),
-                    qk_norm: false,
-                    post_norms: false,
-                    activation: Activation::Silu,
-                    final_logit_softcap: None,
-                }
+                let rope_base = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32;
+                ModelConfig { rope_base_global: rope_base, rope_base_local: rope_base, ..base }
             }
         };
         cfg.check()?;

@@ -411,17 +411,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [GgmlDType; 9] = [
-        GgmlDType::F32,
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q5_0,
-        GgmlDType::Q4_K,
-        GgmlDType::Q5_K,
-        GgmlDType::Q6_K,
-    ];
+    use crate::quant::SUPPORTED as TYPES;
 
     /// Largest round-trip error allowed, as a fraction of the block's largest magnitude.
     fn tolerance(dtype: GgmlDType) -> f32 {

@@ -10,17 +10,7 @@ use super::act::{dequantize_q8_0, dequantize_q8_k, quantize_row_q8_0, quantize_r
 use super::kernels::{avx2_available, select, Isa, Kernel};
 use super::*;
 
-const TYPES: [GgmlDType; 9] = [
-    GgmlDType::F32,
-    GgmlDType::F16,
-    GgmlDType::BF16,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::Q5_0,
-    GgmlDType::Q4_K,
-    GgmlDType::Q5_K,
-    GgmlDType::Q6_K,
-];
+use crate::quant::SUPPORTED as TYPES;
 
 /// The kernel sets this machine can run.
 fn isas() -> Vec<Isa> {
