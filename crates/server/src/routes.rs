@@ -180,7 +180,8 @@ async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Resul
     let (ids, text) = match r.prompt()? {
         Prompt::Text(t) => (tok.encode(&t, true, true), t),
         Prompt::Ids(ids) => {
-            let t = ids.iter().all(|&i| (i as usize) < state.limits.vocab).then(|| tok.decode(&ids)).unwrap_or_default();
+            // Ids outside the vocabulary are refused by the request builder below.
+            let t = if ids.iter().all(|&i| (i as usize) < state.limits.vocab) { tok.decode(&ids) } else { String::new() };
             (ids, t)
         }
     };
