@@ -77,6 +77,23 @@ impl Http {
         }
     }
 
+    /// POSTs `body` (or GETs, without one) and returns the status, the `Content-Type` and
+    /// the body as JSON (as a JSON string when it is not JSON).
+    fn exchange(&self, path: &str, body: Option<&str>) -> (u16, Option<String>, Value) {
+        let url = format!("{}{path}", self.url);
+        let r = match body {
+            Some(b) => self.agent.post(&url).set("Content-Type", "application/json").send_string(b),
+            None => self.agent.get(&url).call(),
+        };
+        let resp = match r {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let (code, content_type) = (resp.status(), resp.header("content-type").map(str::to_string));
+        let text = resp.into_string().unwrap();
+        (code, content_type, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
     fn metric(&self, name: &str) -> f64 {
         metric(&self.get("/metrics").1, name)
     }
@@ -425,7 +442,7 @@ fn presence_and_frequency_penalties_break_greedy_repetition() {
 fn a_repeated_long_system_prompt_hits_the_prefix_cache_and_starts_sooner() {
     let Some(m) = default_model() else { return };
     let s = serve(&m, 2, &[]);
-    let wiki = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2-raw-test.txt")).unwrap();
+    let wiki = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/wikitext-2-raw-test.txt")).unwrap();
     let system: String = wiki.chars().skip(200).take(3000).collect();
     let chat = |q: &str| json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "max_tokens": 8, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     // Time to the first content chunk, the text, and the usage.
@@ -513,4 +530,183 @@ fn the_official_openai_client_gets_the_exact_greedy_text_streaming_and_not() {
     assert!(v["echo_text"].as_str().unwrap().starts_with(prompt));
     let lps = v["echo_token_logprobs"].as_array().unwrap();
     assert!(lps[0].is_null() && lps[1..].iter().all(|l| l.as_f64().is_some_and(|x| x <= 0.0)), "{lps:?}");
+}
+
+// ---- OpenAI's published schemas ----
+
+/// The schemas of OpenAI's OpenAPI spec that tpserve's answers must match
+/// (`tests/data/openai/schemas.json`, see its README): one document whose `$defs` every
+/// `$ref` resolves in.
+#[derive(Clone)]
+struct Schemas(Value);
+
+impl Schemas {
+    fn load() -> Schemas {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/openai/schemas.json");
+        Schemas(serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap())
+    }
+
+    /// A draft 2020-12 validator for the schema `$defs/name`.
+    fn validator(&self, name: &str) -> jsonschema::Validator {
+        let root = json!({"$schema": "https://json-schema.org/draft/2020-12/schema", "$defs": self.0["$defs"], "$ref": format!("#/$defs/{name}")});
+        jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("the schema {name} does not compile: {e}"))
+    }
+
+    /// These schemas with the one at `pointer` (under `$defs`) replaced by `f` of it.
+    fn patch(mut self, pointer: &str, f: impl FnOnce(Value) -> Value) -> Schemas {
+        let at = self.0.pointer_mut(&format!("/$defs{pointer}")).unwrap_or_else(|| panic!("the spec has no {pointer}: move or drop the patch"));
+        *at = f(at.take());
+        self
+    }
+}
+
+/// `schema`, or null.
+fn or_null(schema: Value) -> Value {
+    json!({"anyOf": [schema, {"type": "null"}]})
+}
+
+/// Every way `instance` breaks `v`'s schema, one line each; none when it is valid.
+fn violations(v: &jsonschema::Validator, instance: &Value) -> Vec<String> {
+    v.iter_errors(instance).map(|e| format!("at {:?} (schema {}): {e}", e.instance_path().to_string(), e.schema_path())).collect()
+}
+
+/// `base` with the keys of `extra` added.
+fn with(base: &Value, extra: Value) -> Value {
+    let mut b = base.clone();
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+#[test]
+fn every_answer_matches_the_schemas_of_openais_openapi_spec() {
+    let spec = Schemas::load();
+    // Where OpenAI's API itself answers otherwise than its spec says, the schema is patched
+    // here, narrowly; the end of the test shows each patch is needed.
+    let choice = "/CreateCompletionResponse/properties/choices/items/properties";
+    // With `echo` and `logprobs` the prompt's first token has no log-probability: OpenAI
+    // answers null in `token_logprobs` and `top_logprobs` there (lm-eval skips it), which
+    // the spec's items do not allow. Only the first entry may be null.
+    let first_may_be_null = |mut s: Value| {
+        s["prefixItems"] = json!([or_null(s["items"].clone())]);
+        s
+    };
+    let completion_spec = spec
+        .clone()
+        .patch(&format!("{choice}/logprobs/anyOf/0/properties/token_logprobs"), first_may_be_null)
+        .patch(&format!("{choice}/logprobs/anyOf/0/properties/top_logprobs"), first_may_be_null);
+    // The spec has no stream schema for legacy completions: a chunk is a
+    // CreateCompletionResponse ("the streamed and non-streamed response objects share the
+    // same shape"), yet every chunk before the last has `"finish_reason": null`, as OpenAI
+    // sends, and with `stream_options.include_usage` every chunk but the usage one has
+    // `"usage": null`, as the spec's own ChatCompletionStreamOptions (which the completions
+    // request uses) says.
+    let completion_chunk_spec = completion_spec.clone().patch(&format!("{choice}/finish_reason"), or_null).patch("/CreateCompletionResponse/properties/usage", or_null);
+    let validators = [
+        ("completion", completion_spec.validator("CreateCompletionResponse")),
+        ("completion chunk", completion_chunk_spec.validator("CreateCompletionResponse")),
+        ("chat", spec.validator("CreateChatCompletionResponse")),
+        ("chat chunk", spec.validator("CreateChatCompletionStreamResponse")),
+        ("model list", spec.validator("ListModelsResponse")),
+        ("model", spec.validator("Model")),
+        ("error", spec.validator("ErrorResponse")),
+    ];
+    let validator = |name: &str| &validators.iter().find(|v| v.0 == name).unwrap().1;
+
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let s = serve(&m, 2, &[]);
+    // A JSON answer, checked for its status and Content-Type.
+    let ask = |what: &str, path: &str, body: Option<&str>, status: u16| {
+        let (code, content_type, v) = s.exchange(path, body);
+        assert_eq!(code, status, "{what}: {v}");
+        assert_eq!(content_type.as_deref(), Some("application/json"), "the Content-Type of {what}: {v}");
+        v
+    };
+    // (what was asked, the schema its answer must match, the answer)
+    let mut answers: Vec<(String, &str, Value)> = Vec::new();
+    let comp = completion("a b c", 4);
+    for body in [comp.clone(), with(&comp, json!({"logprobs": 2})), with(&comp, json!({"echo": true, "logprobs": 1}))] {
+        let what = format!("POST /v1/completions {body}");
+        answers.push((what.clone(), "completion", ask(&what, "/v1/completions", Some(&body.to_string()), 200)));
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "a b"}], "max_tokens": 4, "temperature": 0, "ignore_eos": true});
+    for body in [chat.clone(), with(&chat, json!({"logprobs": true, "top_logprobs": 2}))] {
+        let what = format!("POST /v1/chat/completions {body}");
+        answers.push((what.clone(), "chat", ask(&what, "/v1/chat/completions", Some(&body.to_string()), 200)));
+    }
+    let usage = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let streams = [
+        ("/v1/chat/completions", with(&chat, json!({"stream": true})), "chat chunk"),
+        ("/v1/chat/completions", with(&with(&chat, usage.clone()), json!({"logprobs": true, "top_logprobs": 1})), "chat chunk"),
+        ("/v1/completions", with(&comp, json!({"stream": true})), "completion chunk"),
+        ("/v1/completions", with(&with(&comp, usage), json!({"echo": true, "logprobs": 1})), "completion chunk"),
+    ];
+    for (path, body, schema) in streams {
+        let chunks = s.stream(path, &body, usize::MAX);
+        // Besides one chunk per token (4): a first or echo chunk, the finish, the usage.
+        let with_usage = body["stream_options"]["include_usage"] == true;
+        assert!(chunks.len() > 4 + usize::from(with_usage), "POST {path} {body}: {chunks:?}");
+        let last = chunks.last().unwrap();
+        assert!(!with_usage || (last["choices"] == json!([]) && last["usage"]["completion_tokens"] == 4), "POST {path} {body}: the last chunk {last}");
+        answers.extend(chunks.into_iter().enumerate().map(|(i, c)| (format!("chunk {i} of POST {path} {body}"), schema, c)));
+    }
+    let list = ask("GET /v1/models", "/v1/models", None, 200);
+    let id = list["data"][0]["id"].as_str().expect("a model id").to_string();
+    answers.push(("GET /v1/models".into(), "model list", list.clone()));
+    let what = format!("GET /v1/models/{id}");
+    answers.push((what.clone(), "model", ask(&what, &format!("/v1/models/{id}"), None, 200)));
+    let unknown = ask("GET /v1/models/gpt-9", "/v1/models/gpt-9", None, 404);
+    assert_eq!(unknown["error"]["code"], "model_not_found", "{unknown}");
+    answers.push(("GET /v1/models/gpt-9".into(), "error", unknown));
+    let bad: [(&str, Option<String>, u16); 7] = [
+        ("/v1/completions", Some("{\"prompt\": ".into()), 400),
+        ("/v1/completions", Some(json!({"prompt": "a", "temperature": 5}).to_string()), 400),
+        ("/v1/completions", Some(json!({"prompt": "a", "model": "gpt-9"}).to_string()), 404),
+        ("/v1/chat/completions", Some(json!({"messages": []}).to_string()), 400),
+        ("/v1/nothing", Some("{}".into()), 404),
+        // The wrong method: OpenAI answers 405 with its error body.
+        ("/v1/chat/completions", None, 405),
+        // One byte over the server's limit (2 MiB); just one, so that the server reads it
+        // all and the answer is not lost to a reset connection.
+        ("/v1/completions", Some(format!("{{\"prompt\": \"{}\"}}", "a".repeat((2 << 20) + 1 - 14))), 413),
+    ];
+    for (path, body, status) in bad {
+        let what = match &body {
+            Some(b) => format!("POST {path} {}", b.chars().take(60).collect::<String>()),
+            None => format!("GET {path}"),
+        };
+        answers.push((what.clone(), "error", ask(&what, path, body.as_deref(), status)));
+    }
+
+    let failures: Vec<String> = answers
+        .iter()
+        .filter_map(|(what, schema, v)| {
+            let broken = violations(validator(schema), v);
+            (!broken.is_empty()).then(|| format!("{what}\n  answered {v}\n  breaks {schema}:\n    {}", broken.join("\n    ")))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{} of {} answers break OpenAI's schemas:\n{}", failures.len(), answers.len(), failures.join("\n"));
+
+    // The validator validates: a chat answer without the `refusal` OpenAI requires, or with
+    // a number for its text, is rejected.
+    let chat_answer = &answers.iter().find(|a| a.1 == "chat").unwrap().2;
+    let mut no_refusal = chat_answer.clone();
+    no_refusal["choices"][0]["message"].as_object_mut().unwrap().remove("refusal");
+    let mut numeric = chat_answer.clone();
+    numeric["choices"][0]["message"]["content"] = json!(7);
+    for broken in [no_refusal, numeric] {
+        assert!(!violations(validator("chat"), &broken).is_empty(), "a broken chat answer passed: {broken}");
+    }
+    // Each patch is needed: without it, a real answer is rejected.
+    let find = |f: &dyn Fn(&(String, &str, Value)) -> bool| &answers.iter().find(|a| f(a)).expect("such an answer").2;
+    let echoed = find(&|a| a.1 == "completion" && a.0.contains("\"echo\":true"));
+    let before_last = find(&|a| a.1 == "completion chunk" && a.2["choices"][0]["finish_reason"].is_null() && a.2.get("usage").is_none());
+    let finish_with_null_usage = find(&|a| a.1 == "completion chunk" && a.2["choices"][0]["finish_reason"].is_string() && a.2.get("usage") == Some(&Value::Null));
+    for (what, v, without) in [
+        ("an echoed prompt's null first log-probability", echoed, spec.validator("CreateCompletionResponse")),
+        ("a chunk's null finish_reason", before_last, completion_spec.validator("CreateCompletionResponse")),
+        ("a chunk's null usage", finish_with_null_usage, completion_spec.validator("CreateCompletionResponse")),
+    ] {
+        assert!(!violations(&without, v).is_empty(), "the spec accepts {what} as it is: drop its patch; {v}");
+    }
 }

@@ -1,6 +1,7 @@
 //! OpenAI-style errors: an HTTP status and `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::rejection::BytesRejection;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -76,6 +77,21 @@ impl ApiError {
 
     pub fn not_found(path: &str) -> Self {
         Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
+    }
+
+    /// 405: a route asked with the wrong method (OpenAI answers its error body, not an empty one).
+    pub fn method_not_allowed(method: &Method, path: &str) -> Self {
+        Self { status: StatusCode::METHOD_NOT_ALLOWED, message: format!("Invalid method for URL ({method} {path})"), kind: "invalid_request_error", param: None, code: None }
+    }
+
+    /// The body could not be read: 413 over `limit` bytes, else 400.
+    pub fn unreadable_body(e: &BytesRejection, limit: usize) -> Self {
+        let message = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is over the server's limit of {limit} bytes: send a shorter prompt")
+        } else {
+            format!("cannot read the request body: {}", e.body_text())
+        };
+        Self { status: e.status(), message, kind: "invalid_request_error", param: None, code: None }
     }
 
     /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.

@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +32,12 @@ use crate::AppState;
 
 type St = State<Arc<AppState>>;
 
+/// The largest request body read, in bytes (axum's default, stated so that the 413 can say it).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// A request body, or why it could not be read.
+type Body = Result<Bytes, BytesRejection>;
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -41,6 +48,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move { ApiError::method_not_allowed(&method, uri.path()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -98,8 +107,9 @@ async fn model(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> 
     Ok(Json(model_card(&state)))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
+fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::unreadable_body(&e, MAX_BODY_BYTES))?;
+    serde_json::from_slice(&body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() { "the body is not valid JSON" } else { "the request does not have the expected fields" };
         ApiError::invalid(None, format!("{what}: {e}"))
     })
@@ -136,7 +146,9 @@ impl CompletionLogprobsBuilder {
         self.lp.text_offset.push(self.offset);
         self.offset += text.len();
         self.lp.tokens.push(text);
-        self.lp.token_logprobs.push(lp.and_then(|l| l.logprob));
+        // Null only where there is no prediction (an echoed prompt's first token), as OpenAI
+        // answers; a token outside the reported candidates gets the floor, as in chat.
+        self.lp.token_logprobs.push(lp.map(|l| l.logprob.unwrap_or(LOGPROB_FLOOR)));
         self.lp.top_logprobs.push(lp.map(|l| l.top.iter().map(|&(t, v)| (token_text(state, t), v)).collect::<BTreeMap<_, _>>()));
     }
 
@@ -172,9 +184,9 @@ async fn collect(mut rx: UnboundedReceiver<Event>, mut on_event: impl FnMut(Even
     Err(ApiError::unavailable("the engine stopped before the request finished"))
 }
 
-async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(State(state): St, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     auth(&state, &headers)?;
-    let r: CompletionRequest = parse(&body)?;
+    let r: CompletionRequest = parse(body)?;
     check_model(&state, &r.common)?;
     let tok = &state.model.tokenizer;
     let (ids, text) = match r.prompt()? {
@@ -214,9 +226,9 @@ async fn completions(State(state): St, headers: HeaderMap, body: Bytes) -> Resul
     Ok(Json(Completion { head, choices: vec![choice], usage: ChunkUsage::Usage(Usage::from(&s)) }).into_response())
 }
 
-async fn chat_completions(State(state): St, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(State(state): St, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     auth(&state, &headers)?;
-    let r: ChatRequest = parse(&body)?;
+    let r: ChatRequest = parse(body)?;
     check_model(&state, &r.common)?;
     if r.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages is empty"));
