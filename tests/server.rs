@@ -484,7 +484,7 @@ fn presence_and_frequency_penalties_break_greedy_repetition() {
 fn a_repeated_long_system_prompt_hits_the_prefix_cache_and_starts_sooner() {
     let Some(m) = default_model() else { return };
     let s = serve(&m, 2, &[]);
-    let wiki = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2-raw-test.txt")).unwrap();
+    let wiki = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/wikitext-2-raw-test.txt")).unwrap();
     let system: String = wiki.chars().skip(200).take(3000).collect();
     let chat = |q: &str| json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "max_tokens": 8, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     // Time to the first content chunk, the text, and the usage.
