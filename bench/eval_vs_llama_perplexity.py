@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--tpserve", default=default_tpserve())
     ap.add_argument("--llama-perplexity", dest="llama", default=None)
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/tpserve/models/gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--file", default=os.path.join(HERE, "../../shared/data/wikitext-2-raw-test.txt"))
+    ap.add_argument("--file", default=os.path.join(HERE, "../tests/data/wikitext-2-raw-test.txt"))
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)

@@ -294,7 +294,7 @@ def main():
     ap.add_argument("--llama-server", help="the llama-server binary (default: found in ~/llama-venv, see above)")
     ap.add_argument("--llama-args", default="", help='extra flags for llama-server, one string: --llama-args="--no-webui" (with "=")')
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/tpserve/models/gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--text", default=os.path.join(HERE, "../../shared/data/wikitext-2-raw-test.txt"))
+    ap.add_argument("--text", default=os.path.join(HERE, "../tests/data/wikitext-2-raw-test.txt"))
     ap.add_argument("--prompt-tokens", type=int, default=106)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients")

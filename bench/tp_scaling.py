@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--tpserve", default="target/release/tpserve")
     ap.add_argument("--python", help="python of a venv with llama-cpp-python, to run llama.cpp beside")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/tpserve/models/gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "../../shared/data/wikitext-2-raw-test.txt"))
+    ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "../tests/data/wikitext-2-raw-test.txt"))
     ap.add_argument("--prompt-chars", type=int, default=500)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -33,7 +33,7 @@ enum Command {
     /// Start a coordinator and tp x pp local workers on loopback with one command.
     Up(commands::coordinator::UpArgs),
     /// Load-test any OpenAI-compatible server (vLLM bench serve's metrics).
-    Bench(commands::bench::BenchArgs),
+    Bench(Box<commands::bench::BenchArgs>),
     /// Measure the accuracy of what the cluster serves (perplexity, KL divergence).
     Eval {
         #[command(subcommand)]
@@ -85,7 +85,7 @@ fn main() {
         Command::Coordinator(args) => commands::coordinator::run_coordinator(args),
         Command::Up(args) => commands::coordinator::run_up(args),
         Command::Eval { command } => commands::eval::run(command),
-        Command::Bench(args) => commands::bench::run(args),
+        Command::Bench(args) => commands::bench::run(*args),
     };
     if let Err(e) = result {
         // A closed stdout (`tpserve model info | head`) means the reader has seen enough.

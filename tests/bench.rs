@@ -16,6 +16,12 @@ use common::*;
 /// after `first_ms` and the others `gap_ms` apart, then usage and `[DONE]`; every third
 /// request gets a 429 instead. Returns its base URL.
 fn fake_server(first_ms: u64, gap_ms: u64, chunks: usize) -> String {
+    fake_server_with(first_ms, gap_ms, Some(chunks), true)
+}
+
+/// [`fake_server`] with a choice: `chunks` None streams one chunk per token of the request's
+/// `max_tokens`; `refuse_thirds` false answers every request.
+fn fake_server_with(first_ms: u64, gap_ms: u64, chunks: Option<usize>, refuse_thirds: bool) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -36,7 +42,8 @@ fn fake_server(first_ms: u64, gap_ms: u64, chunks: usize) -> String {
                 }
                 let mut body = vec![0; len];
                 r.read_exact(&mut body).unwrap();
-                if i % 3 == 2 {
+                let chunks = chunks.unwrap_or_else(|| serde_json::from_slice::<Value>(&body).unwrap()["max_tokens"].as_u64().unwrap() as usize);
+                if refuse_thirds && i % 3 == 2 {
                     let _ = s.write_all(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
                     return;
                 }
@@ -61,7 +68,7 @@ fn bench(args: &[&str], model: &std::path::Path, dir: &TempDir) -> Value {
     let out = bin().arg("bench").args(args).arg("--save-result").arg(&out_file).arg("--model").arg(model).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("Serving Benchmark Result") && table.contains("Mean TTFT (ms):"), "{table}");
+    assert!(table.contains("Serving Benchmark Result") && table.contains("Successful requests:"), "{table}");
     serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap()
 }
 
@@ -98,6 +105,44 @@ fn metrics_from_a_server_with_known_timings() {
     // Throughput is what completed over the duration; goodput counts the 6 (all within 5 s).
     assert!((f("output_throughput") - 36.0 / f("duration")).abs() < 1e-9);
     assert!((f("request_goodput") - 6.0 / f("duration")).abs() < 1e-9);
+}
+
+#[test]
+fn a_vllm_bench_serve_command_line_runs_unchanged_and_reports_only_what_it_asks_for() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3());
+    let url = fake_server_with(20, 5, None, false);
+    let port = url.rsplit(':').next().unwrap();
+    let out_dir = dir.path().join("results");
+    // vLLM's flags throughout; no --text: the prompts come from the built-in text.
+    let args = [
+        "bench", "--backend", "openai", "--host", "127.0.0.1", "--port", port, "--endpoint", "/v1/completions",
+        "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "8", "--random-range-ratio", "0.0",
+        "--num-prompts", "6", "--request-rate", "inf", "--max-concurrency", "3", "--num-warmups", "1", "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99", "--goodput", "ttft:60000", "tpot:60000",
+        "--disable-tqdm", "--save-result", "--result-dir", out_dir.to_str().unwrap(), "--result-filename", "vllm.json",
+    ];
+    let out = bin().args(args).arg("--tokenizer").arg(&m).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(out_dir.join("vllm.json")).unwrap()).unwrap();
+    assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)), "{r}");
+    let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).filter(|k| k.ends_with("_ms")).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["mean_tpot_ms", "mean_ttft_ms", "median_tpot_ms", "median_ttft_ms", "p50_tpot_ms", "p50_ttft_ms", "p99_tpot_ms", "p99_ttft_ms", "std_tpot_ms", "std_ttft_ms"], "{r}");
+    // vLLM's --random-input-len counts the BOS token: the server sees exactly 16.
+    assert_eq!(r["input_lens"], serde_json::json!([16, 16, 16, 16, 16, 16]), "{r}");
+    assert_eq!(r["output_lens"], serde_json::json!([8, 8, 8, 8, 8, 8]), "{r}");
+    assert!((r["request_goodput"].as_f64().unwrap() - r["request_throughput"].as_f64().unwrap()).abs() < 1e-9, "{r}");
+    assert_eq!(r["request_rate"], "inf");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("P50 TTFT (ms):") && table.contains("P99 TPOT (ms):"), "{table}");
+    assert!(!table.contains("ITL") && !table.contains("E2EL") && !table.contains("P90"), "{table}");
+    // A percentile beyond 100 and a range ratio of 1 are refused, naming the flag.
+    for (flag, value, said) in [("--metric-percentiles", "101", "percentiles 101"), ("--random-range-ratio", "1", "range-ratio 1")] {
+        let out = bin().args(["bench", "--port", port, flag, value, "--tokenizer"]).arg(&m).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(said), "{flag} {value}: {err}");
+    }
 }
 
 #[test]
@@ -151,6 +196,14 @@ fn sharegpt_and_jsonl_datasets_and_a_duration_limit() {
     std::fs::write(&jsonl, "{\"prompt\": \"a b\", \"max_tokens\": 3}\n{\"prompt\": \"x\"}\n").unwrap();
     let r = bench(&["--base-url", &url, "--num-requests", "2", "--max-concurrency", "1", "--dataset", jsonl.to_str().unwrap()], &m, &dir);
     assert_eq!(r["num_prompts"], 2);
+    // The same files by vLLM's names; its custom JSONL spells the length "output_tokens".
+    let r = bench(&["--base-url", &url, "--num-prompts", "2", "--max-concurrency", "1", "--dataset-name", "sharegpt", "--dataset-path", share.to_str().unwrap()], &m, &dir);
+    assert_eq!(r["input_lens"], serde_json::json!([6, 6]), "{r}");
+    std::fs::write(&jsonl, "{\"prompt\": \"a b\", \"output_tokens\": 3}\n").unwrap();
+    let echo = fake_server_with(5, 5, None, false);
+    let r = bench(&["--base-url", &echo, "--num-prompts", "1", "--dataset-name", "custom", "--dataset-path", jsonl.to_str().unwrap(), "--percentile-metrics", "e2el"], &m, &dir);
+    assert_eq!((r["completed"].as_u64(), r["output_lens"][0].as_u64()), (Some(1), Some(3)), "{r}");
+    assert!(r.get("mean_ttft_ms").is_none() && r["p99_e2el_ms"].is_number(), "{r}");
     // 10 requests/s for at most 1 s: about 10 are sent, never the 1000 asked for.
     let t = text(&dir);
     let r = bench(&["--base-url", &url, "--num-requests", "1000", "--request-rate", "10", "--duration", "1", "--input-len", "4", "--text", &t], &m, &dir);

@@ -190,6 +190,69 @@ fn invalid_requests_get_the_right_status_and_an_openai_error_body_and_disturb_no
     assert_eq!((code, v["error"]["code"].as_str()), (404, Some("model_not_found")));
 }
 
+/// Every metric family `/metrics` serves, each described (HELP text) where it is recorded.
+const METRIC_FAMILIES: [&str; 19] = [
+    "tpserve_prompt_tokens_total",
+    "tpserve_generation_tokens_total",
+    "tpserve_request_success_total",
+    "tpserve_num_preemptions_total",
+    "tpserve_prefix_cache_queries_total",
+    "tpserve_prefix_cache_hits_total",
+    "tpserve_num_requests_running",
+    "tpserve_num_requests_waiting",
+    "tpserve_kv_cache_usage_perc",
+    "tpserve_kv_cache_blocks_free",
+    "tpserve_time_to_first_token_seconds",
+    "tpserve_inter_token_latency_seconds",
+    "tpserve_e2e_request_latency_seconds",
+    "tpserve_request_queue_time_seconds",
+    "tpserve_step_duration_seconds",
+    "tpserve_step_tokens",
+    "tpserve_rank_comm_seconds",
+    "tpserve_rank_compute_seconds",
+    "tpserve_ready",
+];
+
+/// Prometheus's own linter on the live `/metrics` text: it exits 0 and says nothing (every
+/// family has HELP text, counters end in `_total`, units are base units...). `promtool`
+/// comes with Debian's `prometheus` package, which CI installs; without it this fails unless
+/// `TPSERVE_SKIP_PROMTOOL=1`.
+#[test]
+fn metrics_pass_promtool_check_metrics_without_a_warning() {
+    if std::env::var("TPSERVE_SKIP_PROMTOOL").as_deref() == Ok("1") {
+        eprintln!("skipping: TPSERVE_SKIP_PROMTOOL=1");
+        return;
+    }
+    if let Err(e) = Command::new("promtool").arg("--version").output() {
+        panic!("cannot run promtool ({e}): install the `prometheus` package (apt-get install prometheus; CI does), or set TPSERVE_SKIP_PROMTOOL=1 to skip this test");
+    }
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let s = serve(&m, 2, &[]);
+    // Prefill and decode steps on both ranks, every request latency, a finished request.
+    s.text(&completion("a b c", 4));
+    let (code, v) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "ignore_eos": true}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.get("/ready").0, 200);
+    let text = s.get("/metrics").1;
+    let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    assert_eq!(types, METRIC_FAMILIES.len(), "families other than these: {METRIC_FAMILIES:?}\n{text}");
+    for family in METRIC_FAMILIES {
+        assert!(text.contains(&format!("# HELP {family} ")), "{family} has no HELP text:\n{text}");
+    }
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(&mut lint.stdin.take().expect("a pipe"), text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {}\n{said}\n/metrics:\n{text}", out.status);
+}
+
 #[test]
 fn health_ready_models_metrics_and_the_api_key() {
     let dir = TempDir::new().unwrap();

@@ -30,7 +30,7 @@ pub enum EvalCommand {
 /// The text and how to cut it.
 #[derive(Args, Debug)]
 pub struct TextArgs {
-    /// The text to score (e.g. ../shared/data/wikitext-2-raw-test.txt).
+    /// The text to score (e.g. tests/data/wikitext-2-raw-test.txt, WikiText-2's test split).
     #[arg(long)]
     pub file: PathBuf,
     /// Tokens per window; the second half of each is scored.

@@ -56,6 +56,42 @@ impl Slo {
     }
 }
 
+/// A per-request latency the results report: vLLM's `--percentile-metrics` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Latency {
+    /// Time to first token.
+    Ttft,
+    /// Time per output token after the first.
+    Tpot,
+    /// Inter-token latency: every gap between streamed chunks.
+    Itl,
+    /// End-to-end latency.
+    E2el,
+}
+
+impl Latency {
+    /// All four, in the order vLLM's table lists them.
+    pub const ALL: [Latency; 4] = [Latency::Ttft, Latency::Tpot, Latency::Itl, Latency::E2el];
+
+    /// The name in result keys (`mean_ttft_ms`) and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ttft => "ttft",
+            Self::Tpot => "tpot",
+            Self::Itl => "itl",
+            Self::E2el => "e2el",
+        }
+    }
+}
+
+impl std::str::FromStr for Latency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|l| l.name() == s.trim()).ok_or_else(|| format!("{s:?} is not a latency metric (ttft, tpot, itl, e2el)"))
+    }
+}
+
 /// The `p`-th percentile (0-100) of `v`, interpolated linearly between the closest ranks
 /// (numpy's default, which vLLM uses). 0 for no values.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
@@ -90,8 +126,10 @@ fn std(v: &[f64]) -> f64 {
 /// `total_input_tokens`, `total_output_tokens`, `request_throughput`, `request_goodput`,
 /// `output_throughput`, `total_token_throughput`, `max_output_tokens_per_s`, and
 /// `mean_/median_/std_/pNN_` + `ttft_ms`, `tpot_ms`, `itl_ms`, `e2el_ms`), plus
-/// `errors_by_kind`. `duration` is seconds from the first send to the last answer.
-pub fn summarize(records: &[Record], duration: f64, percentiles: &[f64], slo: &Slo) -> Value {
+/// `errors_by_kind`. `duration` is seconds from the first send to the last answer. As in
+/// vLLM, only the `latencies` asked for are reported, each with its mean, median, standard
+/// deviation and every percentile (0-100) of `percentiles`.
+pub fn summarize(records: &[Record], duration: f64, percentiles: &[f64], latencies: &[Latency], slo: &Slo) -> Value {
     let ok: Vec<&Record> = records.iter().filter(|r| r.ok()).collect();
     let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
     let total_in: usize = ok.iter().map(|r| r.input_tokens).sum();
@@ -110,13 +148,14 @@ pub fn summarize(records: &[Record], duration: f64, percentiles: &[f64], slo: &S
     m.insert("total_token_throughput".into(), json!(per_s((total_in + total_out) as f64)));
     m.insert("max_output_tokens_per_s".into(), json!(peak_output_rate(&ok)));
     let ms = |v: Vec<f64>| v.into_iter().map(|x| x * 1e3).collect::<Vec<f64>>();
-    let series = [
-        ("ttft", ms(ok.iter().map(|r| r.ttft).collect())),
-        ("tpot", ms(ok.iter().filter_map(|r| r.tpot()).collect())),
-        ("itl", ms(ok.iter().flat_map(|r| r.itl.iter().copied()).collect())),
-        ("e2el", ms(ok.iter().map(|r| r.e2el).collect())),
-    ];
-    for (name, v) in &series {
+    for l in Latency::ALL.into_iter().filter(|l| latencies.contains(l)) {
+        let v = &match l {
+            Latency::Ttft => ms(ok.iter().map(|r| r.ttft).collect()),
+            Latency::Tpot => ms(ok.iter().filter_map(|r| r.tpot()).collect()),
+            Latency::Itl => ms(ok.iter().flat_map(|r| r.itl.iter().copied()).collect()),
+            Latency::E2el => ms(ok.iter().map(|r| r.e2el).collect()),
+        };
+        let name = l.name();
         m.insert(format!("mean_{name}_ms"), json!(mean(v)));
         m.insert(format!("median_{name}_ms"), json!(percentile(v, 50.0)));
         m.insert(format!("std_{name}_ms"), json!(std(v)));
@@ -187,7 +226,7 @@ mod tests {
         let a = rec(0.0, 0.1, &[0.02, 0.04], 3);
         let b = rec(0.5, 0.3, &[0.06, 0.06], 3);
         let bad = Record { error: Some("http 429".into()), ..Record::default() };
-        let s = summarize(&[a, b, bad], 2.0, &[99.0], &Slo { ttft_ms: Some(200.0), ..Slo::default() });
+        let s = summarize(&[a, b, bad], 2.0, &[99.0], &Latency::ALL, &Slo { ttft_ms: Some(200.0), ..Slo::default() });
         assert_eq!(s["completed"], 2);
         assert_eq!(s["failed"], 1);
         assert_eq!(s["total_input_tokens"], 20);
@@ -211,5 +250,23 @@ mod tests {
         assert_eq!(s["errors_by_kind"]["http 429"], 1);
         // Tokens at 0.1, 0.12, 0.16 and 0.8, 0.86, 0.92: at most 6 within second 0.
         assert_eq!(s["max_output_tokens_per_s"], 6.0);
+    }
+
+    #[test]
+    fn only_the_latencies_asked_for_are_reported_with_exactly_the_percentiles_asked_for() {
+        let r = rec(0.0, 0.1, &[0.02, 0.04], 3);
+        let s = summarize(&[r], 1.0, &[50.0, 99.9], &[Latency::Tpot, Latency::Ttft], &Slo::default());
+        let mut keys: Vec<&str> = s.as_object().unwrap().keys().map(String::as_str).filter(|k| k.ends_with("_ms")).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["mean_tpot_ms", "mean_ttft_ms", "median_tpot_ms", "median_ttft_ms", "p50_tpot_ms", "p50_ttft_ms", "p99.9_tpot_ms", "p99.9_ttft_ms", "std_tpot_ms", "std_ttft_ms"]);
+        // What is reported is unchanged by what is left out.
+        assert_eq!(s["p50_ttft_ms"], summarize(&[rec(0.0, 0.1, &[0.02, 0.04], 3)], 1.0, &[50.0], &Latency::ALL, &Slo::default())["p50_ttft_ms"]);
+    }
+
+    #[test]
+    fn latency_names_parse_and_a_wrong_one_is_named() {
+        assert_eq!(" e2el".parse::<Latency>(), Ok(Latency::E2el));
+        assert!(Latency::ALL.iter().all(|l| l.name().parse::<Latency>() == Ok(*l)));
+        assert!("ttfb".parse::<Latency>().unwrap_err().contains("\"ttfb\""));
     }
 }

@@ -14,6 +14,7 @@
 //! - [`generate`]: a fixed batch of requests run to the end through the engine.
 //! - [`eval`]: perplexity windows and statistics, prompt log-likelihoods through the engine,
 //!   KL divergence.
+//! - [`metrics`]: what every Prometheus metric the engine records means.
 //! - [`stats`]: what steps cost; [`text`]: streaming text with stop strings; [`error`].
 
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod join;
+pub mod metrics;
 pub mod request;
 pub mod stats;
 pub mod text;

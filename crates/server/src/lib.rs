@@ -121,6 +121,8 @@ fn prometheus() -> anyhow::Result<PrometheusHandle> {
         .context("cannot configure the metrics")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    tpserve_coordinator::metrics::describe_metrics();
+    metrics::describe_gauge!("tpserve_ready", "1 while GET /ready answers 200 (every worker loaded and answering, not draining), else 0; set when /ready is asked.");
     Ok(HANDLE.get_or_init(|| h).clone())
 }
 
