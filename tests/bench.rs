@@ -44,7 +44,8 @@ fn fake_server_with(first_ms: u64, gap_ms: u64, chunks: Option<usize>, refuse_th
                 r.read_exact(&mut body).unwrap();
                 let chunks = chunks.unwrap_or_else(|| serde_json::from_slice::<Value>(&body).unwrap()["max_tokens"].as_u64().unwrap() as usize);
                 if refuse_thirds && i % 3 == 2 {
-                    let _ = s.write_all(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+                    let _ =
+                        s.write_all(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
                     return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
@@ -116,11 +117,47 @@ fn a_vllm_bench_serve_command_line_runs_unchanged_and_reports_only_what_it_asks_
     let out_dir = dir.path().join("results");
     // vLLM's flags throughout; no --text: the prompts come from the built-in text.
     let args = [
-        "bench", "--backend", "openai", "--host", "127.0.0.1", "--port", port, "--endpoint", "/v1/completions",
-        "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "8", "--random-range-ratio", "0.0",
-        "--num-prompts", "6", "--request-rate", "inf", "--max-concurrency", "3", "--num-warmups", "1", "--ignore-eos", "--seed", "0",
-        "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99", "--goodput", "ttft:60000", "tpot:60000",
-        "--disable-tqdm", "--save-result", "--result-dir", out_dir.to_str().unwrap(), "--result-filename", "vllm.json",
+        "bench",
+        "--backend",
+        "openai",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--endpoint",
+        "/v1/completions",
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "8",
+        "--random-range-ratio",
+        "0.0",
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "inf",
+        "--max-concurrency",
+        "3",
+        "--num-warmups",
+        "1",
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot",
+        "--metric-percentiles",
+        "50,99",
+        "--goodput",
+        "ttft:60000",
+        "tpot:60000",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        out_dir.to_str().unwrap(),
+        "--result-filename",
+        "vllm.json",
     ];
     let out = bin().args(args).arg("--tokenizer").arg(&m).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -128,7 +165,22 @@ fn a_vllm_bench_serve_command_line_runs_unchanged_and_reports_only_what_it_asks_
     assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(6), Some(0)), "{r}");
     let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).filter(|k| k.ends_with("_ms")).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["mean_tpot_ms", "mean_ttft_ms", "median_tpot_ms", "median_ttft_ms", "p50_tpot_ms", "p50_ttft_ms", "p99_tpot_ms", "p99_ttft_ms", "std_tpot_ms", "std_ttft_ms"], "{r}");
+    assert_eq!(
+        keys,
+        [
+            "mean_tpot_ms",
+            "mean_ttft_ms",
+            "median_tpot_ms",
+            "median_ttft_ms",
+            "p50_tpot_ms",
+            "p50_ttft_ms",
+            "p99_tpot_ms",
+            "p99_ttft_ms",
+            "std_tpot_ms",
+            "std_ttft_ms"
+        ],
+        "{r}"
+    );
     // vLLM's --random-input-len counts the BOS token: the server sees exactly 16.
     assert_eq!(r["input_lens"], serde_json::json!([16, 16, 16, 16, 16, 16]), "{r}");
     assert_eq!(r["output_lens"], serde_json::json!([8, 8, 8, 8, 8, 8]), "{r}");
@@ -152,7 +204,11 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     let url = fake_server(20, 10, 4);
     let t = text(&dir);
     let svg = dir.path().join("sweep.svg");
-    let r = bench(&["--base-url", &url, "--num-requests", "6", "--input-len", "4", "--text", &t, "--sweep", "max-concurrency=1,3", "--plot", svg.to_str().unwrap()], &m, &dir);
+    let r = bench(
+        &["--base-url", &url, "--num-requests", "6", "--input-len", "4", "--text", &t, "--sweep", "max-concurrency=1,3", "--plot", svg.to_str().unwrap()],
+        &m,
+        &dir,
+    );
     assert_eq!(r["sweep"]["parameter"], "max_concurrency");
     let levels = r["results"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
@@ -170,7 +226,8 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).unwrap();
     assert_eq!((info.width, info.height, info.color_type), (900, 540, png::ColorType::Rgb));
-    let dark = |rows: std::ops::Range<usize>| pixels[rows.start * info.line_size..rows.end * info.line_size].chunks(3).filter(|p| p.iter().all(|&c| c < 128)).count();
+    let dark =
+        |rows: std::ops::Range<usize>| pixels[rows.start * info.line_size..rows.end * info.line_size].chunks(3).filter(|p| p.iter().all(|&c| c < 128)).count();
     assert!(dark(0..44) > 200, "no caption drawn: {} dark pixels", dark(0..44));
     let out = bin().args(["bench", "--base-url", &url, "--num-requests", "1", "--text", &t, "--plot", "chart.pdf", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--plot chart.pdf"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -197,11 +254,19 @@ fn sharegpt_and_jsonl_datasets_and_a_duration_limit() {
     let r = bench(&["--base-url", &url, "--num-requests", "2", "--max-concurrency", "1", "--dataset", jsonl.to_str().unwrap()], &m, &dir);
     assert_eq!(r["num_prompts"], 2);
     // The same files by vLLM's names; its custom JSONL spells the length "output_tokens".
-    let r = bench(&["--base-url", &url, "--num-prompts", "2", "--max-concurrency", "1", "--dataset-name", "sharegpt", "--dataset-path", share.to_str().unwrap()], &m, &dir);
+    let r = bench(
+        &["--base-url", &url, "--num-prompts", "2", "--max-concurrency", "1", "--dataset-name", "sharegpt", "--dataset-path", share.to_str().unwrap()],
+        &m,
+        &dir,
+    );
     assert_eq!(r["input_lens"], serde_json::json!([6, 6]), "{r}");
     std::fs::write(&jsonl, "{\"prompt\": \"a b\", \"output_tokens\": 3}\n").unwrap();
     let echo = fake_server_with(5, 5, None, false);
-    let r = bench(&["--base-url", &echo, "--num-prompts", "1", "--dataset-name", "custom", "--dataset-path", jsonl.to_str().unwrap(), "--percentile-metrics", "e2el"], &m, &dir);
+    let r = bench(
+        &["--base-url", &echo, "--num-prompts", "1", "--dataset-name", "custom", "--dataset-path", jsonl.to_str().unwrap(), "--percentile-metrics", "e2el"],
+        &m,
+        &dir,
+    );
     assert_eq!((r["completed"].as_u64(), r["output_lens"][0].as_u64()), (Some(1), Some(3)), "{r}");
     assert!(r.get("mean_ttft_ms").is_none() && r["p99_e2el_ms"].is_number(), "{r}");
     // 10 requests/s for at most 1 s: about 10 are sent, never the 1000 asked for.
@@ -225,7 +290,27 @@ fn a_run_against_tpserve_up_produces_a_result_file() {
     let svg = dir.path().join("run.svg");
     for endpoint in ["/v1/completions", "/v1/chat/completions"] {
         let r = bench(
-            &["--base-url", &url, "--endpoint", endpoint, "--num-requests", "6", "--request-rate", "20", "--seed", "1", "--input-len", "12", "--output-len", "10", "--ignore-eos", "--text", &t, "--plot", svg.to_str().unwrap()],
+            &[
+                "--base-url",
+                &url,
+                "--endpoint",
+                endpoint,
+                "--num-requests",
+                "6",
+                "--request-rate",
+                "20",
+                "--seed",
+                "1",
+                "--input-len",
+                "12",
+                "--output-len",
+                "10",
+                "--ignore-eos",
+                "--text",
+                &t,
+                "--plot",
+                svg.to_str().unwrap(),
+            ],
             &m,
             &dir,
         );
@@ -238,7 +323,28 @@ fn a_run_against_tpserve_up_produces_a_result_file() {
         }
     }
     // The shared-prefix workload shows up as prefix-cache hits on the server.
-    let r = bench(&["--base-url", &url, "--dataset", "shared-prefix", "--prefix-len", "64", "--input-len", "8", "--output-len", "4", "--num-requests", "6", "--max-concurrency", "1", "--text", &t], &m, &dir);
+    let r = bench(
+        &[
+            "--base-url",
+            &url,
+            "--dataset",
+            "shared-prefix",
+            "--prefix-len",
+            "64",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--num-requests",
+            "6",
+            "--max-concurrency",
+            "1",
+            "--text",
+            &t,
+        ],
+        &m,
+        &dir,
+    );
     assert_eq!(r["completed"], 6, "{r}");
     let metrics = ureq::get(&format!("{url}/metrics")).call().unwrap().into_string().unwrap();
     let hits: f64 = metrics.lines().find_map(|l| l.strip_prefix("tpserve_prefix_cache_hits_total ")).unwrap().trim().parse().unwrap();

@@ -303,7 +303,21 @@ fn seeded_sampling_is_reproducible_and_another_seed_differs() {
     // See `HOT` for why the tiny model is made for sampling.
     let env = Env::gemma();
     let sample = |seed: &str| {
-        let v = env.generate_json(&["--prompt", "hello", "--temperature", "2", "--top-k", "0", "--top-p", "1", "--seed", seed, "--ignore-eos", "--max-tokens", "32"]);
+        let v = env.generate_json(&[
+            "--prompt",
+            "hello",
+            "--temperature",
+            "2",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--max-tokens",
+            "32",
+        ]);
         ids(&v["output_ids"])
     };
     let a = sample("7");

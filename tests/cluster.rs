@@ -83,7 +83,26 @@ fn generate_through_workers_prints_the_same_json_fields_and_tokens_as_in_process
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable().for_sampling());
     let run = |extra: &[&str]| -> Value {
         let out = bin()
-            .args(["generate", "--prompt", "a b c", "--max-tokens", "40", "--temperature", "2", "--seed", "5", "--top-k", "0", "--top-p", "1", "--ignore-eos", "--json", "--threads", "1", "--model"])
+            .args([
+                "generate",
+                "--prompt",
+                "a b c",
+                "--max-tokens",
+                "40",
+                "--temperature",
+                "2",
+                "--seed",
+                "5",
+                "--top-k",
+                "0",
+                "--top-p",
+                "1",
+                "--ignore-eos",
+                "--json",
+                "--threads",
+                "1",
+                "--model",
+            ])
             .arg(&m)
             .args(extra)
             .output()

@@ -68,7 +68,19 @@ fn kl_of_a_model_against_itself_is_zero_and_against_another_is_finite() {
     let b = tiny(&dir, "b.gguf", &TinySpec::llama());
     let f = text(&dir);
     let f = f.to_str().unwrap();
-    let args = |r: &Path| vec!["kl".to_string(), "--reference".into(), r.to_str().unwrap().into(), "--file".into(), f.into(), "--ctx".into(), "32".into(), "--chunks".into(), "3".into()];
+    let args = |r: &Path| {
+        vec![
+            "kl".to_string(),
+            "--reference".into(),
+            r.to_str().unwrap().into(),
+            "--file".into(),
+            f.into(),
+            "--ctx".into(),
+            "32".into(),
+            "--chunks".into(),
+            "3".into(),
+        ]
+    };
     let same = eval(&args(&a).iter().map(String::as_str).collect::<Vec<_>>(), &a);
     assert_eq!(same["tokens"], 3 * 15);
     assert!(same["kl_mean"].as_f64().unwrap() < 1e-9, "{same}");

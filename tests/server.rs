@@ -144,7 +144,9 @@ fn invalid_requests_get_the_right_status_and_an_openai_error_body_and_disturb_no
     // A long request runs while the bad ones come in.
     let url = s.url.clone();
     let background = std::thread::spawn(move || {
-        let r = ureq::post(&format!("{url}/v1/completions")).send_json(json!({"prompt": "a b c", "max_tokens": 64, "temperature": 2, "seed": 3, "ignore_eos": true})).unwrap();
+        let r = ureq::post(&format!("{url}/v1/completions"))
+            .send_json(json!({"prompt": "a b c", "max_tokens": 64, "temperature": 2, "seed": 3, "ignore_eos": true}))
+            .unwrap();
         r.into_json::<Value>().unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
     });
     let long = "abc".repeat(200);
@@ -169,8 +171,18 @@ fn invalid_requests_get_the_right_status_and_an_openai_error_body_and_disturb_no
         ("/v1/completions", json!({"prompt": [7, 99999999]}).to_string(), 400, Some("prompt")),
         ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, Some("messages")),
         ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "hi"}]}).to_string(), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}).to_string(), 400, Some("max_completion_tokens")),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 30}).to_string(), 400, Some("top_logprobs")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}).to_string(),
+            400,
+            Some("max_completion_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 30}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
         ("/v1/nothing", "{}".into(), 404, None),
     ];
     for (path, body, status, param) in &cases {
@@ -300,7 +312,11 @@ fn health_ready_models_metrics_and_the_api_key() {
     assert_eq!(metric(&text, "tpserve_generation_tokens_total"), 8.0);
 
     // Sampled tokens have log-probabilities too, also when they are not the most likely.
-    let (code, v) = s.post_raw("/v1/completions", &json!({"prompt": "a b", "max_tokens": 16, "temperature": 2, "seed": 9, "logprobs": 1, "ignore_eos": true}).to_string(), Some("sesame"));
+    let (code, v) = s.post_raw(
+        "/v1/completions",
+        &json!({"prompt": "a b", "max_tokens": 16, "temperature": 2, "seed": 9, "logprobs": 1, "ignore_eos": true}).to_string(),
+        Some("sesame"),
+    );
     assert_eq!(code, 200, "{v}");
     let lps = v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
     assert!(lps.len() == 16 && lps.iter().all(|l| l.as_f64().is_some_and(|x| x <= 0.0)), "{v}");
@@ -310,7 +326,10 @@ fn health_ready_models_metrics_and_the_api_key() {
         assert_eq!(code, 200, "{v}");
         v
     };
-    let chat = post(json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2, "temperature": 0, "ignore_eos": true}), "/v1/chat/completions");
+    let chat = post(
+        json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2, "temperature": 0, "ignore_eos": true}),
+        "/v1/chat/completions",
+    );
     let content = chat["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 3, "{chat}");
     for c in content {
@@ -335,9 +354,7 @@ fn a_client_that_disconnects_mid_stream_gives_its_blocks_back() {
     let got = s.stream("/v1/completions", &json!({"prompt": "a b c", "max_tokens": 400, "ignore_eos": true, "stream": true}), 3);
     assert_eq!(got.len(), 3);
     // The connection is gone: the request is cancelled and every block is free again.
-    s.eventually("the cancelled request's blocks coming back", |s| {
-        s.metric("tpserve_num_requests_running") == 0.0 && (free(s, 0), free(s, 1)) == idle
-    });
+    s.eventually("the cancelled request's blocks coming back", |s| s.metric("tpserve_num_requests_running") == 0.0 && (free(s, 0), free(s, 1)) == idle);
     assert!(s.metric("tpserve_request_success_total{finished_reason=\"abort\"}") >= 1.0);
     assert!(s.metric("tpserve_generation_tokens_total") < 400.0, "the request ran to the end");
     // And the server goes on serving.
@@ -381,7 +398,8 @@ fn running_out_of_kv_blocks_preempts_and_recomputes_without_changing_a_token() {
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
     // 24 blocks of 4 positions: each request needs 13 of them by its end.
     let s = serve(&m, 2, &["--kv-cache-tokens", "96", "--block-size", "4", "--max-num-batched-tokens", "16"]);
-    let reqs: Vec<Value> = (0..6).map(|i| json!({"prompt": format!("a b c {i} d"), "max_tokens": 40, "temperature": 2, "seed": i, "ignore_eos": true})).collect();
+    let reqs: Vec<Value> =
+        (0..6).map(|i| json!({"prompt": format!("a b c {i} d"), "max_tokens": 40, "temperature": 2, "seed": i, "ignore_eos": true})).collect();
     let alone: Vec<String> = reqs.iter().map(|r| s.text(r)).collect();
     assert_eq!(s.metric("tpserve_num_preemptions_total"), 0.0);
     let together: Vec<String> = std::thread::scope(|sc| {
@@ -441,7 +459,10 @@ fn ctrl_c_lets_in_flight_requests_finish_then_stops_everything() {
     let mut s = serve(&m, 2, &[]);
     let url = s.url.clone();
     let inflight = std::thread::spawn(move || {
-        ureq::post(&format!("{url}/v1/completions")).send_json(json!({"prompt": "a b", "max_tokens": 300, "ignore_eos": true})).map(|r| r.into_json::<Value>().unwrap()).map_err(|e| e.to_string())
+        ureq::post(&format!("{url}/v1/completions"))
+            .send_json(json!({"prompt": "a b", "max_tokens": 300, "ignore_eos": true}))
+            .map(|r| r.into_json::<Value>().unwrap())
+            .map_err(|e| e.to_string())
     });
     s.eventually("the request starting", |s| s.metric("tpserve_num_requests_running") == 1.0);
     let pid = s.p.child.id();
@@ -560,7 +581,8 @@ fn python_with_openai() -> String {
     if let Ok(p) = std::env::var("TPSERVE_TEST_PYTHON") {
         return p;
     }
-    let home = std::env::var("TPSERVE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/tpserve"));
+    let home =
+        std::env::var("TPSERVE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/tpserve"));
     let venv = home.join("openai-venv");
     let py = venv.join("bin/python");
     let has = |py: &Path| Command::new(py).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
@@ -663,7 +685,8 @@ fn every_answer_matches_the_schemas_of_openais_openapi_spec() {
     // sends, and with `stream_options.include_usage` every chunk but the usage one has
     // `"usage": null`, as the spec's own ChatCompletionStreamOptions (which the completions
     // request uses) says.
-    let completion_chunk_spec = completion_spec.clone().patch(&format!("{choice}/finish_reason"), or_null).patch("/CreateCompletionResponse/properties/usage", or_null);
+    let completion_chunk_spec =
+        completion_spec.clone().patch(&format!("{choice}/finish_reason"), or_null).patch("/CreateCompletionResponse/properties/usage", or_null);
     let validators = [
         ("completion", completion_spec.validator("CreateCompletionResponse")),
         ("completion chunk", completion_chunk_spec.validator("CreateCompletionResponse")),
@@ -764,7 +787,8 @@ fn every_answer_matches_the_schemas_of_openais_openapi_spec() {
     let find = |f: &dyn Fn(&(String, &str, Value)) -> bool| &answers.iter().find(|a| f(a)).expect("such an answer").2;
     let echoed = find(&|a| a.1 == "completion" && a.0.contains("\"echo\":true"));
     let before_last = find(&|a| a.1 == "completion chunk" && a.2["choices"][0]["finish_reason"].is_null() && a.2.get("usage").is_none());
-    let finish_with_null_usage = find(&|a| a.1 == "completion chunk" && a.2["choices"][0]["finish_reason"].is_string() && a.2.get("usage") == Some(&Value::Null));
+    let finish_with_null_usage =
+        find(&|a| a.1 == "completion chunk" && a.2["choices"][0]["finish_reason"].is_string() && a.2.get("usage") == Some(&Value::Null));
     for (what, v, without) in [
         ("an echoed prompt's null first log-probability", echoed, spec.validator("CreateCompletionResponse")),
         ("a chunk's null finish_reason", before_last, completion_spec.validator("CreateCompletionResponse")),

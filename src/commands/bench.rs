@@ -211,7 +211,11 @@ impl Dataset {
             (Some(DatasetName::Random), None) => Self::Random,
             (Some(DatasetName::SharedPrefix), None) => Self::SharedPrefix,
             (Some(n @ (DatasetName::Random | DatasetName::SharedPrefix)), Some(p)) => {
-                bail!("--dataset-path {}: --dataset-name {} cuts its prompts from --text, not from a dataset file", p.display(), n.to_possible_value().expect("no skipped variants").get_name())
+                bail!(
+                    "--dataset-path {}: --dataset-name {} cuts its prompts from --text, not from a dataset file",
+                    p.display(),
+                    n.to_possible_value().expect("no skipped variants").get_name()
+                )
             }
             (Some(DatasetName::Sharegpt), Some(p)) => Self::ShareGpt(p.clone()),
             (Some(DatasetName::Custom), Some(p)) => Self::Jsonl(p.clone()),
@@ -337,7 +341,10 @@ fn workload(a: &BenchArgs, dataset: &Dataset, n: usize) -> Result<Vec<Prompt>> {
         return Ok((0..n).map(|i| out[(start + i) % out.len()].clone()).collect());
     }
     let (text, text_name) = match &a.text {
-        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("--text {}: cannot read it (give a text file to cut prompts from)", p.display()))?, format!("--text {}", p.display())),
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("--text {}: cannot read it (give a text file to cut prompts from)", p.display()))?,
+            format!("--text {}", p.display()),
+        ),
         None => (BUILT_IN_TEXT.to_string(), "the built-in text (give a longer one with --text)".to_string()),
     };
     let ids = loaded.tokenizer.encode(&text, false, false);
@@ -387,7 +394,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(m) = m.as_ref().filter(|m| !m.exists()) {
             // vLLM's `--model` names the served model and its `--tokenizer` a Hugging Face
             // one; ours is the local GGUF file whose tokenizer counts tokens.
-            bail!("{flag} {}: no such file; here {flag} is the GGUF whose tokenizer measures the prompts, and the model id sent to the server is --served-model", m.display());
+            bail!(
+                "{flag} {}: no such file; here {flag} is the GGUF whose tokenizer measures the prompts, and the model id sent to the server is --served-model",
+                m.display()
+            );
         }
     }
     if let Some(f) = &a.plot {
@@ -609,7 +619,20 @@ mod tests {
 
     #[test]
     fn vllm_flag_names_set_the_same_fields_as_ours() {
-        let a = parse(&["--num-prompts", "6", "--random-output-len", "8", "--random-range-ratio", "0.5", "--metric-percentiles", "50,99", "--num-warmups", "2", "--percentile-metrics", "ttft,e2el"]);
+        let a = parse(&[
+            "--num-prompts",
+            "6",
+            "--random-output-len",
+            "8",
+            "--random-range-ratio",
+            "0.5",
+            "--metric-percentiles",
+            "50,99",
+            "--num-warmups",
+            "2",
+            "--percentile-metrics",
+            "ttft,e2el",
+        ]);
         assert_eq!((a.num_requests, a.output_len, a.range_ratio, a.warmup), (6, 8, 0.5, 2));
         assert_eq!(a.percentiles, [50.0, 99.0]);
         assert_eq!(a.percentile_metrics, [Latency::Ttft, Latency::E2el]);
@@ -661,7 +684,10 @@ mod tests {
         assert_eq!(p(&[]), None);
         assert_eq!(p(&["--save-result", "r.json"]), Some("r.json".into()));
         assert_eq!(p(&["--save-result", "--result-dir", "out", "--result-filename", "x.json"]), Some("out/x.json".into()));
-        assert_eq!(p(&["--save-result", "--request-rate", "4", "--max-concurrency", "8", "--served-model", "google/gemma-3-270m"]), Some("openai-4.0qps-concurrency8-gemma-3-270m-20260304-050607.json".into()));
+        assert_eq!(
+            p(&["--save-result", "--request-rate", "4", "--max-concurrency", "8", "--served-model", "google/gemma-3-270m"]),
+            Some("openai-4.0qps-concurrency8-gemma-3-270m-20260304-050607.json".into())
+        );
         assert_eq!(p(&["--save-result", "--result-dir", "out"]), Some("out/openai-infqps-default-20260304-050607.json".into()));
         assert!(Cli::try_parse_from(["bench", "--result-dir", "out"]).is_err(), "--result-dir without --save-result does nothing");
     }

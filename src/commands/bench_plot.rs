@@ -26,7 +26,8 @@ trait Chart {
 fn save(path: &Path, chart: &impl Chart) -> Result<()> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).map_err(|_| "the embedded font does not load".to_string())
+        plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT)
+            .map_err(|_| "the embedded font does not load".to_string())
     })
     .clone()
     .map_err(|e| anyhow!(e))?;
@@ -99,7 +100,10 @@ impl Chart for Cdfs<'_> {
             let n = v.len().max(1) as f64;
             let points: Vec<(f64, f64)> = v.iter().enumerate().map(|(i, &x)| (x, (i + 1) as f64 / n)).collect();
             let color = *color;
-            chart.draw_series(LineSeries::new(points, color.stroke_width(2)))?.label(*name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
         Ok(())
@@ -138,7 +142,10 @@ impl Chart for Sweep<'_> {
         chart.configure_mesh().x_desc("output tokens/s").y_desc("ms").draw()?;
         for (name, key, color) in curves {
             let points: Vec<(f64, f64)> = results.iter().zip(&tput).map(|(r, &x)| (x, get(r, key))).collect();
-            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             chart.draw_series(points.iter().zip(values).map(|(&(x, y), v)| {
                 EmptyElement::at((x, y)) + Circle::new((0, 0), 4, color.filled()) + Text::new(format!("{v}"), (6, -14), ("sans-serif", 14))
             }))?;

@@ -100,12 +100,7 @@ fn bar(n: usize) -> ProgressBar {
 /// Prints the result: one JSON object, or a line.
 fn report(json: bool, value: serde_json::Value, line: String) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{value}")
-    } else {
-        writeln!(out, "{line}")
-    }
-    .context("cannot write to standard output")
+    if json { writeln!(out, "{value}") } else { writeln!(out, "{line}") }.context("cannot write to standard output")
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
@@ -119,7 +114,14 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let cfg = loaded.config()?;
     let budget = ctx.max(512);
     let kv = cfg.kv_layout(KvSizing { block_size: 16, tokens: a.batch * (ctx + 32), max_seqs: a.batch, max_chunk: budget });
-    let scheduler = SchedulerConfig { kv: kv.clone(), max_num_seqs: a.batch, token_budget: budget, max_waiting: a.batch, context_len: cfg.context_len, prefix_caching: false };
+    let scheduler = SchedulerConfig {
+        kv: kv.clone(),
+        max_num_seqs: a.batch,
+        token_budget: budget,
+        max_waiting: a.batch,
+        context_len: cfg.context_len,
+        prefix_caching: false,
+    };
     let pb = bar(windows.len());
     pb.set_prefix("perplexity");
     let nll = super::block_on(async {

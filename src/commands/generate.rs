@@ -94,8 +94,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         _ => anyhow!(e.as_flag_message()),
     })?;
     // Copy i samples with seed + i.
-    let reqs: Vec<Request> =
-        (0..args.batch as u64).map(|i| Request { sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i), ..req.sampling }, ..req.clone() }).collect();
+    let reqs: Vec<Request> = (0..args.batch as u64)
+        .map(|i| Request { sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i), ..req.sampling }, ..req.clone() })
+        .collect();
     // Decode steps carry one token per sequence: the budget must leave room for prefill.
     let opts = GenOptions { token_budget: args.prefill_chunk.max(args.batch + 1), prefix_caching: false };
     // Room for exactly this batch.

@@ -84,4 +84,3 @@ pub fn threads_per_worker(explicit: Option<usize>, world: usize) -> Result<usize
         }
     }
 }
-

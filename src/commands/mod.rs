@@ -61,11 +61,7 @@ pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
         Some(n) => n,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("tpserve-compute-{i}"))
-        .build()
-        .context("cannot start compute threads")
+    rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("tpserve-compute-{i}")).build().context("cannot start compute threads")
 }
 
 /// Prints `path` on its own line (`model fetch`, `model path`).

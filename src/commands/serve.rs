@@ -58,7 +58,8 @@ pub async fn serve_http<B: Backend>(
         .with_context(|| format!("--host {} --port {}: cannot listen there", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len, vocab: cfg.vocab };
-    let opts = tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
+    let opts =
+        tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
     eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
     // The key itself never goes into a log: the hint reads it from the environment.
     let auth = if args.api_key.is_some() { " -H \"Authorization: Bearer $TPSERVE_API_KEY\"" } else { "" };
@@ -117,7 +118,9 @@ pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result
     // One Ctrl-C future for the whole loop, so an interrupt during a request is seen too.
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
-    eprintln!("ready: send one JSON request per line on standard input, e.g. {{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}");
+    eprintln!(
+        "ready: send one JSON request per line on standard input, e.g. {{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}"
+    );
     loop {
         let line = tokio::select! {
             l = lines.next_line() => l.context("cannot read standard input")?,

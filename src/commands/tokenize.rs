@@ -32,11 +32,7 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     };
     let loaded = Loaded::open(&args.model)?;
     let ids = loaded.tokenizer.encode(&text, !args.no_bos, true);
-    let line = if args.json {
-        serde_json::json!({ "ids": ids }).to_string()
-    } else {
-        ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
-    };
+    let line = if args.json { serde_json::json!({ "ids": ids }).to_string() } else { ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ") };
     writeln!(std::io::stdout().lock(), "{line}").context("cannot write the ids to standard output")?;
     Ok(())
 }

@@ -20,7 +20,9 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 /// The binary, with none of the environment variables that would change what it does.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
-    for v in ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "TPSERVE_MAX_TOKENS", "TPSERVE_WORKERS", "TPSERVE_JOIN", "RUST_LOG", "RUST_BACKTRACE"] {
+    for v in
+        ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "TPSERVE_MAX_TOKENS", "TPSERVE_WORKERS", "TPSERVE_JOIN", "RUST_LOG", "RUST_BACKTRACE"]
+    {
         c.env_remove(v);
     }
     c
@@ -141,7 +143,9 @@ impl Proc {
             let left = DEADLINE.saturating_sub(start.elapsed());
             match self.err.recv_timeout(left) {
                 Ok(l) => {
-                    if let Some(pid) = l.strip_prefix("worker ").and_then(|r| r.split_once(": pid ")).and_then(|(_, p)| p.split_whitespace().next()?.parse().ok()) {
+                    if let Some(pid) =
+                        l.strip_prefix("worker ").and_then(|r| r.split_once(": pid ")).and_then(|(_, p)| p.split_whitespace().next()?.parse().ok())
+                    {
                         self.pids.push(pid);
                     }
                     if l.contains(needle) {
@@ -207,8 +211,7 @@ impl Drop for Proc {
 }
 
 pub fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    Path::new(&format!("/proc/{pid}")).exists() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
 }
 
 pub fn tiny(dir: &TempDir, name: &str, spec: &TinySpec) -> PathBuf {
@@ -216,7 +219,6 @@ pub fn tiny(dir: &TempDir, name: &str, spec: &TinySpec) -> PathBuf {
     std::fs::write(&p, tiny_gguf(spec)).unwrap();
     p
 }
-
 
 pub use tpserve_fetch::testing::default_model;
 

@@ -38,11 +38,7 @@ pub struct Prompt {
 /// Sends `p` to `t`, streaming, and times it. `start` is when the run began (for the
 /// record's `start`). Never fails: a failure is recorded with its kind.
 pub async fn send(http: &reqwest::Client, t: &Target, p: &Prompt, ignore_eos: bool, start: Instant) -> Record {
-    let mut body = if t.is_chat() {
-        json!({ "messages": [{ "role": "user", "content": p.text }] })
-    } else {
-        json!({ "prompt": p.text })
-    };
+    let mut body = if t.is_chat() { json!({ "messages": [{ "role": "user", "content": p.text }] }) } else { json!({ "prompt": p.text }) };
     body["max_tokens"] = json!(p.max_tokens);
     body["stream"] = json!(true);
     body["stream_options"] = json!({ "include_usage": true });
@@ -61,7 +57,18 @@ pub async fn send(http: &reqwest::Client, t: &Target, p: &Prompt, ignore_eos: bo
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) => return fail(rec, if e.is_connect() { "connect".into() } else if e.is_timeout() { "timeout".into() } else { "request".into() }),
+        Err(e) => {
+            return fail(
+                rec,
+                if e.is_connect() {
+                    "connect".into()
+                } else if e.is_timeout() {
+                    "timeout".into()
+                } else {
+                    "request".into()
+                },
+            )
+        }
     };
     if !resp.status().is_success() {
         return fail(rec, format!("http {}", resp.status().as_u16()));

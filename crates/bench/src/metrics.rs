@@ -258,7 +258,21 @@ mod tests {
         let s = summarize(&[r], 1.0, &[50.0, 99.9], &[Latency::Tpot, Latency::Ttft], &Slo::default());
         let mut keys: Vec<&str> = s.as_object().unwrap().keys().map(String::as_str).filter(|k| k.ends_with("_ms")).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["mean_tpot_ms", "mean_ttft_ms", "median_tpot_ms", "median_ttft_ms", "p50_tpot_ms", "p50_ttft_ms", "p99.9_tpot_ms", "p99.9_ttft_ms", "std_tpot_ms", "std_ttft_ms"]);
+        assert_eq!(
+            keys,
+            [
+                "mean_tpot_ms",
+                "mean_ttft_ms",
+                "median_tpot_ms",
+                "median_ttft_ms",
+                "p50_tpot_ms",
+                "p50_ttft_ms",
+                "p99.9_tpot_ms",
+                "p99.9_ttft_ms",
+                "std_tpot_ms",
+                "std_ttft_ms"
+            ]
+        );
         // What is reported is unchanged by what is left out.
         assert_eq!(s["p50_ttft_ms"], summarize(&[rec(0.0, 0.1, &[0.02, 0.04], 3)], 1.0, &[50.0], &Latency::ALL, &Slo::default())["p50_ttft_ms"]);
     }

@@ -189,17 +189,31 @@ mod tests {
     fn timed_counts_only_time_spent_in_collective_calls() {
         struct Slow;
         impl Collective for Slow {
-            fn rank(&self) -> usize { 0 }
-            fn world_size(&self) -> usize { 2 }
+            fn rank(&self) -> usize {
+                0
+            }
+            fn world_size(&self) -> usize {
+                2
+            }
             fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), CommError> {
                 std::thread::sleep(Duration::from_millis(20));
                 Ok(())
             }
-            fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> { Ok(l.to_vec()) }
-            fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), CommError> { Ok(()) }
-            fn send(&self, _: &[f32], _: usize) -> Result<(), CommError> { Ok(()) }
-            fn recv(&self, _: &mut [f32], _: usize) -> Result<(), CommError> { Ok(()) }
-            fn barrier(&self) -> Result<(), CommError> { Ok(()) }
+            fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> {
+                Ok(l.to_vec())
+            }
+            fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
+                Ok(())
+            }
+            fn send(&self, _: &[f32], _: usize) -> Result<(), CommError> {
+                Ok(())
+            }
+            fn recv(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
+                Ok(())
+            }
+            fn barrier(&self) -> Result<(), CommError> {
+                Ok(())
+            }
         }
         let t = Timed::new(Arc::new(Slow));
         assert_eq!(t.elapsed(), Duration::ZERO);

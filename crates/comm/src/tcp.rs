@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{CommError, Collective};
+use crate::{Collective, CommError};
 
 /// Buffers at least this large (in bytes) use reduce-scatter + all-gather: measured on
 /// loopback (2 cores), direct wins up to 4 KB at worlds 2 and 4, the split from 64 KB on
@@ -131,15 +131,7 @@ impl TcpCollective {
                 None => None,
             });
         }
-        Ok(Self {
-            rank,
-            world,
-            members: (0..world).collect(),
-            peers: Arc::new(peers),
-            timeout,
-            split_threshold: DEFAULT_SPLIT_THRESHOLD,
-            spin: DEFAULT_SPIN,
-        })
+        Ok(Self { rank, world, members: (0..world).collect(), peers: Arc::new(peers), timeout, split_threshold: DEFAULT_SPLIT_THRESHOLD, spin: DEFAULT_SPIN })
     }
 
     /// The group of world ranks `members` (in group-rank order), which must include this
@@ -293,10 +285,13 @@ impl TcpCollective {
             return others.iter().map(|&p| recv(p)).collect();
         }
         std::thread::scope(|s| {
-            let senders: Vec<_> = others.iter().map(|&p| {
-                let data_for = &data_for;
-                s.spawn(move || self.send_to(p, data_for(p)))
-            }).collect();
+            let senders: Vec<_> = others
+                .iter()
+                .map(|&p| {
+                    let data_for = &data_for;
+                    s.spawn(move || self.send_to(p, data_for(p)))
+                })
+                .collect();
             let got: Result<Vec<Vec<f32>>, CommError> = others.iter().map(|&p| recv(p)).collect();
             for (sender, &p) in senders.into_iter().zip(others) {
                 sender.join().unwrap_or_else(|_| Err(CommError::Io { peer: p, message: "sender thread panicked".into() }))?;

@@ -192,13 +192,7 @@ impl Cluster {
         progress: impl Fn(usize, &LoadProgress) + Sync,
     ) -> Result<Cluster, ClusterError> {
         if workers.len() != plan.world() {
-            return Err(ClusterError::Plan(format!(
-                "tp = {} x pp = {} needs {} workers, {} were given",
-                plan.tp,
-                plan.pp,
-                plan.world(),
-                workers.len()
-            )));
+            return Err(ClusterError::Plan(format!("tp = {} x pp = {} needs {} workers, {} were given", plan.tp, plan.pp, plan.world(), workers.len())));
         }
         let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
         // Different for every load, so no rank mistakes a connection of an earlier attempt
@@ -225,7 +219,10 @@ impl Cluster {
                 while let Some(msg) = stream.message().await? {
                     progress(rank, &LoadProgress::from(&msg));
                     if msg.done {
-                        return msg.shard.map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.kv_bytes)).ok_or_else(|| Status::internal("the last load message has no shard"));
+                        return msg
+                            .shard
+                            .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.kv_bytes))
+                            .ok_or_else(|| Status::internal("the last load message has no shard"));
                     }
                 }
                 Err(Status::internal("the load stream ended before the shard was ready"))

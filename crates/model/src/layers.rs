@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use tpserve_comm::{CommError, Collective};
+use tpserve_comm::{Collective, CommError};
 
 use crate::quant::{QMatrix, QuantError};
 

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tpserve_comm::{CommError, Collective, Local};
+use tpserve_comm::{Collective, CommError, Local};
 use tpserve_types::plan::{ModelShape, Plan, RankShard};
 
 use tpserve_types::kv::{BlockId, KvLayout, KvSizing};
@@ -17,10 +17,10 @@ use tracing::trace_span;
 
 use crate::attention::{flash_attention, AttnShape, AttnSpan};
 use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
-use tpserve_gguf::{GgmlDType, Gguf, GgufError};
 use crate::kv_cache::KvPool;
 use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
 use crate::quant::QuantError;
+use tpserve_gguf::{GgmlDType, Gguf, GgufError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -110,9 +110,8 @@ pub fn model_shape(g: &Gguf) -> Result<ModelShape, ModelError> {
             g.tensors.range(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)).map(|(_, t)| t.nbytes).sum()
         })
         .collect();
-    let block = |suffix: &str| {
-        (0..cfg.n_layers).filter_map(|il| g.tensors.get(&format!("blk.{il}.{suffix}.weight"))).map(|t| t.dtype.block_size()).max().unwrap_or(1)
-    };
+    let block =
+        |suffix: &str| (0..cfg.n_layers).filter_map(|il| g.tensors.get(&format!("blk.{il}.{suffix}.weight"))).map(|t| t.dtype.block_size()).max().unwrap_or(1);
     let embed_bytes = bytes("token_embd.weight");
     let head_bytes = if g.tensors.contains_key("output.weight") { bytes("output.weight") } else { embed_bytes };
     Ok(ModelShape {
@@ -142,12 +141,7 @@ impl Model {
     /// Loads one rank's shard: its stage's layers, its heads, FFN columns and vocabulary rows
     /// (only those bytes of the file are read). `tp_comm` connects the stage's
     /// tensor-parallel ranks; `pp_comm` the stages (rank = stage), when there are several.
-    pub fn load_shard(
-        g: &Gguf,
-        shard: &RankShard,
-        tp_comm: Arc<dyn Collective>,
-        pp_comm: Option<Arc<dyn Collective>>,
-    ) -> Result<Self, ModelError> {
+    pub fn load_shard(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(g)?;
         let tp = shard.tp;
         tp.check_heads(cfg.n_heads, cfg.n_kv_heads).map_err(ModelError::Plan)?;
@@ -214,11 +208,7 @@ impl Model {
                 let m = crate::weights::matrix(g, &name, rows, cols)?;
                 RowParallel::new(&m, keep, parts).map_err(shard_err(&name))
             };
-            let (q_norm, k_norm) = if cfg.qk_norm {
-                (Some(norm(&n("attn_q_norm"), hd)?), Some(norm(&n("attn_k_norm"), hd)?))
-            } else {
-                (None, None)
-            };
+            let (q_norm, k_norm) = if cfg.qk_norm { (Some(norm(&n("attn_q_norm"), hd)?), Some(norm(&n("attn_k_norm"), hd)?)) } else { (None, None) };
             layers.push(Layer {
                 attn_norm: norm(&n("attn_norm"), hidden)?,
                 q: col("attn_q", cfg.n_heads * hd, hidden, heads.start * hd..heads.end * hd)?,
@@ -386,7 +376,16 @@ impl Model {
     /// blocks and attended over through its block table, and the row-parallel output
     /// projection all-reduced over the stage.
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, il: usize, layer: &Layer, x: &mut [f32], kv: &mut KvPool, batch: &[SeqChunk<'_>], ropes: &Ropes, s: &mut Scratch) -> Result<(), ModelError> {
+    fn attention(
+        &self,
+        il: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        kv: &mut KvPool,
+        batch: &[SeqChunk<'_>],
+        ropes: &Ropes,
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
         let _span = trace_span!("attention").entered();
         let cfg = &self.cfg;
         let hd = cfg.head_dim;

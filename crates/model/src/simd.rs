@@ -114,9 +114,9 @@ pub fn par_rows(x: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + S
     if x.len() >= PAR_ELEMENTS && rayon::current_num_threads() > 1 {
         // Whole rows per task, about PAR_ELEMENTS / 4 elements each.
         let rows_per_task = (PAR_ELEMENTS / 4 / row_len.max(1)).max(1);
-        x.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(ci, c)| {
-            c.chunks_exact_mut(row_len).enumerate().for_each(|(j, row)| f(ci * rows_per_task + j, row))
-        });
+        x.par_chunks_mut(rows_per_task * row_len)
+            .enumerate()
+            .for_each(|(ci, c)| c.chunks_exact_mut(row_len).enumerate().for_each(|(j, row)| f(ci * rows_per_task + j, row)));
     } else {
         x.chunks_exact_mut(row_len).enumerate().for_each(|(i, row)| f(i, row));
     }

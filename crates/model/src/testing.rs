@@ -95,8 +95,8 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
         types.push(6);
     }
     let words = [
-        "▁", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w",
-        "x", "y", "z", "▁t", "▁a", "he", "▁the", "in", "er", "an", "▁s", "on", "▁hello", "▁world", ".", ",", "!", "\n",
+        "▁", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w", "x", "y", "z", "▁t", "▁a",
+        "he", "▁the", "in", "er", "an", "▁s", "on", "▁hello", "▁world", ".", ",", "!", "\n",
     ];
     for w in words {
         tokens.push(w.to_owned());
@@ -204,16 +204,18 @@ impl Seqs {
 
     /// One forward pass over `(sequence, new tokens, logits wanted)`; a refused pass leaves
     /// every sequence where it was.
-    pub fn forward(&mut self, model: &crate::model::Model, work: &[(usize, &[u32], crate::model::LogitsWanted)]) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+    pub fn forward(
+        &mut self,
+        model: &crate::model::Model,
+        work: &[(usize, &[u32], crate::model::LogitsWanted)],
+    ) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
         for &(i, tokens, _) in work {
             let (tables, pos) = &mut self.seqs[i];
             let end = (*pos + tokens.len()).min(model.config().context_len);
             self.pool.grow(tables, end).map_err(crate::model::ModelError::Kv)?;
         }
-        let chunks: Vec<crate::model::SeqChunk<'_>> = work
-            .iter()
-            .map(|&(i, tokens, logits)| crate::model::SeqChunk { tokens, pos: self.seqs[i].1, tables: &self.seqs[i].0, logits })
-            .collect();
+        let chunks: Vec<crate::model::SeqChunk<'_>> =
+            work.iter().map(|&(i, tokens, logits)| crate::model::SeqChunk { tokens, pos: self.seqs[i].1, tables: &self.seqs[i].0, logits }).collect();
         let out = model.forward(&mut self.pool, &chunks)?;
         for &(i, tokens, _) in work {
             self.seqs[i].1 += tokens.len();

@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use tpserve_gguf::Gguf;
 use tpserve_model::model::{LogitsWanted, Model};
 use tpserve_model::testing::Seqs;
@@ -111,7 +110,12 @@ fn top5_logprobs_match_llama_cpp_within_tolerance() {
     }
     diffs.sort_by(f32::total_cmp);
     let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-    println!("top-5 logprobs vs llama.cpp over {} values: mean |diff| {mean:.4}, median {:.4}, p90 {:.4}", diffs.len(), diffs[diffs.len() / 2], diffs[diffs.len() * 9 / 10]);
+    println!(
+        "top-5 logprobs vs llama.cpp over {} values: mean |diff| {mean:.4}, median {:.4}, p90 {:.4}",
+        diffs.len(),
+        diffs[diffs.len() / 2],
+        diffs[diffs.len() * 9 / 10]
+    );
     println!("top-5 logprobs: worst difference from llama.cpp {worst:.4} nats (tolerance {MAX_TOLERANCE})");
     assert!(mean < MEAN_TOLERANCE, "mean difference {mean:.4} nats exceeds {MEAN_TOLERANCE}");
     let p90 = diffs[diffs.len() * 9 / 10];

@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use tpserve_gguf::{Gguf, GgufError, GgufWriter, Value};
 use tpserve_model::model::{LogitsWanted, Model, ModelError};
 use tpserve_model::testing::{tiny_gguf, Seqs, TinySpec};

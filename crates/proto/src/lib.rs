@@ -14,10 +14,10 @@ pub mod v1 {
     tonic::include_proto!("tpserve.v1");
 }
 
-pub use v1::worker_client::WorkerClient;
-pub use v1::worker_server::{Worker, WorkerServer};
 pub use v1::coordinator_client::CoordinatorClient;
 pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
+pub use v1::worker_client::WorkerClient;
+pub use v1::worker_server::{Worker, WorkerServer};
 
 /// A wire message that does not make sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -286,14 +286,34 @@ mod tests {
                     blocks: vec![vec![3, 4], vec![tpserve_types::kv::NO_BLOCK, 9]],
                     targets: vec![],
                 },
-                SeqWork { seq_id: 4, tokens: vec![11], start_pos: 17, logits: LogitsWanted::All, start: None, sample_step: 5, logprobs: 0, blocks: vec![], targets: vec![12] },
+                SeqWork {
+                    seq_id: 4,
+                    tokens: vec![11],
+                    start_pos: 17,
+                    logits: LogitsWanted::All,
+                    start: None,
+                    sample_step: 5,
+                    logprobs: 0,
+                    blocks: vec![],
+                    targets: vec![12],
+                },
             ],
             free: vec![3],
         };
         assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
         let out = StepOutput {
             rank: 1,
-            seqs: vec![SeqOutput { seq_id: 1, rows: vec![Candidates { top: vec![(5, 1.5), (2, 0.5)], lse: 2.0, lse_t: 2.5, gumbel: Some((5, 3.25)), gumbel_logit: 1.25, target: Some((8, -1.0)) }] }],
+            seqs: vec![SeqOutput {
+                seq_id: 1,
+                rows: vec![Candidates {
+                    top: vec![(5, 1.5), (2, 0.5)],
+                    lse: 2.0,
+                    lse_t: 2.5,
+                    gumbel: Some((5, 3.25)),
+                    gumbel_logit: 1.25,
+                    target: Some((8, -1.0)),
+                }],
+            }],
             compute_us: 10,
             comm_us: 3,
         };

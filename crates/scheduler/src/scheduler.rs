@@ -448,7 +448,6 @@ impl Scheduler {
         }
     }
 
-
     /// The longest cached prefix of `s` that every group can start from: whole blocks of the
     /// prompt, at most all tokens but the last (whose logits are needed), with a windowed group needing
     /// only the blocks a query right after the prefix sees.

@@ -206,7 +206,13 @@ fn impossible_requests_are_refused_with_reasons() {
 #[derive(Debug, Clone)]
 enum Op {
     /// Prompt from one of a few shared prefixes plus a tail, and how many tokens to generate.
-    Add { prefix: u8, prefix_len: usize, tail: usize, max_tokens: usize, logprobs: Option<usize> },
+    Add {
+        prefix: u8,
+        prefix_len: usize,
+        tail: usize,
+        max_tokens: usize,
+        logprobs: Option<usize>,
+    },
     Step,
     Cancel(usize),
 }

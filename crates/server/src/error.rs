@@ -81,7 +81,13 @@ impl ApiError {
 
     /// 405: a route asked with the wrong method (OpenAI answers its error body, not an empty one).
     pub fn method_not_allowed(method: &Method, path: &str) -> Self {
-        Self { status: StatusCode::METHOD_NOT_ALLOWED, message: format!("Invalid method for URL ({method} {path})"), kind: "invalid_request_error", param: None, code: None }
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("Invalid method for URL ({method} {path})"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
     }
 
     /// The body could not be read: 413 over `limit` bytes, else 400.

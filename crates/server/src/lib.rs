@@ -21,8 +21,8 @@ use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::{mpsc, oneshot};
 use tpserve_coordinator::{Backend, Engine, EngineConfig, Event, Request};
-use tpserve_tokenizer::Tokenizer;
 use tpserve_scheduler::AddError;
+use tpserve_tokenizer::Tokenizer;
 
 pub use error::ApiError;
 
@@ -66,7 +66,11 @@ struct Status {
 }
 
 enum Cmd {
-    Submit { req: Request, events: mpsc::UnboundedSender<Event>, reply: oneshot::Sender<Result<(), ApiError>> },
+    Submit {
+        req: Request,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
     /// Ends every live request with this error.
     FailAll(String),
 }
@@ -122,7 +126,10 @@ fn prometheus() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     tpserve_coordinator::metrics::describe_metrics();
-    metrics::describe_gauge!("tpserve_ready", "1 while GET /ready answers 200 (every worker loaded and answering, not draining), else 0; set when /ready is asked.");
+    metrics::describe_gauge!(
+        "tpserve_ready",
+        "1 while GET /ready answers 200 (every worker loaded and answering, not draining), else 0; set when /ready is asked."
+    );
     Ok(HANDLE.get_or_init(|| h).clone())
 }
 
@@ -219,7 +226,9 @@ async fn engine_loop<B: Backend>(
                     AddError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry later")),
                     AddError::Duplicate(_) => ApiError::unavailable(e.to_string()),
                     AddError::EmptyPrompt => ApiError::invalid(Some("prompt"), e.to_string()),
-                    AddError::TooLong { .. } | AddError::TooBig { .. } => ApiError::invalid(Some("max_tokens"), e.to_string()).with_code("context_length_exceeded"),
+                    AddError::TooLong { .. } | AddError::TooBig { .. } => {
+                        ApiError::invalid(Some("max_tokens"), e.to_string()).with_code("context_length_exceeded")
+                    }
                 }),
             };
             let _ = reply.send(r);

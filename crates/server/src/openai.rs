@@ -79,7 +79,9 @@ impl CompletionRequest {
             Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(Prompt::Text(a[0].as_str().unwrap_or_default().to_string())),
             Value::Array(a) if a.iter().all(|v| v.is_u64()) => ids(a).map(Prompt::Ids),
             // One prompt of token ids, as a batch of one.
-            Value::Array(a) if a.len() == 1 && a[0].as_array().is_some_and(|x| x.iter().all(|v| v.is_u64())) => ids(a[0].as_array().unwrap_or(&Vec::new())).map(Prompt::Ids),
+            Value::Array(a) if a.len() == 1 && a[0].as_array().is_some_and(|x| x.iter().all(|v| v.is_u64())) => {
+                ids(a[0].as_array().unwrap_or(&Vec::new())).map(Prompt::Ids)
+            }
             Value::Array(a) if a.len() > 1 && a.iter().all(|v| v.is_string() || v.is_array()) => {
                 Err(ApiError::invalid(Some("prompt"), "only one prompt per request is supported (n = 1, no prompt batches)"))
             }

@@ -25,8 +25,8 @@ use tpserve_tokenizer::chat;
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest, Prompt, Sampling};
 use crate::response::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs, ChunkUsage, Completion, CompletionChoice, CompletionLogprobs, Delta, Head, ModelCard, ModelList,
-    TokenLogprob, TopLogprob, Usage, LOGPROB_FLOOR,
+    AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs, ChunkUsage, Completion, CompletionChoice, CompletionLogprobs,
+    Delta, Head, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, LOGPROB_FLOOR,
 };
 use crate::AppState;
 
@@ -360,7 +360,15 @@ fn pending_usage(include_usage: bool) -> ChunkUsage {
     }
 }
 
-fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, head: Head, echo: Option<String>, prompt_ids: Vec<u32>, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = String> + Send + 'static {
+fn completion_stream(
+    state: Arc<AppState>,
+    rx: UnboundedReceiver<Event>,
+    head: Head,
+    echo: Option<String>,
+    prompt_ids: Vec<u32>,
+    logprobs: bool,
+    include_usage: bool,
+) -> impl futures::Stream<Item = String> + Send + 'static {
     let usage_head = head.clone();
     let chunk = move |text: &str, lp: Option<CompletionLogprobs>, finish: Option<&'static str>| {
         let choice = CompletionChoice { index: 0, text: text.to_string(), logprobs: lp, finish_reason: finish };
@@ -398,7 +406,13 @@ fn completion_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, head: H
     })
 }
 
-fn chat_stream(state: Arc<AppState>, rx: UnboundedReceiver<Event>, head: Head, logprobs: bool, include_usage: bool) -> impl futures::Stream<Item = String> + Send + 'static {
+fn chat_stream(
+    state: Arc<AppState>,
+    rx: UnboundedReceiver<Event>,
+    head: Head,
+    logprobs: bool,
+    include_usage: bool,
+) -> impl futures::Stream<Item = String> + Send + 'static {
     let usage_head = head.clone();
     let chunk = move |delta: Delta, lp: Option<ChatLogprobs>, finish: Option<&'static str>| {
         let choice = ChatChunkChoice { index: 0, delta, logprobs: lp, finish_reason: finish };

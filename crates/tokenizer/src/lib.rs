@@ -20,8 +20,8 @@ pub use stream::StreamDecoder;
 
 use std::collections::HashMap;
 
-use tpserve_gguf::{Gguf, Value};
 use special::{Fragment, SpecialMatcher};
+use tpserve_gguf::{Gguf, Value};
 
 /// Everything that can be wrong with a model's tokenizer metadata.
 #[derive(Debug, thiserror::Error)]
@@ -221,11 +221,7 @@ impl Tokenizer {
                         Value::I16(x) => x as i64,
                         Value::I32(x) => x as i64,
                         Value::I64(x) => x,
-                        _ => v.as_u64().map(|x| x as i64).ok_or(TokenizerError::WrongType {
-                            key,
-                            expected: "array of integers",
-                            found: v.type_name(),
-                        })?,
+                        _ => v.as_u64().map(|x| x as i64).ok_or(TokenizerError::WrongType { key, expected: "array of integers", found: v.type_name() })?,
                     };
                     TokenType::from_i64(i, x)
                 })
@@ -257,8 +253,7 @@ impl Tokenizer {
         let (algo, default_add_bos) = if model == "llama" {
             let mut byte_tokens = Box::new([None; 256]);
             for b in 0..=255u8 {
-                byte_tokens[b as usize] =
-                    piece_to_id.get(&format!("<0x{b:02X}>")).or_else(|| piece_to_id.get(&(b as char).to_string())).copied();
+                byte_tokens[b as usize] = piece_to_id.get(&format!("<0x{b:02X}>")).or_else(|| piece_to_id.get(&(b as char).to_string())).copied();
             }
             let add_space_prefix = flag(gguf, "tokenizer.ggml.add_space_prefix", true)?;
             (Algorithm::Spm { add_space_prefix, byte_tokens }, true)

@@ -256,18 +256,12 @@ mod tests {
 
     #[test]
     fn gpt2_splitting_keeps_the_leading_space_with_each_word() {
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "Hello world's  end!!\n 12"),
-            vec!["Hello", " world", "'s", " ", " end", "!!", "\n", " 12"]
-        );
+        assert_eq!(words(PreTokenizer::Gpt2, "Hello world's  end!!\n 12"), vec!["Hello", " world", "'s", " ", " end", "!!", "\n", " 12"]);
     }
 
     #[test]
     fn llama3_splitting_groups_digits_in_threes_and_attaches_newlines() {
-        assert_eq!(
-            words(PreTokenizer::Llama3, "I'M 12345 ok.\n\n  x  "),
-            vec!["I", "'M", " ", "123", "45", " ok", ".\n\n", " ", " x", "  "]
-        );
+        assert_eq!(words(PreTokenizer::Llama3, "I'M 12345 ok.\n\n  x  "), vec!["I", "'M", " ", "123", "45", " ok", ".\n\n", " ", " x", "  "]);
         assert_eq!(words(PreTokenizer::Qwen2, "a 123"), vec!["a", " ", "1", "2", "3"]);
     }
 

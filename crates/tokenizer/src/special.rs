@@ -149,16 +149,7 @@ mod tests {
     fn longer_special_tokens_win_over_shorter_ones_they_contain() {
         let m = SpecialMatcher::new([(1, "\n", true), (2, "\n\n", true), (3, "<s>", false)]);
         let f = m.partition("a\n\n\nb<s>", true);
-        assert_eq!(
-            f,
-            vec![
-                Fragment::Text(0..1),
-                Fragment::Token(2),
-                Fragment::Token(1),
-                Fragment::Text(4..5),
-                Fragment::Token(3)
-            ]
-        );
+        assert_eq!(f, vec![Fragment::Text(0..1), Fragment::Token(2), Fragment::Token(1), Fragment::Text(4..5), Fragment::Token(3)]);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! both algorithms, special tokens and streaming are checked without the real model.
 
 use super::*;
-use tpserve_gguf::{Gguf, GgufWriter, Value};
 use rand::{Rng, SeedableRng};
+use tpserve_gguf::{Gguf, GgufWriter, Value};
 
 fn strings(items: &[&str]) -> Value {
     Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())

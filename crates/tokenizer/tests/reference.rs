@@ -25,9 +25,7 @@ struct Case {
 fn reference_cases() -> Vec<Case> {
     let path = data_dir().join("reference/tokenize.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
-    };
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().expect("an id array").iter().map(|x| x.as_u64().expect("an id") as u32).collect() };
     let cases: Vec<Case> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -96,10 +94,7 @@ fn gemma_knows_its_special_tokens_and_end_of_generation_ids() {
 fn gemma_stream_decoder_never_emits_half_a_character() {
     let Some(tok) = gemma() else { return };
     // "🙂" spelled as its four byte-fallback tokens.
-    let bytes: Vec<u32> = "🙂"
-        .bytes()
-        .map(|b| tok.token_id(&format!("<0x{b:02X}>")).expect("Gemma has byte-fallback tokens"))
-        .collect();
+    let bytes: Vec<u32> = "🙂".bytes().map(|b| tok.token_id(&format!("<0x{b:02X}>")).expect("Gemma has byte-fallback tokens")).collect();
     let mut s = StreamDecoder::new(&tok);
     let mut emitted = vec![s.push(tok.token_id("Hello").unwrap())];
     for &id in &bytes {
@@ -130,13 +125,7 @@ fn gemma_encodes_the_wikitext_test_set_in_reasonable_time() {
     let enc = t.elapsed();
     let t = Instant::now();
     let back = tok.decode(&ids);
-    eprintln!(
-        "wikitext-2 test: {} bytes -> {} tokens, encode {:.2?}, decode {:.2?}",
-        text.len(),
-        ids.len(),
-        enc,
-        t.elapsed()
-    );
+    eprintln!("wikitext-2 test: {} bytes -> {} tokens, encode {:.2?}, decode {:.2?}", text.len(), ids.len(), enc, t.elapsed());
     assert_eq!(back, text);
     assert!(ids.len() > 200_000 && ids.len() < text.len() / 2, "{} tokens is implausible", ids.len());
 }

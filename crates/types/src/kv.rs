@@ -64,7 +64,12 @@ impl KvLayout {
                 let layers = (0..windows.len()).filter(|&l| windows[l] == window).collect();
                 let blocks = match window {
                     None => full_blocks,
-                    Some(w) => s.max_seqs.max(1).saturating_mul(w.saturating_sub(1).div_ceil(bs).saturating_add(2)).saturating_add(s.max_chunk.div_ceil(bs)).min(full_blocks),
+                    Some(w) => s
+                        .max_seqs
+                        .max(1)
+                        .saturating_mul(w.saturating_sub(1).div_ceil(bs).saturating_add(2))
+                        .saturating_add(s.max_chunk.div_ceil(bs))
+                        .min(full_blocks),
                 };
                 KvGroup { window, layers, blocks }
             })

@@ -6,7 +6,7 @@ pub mod plan;
 pub mod sampling;
 pub mod step;
 
-pub use sampling::{SamplingParams, SamplingError};
+pub use sampling::{SamplingError, SamplingParams};
 
 /// A token id in the model's vocabulary.
 pub type TokenId = u32;

@@ -139,10 +139,7 @@ impl ModelShape {
         TpRank { rank: 0, world: tp }.check_heads(self.n_heads, self.n_kv_heads)?;
         let attn_in = self.n_heads / tp * self.head_dim;
         if !attn_in.is_multiple_of(self.attn_out_block.max(1)) {
-            return Err(format!(
-                "each rank's {attn_in} attention-output columns would split a quant block of {} columns",
-                self.attn_out_block
-            ));
+            return Err(format!("each rank's {attn_in} attention-output columns would split a quant block of {} columns", self.attn_out_block));
         }
         let block = self.ffn_down_block.max(1);
         if !self.ffn.is_multiple_of(tp) || !(self.ffn / tp).is_multiple_of(block) {

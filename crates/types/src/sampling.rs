@@ -134,9 +134,7 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<TokenId> {
         return Vec::new();
     }
     let mut idx: Vec<TokenId> = (0..values.len() as TokenId).collect();
-    let cmp = |a: &TokenId, b: &TokenId| {
-        values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b))
-    };
+    let cmp = |a: &TokenId, b: &TokenId| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);

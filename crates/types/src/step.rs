@@ -106,9 +106,11 @@ pub fn merge_outputs(outputs: &[StepOutput], k_for: impl Fn(SeqId) -> usize) -> 
         for r in 0..s.rows.len() {
             let mut parts = Vec::with_capacity(answering.len());
             for o in &answering {
-                let other = o.seqs.get(i).filter(|x| x.seq_id == s.seq_id && x.rows.len() == s.rows.len()).ok_or_else(|| {
-                    format!("rank {} and rank {} answered different sequences at position {i}", first.rank, o.rank)
-                })?;
+                let other = o
+                    .seqs
+                    .get(i)
+                    .filter(|x| x.seq_id == s.seq_id && x.rows.len() == s.rows.len())
+                    .ok_or_else(|| format!("rank {} and rank {} answered different sequences at position {i}", first.rank, o.rank))?;
                 parts.push(other.rows[r].clone());
             }
             rows.push(Candidates::merge(parts, k_for(s.seq_id)));

@@ -95,11 +95,7 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let shape = model_shape(&g).map_err(|e| Status::failed_precondition(e.to_string()))?;
     let plan = Plan::new(shape, tp, pp).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if rank >= plan.world() || req.comm_addrs.len() != plan.world() {
-        return Err(Status::invalid_argument(format!(
-            "rank {rank} with {} collective addresses in a world of {}",
-            req.comm_addrs.len(),
-            plan.world()
-        )));
+        return Err(Status::invalid_argument(format!("rank {rank} with {} collective addresses in a world of {}", req.comm_addrs.len(), plan.world())));
     }
     let shard = plan.shard(rank);
     let addrs = req
@@ -114,7 +110,11 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
 
     let kv = tpserve_types::kv::KvLayout::try_from(req.kv.clone().ok_or_else(|| Status::invalid_argument("the load request has no KV cache layout"))?)?;
     if kv.groups.iter().map(|g| g.layers.len()).sum::<usize>() != plan.shape.n_layers {
-        return Err(Status::invalid_argument(format!("the KV cache layout covers {} layers, the model has {}", kv.groups.iter().map(|g| g.layers.len()).sum::<usize>(), plan.shape.n_layers)));
+        return Err(Status::invalid_argument(format!(
+            "the KV cache layout covers {} layers, the model has {}",
+            kv.groups.iter().map(|g| g.layers.len()).sum::<usize>(),
+            plan.shape.n_layers
+        )));
     }
 
     let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -132,11 +132,8 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let comm_err = |e: tpserve_comm::CommError| Status::internal(e.to_string());
     let tp_comm: Arc<dyn Collective> = Arc::new(world.subgroup(&tp_members).map_err(comm_err)?);
     // A later stage waits for the earlier stages' whole chunk, not just a peer's skew.
-    let pp_comm: Option<Arc<dyn Collective>> = if pp > 1 {
-        Some(Arc::new(world.subgroup(&pp_members).and_then(|g| g.with_io_timeout(stage_timeout)).map_err(comm_err)?))
-    } else {
-        None
-    };
+    let pp_comm: Option<Arc<dyn Collective>> =
+        if pp > 1 { Some(Arc::new(world.subgroup(&pp_members).and_then(|g| g.with_io_timeout(stage_timeout)).map_err(comm_err)?)) } else { None };
 
     let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
     let loaded = inner

@@ -133,7 +133,8 @@ impl Shard {
             }
         }
         let seqs = &self.seqs;
-        let chunks: Vec<SeqChunk<'_>> = plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
         let logits = match self.model.forward(&mut self.kv, &chunks) {
             Ok(l) => l,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
@@ -192,12 +193,7 @@ impl Shard {
                 seqs.push(SeqOutput { seq_id: w.seq_id, rows });
             }
         }
-        Ok(StepOutput {
-            rank,
-            seqs,
-            compute_us: t0.elapsed().as_micros() as u64,
-            comm_us: (self.comm_time() - comm0).as_micros() as u64,
-        })
+        Ok(StepOutput { rank, seqs, compute_us: t0.elapsed().as_micros() as u64, comm_us: (self.comm_time() - comm0).as_micros() as u64 })
     }
 
     /// Why `plan` cannot run against the sequences this shard holds, if it cannot.
@@ -213,7 +209,12 @@ impl Shard {
                 return Err(format!("sequence {} brings blocks for {} KV groups, the cache has {groups}", w.seq_id, w.blocks.len()));
             }
             match (self.seqs.get(&w.seq_id).filter(|_| !freed), w.starts()) {
-                (None, false) => return Err(format!("sequence {} is unknown here but continues at position {} (a new one needs sampling parameters)", w.seq_id, w.start_pos)),
+                (None, false) => {
+                    return Err(format!(
+                        "sequence {} is unknown here but continues at position {} (a new one needs sampling parameters)",
+                        w.seq_id, w.start_pos
+                    ))
+                }
                 (None, true) => {}
                 (Some(_), true) => return Err(format!("sequence {} already exists; free it before starting it again", w.seq_id)),
                 (Some(st), false) if st.len != w.start_pos => {

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use tpserve_model::config::Arch;
 use tpserve_gguf::{GgufWriter, Value};
+use tpserve_model::config::Arch;
 use tpserve_model::quant::{quantize, GgmlDType, SUPPORTED};
 use tpserve_model::testing::{tiny_gguf, TinySpec};
 
@@ -64,10 +64,7 @@ fn all_types() -> Vec<u8> {
         .meta("array.u32", Value::Array(vec![Value::U32(1), Value::U32(2), Value::U32(3)]))
         .meta("array.string", Value::Array(vec![Value::String("<bos>".into()), Value::String("a".into())]))
         .meta("array.empty", Value::Array(vec![]))
-        .meta(
-            "array.nested",
-            Value::Array(vec![Value::Array(vec![Value::I16(1), Value::I16(-1)]), Value::Array(vec![Value::I16(2)])]),
-        );
+        .meta("array.nested", Value::Array(vec![Value::Array(vec![Value::I16(1), Value::I16(-1)]), Value::Array(vec![Value::I16(2)])]));
     for (i, dtype) in SUPPORTED.iter().enumerate() {
         let n = dtype.block_size().max(8);
         let values: Vec<f32> = (0..2 * n).map(|k| ((k * 37 + i) % 17) as f32 / 8.0 - 1.0).collect();

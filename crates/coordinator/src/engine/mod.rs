@@ -359,9 +359,8 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// other than the plan, and the cluster is failed.
     fn merge(&mut self, batch: &Batch, reply: &StepReply) -> Result<Vec<SeqOutput>, ClusterError> {
         let by_seq: HashMap<SeqId, &Scheduled> = batch.seqs.iter().map(|s| (s.seq_id, s)).collect();
-        let k_for = |id: SeqId| {
-            by_seq.get(&id).and_then(|s| self.live.get(&s.req)).map_or(1, |l| candidates_needed(&l.req.sampling, l.req.logprobs.unwrap_or(0)))
-        };
+        let k_for =
+            |id: SeqId| by_seq.get(&id).and_then(|s| self.live.get(&s.req)).map_or(1, |l| candidates_needed(&l.req.sampling, l.req.logprobs.unwrap_or(0)));
         let checked = merge_outputs(&reply.outputs, k_for).and_then(|merged| {
             let answered: HashMap<SeqId, usize> = merged.iter().map(|m| (m.seq_id, m.rows.len())).collect();
             if let Some(m) = merged.iter().find(|m| !by_seq.contains_key(&m.seq_id)) {

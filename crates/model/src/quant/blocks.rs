@@ -462,22 +462,13 @@ mod tests {
     #[test]
     fn wrong_lengths_and_unsupported_types_are_errors_not_panics() {
         let mut out = vec![0f32; 32];
-        assert!(matches!(
-            dequantize(GgmlDType::Q8_0, &[0u8; 33], &mut out),
-            Err(QuantError::ByteLength { expected: 34, got: 33, .. })
-        ));
+        assert!(matches!(dequantize(GgmlDType::Q8_0, &[0u8; 33], &mut out), Err(QuantError::ByteLength { expected: 34, got: 33, .. })));
         let mut out = vec![0f32; 31];
-        assert!(matches!(
-            dequantize(GgmlDType::Q4_0, &[0u8; 18], &mut out),
-            Err(QuantError::NotBlockMultiple { len: 31, block: 32, .. })
-        ));
+        assert!(matches!(dequantize(GgmlDType::Q4_0, &[0u8; 18], &mut out), Err(QuantError::NotBlockMultiple { len: 31, block: 32, .. })));
         assert!(matches!(quantize(GgmlDType::Q4_K, &[0f32; 255]), Err(QuantError::NotBlockMultiple { .. })));
         assert!(matches!(quantize(GgmlDType::Q2_K, &[0f32; 256]), Err(QuantError::Unsupported(GgmlDType::Q2_K))));
         let mut out = vec![0f32; 256];
-        assert!(matches!(
-            dequantize(GgmlDType::Q3_K, &[0u8; 110], &mut out),
-            Err(QuantError::Unsupported(GgmlDType::Q3_K))
-        ));
+        assert!(matches!(dequantize(GgmlDType::Q3_K, &[0u8; 110], &mut out), Err(QuantError::Unsupported(GgmlDType::Q3_K))));
     }
 
     #[test]

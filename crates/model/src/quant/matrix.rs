@@ -50,11 +50,7 @@ impl QMatrix {
         if !is_supported(dtype) {
             return Err(QuantError::Unsupported(dtype));
         }
-        let row_bytes = dtype.bytes_for(cols).ok_or(QuantError::NotBlockMultiple {
-            dtype,
-            len: cols,
-            block: dtype.block_size(),
-        })?;
+        let row_bytes = dtype.bytes_for(cols).ok_or(QuantError::NotBlockMultiple { dtype, len: cols, block: dtype.block_size() })?;
         let expected = rows.checked_mul(row_bytes).ok_or(QuantError::ShapeOverflow { dtype, rows, cols })?;
         data.check()?;
         let got = data.as_slice().len();
@@ -259,13 +255,7 @@ impl OutPtr {
 }
 
 /// Quantizes `n` rows of `x` into `n * per_row` activation blocks, in parallel when large.
-fn quantize_rows<B: Copy + Send + Sync>(
-    x: &[f32],
-    n: usize,
-    per_row: usize,
-    zero: B,
-    f: impl Fn(&[f32], &mut [B]) + Sync,
-) -> Vec<B> {
+fn quantize_rows<B: Copy + Send + Sync>(x: &[f32], n: usize, per_row: usize, zero: B, f: impl Fn(&[f32], &mut [B]) + Sync) -> Vec<B> {
     let mut acts = vec![zero; n * per_row];
     let cols = x.len() / n;
     if n >= 8 && x.len() >= 1 << 15 && rayon::current_num_threads() > 1 {

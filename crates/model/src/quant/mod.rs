@@ -33,17 +33,8 @@ pub use tpserve_gguf::{GgmlDType, TensorBytes};
 
 /// Every tensor type tpserve loads and multiplies (the one list: error messages, tests and
 /// the tiny test models use it).
-pub const SUPPORTED: [GgmlDType; 9] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::Q5_0,
-    GgmlDType::Q4_K,
-    GgmlDType::Q5_K,
-    GgmlDType::Q6_K,
-    GgmlDType::F16,
-    GgmlDType::BF16,
-    GgmlDType::F32,
-];
+pub const SUPPORTED: [GgmlDType; 9] =
+    [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q5_0, GgmlDType::Q4_K, GgmlDType::Q5_K, GgmlDType::Q6_K, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
 
 /// Whether tpserve can load and multiply tensors of this type.
 pub fn is_supported(dtype: GgmlDType) -> bool {

@@ -264,19 +264,10 @@ fn slice_cols_halves_sum_to_the_full_matmul() {
 #[test]
 fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
     let owned = |n: usize| TensorBytes::Owned(Arc::new(vec![0u8; n]));
-    assert!(matches!(
-        QMatrix::new(GgmlDType::Q8_0, 2, 64, owned(135)),
-        Err(QuantError::ByteLength { expected: 136, got: 135, .. })
-    ));
-    assert!(matches!(
-        QMatrix::new(GgmlDType::Q4_K, 2, 640, owned(0)),
-        Err(QuantError::NotBlockMultiple { len: 640, block: 256, .. })
-    ));
+    assert!(matches!(QMatrix::new(GgmlDType::Q8_0, 2, 64, owned(135)), Err(QuantError::ByteLength { expected: 136, got: 135, .. })));
+    assert!(matches!(QMatrix::new(GgmlDType::Q4_K, 2, 640, owned(0)), Err(QuantError::NotBlockMultiple { len: 640, block: 256, .. })));
     assert!(matches!(QMatrix::new(GgmlDType::Q2_K, 1, 256, owned(84)), Err(QuantError::Unsupported(_))));
-    assert!(matches!(
-        QMatrix::new(GgmlDType::F32, usize::MAX / 2, 4, owned(0)),
-        Err(QuantError::ShapeOverflow { .. })
-    ));
+    assert!(matches!(QMatrix::new(GgmlDType::F32, usize::MAX / 2, 4, owned(0)), Err(QuantError::ShapeOverflow { .. })));
     let m = QMatrix::new(GgmlDType::Q8_0, 4, 64, owned(4 * 68)).unwrap();
     assert!(matches!(m.slice_rows(3, 5), Err(QuantError::BadRange { axis: "row", .. })));
     assert!(matches!(m.slice_rows(3, 2), Err(QuantError::BadRange { .. })));
