@@ -235,7 +235,7 @@ mod blocked {
 
     /// The online softmax of [`super::attend`] with the blocked score and value kernels.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend<const HS: usize, const KB: usize, const DC: usize>(a: Attend<'_>, o: &mut [f32]) {
+    pub(super) unsafe fn attend<const HS: usize, const KB: usize, const DC: usize>(a: Attend<'_>, o: &mut [f32]) {
         let (hd, hs) = (a.hd, a.hs);
         o.fill(0.0);
         let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];

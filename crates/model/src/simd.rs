@@ -176,7 +176,7 @@ mod avx2 {
 
     /// [`super::geglu`] with the f32 → f16 conversion done 8 at a time by F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn geglu(table: &[f32], gate: &mut [f32], up: &[f32]) {
+    pub(super) unsafe fn geglu(table: &[f32], gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
         let mut i = 0;
         let mut bits = [0u16; 8];
@@ -196,15 +196,15 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         super::dot_body::<true>(a, b)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         super::axpy_body::<true>(y, a, x)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scale(y: &mut [f32], a: f32) {
+    pub(super) unsafe fn scale(y: &mut [f32], a: f32) {
         super::scale_body(y, a)
     }
 }

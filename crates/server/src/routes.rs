@@ -33,12 +33,12 @@ use crate::AppState;
 type St = State<Arc<AppState>>;
 
 /// The largest request body read, in bytes (axum's default, stated so that the 413 can say it).
-pub const MAX_BODY_BYTES: usize = 2 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// A request body, or why it could not be read.
 type Body = Result<Bytes, BytesRejection>;
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))

@@ -221,7 +221,7 @@ unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const
 
 /// Rows × four tokens for the 32-element formats: two rows at a time, then the odd one.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+pub(super) unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / bytes;
     let rows = out.len();
     let wp = w.as_ptr();
@@ -238,12 +238,12 @@ pub unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a:
 }
 
 /// Bytes of one unpacked Q4_0/Q5_0 block: the scale as f32 and the 32 codes as bytes.
-pub const UNPACKED_BYTES: usize = 36;
+pub(super) const UNPACKED_BYTES: usize = 36;
 
 /// Decodes Q4_0/Q5_0 blocks once into [`UNPACKED_BYTES`] blocks, so a prefill task that
 /// multiplies the same rows with hundreds of tokens does not decode them for every four.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Vec<u8>) {
+pub(super) unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Vec<u8>) {
     let nb = w.len() / bytes;
     let tab = f16_table();
     out.clear();
@@ -266,7 +266,7 @@ pub unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Vec<u8>) 
 
 /// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to [`rows4_32`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+pub(super) unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / UNPACKED_BYTES;
     let rows = out.len();
     let wp = w.as_ptr();
@@ -309,25 +309,25 @@ macro_rules! rows4 {
 pub(crate) use rows4;
 
 /// The format ids, public for [`rows4`].
-pub const K_Q8_0_ID: u8 = K_Q8_0;
-pub const K_Q4_0_ID: u8 = K_Q4_0;
-pub const K_Q5_0_ID: u8 = K_Q5_0;
+pub(super) const K_Q8_0_ID: u8 = K_Q8_0;
+pub(super) const K_Q4_0_ID: u8 = K_Q4_0;
+pub(super) const K_Q5_0_ID: u8 = K_Q5_0;
 
 /// Q8_0 weights · `N` Q8_0 activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q8_0, N>(w, Q8_0_BYTES, a)
 }
 
 /// Q4_0 weights · `N` Q8_0 activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q4_0, N>(w, Q4_0_BYTES, a)
 }
 
 /// Q5_0 weights · `N` Q8_0 activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q5_0, N>(w, Q5_0_BYTES, a)
 }
 
@@ -370,7 +370,7 @@ unsafe fn k_min_sums(mins: __m128i, y: &BlockQ8K) -> __m256i {
 
 /// Q4_K weights · `N` Q8_K activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q4_K_BYTES;
     let wp = w.as_ptr();
     let tab = f16_table();
@@ -409,7 +409,7 @@ pub unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N
 
 /// Q5_K weights · `N` Q8_K activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q5_K_BYTES;
     let wp = w.as_ptr();
     let tab = f16_table();
@@ -456,7 +456,7 @@ pub unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N
 /// activation sums (`Σ (q-32)·a = Σ q·a − 32·Σ a`, and `Σ a` per 16 is `bsums`), which saves
 /// a `maddubs` and a subtraction per 32 values per token.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q6_K_BYTES;
     let wp = w.as_ptr();
     let tab = f16_table();
@@ -552,19 +552,19 @@ unsafe fn dot_float<const K: u8, const N: usize>(w: &[u8], x: [&[f32]; N], tail:
 
 /// F32 weights · `N` f32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f32<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_f32<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_F32, N>(w, x, super::scalar::dot_f32)
 }
 
 /// F16 weights · `N` f32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_f16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_F16, N>(w, x, super::scalar::dot_f16)
 }
 
 /// BF16 weights · `N` f32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_bf16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_bf16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_BF16, N>(w, x, super::scalar::dot_bf16)
 }
 
@@ -618,7 +618,7 @@ unsafe fn hsum_i8(v: __m256i) -> i32 {
 
 /// AVX2 twin of [`super::act::quantize_row_q8_0`], bit-identical to it for finite input.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+pub(super) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * 32, "quantize_row_q8_0: length mismatch");
     for (xb, yb) in x.chunks_exact(32).zip(out.iter_mut()) {
         let p = xb.as_ptr();
@@ -635,7 +635,7 @@ pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 
 /// AVX2 twin of [`super::act::quantize_row_q8_k`], bit-identical to it for finite input.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+pub(super) unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * 256, "quantize_row_q8_k: length mismatch");
     for (xb, yb) in x.chunks_exact(256).zip(out.iter_mut()) {
         let p = xb.as_ptr();

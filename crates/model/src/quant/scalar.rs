@@ -10,7 +10,7 @@ use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::{f16_at, k_scales_mins, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
 /// Q8_0 weights · Q8_0 activations.
-pub fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+pub(super) fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q8_0_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q8_0_BYTES).zip(a) {
@@ -24,7 +24,7 @@ pub fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// Q4_0 weights · Q8_0 activations.
-pub fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+pub(super) fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q4_0_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q4_0_BYTES).zip(a) {
@@ -39,7 +39,7 @@ pub fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// Q5_0 weights · Q8_0 activations.
-pub fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
+pub(super) fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q5_0_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q5_0_BYTES).zip(a) {
@@ -57,7 +57,7 @@ pub fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
 }
 
 /// Q4_K weights · Q8_K activations: `d·Σ sc_j·(q·a)_j − dmin·Σ mn_j·bsum_j` per super-block.
-pub fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+pub(super) fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q4_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q4_K_BYTES).zip(a) {
@@ -81,7 +81,7 @@ pub fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
 }
 
 /// Q5_K weights · Q8_K activations.
-pub fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q5_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q5_K_BYTES).zip(a) {
@@ -108,7 +108,7 @@ pub fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
 }
 
 /// Q6_K weights · Q8_K activations.
-pub fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q6_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q6_K_BYTES).zip(a) {
@@ -158,16 +158,16 @@ fn dot_f32_by(n: usize, x: &[f32], f: impl Fn(usize) -> f32) -> f32 {
 }
 
 /// F32 weights (little-endian bytes) · f32 activations.
-pub fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
+pub(super) fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]))
 }
 
 /// F16 weights · f32 activations.
-pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+pub(super) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
 }
 
 /// BF16 weights · f32 activations.
-pub fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
+pub(super) fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| bf16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
 }

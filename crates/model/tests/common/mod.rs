@@ -1,12 +1,12 @@
 //! Shared helpers of the model crate's integration tests.
 #![allow(dead_code, unused_imports)]
 
-pub use tpserve_fetch::testing::{default_model, reference as read_jsonl};
+pub(crate) use tpserve_fetch::testing::{default_model, reference as read_jsonl};
 
-pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+pub(crate) fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-pub fn pool(threads: usize) -> rayon::ThreadPool {
+pub(crate) fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
 }
