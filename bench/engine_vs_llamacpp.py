@@ -6,7 +6,10 @@ the llama-cpp-python package) on the same GGUF file and the same prompt token id
 reports the median prefill and decode tokens/s of each and their ratio.
 
     python3 bench/engine_vs_llamacpp.py --python /path/to/venv/bin/python \
-        --tpserve target/release/tpserve --threads 1 2 --reps 5
+        --tpserve target/release/tpserve --threads 1 2 --reps 5 [--baseline OLD/tpserve]
+
+With --baseline, another tpserve binary (say, the last release's) runs in the same
+alternation, and the table adds its medians and the ratio to it ("nothing got slower").
 
 The venv needs `pip install llama-cpp-python` (builds llama.cpp from source, 10-20 min).
 """
@@ -33,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", required=True, help="python of a venv with llama-cpp-python")
     ap.add_argument("--tpserve", default="target/release/tpserve")
+    ap.add_argument("--baseline", help="another tpserve binary to run beside, e.g. a build of the previous commit")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/tpserve/models/gemma-3-270m-q4_k_m.gguf"))
     ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "../tests/data/wikitext-2-raw-test.txt"))
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -58,23 +62,30 @@ def main():
     f.write(prompt)
     f.close()
 
+    def ours(binary, t):
+        out = subprocess.check_output([binary, "generate", "--json", "--model", a.model, "--prompt-file", f.name,
+                                       "--temperature", "0", "--ignore-eos", "--max-tokens", str(a.gen_tokens + 1),
+                                       "--threads", str(t), "--prefill-chunk", str(len(ids))])
+        return json.loads(out)["timings"]
+
     rows = []
     for t in a.threads:
-        ours, theirs = [], []
+        new, base, theirs = [], [], []
         for _ in range(a.reps):
-            out = subprocess.check_output([a.tpserve, "generate", "--json", "--model", a.model, "--prompt-file", f.name,
-                                           "--temperature", "0", "--ignore-eos", "--max-tokens", str(a.gen_tokens + 1),
-                                           "--threads", str(t), "--prefill-chunk", str(len(ids))])
-            ours.append(json.loads(out)["timings"])
+            new.append(ours(a.tpserve, t))
+            if a.baseline:
+                base.append(ours(a.baseline, t))
             out = subprocess.check_output([a.python, "-c", LLAMA_SNIPPET, a.model, str(t), json.dumps(ids), str(a.gen_tokens)])
             theirs.append(json.loads(out))
-        med = lambda xs, k: statistics.median(x[k] for x in xs)
+        med = lambda xs, k: statistics.median(x[k] for x in xs) if xs else float("nan")
         for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            rows.append((t, k, med(ours, k), med(theirs, k)))
+            rows.append((t, k, med(new, k), med(theirs, k), med(base, k)))
     print(f"prompt {len(ids)} tokens, {a.gen_tokens} generated, {a.reps} runs each, medians")
-    print(f"{'threads':>7} {'metric':<22} {'tpserve':>9} {'llama.cpp':>9} {'ratio':>6}")
-    for t, k, o, l in rows:
-        print(f"{t:>7} {k:<22} {o:9.1f} {l:9.1f} {o / l:6.2f}")
+    extra = f" {'baseline':>9} {'vs base':>7}" if a.baseline else ""
+    print(f"{'threads':>7} {'metric':<22} {'tpserve':>9} {'llama.cpp':>9} {'ratio':>6}{extra}")
+    for t, k, o, l, b in rows:
+        extra = f" {b:9.1f} {o / b:7.3f}" if a.baseline else ""
+        print(f"{t:>7} {k:<22} {o:9.1f} {l:9.1f} {o / l:6.2f}{extra}")
     os.unlink(f.name)
 
 
