@@ -120,6 +120,9 @@ fn a_vllm_bench_serve_command_line_runs_unchanged_and_reports_only_what_it_asks_
         "bench",
         "--backend",
         "openai",
+        // vLLM's --model is the served model's name: not a file here, so taken that way.
+        "--model",
+        "google/gemma-3-270m",
         "--host",
         "127.0.0.1",
         "--port",
@@ -189,6 +192,28 @@ fn a_vllm_bench_serve_command_line_runs_unchanged_and_reports_only_what_it_asks_
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("P50 TTFT (ms):") && table.contains("P99 TPOT (ms):"), "{table}");
     assert!(!table.contains("ITL") && !table.contains("E2EL") && !table.contains("P90"), "{table}");
+    // vLLM's default result name carries the served model's name from --model.
+    let named = dir.path().join("named");
+    let out = bin()
+        .args([
+            "bench",
+            "--port",
+            port,
+            "--model",
+            "google/gemma-3-270m",
+            "--num-prompts",
+            "1",
+            "--save-result",
+            "--result-dir",
+            named.to_str().unwrap(),
+            "--tokenizer",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let files: Vec<String> = std::fs::read_dir(&named).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(files.len() == 1 && files[0].contains("-gemma-3-270m-"), "{files:?}");
     // A percentile beyond 100 and a range ratio of 1 are refused, naming the flag.
     for (flag, value, said) in [("--metric-percentiles", "101", "percentiles 101"), ("--random-range-ratio", "1", "range-ratio 1")] {
         let out = bin().args(["bench", "--port", port, flag, value, "--tokenizer"]).arg(&m).output().unwrap();
@@ -231,9 +256,10 @@ fn a_sweep_runs_one_level_per_value_and_both_kinds_of_chart_are_drawn() {
     assert!(dark(0..44) > 200, "no caption drawn: {} dark pixels", dark(0..44));
     let out = bin().args(["bench", "--base-url", &url, "--num-requests", "1", "--text", &t, "--plot", "chart.pdf", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--plot chart.pdf"), "{}", String::from_utf8_lossy(&out.stderr));
-    // A served model's name given as --model (vLLM's meaning) points at --served-model.
-    let out = bin().args(["bench", "--base-url", &url, "--model", "gemma-3-270m"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--served-model"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A served model's name given as --model (vLLM's meaning) with another --served-model is
+    // a contradiction, named.
+    let out = bin().args(["bench", "--base-url", &url, "--model", "gemma-3-270m", "--served-model", "other"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--served-model other"), "{}", String::from_utf8_lossy(&out.stderr));
     // Bad sweeps are named.
     let out = bin().args(["bench", "--base-url", &url, "--sweep", "threads=1,2", "--model"]).arg(&m).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sweep threads=1,2"), "{}", String::from_utf8_lossy(&out.stderr));

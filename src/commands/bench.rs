@@ -41,7 +41,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
     /// The model id to send (default: none, the server's only model). vLLM's --model means
-    /// this; here --model is the tokenizer's GGUF file.
+    /// this: a --model that is not a file is taken as the served model's name too.
     #[arg(long = "served-model")]
     pub served_model: Option<String>,
     /// Sent as a Bearer token.
@@ -145,9 +145,10 @@ pub struct BenchArgs {
     /// throughput against latency.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// The GGUF file whose tokenizer measures the prompts, as --model (vLLM's --tokenizer
-    /// names a Hugging Face tokenizer instead).
-    #[arg(long, conflicts_with = "model")]
+    /// The GGUF file whose tokenizer measures the prompts (before --model). vLLM's
+    /// --tokenizer names a Hugging Face tokenizer: a value that is not a file is taken so,
+    /// and the default model's tokenizer measures the prompts.
+    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// The tokenizer that measures prompt lengths (default: the default model's).
     #[command(flatten)]
@@ -373,6 +374,27 @@ fn workload(a: &BenchArgs, dataset: &Dataset, n: usize) -> Result<Vec<Prompt>> {
         .collect())
 }
 
+/// `--model` and `--tokenizer` as vLLM means them, when they are not files: vLLM's
+/// `--model` is the served model's name (ours: `--served-model`), its `--tokenizer` a
+/// Hugging Face tokenizer. Here either may also be the GGUF file whose tokenizer measures
+/// the prompts; a name that is not a file takes vLLM's meaning, so a vLLM command line runs
+/// unchanged, and the prompts are then measured with the default model's tokenizer.
+fn vllm_model_flags(a: &mut BenchArgs) -> Result<()> {
+    if let Some(m) = a.model.model.take_if(|m| !m.exists()) {
+        let name = m.to_string_lossy().into_owned();
+        match &a.served_model {
+            Some(s) if *s != name => bail!("--model {name}: not a file, so it names the served model as in vLLM, but --served-model {s} names another"),
+            _ => a.served_model = Some(name),
+        }
+    }
+    let hf_tokenizer = a.tokenizer.take_if(|t| !t.exists());
+    if a.model.model.is_none() && a.tokenizer.is_none() {
+        let named = hf_tokenizer.as_ref().map_or_else(String::new, |t| format!(" (--tokenizer {} is not a GGUF file)", t.display()));
+        eprintln!("note: prompt lengths are measured with the default model's tokenizer{named}; give --tokenizer FILE.gguf for another");
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.num_requests == 0 {
         bail!("--num-requests 0: send at least one");
@@ -390,16 +412,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--percentiles {p}: a percentile is between 0 and 100");
     }
     let (base_url, endpoint, label) = target_of(&a)?;
-    for (flag, m) in [("--model", &a.model.model), ("--tokenizer", &a.tokenizer)] {
-        if let Some(m) = m.as_ref().filter(|m| !m.exists()) {
-            // vLLM's `--model` names the served model and its `--tokenizer` a Hugging Face
-            // one; ours is the local GGUF file whose tokenizer counts tokens.
-            bail!(
-                "{flag} {}: no such file; here {flag} is the GGUF whose tokenizer measures the prompts, and the model id sent to the server is --served-model",
-                m.display()
-            );
-        }
-    }
+    let mut a = a;
+    vllm_model_flags(&mut a)?;
     if let Some(f) = &a.plot {
         super::bench_plot::Format::of(f).with_context(|| format!("--plot {}", f.display()))?;
         if a.sweep.is_some() && !(a.percentile_metrics.contains(&Latency::Ttft) && a.percentile_metrics.contains(&Latency::Tpot)) {
