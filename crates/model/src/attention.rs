@@ -12,9 +12,14 @@ use crate::simd;
 /// `table[p / block_size] * block_size + p % block_size` of `k` and `v` (`[rows, kv_dim]`).
 #[derive(Debug, Clone, Copy)]
 pub struct KvView<'a> {
+    /// The layer's whole key pool, `[rows, kv_dim]`; other sequences' blocks included.
     pub k: &'a [f32],
+    /// The value pool, laid out as `k`.
     pub v: &'a [f32],
+    /// The sequence's blocks in position order (`tpserve_types::kv`); entries for blocks a
+    /// sliding window no longer reads may be `NO_BLOCK`.
     pub table: &'a [BlockId],
+    /// Positions per block.
     pub block_size: usize,
 }
 
@@ -31,8 +36,11 @@ const TILE: usize = 64;
 /// Shape of one attention call on this rank.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
+    /// Query heads on this rank; a multiple of `n_kv_heads`.
     pub n_heads: usize,
+    /// KV heads on this rank; query head h reads KV head `h / (n_heads / n_kv_heads)`.
     pub n_kv_heads: usize,
+    /// Floats per head, for queries, keys and values alike.
     pub head_dim: usize,
 }
 
@@ -111,15 +119,23 @@ pub fn flash_attention(q: &[f32], kv: KvView<'_>, shape: AttnShape, span: AttnSp
 /// One task's inputs: `hs` query heads (rows of `qs`) over the key positions in `keys`, all
 /// reading the KV head at column `kv_off`.
 struct Attend<'a> {
+    /// The task's query rows, `[hs, hd]`, already scaled.
     qs: &'a [f32],
+    /// The layer's key and value pools ([`KvView::k`], [`KvView::v`]).
     k: &'a [f32],
     v: &'a [f32],
+    /// The sequence's block table and block size.
     table: &'a [BlockId],
     bs: usize,
+    /// Floats per pool row (all KV heads of a position).
     kv_dim: usize,
+    /// Column of the task's KV head within a row: `g * hd`.
     kv_off: usize,
+    /// Head dim.
     hd: usize,
+    /// Query heads in the task, at most [`MAX_HEADS_PER_TASK`].
     hs: usize,
+    /// Absolute key positions the task's query attends to.
     keys: std::ops::Range<usize>,
 }
 
@@ -134,6 +150,11 @@ impl Attend<'_> {
 
 /// [`attend`] for AVX2+FMA: register-blocked kernels when the head dim is a multiple of 8
 /// (every real model), else the portable loops compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA. `args` must be as [`flash_attention`] builds it after its
+/// checks (every row of `args.keys` through the table inside `k` and `v`, `qs` holding
+/// `hs * hd` floats, `hs <= MAX_HEADS_PER_TASK`), and `o` must hold `hs * hd` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
@@ -167,6 +188,11 @@ mod blocked {
     use crate::simd::x86::hsum;
 
     /// `scores[h][j] = q_h · k_{start + j}` for `j < n`, `h < hs` (HS is the padded head count).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a.hd` a multiple of 8 and `a.hs <= HS`; `n <= TILE` and positions
+    /// `start..start + n` inside `a.keys`, so [`Attend::row`] stays in the pool; `a.qs` holds
+    /// `a.hs * a.hd` floats.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn scores<const HS: usize, const KB: usize>(a: &Attend<'_>, start: usize, n: usize, scores: &mut [[f32; TILE]; MAX_HEADS_PER_TASK]) {
@@ -199,6 +225,9 @@ mod blocked {
     }
 
     /// `o_h += Σ_j p[h][j] · v_{start + j}` for all heads, `DC` column chunks at a time.
+    ///
+    /// # Safety
+    /// As [`scores`], with `o` holding `a.hs * a.hd` floats instead of the query condition.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn values<const HS: usize, const DC: usize>(a: &Attend<'_>, start: usize, n: usize, p: &[[f32; TILE]; MAX_HEADS_PER_TASK], o: &mut [f32]) {
@@ -234,6 +263,9 @@ mod blocked {
     }
 
     /// The online softmax of [`super::attend`] with the blocked score and value kernels.
+    ///
+    /// # Safety
+    /// As [`super::attend_avx2`], plus `a.hd` a multiple of 8 and `a.hs <= HS`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend<const HS: usize, const KB: usize, const DC: usize>(a: Attend<'_>, o: &mut [f32]) {
         let (hd, hs) = (a.hd, a.hs);
@@ -318,7 +350,9 @@ fn normalize(o: &mut [f32], l: &[f32], hd: usize) {
     }
 }
 
-/// The textbook version: full score rows, softmax, weighted sum. Tests only.
+/// The textbook version in f64: full score rows, softmax, weighted sum, over contiguous
+/// `k` and `v` (`[n_k, kv_dim]`, position j is row j). The ground truth of the kernel's tests;
+/// too slow to serve with.
 pub fn naive_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
     let kv_dim = n_kv_heads * hd;

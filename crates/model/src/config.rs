@@ -23,18 +23,32 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// The nonlinearity of the gated FFN: `down(act(gate(x)) · up(x))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// GELU with the tanh approximation, through an f16 lookup table as llama.cpp does
+    /// (Gemma's GeGLU).
     GeluTanh,
+    /// `x · sigmoid(x)` (Llama's SwiGLU).
     Silu,
 }
 
+/// Why a GGUF file's metadata does not describe a model tpserve can run. All three mean the
+/// file is the problem, not the request: fix or replace the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `general.architecture` names a family tpserve has no forward pass for (the value is
+    /// in the message); convert or download a `gemma3` or `llama` GGUF instead.
     #[error("unsupported model architecture {0:?} (tpserve runs \"gemma3\" and \"llama\")")]
     UnknownArch(String),
+    /// A required key (e.g. `gemma3.block_count`) or the `token_embd.weight` tensor is
+    /// missing or has the wrong type: the file is truncated or was not written for this
+    /// architecture.
     #[error(transparent)]
     Metadata(#[from] GgufError),
+    /// The hyper-parameters are present but contradict each other or are out of range (zero
+    /// layers, heads that cannot be grouped over the KV heads, an odd RoPE dimension count);
+    /// the message names the offending values.
     #[error("inconsistent model config: {0}")]
     Invalid(String),
 }
@@ -42,17 +56,29 @@ pub enum ConfigError {
 /// Everything the forward pass needs to know about the model's shape.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// The family, from `general.architecture`; picks the defaults below.
     pub arch: Arch,
+    /// Transformer blocks in the whole model (18 for Gemma 3 270M), not just this stage's.
     pub n_layers: usize,
+    /// Width of the residual stream, `embedding_length` (640 for Gemma 3 270M).
     pub hidden: usize,
+    /// Inner width of the gated FFN, `feed_forward_length` (2048 for Gemma 3 270M).
     pub ffn: usize,
+    /// Query heads of the whole model (before the tensor-parallel split).
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); divides `n_heads`. Defaults to `n_heads`.
     pub n_kv_heads: usize,
+    /// Floats per head, `attention.key_length`, else `hidden / n_heads` (256 for Gemma 3
+    /// 270M, where it is not `hidden / n_heads`).
     pub head_dim: usize,
+    /// Vocabulary size: the rows of `token_embd.weight` (ggml dims `[hidden, vocab]`).
     pub vocab: usize,
+    /// RMSNorm epsilon (1e-6 for Gemma 3, and the default when the file has none).
     pub rms_eps: f32,
-    /// Longest context the model was trained for.
+    /// Longest context the model was trained for (2048 when the file does not say); no
+    /// sequence may reach a position beyond it.
     pub context_len: usize,
+    /// Which dimensions RoPE pairs up: NeoX for Gemma 3, interleaved for Llama.
     pub rope_style: RopeStyle,
     /// Dimensions of each head that RoPE rotates (the rest pass through).
     pub rope_dims: usize,
@@ -66,17 +92,26 @@ pub struct ModelConfig {
     pub layer_is_local: Vec<bool>,
     /// Multiply embeddings by this (Gemma: sqrt(hidden)).
     pub embed_scale: f32,
-    /// Multiply queries by this after RoPE (1/sqrt(head_dim) unless the model says otherwise).
+    /// Multiply queries by this after RoPE: 1/sqrt(head_dim) for both families (no metadata
+    /// key is read for it), so the attention kernel need not scale scores.
     pub query_scale: f32,
-    /// Gemma 3's per-head RMSNorm on q and k, and post-attention / post-FFN norms.
+    /// Gemma 3's per-head RMSNorm on q and k before RoPE (`attn_q_norm`, `attn_k_norm`).
     pub qk_norm: bool,
+    /// Gemma 3's RMSNorm on each sublayer's output before the residual add
+    /// (`post_attention_norm`, `post_ffw_norm`), required when set. Without it a
+    /// `post_attention_norm` the file happens to carry is still applied.
     pub post_norms: bool,
+    /// The gated FFN's nonlinearity.
     pub activation: Activation,
     /// Gemma 2-style tanh soft-capping of the final logits, when present.
     pub final_logit_softcap: Option<f32>,
 }
 
 impl ModelConfig {
+    /// Reads the `{arch}.*` keys of `g`, fills in what the metadata leaves implicit (Gemma 3:
+    /// every 6th layer global, RoPE base 10,000 on local layers and `rope.freq_base`, default
+    /// 1,000,000, on global ones) and checks the numbers are consistent before anything is
+    /// sized by them.
     pub fn from_gguf(g: &Gguf) -> Result<Self, ConfigError> {
         let arch_name = g.get_str("general.architecture")?.to_owned();
         let arch = match arch_name.as_str() {

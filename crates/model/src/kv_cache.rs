@@ -8,6 +8,7 @@ use tpserve_types::kv::{BlockId, KvLayout, NO_BLOCK};
 
 /// One layer's keys and values: `[blocks * block_size, kv_dim]` each.
 struct LayerPool {
+    /// The KV group of the layout this layer belongs to (its window decides the group).
     group: usize,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -38,6 +39,8 @@ impl KvPool {
         Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, layers })
     }
 
+    /// The layout this pool was sized by: the groups (and their block counts) that the
+    /// block tables of [`crate::model::SeqChunk::tables`] index.
     pub fn layout(&self) -> &KvLayout {
         &self.layout
     }

@@ -26,10 +26,13 @@ impl ColumnParallel {
         self.w.rows()
     }
 
+    /// `out = x Wᵀ` for this rank's rows: `x` is `[n, W's cols]` (the full input, the same on
+    /// every rank), `out` is `[n, out_features()]`. No communication.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         self.w.matmul(x, n, out);
     }
 
+    /// This rank's rows of the weight, `[out_features(), cols]`.
     pub fn weight(&self) -> &QMatrix {
         &self.w
     }
@@ -70,6 +73,9 @@ impl RowParallel {
         self.parts.iter().map(|p| p.cols()).sum()
     }
 
+    /// `out = x Wᵀ` summed over the stage: `x` is `[n, in_features()]` (this rank's slice of
+    /// the input, e.g. its heads' attention output), `out` is `[n, W's rows]` (`hidden`),
+    /// complete on every rank after the all-reduce. An error means a peer failed mid-collective.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], comm: &dyn Collective) -> Result<(), CommError> {
         if self.parts.len() == 1 {
             self.parts[0].matmul(x, n, out);
@@ -114,10 +120,13 @@ pub struct VocabParallel {
 }
 
 impl VocabParallel {
+    /// Keeps vocabulary rows `rows` of the full `[vocab, hidden]` matrix (the embedding, or
+    /// the output projection, which is the same tensor when the embeddings are tied).
     pub fn new(full: &QMatrix, rows: Range<usize>) -> Result<Self, QuantError> {
         Ok(Self { w: full.slice_rows(rows.start, rows.end)?, start: rows.start })
     }
 
+    /// This rank's rows, `[vocab_range().len(), hidden]`.
     pub fn weight(&self) -> &QMatrix {
         &self.w
     }
@@ -155,10 +164,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// `y = x / sqrt(mean(x²) + eps) · weight`, normalising rows as long as `weight`.
     pub fn new(weight: Vec<f32>, eps: f32) -> Self {
         Self { weight, eps }
     }
 
+    /// The row length it normalises: `hidden`, or `head_dim` for Gemma's q/k norms (which
+    /// thus normalise each head separately).
     pub fn dim(&self) -> usize {
         self.weight.len()
     }

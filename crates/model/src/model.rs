@@ -22,28 +22,76 @@ use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
 use crate::quant::QuantError;
 use tpserve_gguf::{GgmlDType, Gguf, GgufError};
 
+/// Why a model could not be loaded or a forward pass could not run.
+///
+/// Loading fails with `Gguf`, `Config`, `UnsupportedType`, `Tensor`, `Shard`, `Plan` or `Kv`
+/// (a bad file or plan: nothing was loaded). A forward pass refuses a batch with
+/// `ContextOverflow`, `BadToken`, `EmptySequence` or `Kv` before touching the cache (the
+/// request is wrong; the model is still usable), and fails with `Comm` part-way (the caches
+/// of the stage no longer agree: load again).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A tensor is missing, has the wrong shape or lies outside the file.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The metadata does not describe a model tpserve runs.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A weight is stored in a ggml type the kernels cannot multiply (e.g. Q2_K); use a file
+    /// quantized to one of [`crate::quant::SUPPORTED`].
     #[error("tensor {name:?} has type {dtype}, which tpserve cannot compute with (supported: {list})", list = crate::quant::supported_list())]
-    UnsupportedType { name: String, dtype: GgmlDType },
+    UnsupportedType {
+        /// The GGUF tensor name, e.g. `blk.3.ffn_down.weight`.
+        name: String,
+        /// Its stored type.
+        dtype: GgmlDType,
+    },
+    /// A weight's bytes do not match its declared shape and type (a corrupt file).
     #[error("tensor {name:?}: {source}")]
-    Tensor { name: String, source: QuantError },
+    Tensor {
+        /// The GGUF tensor name.
+        name: String,
+        /// What does not fit, with the sizes.
+        source: QuantError,
+    },
+    /// This rank's slice of a weight cannot be cut out, usually because the split falls
+    /// inside a quant block: choose a tp whose split lands on block boundaries.
     #[error("cannot shard tensor {name:?}: {source}")]
-    Shard { name: String, source: QuantError },
+    Shard {
+        /// The GGUF tensor name.
+        name: String,
+        /// The range or block boundary that failed.
+        source: QuantError,
+    },
+    /// An all-reduce or a pipeline send/receive failed (a peer died or timed out) in the
+    /// middle of a forward pass.
     #[error("collective failed: {0}")]
     Comm(#[from] CommError),
+    /// A sequence's new tokens would run past the context the model was trained for.
     #[error("sequence would reach position {pos}, beyond the context length {max}")]
-    ContextOverflow { pos: usize, max: usize },
+    ContextOverflow {
+        /// The position after the chunk's last token (`pos + tokens.len()`).
+        pos: usize,
+        /// [`ModelConfig::context_len`].
+        max: usize,
+    },
+    /// An input token id has no embedding row (a tokenizer from another model?).
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
-    BadToken { id: u32, vocab: usize },
+    BadToken {
+        /// The first offending id of the chunk.
+        id: u32,
+        /// Rows of the embedding; valid ids are `0..vocab`.
+        vocab: usize,
+    },
+    /// The rank's shard does not fit the model or its collectives (heads not divisible by
+    /// tp, wrong collective rank, layers out of range); the message says which.
     #[error("cannot shard the model: {0}")]
     Plan(String),
+    /// A chunk with no tokens asked for logits: there is no row to return them for.
     #[error("a sequence with no new tokens asked for logits")]
     EmptySequence,
+    /// The KV cache layout does not fit the model, or a chunk's block tables cannot hold its
+    /// positions (too few tables or blocks, or a block outside the pool).
     #[error("KV cache: {0}")]
     Kv(String),
 }
@@ -60,9 +108,13 @@ pub struct SeqChunk<'a> {
     /// The sequence's block table per KV group, holding at least `pos + tokens.len()`
     /// positions (see `tpserve_types::kv`).
     pub tables: &'a [Vec<BlockId>],
+    /// Which of the chunk's rows come back as logits (on the last stage): none, the last, or
+    /// all of them (`[rows, vocab_range().len()]` in [`Model::forward`]'s result).
     pub logits: LogitsWanted,
 }
 
+/// One transformer block's weights on this rank (GGUF names `blk.{il}.*`): q/k/v and
+/// gate/up hold this rank's heads and FFN columns, o and down the matching input columns.
 struct Layer {
     attn_norm: RmsNorm,
     q: ColumnParallel,
@@ -93,8 +145,10 @@ pub struct Model {
     head: Option<(RmsNorm, VocabParallel)>,
     /// This stage's layers.
     layers: Vec<Layer>,
-    /// Query and KV heads on this rank.
+    /// Query heads on this rank.
     n_heads: usize,
+    /// KV heads on this rank: its slice, or the one head its query heads share when the
+    /// model has fewer KV heads than tp (then replicated across ranks).
     n_kv_heads: usize,
     /// Per local layer: its sliding window.
     windows: Vec<Option<usize>>,
@@ -240,6 +294,7 @@ impl Model {
         })
     }
 
+    /// The hyper-parameters of the whole model (not divided by tp).
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
@@ -494,12 +549,16 @@ impl Model {
 struct Scratch {
     /// Tokens in the batch.
     n: usize,
-    /// The normed input of a sublayer, then its output.
+    /// The normed input of a sublayer, then its output: `[n, hidden]`.
     h: Vec<f32>,
+    /// This rank's queries, `[n, n_heads * head_dim]`.
     q: Vec<f32>,
+    /// This rank's keys and values, `[n, n_kv_heads * head_dim]` each.
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Attention output of this rank's heads, `[n, n_heads * head_dim]`.
     attn: Vec<f32>,
+    /// FFN gate (then the activated product) and up projections, `[n, this rank's FFN columns]`.
     gate: Vec<f32>,
     up: Vec<f32>,
 }
@@ -550,9 +609,10 @@ fn silu(x: f32) -> f32 {
 
 /// cos/sin of every (position, frequency) of one forward pass for one RoPE base.
 struct RopeTable {
-    /// `[n_positions, rope_dims / 2]` each.
+    /// `[n_positions, rope_dims / 2]` each: frequency i is `base^(-2i / rope_dims)`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// `rope_dims / 2`: rotated pairs per head.
     half: usize,
 }
 

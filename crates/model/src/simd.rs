@@ -1,5 +1,6 @@
-//! Small f32 vector primitives (dot, axpy, scale) for attention and norms, compiled twice:
-//! once for AVX2+FMA and once portable, picked at run time so one binary runs anywhere.
+//! Small f32 vector primitives (dot, axpy, scale, the residual add, GeGLU) for attention,
+//! norms and the FFN, compiled twice: once for AVX2+FMA and once portable, picked at run
+//! time so one binary runs anywhere; plus [`par_rows`], the row loop they run under.
 
 use std::sync::OnceLock;
 
@@ -21,8 +22,8 @@ pub(crate) fn use_avx2() -> bool {
     })
 }
 
-// The bodies are written with 8 independent accumulators so the compiler vectorises them
-// into one 256-bit register when AVX2 is enabled for the enclosing function.
+// The bodies are plain loops that the compiler vectorises into 256-bit registers when AVX2
+// is enabled for the enclosing function.
 /// a · b + c: one fused instruction where the caller is compiled with FMA (`mul_add` would be
 /// a slow libm call anywhere else).
 #[inline(always)]
@@ -137,7 +138,7 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     par_zip(x, y, |a, b| axpy(a, 1.0, b));
 }
 
-/// gate[i] = GELU(gate[i]) · up[i]: Gemma's gated FFN activation.
+/// `gate[i] = GELU(gate[i]) · up[i]`: Gemma's gated FFN activation.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
     par_zip(gate, up, geglu_serial);
 }
@@ -160,6 +161,9 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Sum of the 8 lanes, in one fixed order (kernels rely on it for batch invariance).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (no memory is touched).
     #[target_feature(enable = "avx2")]
     #[inline]
     pub(crate) unsafe fn hsum(v: __m256) -> f32 {
@@ -170,11 +174,16 @@ pub(crate) mod x86 {
     }
 }
 
+/// The primitives recompiled with AVX2+FMA enabled, so their portable bodies vectorise.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// [`super::geglu`] with the f32 → f16 conversion done 8 at a time by F16C.
+    /// [`super::geglu`] with the f32 → f16 conversion done 8 at a time by F16C, over the
+    /// shorter of `gate` and `up`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; any lengths are fine.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn geglu(table: &[f32], gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
@@ -195,21 +204,33 @@ mod avx2 {
         }
     }
 
+    /// [`super::dot`] with FMA.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (these three read only through slices).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         super::dot_body::<true>(a, b)
     }
+    /// [`super::axpy`] with FMA.
+    ///
+    /// # Safety
+    /// As [`dot`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         super::axpy_body::<true>(y, a, x)
     }
+    /// [`super::scale`], vectorised.
+    ///
+    /// # Safety
+    /// As [`dot`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scale(y: &mut [f32], a: f32) {
         super::scale_body(y, a)
     }
 }
 
-/// Sum of a[i] * b[i] over the shorter length.
+/// `Σ a[i] · b[i]` over the shorter length.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -220,7 +241,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_body::<false>(a, b)
 }
 
-/// y += a * x.
+/// y += a * x, over the shorter length.
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,7 @@
 //! Tiny random-weight GGUF models (gemma3- and llama-shaped, a few layers, a small vocab,
-//! every tensor type we support) for fast tests of the loader, the tokenizer and the
-//! forward pass, here and in the end-to-end tests of the `tpserve` binary.
+//! every tensor type we support) for fast tests of the loader and the forward pass here, of
+//! the worker and the coordinator's engine, and end to end of the `tpserve` binary (whose
+//! `tokenize` tests read the tiny vocabulary with `tpserve-tokenizer`).
 
 use crate::config::Arch;
 use crate::quant::{quantize, GgmlDType, SUPPORTED};
@@ -9,15 +10,26 @@ use tpserve_gguf::{GgufWriter, Value};
 /// The shape of a tiny model. Input dimensions are multiples of 256 so k-quants fit.
 #[derive(Debug, Clone)]
 pub struct TinySpec {
+    /// Which family's tensors and metadata keys to write.
     pub arch: Arch,
+    /// Transformer blocks; with Gemma 3, layer 5 (every 6th) is the first global one.
     pub n_layers: usize,
+    /// Residual width; a multiple of 256 (the k-quant block).
     pub hidden: usize,
+    /// FFN inner width; a multiple of 256, since `ffn_down` takes it as input.
     pub ffn: usize,
+    /// Query heads; `n_heads * head_dim` is `attn_output`'s input, so a multiple of 256.
     pub n_heads: usize,
+    /// KV heads; divides `n_heads`. Fewer than tp shards when they divide tp: each rank then
+    /// holds a copy of the one KV head its query heads read.
     pub n_kv_heads: usize,
+    /// Floats per head, written as `attention.key_length`.
     pub head_dim: usize,
+    /// `context_length`: the longest sequence the model accepts.
     pub context_len: usize,
+    /// `attention.sliding_window` (Gemma 3 only); small, so short tests cross it.
     pub sliding_window: usize,
+    /// Seed of the weights: equal specs give byte-identical files.
     pub seed: u64,
     /// Tensor types used in turn for the weight matrices.
     pub dtypes: Vec<GgmlDType>,
@@ -29,6 +41,8 @@ pub struct TinySpec {
 }
 
 impl TinySpec {
+    /// The default tiny model: gemma3-shaped, 6 layers (5 local, 1 global) of width 256, 4
+    /// query heads over 1 KV head of 64, a window of 8; every supported type in turn.
     pub fn gemma3() -> Self {
         Self {
             arch: Arch::Gemma3,
@@ -57,6 +71,8 @@ impl TinySpec {
         Self { n_kv_heads: 4, head_dim: 256, ffn: 1024, n_layers: 3, ..Self::llama() }
     }
 
+    /// A llama-shaped model: 2 layers, 4 query heads over 2 KV heads, otherwise as
+    /// [`TinySpec::gemma3`].
     pub fn llama() -> Self {
         Self { arch: Arch::Llama, n_layers: 2, n_kv_heads: 2, seed: 2, ..Self::gemma3() }
     }

@@ -20,7 +20,9 @@ pub use local::LocalShard;
 pub use server::WorkerService;
 pub use shard::{Shard, StepError};
 
-/// Serves `service` on `listener` until Shutdown is called or `stop` completes.
+/// Serves `service` on `listener` until the Shutdown RPC notifies `shutdown` or `stop`
+/// completes (in the binary: Ctrl-C, SIGTERM, or stdin closing with `--exit-with-stdin`),
+/// then shuts the server down gracefully.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: WorkerService,

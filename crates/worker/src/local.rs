@@ -47,9 +47,10 @@ impl LocalShard {
         &self.pool
     }
 
-    /// The shard, locked. A panic while it was held leaves no half-written Rust state
-    /// behind that a later step could misuse: the shard marks itself broken before it
-    /// returns an error.
+    /// The shard, locked; a poisoned lock is taken over. A step that fails part-way with an
+    /// error marks the shard broken itself; a step that panics on the compute pool aborts
+    /// the process (rayon's default for spawned jobs), so it never leaves a half-updated
+    /// shard behind this lock.
     pub fn lock(&self) -> MutexGuard<'_, Option<Shard>> {
         self.shard.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -56,6 +56,8 @@ impl WorkerService {
         Self { inner: Arc::new(Inner { local: LocalShard::new(pool), comm_listener, shutdown, comm_spin }) }
     }
 
+    /// Where this worker accepts its peers' collective connections (reported by Info, so
+    /// the coordinator can hand every rank the others' addresses).
     pub fn comm_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.comm_listener.local_addr()
     }
@@ -69,6 +71,7 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The Load stream's sender: progress messages, then the final one or the error.
 type Progress = mpsc::Sender<Result<v1::LoadProgress, Status>>;
 
 fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {

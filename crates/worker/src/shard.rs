@@ -19,20 +19,41 @@ use tpserve_types::TokenId;
 /// Why a step was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    /// The step asked for something impossible; nothing was changed.
+    /// The step asked for something impossible (an unknown or duplicated sequence, a wrong
+    /// position, a token outside the vocabulary, too few blocks); nothing was changed, so
+    /// the shard keeps serving. A coordinator bug or a bad request, not a worker fault.
     #[error("bad step {step}: {reason}")]
-    Invalid { step: u64, reason: String },
+    Invalid {
+        /// The plan's step number.
+        step: u64,
+        /// What was wrong, naming the sequence and the values.
+        reason: String,
+    },
     /// The forward pass failed part-way (a peer died or timed out): this shard's caches no
     /// longer agree with its peers', so it refuses further steps until it is loaded again.
     #[error("step {step} failed on rank {rank}: {source}")]
-    Failed { step: u64, rank: usize, source: ModelError },
+    Failed {
+        /// The plan's step number.
+        step: u64,
+        /// The global rank that failed.
+        rank: usize,
+        /// The model's error (usually [`ModelError::Comm`]).
+        source: ModelError,
+    },
     /// An earlier step failed part-way; see [`StepError::Failed`].
     #[error("rank {rank} cannot run steps: an earlier step failed ({reason}); load the model again")]
-    Broken { rank: usize, reason: String },
+    Broken {
+        /// The global rank.
+        rank: usize,
+        /// The earlier failure's message.
+        reason: String,
+    },
     /// No shard has been loaded yet.
     #[error("no shard is loaded: send Load first")]
     NotLoaded,
-    /// The compute thread running the step panicked.
+    /// The step's reply was dropped unanswered: its compute thread panicked. Only a pool
+    /// built with a panic handler gets here; by default rayon aborts the process on a panic
+    /// in a spawned job.
     #[error("the step's compute thread panicked")]
     Panicked,
 }
@@ -52,9 +73,11 @@ struct SeqState {
 /// A loaded shard with its sequences.
 pub struct Shard {
     model: Model,
+    /// Which part of the model this is (rank, stage, layers, heads), as the plan gave it.
     shard: RankShard,
     /// Keys and values of every sequence, in the blocks the coordinator assigns.
     kv: KvPool,
+    /// The live sequences, by the coordinator's id.
     seqs: HashMap<SeqId, SeqState>,
     /// The collectives the model talks through, timed to report communication per step.
     comms: Vec<Arc<Timed>>,
@@ -80,10 +103,12 @@ impl Shard {
         self.kv.bytes()
     }
 
+    /// The loaded model (weights, config, vocabulary slice).
     pub fn model(&self) -> &Model {
         &self.model
     }
 
+    /// Which part of the model this rank holds, as the plan gave it.
     pub fn shard(&self) -> &RankShard {
         &self.shard
     }
@@ -98,6 +123,7 @@ impl Shard {
         self.seqs.len()
     }
 
+    /// Time spent in collectives since load, for a step's `comm_us`.
     fn comm_time(&self) -> std::time::Duration {
         self.comms.iter().map(|c| c.elapsed()).sum()
     }

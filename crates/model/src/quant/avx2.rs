@@ -6,8 +6,9 @@
 //! block's total is scaled into an f32 accumulator with FMA. Processing `N` tokens per
 //! weight row unpacks each weight block once for all of them (the prefill path).
 //!
-//! Every function here is `unsafe`: the caller must have checked that the CPU has AVX2,
-//! FMA and F16C, and that `w` holds exactly as many blocks as every activation row.
+//! Every kernel here is `unsafe`: the caller must have checked that the CPU has AVX2, FMA
+//! and F16C, and the lengths each `# Safety` section lists (the kernels read through raw
+//! pointers and check nothing). `kernels` is the one caller; it asserts those lengths.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -17,6 +18,9 @@ use super::blocks::{Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, 
 
 /// Unaligned 32-byte load. `lddqu` is as fast as `movdqu` and, unlike `_mm256_loadu_si256`,
 /// carries no debug-build precondition checks (tests run with debug assertions on).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 32` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn load256(p: *const u8) -> __m256i {
@@ -24,6 +28,9 @@ unsafe fn load256(p: *const u8) -> __m256i {
 }
 
 /// Unaligned 16-byte load (see [`load256`]).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 16` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn load128(p: *const u8) -> __m128i {
@@ -31,6 +38,9 @@ unsafe fn load128(p: *const u8) -> __m128i {
 }
 
 /// Unaligned little-endian u32 load.
+///
+/// # Safety
+/// `p..p + 4` readable (no CPU feature needed).
 #[inline(always)]
 unsafe fn rd_u32(p: *const u8) -> u32 {
     u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)])
@@ -55,12 +65,18 @@ fn f16_table() -> &'static [f32; 65536] {
 }
 
 /// Widens the little-endian f16 at `p` through `table` ([`f16_table`]).
+///
+/// # Safety
+/// `p..p + 2` readable.
 #[inline(always)]
 unsafe fn f16_at(table: &[f32; 65536], p: *const u8) -> f32 {
     table[u16::from_le_bytes([*p, *p.add(1)]) as usize]
 }
 
 /// Expands 32 bits into 32 bytes: 0xFF where the bit is set (llama.cpp's `bytes_from_bits_32`).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 4` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn bytes_from_bits_32(p: *const u8) -> __m256i {
@@ -72,6 +88,9 @@ unsafe fn bytes_from_bits_32(p: *const u8) -> __m256i {
 }
 
 /// 16 packed nibbles at `p` as 32 bytes: low nibbles first, then high nibbles.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 16` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn nibbles_32(p: *const u8) -> __m256i {
@@ -80,6 +99,10 @@ unsafe fn nibbles_32(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
 }
 
+/// Each token's accumulator summed to one f32 ([`hsum`]'s fixed order).
+///
+/// # Safety
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn finish<const N: usize>(acc: [__m256; N]) -> [f32; N] {
@@ -110,6 +133,10 @@ const K_Q5_0: u8 = 2;
 /// Q4_0/Q5_0 codes are unsigned (0..15 / 0..31 for the value `q - 8` / `q - 16`), so they go
 /// straight into `maddubs` as the unsigned operand and the offset is taken off once per block
 /// through the activation block's sum. Q8_0 is signed and uses the `|w| · sign(a, w)` trick.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `bytes` is `K`'s block size (34, 18 or 22), and every `a[t]` holds at
+/// least `w.len() / bytes` blocks (a trailing partial block of `w` is ignored).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[BlockQ8_0]; N]) -> [f32; N] {
@@ -165,6 +192,11 @@ unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[Bloc
 
 /// Two weight rows · four Q8_0 activation rows: each activation block is loaded once for both
 /// rows and each weight block decoded once for all four tokens (8 accumulators).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w0` and `w1` each point to `nb` readable blocks of `bytes` bytes: `K`'s
+/// packed blocks, or [`UNPACKED_BYTES`] blocks from [`unpack_32`] when `UNPACKED`; every
+/// `a[t]` holds at least `nb` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const u8, nb: usize, bytes: usize, a: [&[BlockQ8_0]; 4]) -> [[f32; 4]; 2] {
@@ -220,6 +252,10 @@ unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const
 }
 
 /// Rows × four tokens for the 32-element formats: two rows at a time, then the odd one.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w` holds at least `out.len()` rows of `row_bytes`, `row_bytes` is a
+/// multiple of `bytes`, `K`'s block size, and every `a[t]` holds `row_bytes / bytes` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / bytes;
@@ -242,6 +278,11 @@ pub(super) const UNPACKED_BYTES: usize = 36;
 
 /// Decodes Q4_0/Q5_0 blocks once into [`UNPACKED_BYTES`] blocks, so a prefill task that
 /// multiplies the same rows with hundreds of tokens does not decode them for every four.
+/// Replaces the contents of `out`.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `K` is `K_Q4_0` or `K_Q5_0` (any other is decoded as Q5_0) and `bytes`
+/// its block size, 18 or 22 (a trailing partial block of `w` is ignored).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Vec<u8>) {
     let nb = w.len() / bytes;
@@ -265,6 +306,11 @@ pub(super) unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Ve
 }
 
 /// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to [`rows4_32`].
+///
+/// # Safety
+/// AVX2, FMA, F16C; `K` is the format the rows were unpacked from; `w` holds at least
+/// `out.len()` rows of `row_bytes`, a multiple of [`UNPACKED_BYTES`], and every `a[t]` holds
+/// `row_bytes / UNPACKED_BYTES` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / UNPACKED_BYTES;
@@ -283,7 +329,10 @@ pub(super) unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: 
     }
 }
 
-/// The multi-row entry point of each AVX2 kernel (see `kernels::DotRows4`).
+/// The multi-row entry point of each AVX2 kernel (see `kernels::DotRows4`): the 32-element
+/// formats go to [`rows4_32`], the others call the `N`-token kernel per row, as two pairs of
+/// tokens when `$pairs`. Expands to calls of the unsafe kernels: use it inside `unsafe`
+/// after checking their preconditions (`kernels::check_rows4` does).
 macro_rules! rows4 {
     (dot_q8_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
         super::avx2::rows4_32::<{ super::avx2::K_Q8_0_ID }>($w, $rb, super::blocks::Q8_0_BYTES, $a, $out)
@@ -308,30 +357,44 @@ macro_rules! rows4 {
 }
 pub(crate) use rows4;
 
-/// The format ids, public for [`rows4`].
+/// The format ids, visible to `kernels` for [`rows4`] and [`unpack_32`]'s `K`.
 pub(super) const K_Q8_0_ID: u8 = K_Q8_0;
+/// See [`K_Q8_0_ID`].
 pub(super) const K_Q4_0_ID: u8 = K_Q4_0;
+/// See [`K_Q8_0_ID`].
 pub(super) const K_Q5_0_ID: u8 = K_Q5_0;
 
 /// Q8_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w` is whole Q8_0 blocks and every `a[t]` holds at least as many.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q8_0, N>(w, Q8_0_BYTES, a)
 }
 
 /// Q4_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// As [`dot_q8_0`], for Q4_0 blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q4_0, N>(w, Q4_0_BYTES, a)
 }
 
 /// Q5_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// As [`dot_q8_0`], for Q5_0 blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
     dot_32::<K_Q5_0, N>(w, Q5_0_BYTES, a)
 }
 
 /// Unpacks a Q4_K/Q5_K 12-byte scale field into (8 scales as i16 lanes, 8 mins as i16 lanes).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 12` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_scales(p: *const u8) -> (__m128i, __m128i) {
@@ -350,7 +413,11 @@ unsafe fn k_scales(p: *const u8) -> (__m128i, __m128i) {
     (sc, mn)
 }
 
-/// Broadcasts i16 lane `k` of `v` to all 16 lanes of a 256-bit vector.
+/// Broadcasts i16 lane `k` of `v` to all 16 lanes of a 256-bit vector (`k < 8`: the shuffle
+/// reads within each 128-bit half, so `v` holds the same 8 lanes in both).
+///
+/// # Safety
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn bcast16(v: __m256i, k: usize) -> __m256i {
@@ -358,8 +425,11 @@ unsafe fn bcast16(v: __m256i, k: usize) -> __m256i {
     _mm256_shuffle_epi8(v, _mm256_set1_epi16(lo | ((lo + 1) << 8)))
 }
 
-/// The min correction of Q4_K/Q5_K: Σ mn_j · (bsums[2j] + bsums[2j+1]) as 4 i32 lanes
+/// The min correction of Q4_K/Q5_K: `Σ mn_j · (bsums[2j] + bsums[2j+1])` as 4 i32 lanes
 /// zero-extended to 256 bits.
+///
+/// # Safety
+/// AVX2, FMA, F16C (reads only through `y`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_min_sums(mins: __m128i, y: &BlockQ8K) -> __m256i {
@@ -368,7 +438,13 @@ unsafe fn k_min_sums(mins: __m128i, y: &BlockQ8K) -> __m256i {
     _mm256_zextsi128_si256(_mm_madd_epi16(mins, pairs))
 }
 
-/// Q4_K weights · `N` Q8_K activation rows.
+/// Q4_K weights · `N` Q8_K activation rows: per super-block
+/// `d·d_a·Σ sc_j·(q·a)_j − dmin·d_a·Σ mn_j·Σa_j` over its 8 sub-blocks of 32, both sums in
+/// i32 (`Σa_j` from the activation's `bsums`).
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w` is whole Q4_K blocks and every `a[t]` holds at least as many Q8_K
+/// blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q4_K_BYTES;
@@ -408,6 +484,9 @@ pub(super) unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> 
 }
 
 /// Q5_K weights · `N` Q8_K activation rows.
+///
+/// # Safety
+/// As [`dot_q4_k`], for Q5_K blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q5_K_BYTES;
@@ -455,6 +534,9 @@ pub(super) unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> 
 /// Unlike llama.cpp's AVX2 kernel, the `-32` offset is applied once per block through the
 /// activation sums (`Σ (q-32)·a = Σ q·a − 32·Σ a`, and `Σ a` per 16 is `bsums`), which saves
 /// a `maddubs` and a subtraction per 32 values per token.
+///
+/// # Safety
+/// As [`dot_q4_k`], for Q6_K blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
     let nb = w.len() / Q6_K_BYTES;
@@ -514,6 +596,9 @@ const K_F16: u8 = 1;
 const K_BF16: u8 = 2;
 
 /// Loads 8 weights of float format `K` at `p` as f32 lanes.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 32` (F32) or `p..p + 16` (F16, BF16) readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
@@ -524,7 +609,12 @@ unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
     }
 }
 
-/// Float weights · `N` f32 activation rows, two accumulators per row to hide FMA latency.
+/// Float weights · `N` f32 activation rows, two accumulators per row to hide FMA latency;
+/// the last `n % 16` elements go through the scalar `tail`.
+///
+/// # Safety
+/// AVX2, FMA, F16C; every `x[t]` holds exactly `w.len() / 4` (F32) or `w.len() / 2` (F16,
+/// BF16) floats.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_float<const K: u8, const N: usize>(w: &[u8], x: [&[f32]; N], tail: fn(&[u8], &[f32]) -> f32) -> [f32; N] {
@@ -551,24 +641,36 @@ unsafe fn dot_float<const K: u8, const N: usize>(w: &[u8], x: [&[f32]; N], tail:
 }
 
 /// F32 weights · `N` f32 rows.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w.len() == 4 * x[t].len()` for every `t`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_f32<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_F32, N>(w, x, super::scalar::dot_f32)
 }
 
 /// F16 weights · `N` f32 rows.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w.len() == 2 * x[t].len()` for every `t`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_f16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_F16, N>(w, x, super::scalar::dot_f16)
 }
 
 /// BF16 weights · `N` f32 rows.
+///
+/// # Safety
+/// As [`dot_f16`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_bf16<const N: usize>(w: &[u8], x: [&[f32]; N]) -> [f32; N] {
     dot_float::<K_BF16, N>(w, x, super::scalar::dot_bf16)
 }
 
 /// Rounds 8 lanes half away from zero, exactly as C's `roundf` (and Rust's `f32::round`).
+///
+/// # Safety
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn round_away(v: __m256) -> __m256 {
@@ -580,7 +682,10 @@ unsafe fn round_away(v: __m256) -> __m256 {
     _mm256_sub_ps(_mm256_add_ps(t, up), down)
 }
 
-/// Packs 4×8 i32 lanes (values in -128..=127) into 32 i8 in order.
+/// Packs 4×8 i32 lanes (values in -128..=127; others saturate) into 32 i8 in order.
+///
+/// # Safety
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn pack_i8(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
@@ -591,6 +696,10 @@ unsafe fn pack_i8(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
     _mm256_permutevar8x32_epi32(abcd, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
+/// Largest |x| of the `n` floats at `x`.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `n` a multiple of 8 and `x..x + n` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn abs_max(x: *const f32, n: usize) -> f32 {
@@ -606,6 +715,9 @@ unsafe fn abs_max(x: *const f32, n: usize) -> f32 {
 }
 
 /// Sum of 32 signed bytes.
+///
+/// # Safety
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn hsum_i8(v: __m256i) -> i32 {
@@ -617,6 +729,9 @@ unsafe fn hsum_i8(v: __m256i) -> i32 {
 }
 
 /// AVX2 twin of [`super::act::quantize_row_q8_0`], bit-identical to it for finite input.
+///
+/// # Safety
+/// AVX2, FMA, F16C; lengths are asserted (`x` is `32 * out.len()` floats).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * 32, "quantize_row_q8_0: length mismatch");
@@ -634,6 +749,9 @@ pub(super) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 }
 
 /// AVX2 twin of [`super::act::quantize_row_q8_k`], bit-identical to it for finite input.
+///
+/// # Safety
+/// AVX2, FMA, F16C; lengths are asserted (`x` is `256 * out.len()` floats).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * 256, "quantize_row_q8_k: length mismatch");

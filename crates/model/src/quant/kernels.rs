@@ -65,7 +65,9 @@ pub(crate) type DotRows4<A> = fn(&[u8], usize, [&[A]; 4], &mut [[f32; 4]]);
 
 /// The two entry points of one weight type's kernel, over activations of type `A`.
 pub(crate) struct DotKernels<A> {
+    /// Decode (and the last `n % 4` tokens of a prefill): one row · one token.
     pub one: Dot1<A>,
+    /// Prefill: a task's rows · four tokens at a time.
     pub rows4: DotRows4<A>,
     /// For formats worth decoding once per prefill task: how, and the kernel over the result.
     pub unpacked: Option<Unpacked<A>>,
@@ -78,10 +80,13 @@ pub(crate) struct Unpacked<A> {
     pub bytes_per_block: usize,
     /// Packed rows (back to back) → decoded rows, written into the buffer.
     pub unpack: fn(&[u8], &mut Vec<u8>),
+    /// [`DotKernels::rows4`] over the decoded rows (`row_bytes` is then the decoded length).
     pub rows4: DotRows4<A>,
 }
 
-/// Checks the lengths every multi-row entry point relies on.
+/// Checks the lengths every multi-row entry point relies on: `w` is exactly `out.len()`
+/// rows of `row_bytes`, and every activation row has `row_bytes / unit` units (blocks, or
+/// floats for float weights, `unit` bytes of weight each). Panics otherwise.
 fn check_rows4<A>(w: &[u8], row_bytes: usize, unit: usize, a: &[&[A]; 4], out: &[[f32; 4]]) {
     assert_eq!(w.len(), out.len() * row_bytes, "weight rows / output length mismatch");
     for r in a {

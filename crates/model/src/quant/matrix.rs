@@ -3,7 +3,8 @@
 //! `matmul` quantizes the input rows once (Q8_0 or Q8_K as the weight type needs), then
 //! splits the weight rows over the *current* rayon pool (the caller sizes it with
 //! `--threads` and runs us inside `pool.install`). Decode (n = 1) splits rows evenly over
-//! the threads; prefill (n > 1) gives each task a chunk of weight rows small enough to stay
+//! the threads (on the calling thread alone below 32 KiB of weights, eight tasks per thread
+//! above 4 MiB); prefill (n > 1) gives each task a chunk of weight rows small enough to stay
 //! in L1/L2 while all token rows stream past it four at a time.
 
 use std::fmt;
@@ -17,13 +18,17 @@ use super::kernels::{activation_quantizers, active_isa, select, DotKernels, Isa,
 use super::{dequantize, is_supported, GgmlDType, QuantError};
 use tpserve_gguf::TensorBytes;
 
-/// A weight matrix W [rows = out features, cols = in features], row-major in ggml blocks.
+/// A weight matrix W [rows = out features, cols = in features] (ggml dims `[cols, rows]`),
+/// row-major in ggml blocks, over the file's mmap or an owned copy. Cloning and
+/// [`QMatrix::slice_rows`] share the bytes.
 #[derive(Clone)]
 pub struct QMatrix {
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
+    /// Encoded bytes per row: `cols / block_size * type_size`.
     row_bytes: usize,
+    /// The encoded bytes, of which this matrix is `rows * row_bytes` from `start`.
     data: TensorBytes,
     /// Byte offset of row 0 within `data` (non-zero after `slice_rows`).
     start: usize,
@@ -128,7 +133,10 @@ impl QMatrix {
         dequantize(self.dtype, self.row(r), out).expect("QMatrix invariants guarantee a valid row");
     }
 
-    /// out[t * rows + r] = sum_c x[t * cols + c] * W[r, c] for t in 0..n.  x.len() == n*cols, out.len() == n*rows.
+    /// `out = x Wᵀ`: `out[t * rows + r] = Σ_c x[t * cols + c] · W[r, c]` for `t` in `0..n`,
+    /// with `x` `[n, cols]` and `out` `[n, rows]` (panics on other lengths). `x` is quantized
+    /// to 8-bit blocks first unless W is a float type (as llama.cpp does), so the result
+    /// carries that rounding. Runs on the current rayon pool.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         self.matmul_with(active_isa(), x, n, out)
     }

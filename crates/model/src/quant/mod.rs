@@ -55,23 +55,69 @@ pub enum QuantError {
     Unsupported(GgmlDType),
     /// An element count (a row length, a buffer length) is not a whole number of blocks.
     #[error("{dtype}: {len} elements is not a multiple of the {block}-element block size")]
-    NotBlockMultiple { dtype: GgmlDType, len: usize, block: usize },
+    NotBlockMultiple {
+        /// The block type.
+        dtype: GgmlDType,
+        /// The element count given.
+        len: usize,
+        /// Elements per block of `dtype` (32, or 256 for k-quants; 1 for float types).
+        block: usize,
+    },
     /// The encoded bytes do not have the length the element count implies.
     #[error("{dtype}: {elems} elements need {expected} bytes, got {got}")]
-    ByteLength { dtype: GgmlDType, elems: usize, expected: usize, got: usize },
+    ByteLength {
+        /// The block type.
+        dtype: GgmlDType,
+        /// Elements the shape says (rows × cols for a matrix).
+        elems: usize,
+        /// Bytes those elements take in `dtype`.
+        expected: usize,
+        /// Bytes actually there.
+        got: usize,
+    },
     /// The decoded output buffer has the wrong length.
     #[error("{dtype}: output buffer holds {got} values, expected {expected}")]
-    OutputLength { dtype: GgmlDType, expected: usize, got: usize },
+    OutputLength {
+        /// The block type.
+        dtype: GgmlDType,
+        /// f32 values the input decodes to.
+        expected: usize,
+        /// Length of the buffer given.
+        got: usize,
+    },
     /// A matrix shape whose byte size overflows `usize`.
     #[error("{dtype}: shape {rows}x{cols} is too large")]
-    ShapeOverflow { dtype: GgmlDType, rows: usize, cols: usize },
+    ShapeOverflow {
+        /// The block type.
+        dtype: GgmlDType,
+        /// Rows (output features) of the shape.
+        rows: usize,
+        /// Columns (input features) of the shape.
+        cols: usize,
+    },
     /// A tensor's byte range reaches past the end of the mapped file.
     #[error(transparent)]
     OutOfFile(#[from] tpserve_gguf::OutOfFile),
     /// A row or column range that is reversed or past the end.
     #[error("{axis} range [{start}, {end}) is invalid for size {size}")]
-    BadRange { axis: &'static str, start: usize, end: usize, size: usize },
+    BadRange {
+        /// `"row"` or `"column"`.
+        axis: &'static str,
+        /// First index asked for.
+        start: usize,
+        /// One past the last index asked for.
+        end: usize,
+        /// Rows or columns the matrix has.
+        size: usize,
+    },
     /// A column split that would cut through a quantization block.
     #[error("{dtype}: column {col} is not on a {block}-element block boundary")]
-    ColumnNotOnBlock { dtype: GgmlDType, col: usize, block: usize },
+    ColumnNotOnBlock {
+        /// The block type.
+        dtype: GgmlDType,
+        /// The cut (a range's start or end) that is not a multiple of `block`.
+        col: usize,
+        /// Elements per block of `dtype`.
+        block: usize,
+    },
 }

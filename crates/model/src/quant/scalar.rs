@@ -3,13 +3,18 @@
 //! Integer sums inside each block, one f32 multiply-add per block (or sub-block scale), as
 //! llama.cpp's generic kernels do; they are the fallback on CPUs without AVX2 and the
 //! reference the SIMD kernels are tested against.
+//!
+//! Every block kernel takes `w` as exactly `a.len()` weight blocks (the row's encoded bytes)
+//! and `a` as the activation row quantized to the matching blocks (Q8_0 for the 32-element
+//! formats, Q8_K for k-quants); this is only debug-asserted, and a mismatch in release
+//! silently uses the shorter. `kernels` checks it before any call.
 
 use half::{bf16, f16};
 
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::{f16_at, k_scales_mins, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
-/// Q8_0 weights · Q8_0 activations.
+/// Q8_0 weights · Q8_0 activations: `Σ_blocks d_w · d_a · Σ_j w_j · a_j`.
 pub(super) fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q8_0_BYTES);
     let mut acc = 0f32;
@@ -23,7 +28,7 @@ pub(super) fn dot_q8_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     acc
 }
 
-/// Q4_0 weights · Q8_0 activations.
+/// Q4_0 weights · Q8_0 activations, with the weight codes' offset 8 taken off each.
 pub(super) fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q4_0_BYTES);
     let mut acc = 0f32;
@@ -38,7 +43,7 @@ pub(super) fn dot_q4_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     acc
 }
 
-/// Q5_0 weights · Q8_0 activations.
+/// Q5_0 weights · Q8_0 activations; bit 4 of each code comes from `qh`, offset 16.
 pub(super) fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q5_0_BYTES);
     let mut acc = 0f32;
@@ -80,7 +85,7 @@ pub(super) fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     acc
 }
 
-/// Q5_K weights · Q8_K activations.
+/// Q5_K weights · Q8_K activations: as [`dot_q4_k`] with a fifth bit per code from `qh`.
 pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q5_K_BYTES);
     let mut acc = 0f32;
@@ -107,7 +112,8 @@ pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     acc
 }
 
-/// Q6_K weights · Q8_K activations.
+/// Q6_K weights · Q8_K activations: `d·Σ sc_j·((q − 32)·a)_j` per super-block (16
+/// sub-blocks of 16, signed 8-bit scales), times the activation scale.
 pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q6_K_BYTES);
     let mut acc = 0f32;
@@ -157,17 +163,18 @@ fn dot_f32_by(n: usize, x: &[f32], f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + r
 }
 
-/// F32 weights (little-endian bytes) · f32 activations.
+/// F32 weights (little-endian bytes) · f32 activations; `w` is `4 * x.len()` bytes (a
+/// shorter `w` panics).
 pub(super) fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]))
 }
 
-/// F16 weights · f32 activations.
+/// F16 weights · f32 activations; `w` is `2 * x.len()` bytes (a shorter `w` panics).
 pub(super) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
 }
 
-/// BF16 weights · f32 activations.
+/// BF16 weights · f32 activations; `w` is `2 * x.len()` bytes (a shorter `w` panics).
 pub(super) fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
     dot_f32_by(x.len(), x, |i| bf16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32())
 }
