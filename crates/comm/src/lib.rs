@@ -16,14 +16,47 @@ pub use tcp::TcpCollective;
 /// Why a collective failed. Every wait has a deadline, so a dead peer becomes an error.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
+    /// A peer sent nothing (or accepted nothing) before the deadline: it died, hangs, or is
+    /// partitioned away; or, while connecting, it never came up.
     #[error("rank {peer} did not answer within {timeout:?}")]
-    Timeout { peer: usize, timeout: Duration },
+    Timeout {
+        /// World rank of the silent peer.
+        peer: usize,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// A rank argument (a root, a peer, a subgroup member) is not in the group: a bug in the
+    /// caller's plan, not a network problem.
     #[error("rank {rank} is out of range for world size {world}")]
-    BadRank { rank: usize, world: usize },
+    BadRank {
+        /// The rank asked for.
+        rank: usize,
+        /// The size of the group it was asked of.
+        world: usize,
+    },
+    /// A socket error other than a timeout (connection refused or reset, a peer that
+    /// closed), or a corrupt frame or handshake.
     #[error("connection to rank {peer} failed: {message}")]
-    Io { peer: usize, message: String },
+    Io {
+        /// World rank at the other end of the connection (this rank's own when its
+        /// listener failed).
+        peer: usize,
+        /// What went wrong, from the OS or the framing.
+        message: String,
+    },
+    /// Two ranks called the same collective with different buffer lengths: the ranks
+    /// disagree about the step (a bug), and the result would be garbage.
     #[error("length mismatch in {op}: this rank has {local} elements, rank {peer} has {remote}")]
-    LengthMismatch { op: &'static str, local: usize, peer: usize, remote: usize },
+    LengthMismatch {
+        /// The collective ("all_reduce", "broadcast", "recv").
+        op: &'static str,
+        /// Elements this rank expected.
+        local: usize,
+        /// World rank of the peer whose frame differed.
+        peer: usize,
+        /// Elements the peer sent.
+        remote: usize,
+    },
 }
 
 /// A group of ranks that compute together. All ranks must call the same collectives in the
@@ -31,6 +64,7 @@ pub enum CommError {
 pub trait Collective: Send + Sync {
     /// This process's rank in `0..world_size()`.
     fn rank(&self) -> usize;
+    /// Number of ranks in the group; 1 makes every collective the identity.
     fn world_size(&self) -> usize;
     /// Element-wise sum of `buf` over all ranks, written back into every rank's `buf`.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
@@ -72,6 +106,7 @@ pub struct Timed {
 }
 
 impl Timed {
+    /// Wraps `inner`, starting the clock at zero.
     pub fn new(inner: Arc<dyn Collective>) -> Self {
         Self { inner, nanos: AtomicU64::new(0) }
     }

@@ -44,12 +44,15 @@ struct Peer {
 pub struct TcpCollective {
     /// This process's rank within the group.
     rank: usize,
+    /// Ranks in the group (`members.len()`).
     world: usize,
     /// `members[g]` is the world rank of group rank g.
     members: Vec<usize>,
     /// `peers[w]` is the connection to world rank w (None for this process).
     peers: Arc<Vec<Option<Peer>>>,
+    /// The deadline of every read and write on this group's connections.
     timeout: Duration,
+    /// Bytes from which all-reduce uses reduce-scatter + all-gather (see [`DEFAULT_SPLIT_THRESHOLD`]).
     split_threshold: usize,
     /// How long a receive polls for data before it sleeps in the kernel (see [`DEFAULT_SPIN`]).
     spin: Duration,

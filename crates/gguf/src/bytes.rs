@@ -9,14 +9,15 @@ use std::sync::Arc;
 pub enum TensorBytes {
     /// `len` bytes at `offset` of a mapped file, shared by every matrix cut from it.
     Mmap {
-        /// The whole file.
+        /// The whole file, kept mapped while any tensor cut from it is alive.
         map: Arc<memmap2::Mmap>,
-        /// Where the tensor starts in it.
+        /// Byte offset of the tensor's first byte in the file.
         offset: usize,
-        /// Its length in bytes.
+        /// The tensor's length in bytes (not elements).
         len: usize,
     },
-    /// Bytes in memory.
+    /// Bytes in memory: a column split's rows copied out of the file (a tensor-parallel
+    /// slice of input features is not contiguous in it), or bytes a test made.
     Owned(Arc<Vec<u8>>),
 }
 
@@ -24,11 +25,11 @@ pub enum TensorBytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("tensor bytes [{offset}, {offset}+{len}) lie outside the {file_len}-byte file")]
 pub struct OutOfFile {
-    /// Where the range starts.
+    /// Byte offset in the file where the range starts.
     pub offset: usize,
-    /// Its length.
+    /// The range's length in bytes.
     pub len: usize,
-    /// The file's length.
+    /// The mapped file's length in bytes.
     pub file_len: usize,
 }
 

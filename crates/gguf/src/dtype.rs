@@ -6,20 +6,38 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum GgmlDType {
+    /// 32-bit float, id 0: norms and small tensors.
     F32,
+    /// IEEE half float, id 1.
     F16,
+    /// 4-bit, id 2: blocks of 32 with one f16 scale (18 bytes).
     Q4_0,
+    /// 4-bit, id 3: blocks of 32 with an f16 scale and minimum (20 bytes).
     Q4_1,
+    /// 5-bit, id 6: blocks of 32 with one f16 scale (22 bytes).
     Q5_0,
+    /// 5-bit, id 7: blocks of 32 with an f16 scale and minimum (24 bytes).
     Q5_1,
+    /// 8-bit, id 8: blocks of 32 with one f16 scale (34 bytes).
     Q8_0,
+    /// 8-bit, id 9: blocks of 32 with an f16 scale and an f16 scaled sum (36 bytes); ggml's
+    /// intermediate format for activations.
     Q8_1,
+    /// 2-bit k-quant, id 10: super-blocks of 256 (84 bytes).
     Q2_K,
+    /// 3-bit k-quant, id 11: super-blocks of 256 (110 bytes).
     Q3_K,
+    /// 4-bit k-quant, id 12: super-blocks of 256 with 6-bit sub-block scales (144 bytes);
+    /// the bulk of a Q4_K_M file such as the default model.
     Q4_K,
+    /// 5-bit k-quant, id 13: super-blocks of 256 (176 bytes).
     Q5_K,
+    /// 6-bit k-quant, id 14: super-blocks of 256 (210 bytes).
     Q6_K,
+    /// 8-bit k-quant, id 15: super-blocks of 256 with an f32 scale (292 bytes); ggml's
+    /// intermediate format for activations in k-quant dot products.
     Q8_K,
+    /// bfloat16, id 30.
     BF16,
 }
 

@@ -29,56 +29,157 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// More dimensions than this is not a tensor any model uses; refuse rather than allocate.
 const MAX_DIMS: u32 = 8;
 
-/// Everything that can be wrong with a GGUF file.
+/// Everything that can be wrong with a GGUF file. Apart from `Io`, every variant means the
+/// file is damaged or is not a model tpserve can run: re-download it or pick another file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
+    /// The file could not be opened or mapped (missing, unreadable, a directory...).
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file we tried to open.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The first four bytes are not `GGUF`: another format (safetensors, an HTML error page
+    /// saved as the download...).
     #[error("not a GGUF file: the magic bytes are {found:?}, expected \"GGUF\"")]
-    BadMagic { found: [u8; 4] },
+    BadMagic {
+        /// The file's first four bytes.
+        found: [u8; 4],
+    },
+    /// A GGUF version other than 2 or 3 (version 1 had 32-bit counts; newer ones are unknown).
     #[error("unsupported GGUF version {0} (tpserve reads versions 2 and 3)")]
     Version(u32),
+    /// The file ends (or a count claims more items than the bytes left can hold) in the
+    /// middle of the header, metadata or tensor directory: an interrupted download.
     #[error("GGUF file is truncated: needed {needed} bytes at offset {offset} while reading {what}, but the file has {len} bytes; re-download it")]
-    Truncated { what: &'static str, offset: usize, needed: usize, len: usize },
+    Truncated {
+        /// The part being read ("metadata key", "tensor dims"...).
+        what: &'static str,
+        /// Byte offset in the file where it starts.
+        offset: usize,
+        /// Bytes it needs from `offset` on.
+        needed: usize,
+        /// Bytes the file (or buffer) has in all.
+        len: usize,
+    },
+    /// A metadata value (or array element) type id outside GGUF's 0..=12, or arrays nested
+    /// deeper than 5 levels.
     #[error("GGUF metadata value type {0} is unknown")]
     BadValueType(u32),
+    /// A key or tensor name is not UTF-8 (string *values* are decoded lossily instead,
+    /// because some tokenizers store raw bytes in them).
     #[error("GGUF string at offset {offset} is not valid UTF-8")]
-    BadUtf8 { offset: usize },
+    BadUtf8 {
+        /// Byte offset of the string's first byte.
+        offset: usize,
+    },
+    /// A tensor claims more than 8 dimensions: refused rather than allocated for.
     #[error("tensor {name:?} has {n_dims} dimensions (at most {MAX_DIMS} are supported)")]
-    TooManyDims { name: String, n_dims: u32 },
+    TooManyDims {
+        /// The tensor's name in the directory.
+        name: String,
+        /// The dimension count it claims.
+        n_dims: u32,
+    },
+    /// A tensor's ggml type id is not one [`GgmlDType`] knows (a newer quantization, or
+    /// corruption).
     #[error("tensor {name:?} has unknown ggml type id {id}")]
-    UnknownType { name: String, id: u32 },
+    UnknownType {
+        /// The tensor's name in the directory.
+        name: String,
+        /// The type id found in the file.
+        id: u32,
+    },
+    /// A tensor's element count is not a whole number of its type's blocks (or overflows
+    /// u64), so its byte size is undefined.
     #[error("tensor {name:?} has shape {shape:?} that is not a whole number of {dtype} blocks")]
-    BadShape { name: String, shape: Vec<u64>, dtype: GgmlDType },
+    BadShape {
+        /// The tensor's name in the directory.
+        name: String,
+        /// Its dimensions in ggml order (`shape[0]` is the row length).
+        shape: Vec<u64>,
+        /// Its element type, whose block size the element count must be a multiple of.
+        dtype: GgmlDType,
+    },
+    /// A tensor's bytes reach past the end of the file: a truncated download.
     #[error("tensor {name:?} lies outside the file (bytes {start}..{end}, file has {len}); the file is truncated or corrupt")]
-    TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
+    TensorOutOfBounds {
+        /// The tensor's name in the directory.
+        name: String,
+        /// Absolute file offset of its first byte (`u64::MAX` if that overflows).
+        start: u64,
+        /// Absolute file offset just past its last byte (`u64::MAX` if that overflows).
+        end: u64,
+        /// Bytes the file has.
+        len: u64,
+    },
+    /// `general.alignment` is 0, not a power of two, or not an integer.
     #[error("GGUF alignment {0} is not a power of two")]
     BadAlignment(u64),
+    /// A tensor the caller asked for by name is not in the directory: the file is of another
+    /// architecture, or was converted without it.
     #[error("model file has no tensor named {0:?}")]
     MissingTensor(String),
+    /// [`Gguf::tensor_of_shape`] found the tensor with other dimensions than the model's
+    /// hyperparameters imply: the metadata and the weights disagree.
     #[error("tensor {name:?} has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        /// The tensor's name in the directory.
+        name: String,
+        /// The dimensions asked for, in ggml order.
+        expected: Vec<usize>,
+        /// The dimensions in the file, in ggml order.
+        got: Vec<usize>,
+    },
+    /// A metadata key a `get_*` accessor needs is absent.
     #[error("metadata key {key:?} is missing")]
-    MissingKey { key: String },
+    MissingKey {
+        /// The GGUF key, e.g. `gemma3.block_count`.
+        key: String,
+    },
+    /// A metadata key holds a value of a type the accessor cannot convert (a string where a
+    /// number is needed...).
     #[error("metadata key {key:?} has the wrong type: expected {expected}, found {found}")]
-    WrongKeyType { key: String, expected: &'static str, found: &'static str },
+    WrongKeyType {
+        /// The GGUF key.
+        key: String,
+        /// What the accessor accepts ("string", "integer", "number").
+        expected: &'static str,
+        /// [`Value::type_name`] of what the file holds.
+        found: &'static str,
+    },
 }
 
-/// One metadata value.
+/// One metadata value, in the GGUF type it was written as (value type ids 0..=12).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// Type id 0.
     U8(u8),
+    /// Type id 1.
     I8(i8),
+    /// Type id 2.
     U16(u16),
+    /// Type id 3.
     I16(i16),
+    /// Type id 4; the usual type of counts and token ids, though writers vary.
     U32(u32),
+    /// Type id 5; token types (`tokenizer.ggml.token_type`) are stored as these.
     I32(i32),
+    /// Type id 10.
     U64(u64),
+    /// Type id 11.
     I64(i64),
+    /// Type id 6; hyperparameters such as `rope.freq_base` and token scores.
     F32(f32),
+    /// Type id 12.
     F64(f64),
+    /// Type id 7 (one byte, non-zero is true).
     Bool(bool),
+    /// Type id 8: length-prefixed UTF-8 (invalid bytes become U+FFFD).
     String(String),
+    /// Type id 9: items all of one type, nested at most 5 deep (the vocabulary is one).
     Array(Vec<Value>),
 }
 
@@ -102,7 +203,8 @@ impl Value {
         }
     }
 
-    /// Any integer type as u64 (GGUF writers disagree on u32 vs i32 vs u64).
+    /// Any integer type as u64 (GGUF writers disagree on u32 vs i32 vs u64); a bool as 0 or 1.
+    /// `None` for negative integers, floats, strings and arrays.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             Value::U8(v) => Some(v as u64),
@@ -118,7 +220,8 @@ impl Value {
         }
     }
 
-    /// Any integer or float as f64.
+    /// Any float, or any integer [`Value::as_u64`] accepts, as f64 (so a negative integer is
+    /// `None`, as are strings and arrays).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v as f64),
@@ -127,6 +230,7 @@ impl Value {
         }
     }
 
+    /// The text of a `String` value; `None` for every other type (no number formatting).
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -134,6 +238,7 @@ impl Value {
         }
     }
 
+    /// The items of an `Array` value (`tokenizer.ggml.tokens`, `.scores`...); `None` otherwise.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
@@ -142,15 +247,20 @@ impl Value {
     }
 }
 
-/// Where one tensor lives in the file.
+/// Where one tensor lives in the file. The parser has checked that `offset..offset + nbytes`
+/// lies inside the file and that `nbytes` is exactly what `dims` and `dtype` need.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// The GGUF tensor name (`blk.0.attn_q.weight`); also the key in [`Gguf::tensors`].
     pub name: String,
     /// ggml order: `dims[0]` is the fastest-varying (the row length, i.e. input features).
     pub dims: Vec<u64>,
+    /// Element type; quantized types store whole blocks along `dims[0]`.
     pub dtype: GgmlDType,
-    /// Absolute byte offset in the file.
+    /// Absolute byte offset in the file: the aligned start of the data section plus the
+    /// offset the directory gives.
     pub offset: u64,
+    /// Byte length of the encoded tensor: elements / block size × bytes per block.
     pub nbytes: u64,
 }
 
@@ -161,8 +271,12 @@ pub type Tensors = BTreeMap<String, TensorInfo>;
 
 /// An opened GGUF file: parsed header, metadata and tensor directory over an mmap.
 pub struct Gguf {
+    /// GGUF format version from the header: 2 or 3 (the only ones the parser accepts).
     pub version: u32,
+    /// Every metadata key-value pair (`general.architecture`, `tokenizer.ggml.*`, the
+    /// architecture's hyperparameters), sorted by key.
     pub metadata: BTreeMap<String, Value>,
+    /// The tensor directory by tensor name; every entry's bytes are inside the file.
     pub tensors: BTreeMap<String, TensorInfo>,
     map: Arc<memmap2::Mmap>,
 }
@@ -192,25 +306,30 @@ impl Gguf {
         parse(bytes).map(|(_, m, t)| (m, t))
     }
 
+    /// The value of metadata key `key`, for keys that are optional or of varying type.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
 
+    /// A required string key; `MissingKey` or `WrongKeyType` name the key otherwise.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
         let v = self.metadata.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })?;
         v.as_str().ok_or_else(|| GgufError::WrongKeyType { key: key.into(), expected: "string", found: v.type_name() })
     }
 
+    /// A required integer key, whatever integer type the writer used (see [`Value::as_u64`]).
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.metadata.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })?;
         v.as_u64().ok_or_else(|| GgufError::WrongKeyType { key: key.into(), expected: "integer", found: v.type_name() })
     }
 
+    /// A required numeric key (float or integer; see [`Value::as_f64`]).
     pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
         let v = self.metadata.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })?;
         v.as_f64().ok_or_else(|| GgufError::WrongKeyType { key: key.into(), expected: "number", found: v.type_name() })
     }
 
+    /// The directory entry of tensor `name`, or `MissingTensor`.
     pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo, GgufError> {
         self.tensors.get(name).ok_or_else(|| GgufError::MissingTensor(name.into()))
     }

@@ -4,7 +4,8 @@
 use super::Value;
 use crate::GgmlDType;
 
-/// Builds a GGUF (version 3) file in memory.
+/// Builds a GGUF (version 3) file in memory: metadata and tensors in the order they were
+/// added, tensor data 32-byte aligned (the default, so no `general.alignment` key is needed).
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
@@ -13,10 +14,14 @@ pub struct GgufWriter {
 }
 
 impl GgufWriter {
+    /// An empty file: no metadata, no tensors.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Adds metadata key `key`; the caller picks the GGUF type through the [`Value`] variant
+    /// (readers of a real model expect llama.cpp's types, e.g. `U32` counts). A repeated key
+    /// is written twice and the reader keeps the last.
     pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
         self.metadata.push((key.to_owned(), value));
         self
@@ -29,6 +34,8 @@ impl GgufWriter {
         self
     }
 
+    /// The whole file. Nothing is checked: `bytes` need not match `dims` and `dtype`, so tests
+    /// can build the damaged files the parser must refuse.
     pub fn to_bytes(&self) -> Vec<u8> {
         const ALIGN: usize = 32;
         let mut out = Vec::new();
@@ -63,6 +70,7 @@ impl GgufWriter {
         out
     }
 
+    /// Writes [`GgufWriter::to_bytes`] to `path`, replacing any file there.
     pub fn write(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
         std::fs::write(path, self.to_bytes())
     }

@@ -19,11 +19,14 @@ pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
 pub use v1::worker_client::WorkerClient;
 pub use v1::worker_server::{Worker, WorkerServer};
 
-/// A wire message that does not make sense.
+/// A wire message that does not make sense: a bug or a version skew in the sender, never
+/// something to retry. It becomes `INVALID_ARGUMENT` on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
 pub struct WireError {
+    /// The offending field as `Message.field` (`"SeqWork.logits"`), as in the `.proto`.
     pub field: &'static str,
+    /// What is wrong with it, with the value received.
     pub reason: String,
 }
 

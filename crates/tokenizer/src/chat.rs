@@ -7,15 +7,22 @@ use tpserve_gguf::Gguf;
 
 use crate::Tokenizer;
 
-/// One chat message.
+/// One chat message, as the template sees it (`message['role']`, `message['content']`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
+    /// "system", "user" or "assistant" (OpenAI's roles); the built-in Gemma template writes
+    /// "assistant" as Gemma's "model", and a file's own template may accept others.
     pub role: String,
+    /// The message text, inserted as is (the built-in templates trim surrounding whitespace).
     pub content: String,
 }
 
+/// Why a chat prompt could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
+    /// The template does not compile, or refused the conversation while rendering (the
+    /// built-in Gemma template raises when roles do not alternate user/assistant). The text
+    /// is minijinja's message or the template's own, fit to show the API client.
     #[error("chat template error: {0}")]
     Template(String),
 }

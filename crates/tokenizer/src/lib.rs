@@ -23,25 +23,70 @@ use std::collections::HashMap;
 use special::{Fragment, SpecialMatcher};
 use tpserve_gguf::{Gguf, Value};
 
-/// Everything that can be wrong with a model's tokenizer metadata.
+/// Everything that can be wrong with a model's tokenizer metadata. Each means the GGUF file
+/// cannot be served as it is: convert the model again with a current llama.cpp, or pick a
+/// model of a supported family.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// `tokenizer.ggml.model` names an algorithm other than "llama" or "gpt2" (e.g. "bert",
+    /// "t5", "rwkv").
     #[error("unsupported tokenizer.ggml.model {0:?}: tpserve supports \"llama\" (SentencePiece-style BPE, e.g. Gemma, Llama 2) and \"gpt2\" (byte-level BPE, e.g. Llama 3, Qwen)")]
     UnsupportedModel(String),
+    /// A gpt2 tokenizer's `tokenizer.ggml.pre` names a pre-tokenizer regex we have not
+    /// written (see [`PreTokenizer::SUPPORTED`]).
     #[error("unsupported tokenizer.ggml.pre {0:?} for a gpt2 tokenizer (supported: {supported})", supported = PreTokenizer::SUPPORTED)]
     UnsupportedPre(String),
+    /// A key every tokenizer of its kind needs (`tokenizer.ggml.model`, `.tokens`, and
+    /// `.merges` for gpt2) is absent.
     #[error("metadata key {0:?} is missing; the GGUF file has no usable tokenizer")]
     MissingKey(&'static str),
+    /// A `tokenizer.ggml.*` key, or an element of its array, has a type we cannot use.
     #[error("metadata key {key:?} has the wrong type: expected {expected}, found {found}")]
-    WrongType { key: &'static str, expected: &'static str, found: &'static str },
+    WrongType {
+        /// The metadata key.
+        key: &'static str,
+        /// What it must hold ("array of strings", "integer", "bool"...).
+        expected: &'static str,
+        /// The GGUF type found ([`tpserve_gguf::Value::type_name`]).
+        found: &'static str,
+    },
+    /// `tokenizer.ggml.scores` or `.token_type` does not have one entry per token.
     #[error("{key} has {got} entries but tokenizer.ggml.tokens has {expected}")]
-    LengthMismatch { key: &'static str, expected: usize, got: usize },
+    LengthMismatch {
+        /// The per-token array that is too short or too long.
+        key: &'static str,
+        /// The vocabulary size (entries of `tokenizer.ggml.tokens`).
+        expected: usize,
+        /// Entries the array has.
+        got: usize,
+    },
+    /// A special token id (BOS, EOS, unknown, EOT, EOM) is not below the vocabulary size.
     #[error("{key} = {id} is outside the vocabulary of {vocab_size} tokens")]
-    BadTokenId { key: &'static str, id: u64, vocab_size: usize },
+    BadTokenId {
+        /// The metadata key, e.g. `tokenizer.ggml.bos_token_id`.
+        key: &'static str,
+        /// The id it holds.
+        id: u64,
+        /// Entries of `tokenizer.ggml.tokens`.
+        vocab_size: usize,
+    },
+    /// A `tokenizer.ggml.token_type` entry is not one of llama.cpp's token types 0..=6.
     #[error("tokenizer.ggml.token_type[{index}] = {value} is not a token type (0..=6)")]
-    BadTokenType { index: usize, value: i64 },
+    BadTokenType {
+        /// The token id whose type is wrong.
+        index: usize,
+        /// The value found.
+        value: i64,
+    },
+    /// A `tokenizer.ggml.merges` entry has no space to split it into the pair it merges.
     #[error("tokenizer.ggml.merges[{index}] = {merge:?} is not two pieces separated by a space")]
-    BadMerge { index: usize, merge: String },
+    BadMerge {
+        /// Position in the merge list (its rank).
+        index: usize,
+        /// The entry as written.
+        merge: String,
+    },
+    /// `tokenizer.ggml.tokens` is an empty array.
     #[error("tokenizer.ggml.tokens is empty")]
     EmptyVocab,
 }
@@ -50,15 +95,23 @@ pub enum TokenizerError {
 /// matched in text and rendered when decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenType {
+    /// Type 0: no type recorded; never matched as special, decoded as "".
     Undefined,
+    /// Type 1 (and the default when the file has no types): ordinary pieces produced by the
+    /// merge algorithm and decoded as their text.
     Normal,
+    /// Type 2: the unknown-token piece (`<unk>`); parsed from text only with
+    /// `parse_special`, decoded as "".
     Unknown,
-    /// BOS, EOS, `<start_of_turn>`…: parsed from text only with `parse_special`, decoded as "".
+    /// Type 3: BOS, EOS, `<start_of_turn>`…: parsed from text only with `parse_special`,
+    /// decoded as "".
     Control,
-    /// Always parsed from text (Gemma's "\n", "  ", "\t" runs) and decoded as written.
+    /// Type 4: always parsed from text (Gemma's "\n", "  ", "\t" runs) and decoded as written.
     UserDefined,
+    /// Type 5: reserved slots (Gemma's `<unused0>`…); not matched as special, decoded as "".
     Unused,
-    /// `<0xXX>` byte-fallback pieces.
+    /// Type 6: `<0xXX>` byte-fallback pieces, for bytes no other piece covers; decoded as
+    /// that one byte.
     Byte,
 }
 

@@ -16,6 +16,7 @@ pub struct StreamDecoder<'a> {
 }
 
 impl<'a> StreamDecoder<'a> {
+    /// A decoder at the start of a response, borrowing `tok` (one per streamed sequence).
     pub fn new(tok: &'a Tokenizer) -> Self {
         StreamDecoder { tok, pending: Vec::new(), strip_space: tok.strips_leading_space() }
     }
