@@ -13,14 +13,20 @@ use crate::metrics::Record;
 /// Where requests go.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The server's root, e.g. `http://127.0.0.1:8000` (a trailing `/` is dropped); the
+    /// endpoint is appended to it.
     pub base_url: String,
     /// `/v1/completions` or `/v1/chat/completions`.
     pub endpoint: String,
+    /// Sent as `model` when set (servers such as vLLM require it; tpserve does not).
     pub model: Option<String>,
+    /// Sent as `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
 }
 
 impl Target {
+    /// Whether the endpoint is a chat one (its path contains `chat`): the prompt goes out as
+    /// one user message and the text comes back in `delta.content`.
     pub fn is_chat(&self) -> bool {
         self.endpoint.contains("chat")
     }
@@ -29,9 +35,11 @@ impl Target {
 /// One request of the workload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
+    /// Sent as `prompt`, or as the one user message on a chat endpoint.
     pub text: String,
     /// Its length in tokens (for the results).
     pub tokens: usize,
+    /// Sent as `max_tokens`; with `ignore_eos` a server generates exactly this many.
     pub max_tokens: usize,
 }
 

@@ -14,7 +14,10 @@ use serde_json::{json, Map, Value};
 pub struct Record {
     /// None when it succeeded; otherwise the kind of failure ("http 429", "connect", ...).
     pub error: Option<String>,
+    /// Prompt tokens as the workload counted them ([`crate::client::Prompt::tokens`]).
     pub input_tokens: usize,
+    /// Tokens generated: the server's final `usage.completion_tokens` when it sends one,
+    /// else the number of chunks with text.
     pub output_tokens: usize,
     /// When it was sent, from the start of the run.
     pub start: f64,
@@ -27,6 +30,8 @@ pub struct Record {
 }
 
 impl Record {
+    /// Whether it succeeded: only successful records count in the tokens, throughputs and
+    /// latencies of the results.
     pub fn ok(&self) -> bool {
         self.error.is_none()
     }
@@ -40,12 +45,16 @@ impl Record {
 /// Service-level objectives for goodput, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Slo {
+    /// Longest time to first token a good request may have (None: no limit).
     pub ttft_ms: Option<f64>,
+    /// Longest time per output token (a request of one token counts as 0).
     pub tpot_ms: Option<f64>,
+    /// Longest end-to-end latency.
     pub e2el_ms: Option<f64>,
 }
 
 impl Slo {
+    /// Whether no objective is set; the results then have no `request_goodput`.
     pub fn is_empty(&self) -> bool {
         self.ttft_ms.is_none() && self.tpot_ms.is_none() && self.e2el_ms.is_none()
     }

@@ -13,8 +13,9 @@ use crate::error::ClusterError;
 pub struct StepReply {
     /// One per rank, in rank order.
     pub outputs: Vec<StepOutput>,
-    /// Encoded bytes of the step requests sent (all ranks) and the answers received.
+    /// Encoded bytes of the step requests sent, summed over the ranks (0 in process).
     pub request_bytes: usize,
+    /// Encoded bytes of the answers received, summed over the ranks (0 in process).
     pub response_bytes: usize,
 }
 

@@ -171,6 +171,8 @@ pub struct Cluster {
     timeouts: Timeouts,
     /// Why the cluster cannot step any more (a worker was lost), once it cannot.
     failed: Option<String>,
+    /// What each rank reported when its shard was loaded, in rank order (for the startup
+    /// summary: shards, memory, threads, KV bytes).
     pub loaded: Vec<LoadedRank>,
 }
 
@@ -255,6 +257,7 @@ impl Cluster {
         Ok(Cluster { workers, plan, context_len, kv, timeouts, failed: None, loaded })
     }
 
+    /// The plan the shards were loaded for.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

@@ -44,18 +44,23 @@ pub fn scored_positions(ctx: usize) -> std::ops::Range<usize> {
 /// Running negative log-likelihood statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Nll {
+    /// Sum of the negative log-likelihoods pushed, in nats.
     pub sum: f64,
+    /// Sum of their squares (for the standard error).
     pub sum2: f64,
+    /// Scored tokens pushed.
     pub n: usize,
 }
 
 impl Nll {
+    /// Adds one scored token's negative log-likelihood (nats, `-log p`).
     pub fn push(&mut self, nll: f64) {
         self.sum += nll;
         self.sum2 += nll * nll;
         self.n += 1;
     }
 
+    /// Mean negative log-likelihood per token, in nats (0 when nothing was pushed).
     pub fn mean(&self) -> f64 {
         self.sum / self.n.max(1) as f64
     }
@@ -69,6 +74,7 @@ impl Nll {
         ((self.sum2 / self.n as f64 - m * m).max(0.0) / (self.n - 1) as f64).sqrt()
     }
 
+    /// The perplexity: `exp(mean)`.
     pub fn ppl(&self) -> f64 {
         self.mean().exp()
     }
@@ -79,8 +85,8 @@ impl Nll {
     }
 }
 
-/// The log-probability of each window's tokens from index `first` on (index t: log
-/// p(window[t] | window[..t]); None before `first` and at t = 0), through the engine,
+/// The log-probability of each window's tokens from index `first` on (index t:
+/// `log p(window[t] | window[..t])`; None before `first` and at t = 0), through the engine,
 /// `in_flight` windows at a time; `done(i, logprobs)` is called as each window finishes.
 /// Positions before `first - 1` compute no logits.
 pub async fn window_logprobs<B: Backend>(

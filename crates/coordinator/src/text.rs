@@ -23,6 +23,8 @@ pub struct Pushed<'t> {
 }
 
 impl<'a> TextOut<'a> {
+    /// Text decoded with `tok`, ending before the first of the `stop` strings (empty ones
+    /// are ignored).
     pub fn new(tok: &'a Tokenizer, stop: &[String]) -> Self {
         let stop: Vec<String> = stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         let max_stop = stop.iter().map(|s| s.len()).max().unwrap_or(0);

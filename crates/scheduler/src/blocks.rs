@@ -9,9 +9,11 @@ use tpserve_types::kv::BlockId;
 /// The blocks of one group.
 #[derive(Debug, Clone)]
 pub struct BlockPool {
+    /// Per block: how many sequences' tables hold it.
     refs: Vec<u32>,
     /// The content hash a block is cached under.
     hash: Vec<Option<u64>>,
+    /// Content hash → the block holding it (the inverse of `hash`).
     cached: HashMap<u64, BlockId>,
     /// Unreferenced blocks by the tick they were freed at: the oldest is handed out first.
     free: BTreeMap<u64, BlockId>,
@@ -21,6 +23,7 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
+    /// A pool of `n` blocks (ids `0..n`), all free and none cached.
     pub fn new(n: usize) -> Self {
         let mut p = Self { refs: vec![0; n], hash: vec![None; n], cached: HashMap::new(), free: BTreeMap::new(), free_at: vec![None; n], tick: 0 };
         for b in 0..n {
@@ -29,10 +32,13 @@ impl BlockPool {
         p
     }
 
+    /// Blocks in the pool, referenced or not.
     pub fn len(&self) -> usize {
         self.refs.len()
     }
 
+    /// Whether the pool has no blocks at all (not whether they are all used: see
+    /// [`BlockPool::n_free`]).
     pub fn is_empty(&self) -> bool {
         self.refs.is_empty()
     }

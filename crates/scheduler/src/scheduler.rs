@@ -1,3 +1,6 @@
+//! The [`Scheduler`] itself: the waiting queue, the running set and each sequence's block
+//! tables, turned into one [`Batch`] per step (see the crate doc for the policies).
+
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
@@ -7,28 +10,37 @@ use tpserve_types::TokenId;
 
 use crate::blocks::BlockPool;
 
-/// The caller's id for a request.
+/// The caller's id for a request (the engine numbers them from 0); unlike the workers'
+/// [`SeqId`], it stays the same when a preempted request starts again.
 pub type ReqId = u64;
 
 /// Limits the scheduler works within.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// The KV cache the workers were loaded with: block size, groups and pool sizes, which
+    /// the scheduler hands out block by block.
     pub kv: KvLayout,
-    /// Most sequences in one step.
+    /// Most sequences running at once, so most in one step; waiting requests are admitted
+    /// only below it.
     pub max_num_seqs: usize,
     /// Most new tokens in one step (decode tokens and prefill chunks together).
     pub token_budget: usize,
     /// Most requests waiting to start; more are refused ([`AddError::QueueFull`]).
     pub max_waiting: usize,
-    /// Positions per sequence (prompt + generated).
+    /// Positions per sequence (prompt + generated); longer requests are refused
+    /// ([`AddError::TooLong`]).
     pub context_len: usize,
+    /// Whether full prompt blocks already computed for another request are reused (off:
+    /// every prompt is computed in full).
     pub prefix_caching: bool,
 }
 
 /// A request to schedule.
 #[derive(Debug, Clone)]
 pub struct NewRequest {
+    /// Unique among the waiting and running requests ([`AddError::Duplicate`]).
     pub id: ReqId,
+    /// Prompt token ids; at least one.
     pub prompt: Vec<TokenId>,
     /// Most tokens it will generate (for the capacity check; the caller decides when it ends).
     pub max_tokens: usize,
@@ -42,14 +54,37 @@ pub struct NewRequest {
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddError {
+    /// [`SchedulerConfig::max_waiting`] requests (the number given) are already waiting:
+    /// back-pressure, so the client should retry later (the server answers 429).
     #[error("the waiting queue is full ({0} requests)")]
     QueueFull(usize),
+    /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// Prompt and `max_tokens` together exceed [`SchedulerConfig::context_len`]: shorten
+    /// the prompt or lower `max_tokens`.
     #[error("the prompt ({prompt} tokens) and max_tokens ({max_tokens}) exceed the context length {context}")]
-    TooLong { prompt: usize, max_tokens: usize, context: usize },
+    TooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens it may generate.
+        max_tokens: usize,
+        /// The context length, in positions.
+        context: usize,
+    },
+    /// Even running alone, the request would need more blocks than some group's pool has:
+    /// lower `max_tokens`, or give the workers a larger KV cache.
     #[error("the prompt ({prompt} tokens) and max_tokens ({max_tokens}) need more KV cache than the workers have ({capacity} tokens)")]
-    TooBig { prompt: usize, max_tokens: usize, capacity: usize },
+    TooBig {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Tokens it may generate.
+        max_tokens: usize,
+        /// Positions the full-attention pool holds ([`Scheduler::capacity_tokens`]).
+        capacity: usize,
+    },
+    /// A request with this id is already waiting or running: a bug in the caller, which
+    /// must number its requests uniquely.
     #[error("request {0} already exists")]
     Duplicate(ReqId),
 }
@@ -57,15 +92,22 @@ pub enum AddError {
 /// One sequence's work in a step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scheduled {
+    /// The request this work is for.
     pub req: ReqId,
     /// The sequence's id on the workers (a new one each time it starts again).
     pub seq_id: SeqId,
-    /// It starts on the workers with this step.
+    /// It starts on the workers with this step (first time, or again after a preemption).
     pub starts: bool,
+    /// Position of `tokens[0]`: the positions already computed (past 0 on a start after a
+    /// prefix-cache hit).
     pub start_pos: usize,
+    /// The new tokens: a prompt chunk (at most the step's token budget), or the one token
+    /// sampled last step.
     pub tokens: Vec<TokenId>,
     /// Per KV group, the blocks to append to the workers' table.
     pub blocks: Vec<Vec<BlockId>>,
+    /// Which rows need logits: the last when the chunk reaches the end of the known
+    /// tokens, every row of a chunk whose prompt log-probabilities were asked for.
     pub logits: LogitsWanted,
     /// Prompt length (for the workers' penalties).
     pub prompt_len: usize,
@@ -78,6 +120,7 @@ pub struct Scheduled {
 /// One step's plan.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
+    /// The sequences that compute, running ones first, then the newly admitted.
     pub seqs: Vec<Scheduled>,
     /// Worker sequence ids to forget before the step.
     pub free: Vec<SeqId>,
@@ -86,6 +129,7 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Whether there is nothing to send: no sequence computes and none is to be freed.
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty() && self.free.is_empty()
     }
@@ -99,14 +143,21 @@ impl Batch {
 /// Counters and gauges for metrics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
+    /// Requests in the running set now.
     pub running: usize,
+    /// Requests waiting to start (or to start again after a preemption) now.
     pub waiting: usize,
-    /// Per group: blocks referenced, blocks in the pool.
+    /// Per group: blocks referenced by some sequence now.
     pub blocks_used: Vec<usize>,
+    /// Per group: blocks in the pool.
     pub blocks_total: Vec<usize>,
-    /// Prompt tokens looked up in the prefix cache, and found there (cumulative).
+    /// Prompt tokens looked up in the prefix cache, cumulative: every admission while
+    /// prefix caching is on (a preempted request's again), except requests that still want
+    /// prompt log-probabilities, which never use the cache.
     pub prefix_queries: u64,
+    /// Of `prefix_queries`, the tokens found in the cache and not computed again.
     pub prefix_hits: u64,
+    /// Running sequences preempted for want of blocks, cumulative.
     pub preemptions: u64,
 }
 
@@ -130,6 +181,7 @@ struct Seq {
     started: bool,
     /// Prompt log-probabilities still wanted: logits for prompt positions from this one on.
     prompt_logprobs: Option<usize>,
+    /// Prompt tokens the prefix cache supplied when it last started.
     cached: usize,
 }
 
@@ -146,11 +198,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler with nothing queued and every pool of `cfg.kv` free.
     pub fn new(cfg: SchedulerConfig) -> Self {
         let pools = cfg.kv.groups.iter().map(|g| BlockPool::new(g.blocks)).collect();
         Self { cfg, pools, waiting: VecDeque::new(), running: Vec::new(), to_free: Vec::new(), next_worker_id: 0, stats: Stats::default() }
     }
 
+    /// The limits it was made with.
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
@@ -160,14 +214,17 @@ impl Scheduler {
         !self.running.is_empty() || !self.waiting.is_empty() || !self.to_free.is_empty()
     }
 
+    /// Requests in the running set (they hold blocks).
     pub fn n_running(&self) -> usize {
         self.running.len()
     }
 
+    /// Requests waiting to start, preempted ones included.
     pub fn n_waiting(&self) -> usize {
         self.waiting.len()
     }
 
+    /// Whether request `id` is waiting or running (not yet finished).
     pub fn contains(&self, id: ReqId) -> bool {
         self.running.iter().chain(&self.waiting).any(|s| s.id == id)
     }
@@ -177,6 +234,7 @@ impl Scheduler {
         self.cfg.kv.token_capacity()
     }
 
+    /// The gauges as they are now, with the cumulative counters.
     pub fn stats(&self) -> Stats {
         Stats {
             running: self.running.len(),
@@ -187,12 +245,14 @@ impl Scheduler {
         }
     }
 
-    /// The pool of group `g` (tests and metrics).
+    /// The pool of group `g`, for tests and debugging (the metrics read
+    /// [`Scheduler::stats`]).
     pub fn pool(&self, g: usize) -> &BlockPool {
         &self.pools[g]
     }
 
-    /// Queues a request.
+    /// Queues a request at the back of the waiting queue, or says why it can never run
+    /// (or, for [`AddError::QueueFull`], not now).
     pub fn add(&mut self, r: NewRequest) -> Result<(), AddError> {
         if r.prompt.is_empty() {
             return Err(AddError::EmptyPrompt);
@@ -422,6 +482,8 @@ impl Scheduler {
         }
     }
 
+    /// Frees running sequence `i` and puts it at the front of the waiting queue, to be
+    /// recomputed from position 0.
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
         self.release(&mut s);

@@ -1,3 +1,7 @@
+//! The scheduler's policies in scenarios (decodes first, chunked prefill, prefix hits,
+//! preemption, refusals), and a property test that drives it against fake workers holding
+//! the blocks it hands out: no block leaks, and every step reads its own history.
+
 use std::collections::HashMap;
 
 use proptest::prelude::*;

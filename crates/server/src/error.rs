@@ -29,10 +29,16 @@ pub struct ErrorDetail<'a> {
 /// An error answer.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// The HTTP status: 4xx for the client's mistakes, 429 when the queue is full, 503 when
+    /// the cluster cannot serve.
     pub status: StatusCode,
+    /// What was wrong, with the offending value, and what to do (the body's `message`).
     pub message: String,
+    /// The body's `type`: `invalid_request_error`, `rate_limit_exceeded` or `server_error`.
     pub kind: &'static str,
+    /// The body's `param`: the request field at fault, when one is.
     pub param: Option<&'static str>,
+    /// The body's `code`, for programs (`context_length_exceeded`, `model_not_found`).
     pub code: Option<&'static str>,
 }
 
@@ -42,11 +48,13 @@ impl ApiError {
         Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param, code: None }
     }
 
+    /// The same error with the machine-readable `code` set.
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
     }
 
+    /// 404: the request named a `model` this server does not serve.
     pub fn model_not_found(model: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
@@ -57,6 +65,7 @@ impl ApiError {
         }
     }
 
+    /// 401: the API key is missing or wrong (only when the server has one).
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -67,14 +76,18 @@ impl ApiError {
         }
     }
 
+    /// 429 with `Retry-After: 1`: the waiting queue is full; the client should retry later.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self { status: StatusCode::TOO_MANY_REQUESTS, message: message.into(), kind: "rate_limit_exceeded", param: None, code: Some("rate_limit_exceeded") }
     }
 
+    /// 503: the server cannot serve now (loading, draining, or the cluster failed); the
+    /// message says which. Also the error event of a stream that fails midway.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: Some("unavailable") }
     }
 
+    /// 404: no route at `path`.
     pub fn not_found(path: &str) -> Self {
         Self { status: StatusCode::NOT_FOUND, message: format!("no route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
     }

@@ -2,8 +2,9 @@
 //!
 //! - `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming),
 //!   `GET /v1/models`; optional Bearer API key on `/v1/*`.
-//! - `GET /health` (the process answers), `GET /ready` (every worker loaded and a real step
-//!   succeeded within the last few seconds; not while draining), `GET /metrics` (Prometheus).
+//! - `GET /health` (the process answers), `GET /ready` (every worker loaded and a step or an
+//!   idle probe went through all of them within [`ServerOptions::ready_within`]; not while
+//!   draining), `GET /metrics` (Prometheus).
 //!
 //! One task owns the [`Engine`] (and through it the cluster); handlers hand it requests over
 //! a channel and read each request's events from its own channel, so a slow or vanished
@@ -30,8 +31,12 @@ pub use error::ApiError;
 pub struct ServedModel {
     /// The id clients name in `model` (and `GET /v1/models` lists).
     pub name: String,
+    /// Encodes prompts and decodes generated tokens (shared with the engine task).
     pub tokenizer: Arc<Tokenizer>,
+    /// Renders chat messages into the prompt text of `/v1/chat/completions`.
     pub chat_template: tpserve_tokenizer::chat::ChatTemplate,
+    /// The model's context length in positions; requests get the smaller of it and the
+    /// scheduler's (`GET /v1/models` reports that as `max_model_len`).
     pub context_len: usize,
     /// Token ids the model has embeddings for.
     pub vocab: usize,
@@ -40,6 +45,8 @@ pub struct ServedModel {
 /// How the server behaves.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    /// When set, every `/v1/*` request must send `Authorization: Bearer <key>` or get a
+    /// 401; `/health`, `/ready` and `/metrics` stay open.
     pub api_key: Option<String>,
     /// When idle, a probe step goes to every worker this often.
     pub probe_every: Duration,
@@ -60,15 +67,23 @@ impl Default for ServerOptions {
 struct Status {
     /// The workers are still loading.
     loading: bool,
+    /// Why the cluster cannot serve, once it cannot (the engine's [`Engine::failed`]).
     failed: Option<String>,
+    /// When a step or probe last went through every worker.
     last_ok: Option<Instant>,
+    /// A shutdown signal came: no new requests.
     draining: bool,
 }
 
+/// What handlers ask of the engine task.
 enum Cmd {
+    /// Queue a request.
     Submit {
+        /// The checked request.
         req: Request,
+        /// Where its events go; dropping the receiver cancels it.
         events: mpsc::UnboundedSender<Event>,
+        /// Whether it was queued, or the error to answer (429 when the queue is full).
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
     /// Ends every live request with this error.

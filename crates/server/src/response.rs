@@ -14,9 +14,9 @@ pub const LOGPROB_FLOOR: f32 = -9999.0;
 /// Token counts of a request.
 #[derive(Debug, Clone, Serialize)]
 pub struct Usage {
-    /// Tokens of the prompt.
+    /// Tokens of the prompt as the model saw it (for chat, the whole rendered template).
     pub prompt_tokens: usize,
-    /// Tokens generated.
+    /// Tokens sampled, an end-of-generation token included.
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
@@ -86,6 +86,7 @@ impl Serialize for ChunkUsage {
 /// A completion, or one chunk of a streamed one.
 #[derive(Debug, Clone, Serialize)]
 pub struct Completion {
+    /// `id`, `object` (`text_completion`), `created`, `model`, at the top level.
     #[serde(flatten)]
     pub head: Head,
     /// One choice (n = 1), or none on the usage chunk of a stream.
@@ -124,6 +125,7 @@ pub struct CompletionLogprobs {
 /// A chat completion.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatCompletion {
+    /// `id`, `object` (`chat.completion`), `created`, `model`, at the top level.
     #[serde(flatten)]
     pub head: Head,
     /// One choice (n = 1).
@@ -192,6 +194,8 @@ pub struct TopLogprob {
 /// One chunk of a streamed chat completion.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChunk {
+    /// `id`, `object` (`chat.completion.chunk`), `created`, `model`: the same on every
+    /// chunk of one request.
     #[serde(flatten)]
     pub head: Head,
     /// One choice, or none on the usage chunk.

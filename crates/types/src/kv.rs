@@ -19,24 +19,29 @@ pub const NO_BLOCK: BlockId = u32::MAX;
 /// Layers that share block tables.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvGroup {
-    /// The layers' attention window (None: full attention).
+    /// The layers' attention window in positions (None: full attention).
     pub window: Option<usize>,
     /// Model layer indices in the group.
     pub layers: Vec<usize>,
-    /// Blocks in the group's pool.
+    /// Blocks in the group's pool, over all sequences (each holds `block_size` positions
+    /// of every layer of the group).
     pub blocks: usize,
 }
 
 /// The whole cache: block size and groups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
+    /// Positions per block, the same in every group; at least 1.
     pub block_size: usize,
+    /// The full-attention group first (when there is one), then one group per window size,
+    /// smallest first. A group's index here is its index in [`crate::step::SeqWork::blocks`].
     pub groups: Vec<KvGroup>,
 }
 
 /// How big to make the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct KvSizing {
+    /// Positions per block (0 is taken as 1).
     pub block_size: usize,
     /// Positions each full-attention layer holds, over all sequences.
     pub tokens: usize,

@@ -1,5 +1,6 @@
-//! Plain types shared by every tpserve crate: token ids, sampling parameters, the sampler
-//! math and the parallelism plan. Pure: no I/O, no tensors, no async.
+//! Plain types shared by every tpserve crate: token ids, sampling parameters and the sampler
+//! math ([`sampling`]), the parallelism plan ([`plan`]), the paged KV cache's layout
+//! ([`kv`]) and the step protocol as data ([`step`]). Pure: no I/O, no tensors, no async.
 
 pub mod kv;
 pub mod plan;

@@ -16,37 +16,52 @@ use serde::{Deserialize, Serialize};
 /// What the plan needs to know about a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelShape {
+    /// Transformer blocks; pipeline stages split them into contiguous ranges.
     pub n_layers: usize,
+    /// Query heads per layer; tp must divide them.
     pub n_heads: usize,
+    /// KV heads per layer (fewer than `n_heads` with grouped-query attention); split over
+    /// the ranks, or replicated when there are fewer than tp.
     pub n_kv_heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
+    /// Width of the residual stream (the embedding dimension).
     pub hidden: usize,
+    /// FFN intermediate width; tensor parallelism splits it into column ranges.
     pub ffn: usize,
+    /// Vocabulary rows; tensor parallelism splits them, so each last-stage rank computes the
+    /// logits of its slice only.
     pub vocab: usize,
     /// Weight bytes of each layer (for balancing stages).
     pub layer_bytes: Vec<u64>,
-    /// Weight bytes of the token embedding and of the output projection (the same tensor
-    /// when they are tied; each stage that needs it holds its own rows).
+    /// Weight bytes of the token embedding (held by the first stage).
     pub embed_bytes: u64,
+    /// Weight bytes of the output projection (held by the last stage; the same tensor as
+    /// the embedding when they are tied, and then each end stage holds its own copy).
     pub head_bytes: u64,
     /// The output projection is the token embedding (Gemma): a rank that both embeds and
     /// computes logits holds those rows once.
     #[serde(default)]
     pub tied_embeddings: bool,
-    /// Quant block size (columns) of the attention output and FFN down weights: a row-parallel
-    /// split must fall on it.
+    /// Quant block size (columns) of the attention output weight, the largest over the
+    /// layers: a row-parallel split of it must fall on a block boundary (1: unquantized;
+    /// 0 is taken as 1).
     pub attn_out_block: usize,
+    /// The same for the FFN down weight.
     pub ffn_down_block: usize,
 }
 
 /// This rank's place in its tensor-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TpRank {
+    /// Position in the group, `0..world` (world rank `% tp`).
     pub rank: usize,
+    /// Ranks in the group: the tensor-parallel degree tp.
     pub world: usize,
 }
 
 impl TpRank {
+    /// No tensor parallelism: one rank holds every head, column and vocabulary row.
     pub const SINGLE: TpRank = TpRank { rank: 0, world: 1 };
 
     /// The contiguous part of `0..n` this rank owns when `n` is split as evenly as possible.
@@ -93,8 +108,11 @@ impl TpRank {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot run this model with tp = {tp}, pp = {pp}: {reason}")]
 pub struct PlanError {
+    /// The tensor-parallel degree asked for.
     pub tp: usize,
+    /// The pipeline degree asked for.
     pub pp: usize,
+    /// What does not fit, and the values that would (`tp can be one of 1, 2, 4`).
     pub reason: String,
 }
 
@@ -103,16 +121,23 @@ pub struct PlanError {
 pub struct RankShard {
     /// World rank.
     pub rank: usize,
+    /// Pipeline stage, `rank / tp`.
     pub stage: usize,
+    /// Place in the stage's tensor-parallel group.
     pub tp: TpRank,
     /// Layers of this rank's stage.
     pub layers: Range<usize>,
+    /// Query heads of every layer it holds.
     pub heads: Range<usize>,
+    /// KV heads it holds: its own slice, or the one replicated head its query heads read.
     pub kv_heads: Range<usize>,
+    /// FFN intermediate columns it holds.
     pub ffn: Range<usize>,
     /// Vocabulary rows of the embedding (first stage) and output projection (last stage).
     pub vocab: Range<usize>,
+    /// It embeds the tokens (stage 0).
     pub first_stage: bool,
+    /// It computes logits and answers with candidates (the last stage).
     pub last_stage: bool,
     /// Fixed parts of each row-parallel input this rank computes separately (see the module doc).
     pub reduce_parts: usize,
@@ -123,10 +148,13 @@ pub struct RankShard {
 /// A checked (tp, pp) split of one model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Tensor-parallel degree: ranks per stage.
     pub tp: usize,
+    /// Pipeline degree: stages.
     pub pp: usize,
-    /// Layer range of each stage.
+    /// Layer range of each stage: contiguous, non-empty, covering every layer in order.
     pub stages: Vec<Range<usize>>,
+    /// The model the plan was checked against.
     pub shape: ModelShape,
 }
 
@@ -187,6 +215,7 @@ impl Plan {
         Ok(Plan { tp, pp, stages, shape })
     }
 
+    /// Ranks in the plan: tp × pp.
     pub fn world(&self) -> usize {
         self.tp * self.pp
     }
@@ -223,6 +252,7 @@ impl Plan {
         }
     }
 
+    /// What every rank holds, in world-rank order.
     pub fn shards(&self) -> Vec<RankShard> {
         (0..self.world()).map(|r| self.shard(r)).collect()
     }

@@ -33,11 +33,16 @@ impl Default for SamplingParams {
 /// `presence` once it has appeared and by `frequency` for each time it appeared.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Penalties {
+    /// Subtracted once from the logit of every token generated at least once (OpenAI's
+    /// `presence_penalty`, -2 to 2 through the API; negative encourages repeats).
     pub presence: f32,
+    /// Subtracted from a token's logit per time it was generated (OpenAI's
+    /// `frequency_penalty`, -2 to 2 through the API).
     pub frequency: f32,
 }
 
 impl Penalties {
+    /// Whether both are 0, so [`Penalties::apply`] changes nothing and can be skipped.
     pub fn is_none(&self) -> bool {
         self.presence == 0.0 && self.frequency == 0.0
     }
@@ -59,13 +64,18 @@ impl Penalties {
 /// A sampling parameter outside its domain.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
+    /// The temperature (the value given) is negative, NaN or infinite; 0 means greedy.
     #[error("temperature must be a finite number >= 0, got {0}")]
     Temperature(f32),
+    /// `top_p` (the value given) is not in (0, 1]; 1 keeps every token.
     #[error("top_p must be in (0, 1], got {0}")]
     TopP(f32),
 }
 
 impl SamplingParams {
+    /// Checks that the sampler can use the values (a worker refuses a step whose
+    /// `SeqStart` fails it). Its domain is wider than the API's: the request builder in
+    /// `tpserve-coordinator` also caps the temperature at 2.
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(SamplingError::Temperature(self.temperature));
@@ -76,6 +86,8 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether the next token is simply the argmax (temperature 0 or `top_k` 1): no noise,
+    /// and a rank reports only its best token.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
     }

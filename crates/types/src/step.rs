@@ -25,18 +25,22 @@ pub enum LogitsWanted {
 /// One sequence's work in a step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeqWork {
+    /// The sequence; workers key its block tables and penalty counts by it.
     pub seq_id: SeqId,
     /// New tokens: a prefill chunk, or the token sampled last step.
     pub tokens: Vec<TokenId>,
     /// Position of `tokens[0]`: 0 starts the sequence, otherwise the count already held.
     pub start_pos: usize,
+    /// Which rows of `tokens` the last stage reports candidates for.
     pub logits: LogitsWanted,
     /// Given exactly on the step that starts the sequence; workers keep it.
     pub start: Option<SeqStart>,
     /// Index among the generated tokens of the token the last row predicts (seeds the
     /// sampling noise of every row; only the last row of a chunk is ever sampled from).
     pub sample_step: u64,
-    /// Alternatives wanted per row for log-probabilities.
+    /// Alternatives wanted per row for log-probabilities: the last stage reports at least
+    /// this many candidates, and any value above 0 makes it compute the log-sum-exp that
+    /// log-probabilities need (0: no log-probabilities).
     pub logprobs: usize,
     /// Per KV group, the blocks appended to the sequence's block table before the step
     /// (enough to hold every new token). A starting sequence's table may begin with blocks
@@ -69,7 +73,10 @@ impl SeqWork {
 /// One scheduler iteration, sent to every worker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepPlan {
+    /// The coordinator's step counter (probes count too): names the step in logs and
+    /// errors; it seeds nothing.
     pub step: u64,
+    /// The sequences that compute in this step, each at most once.
     pub seqs: Vec<SeqWork>,
     /// Sequences to forget before the step runs (their blocks go back to the scheduler).
     pub free: Vec<SeqId>,
@@ -78,25 +85,31 @@ pub struct StepPlan {
 /// One sequence's answer from one last-stage rank: a report per wanted row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeqOutput {
+    /// The [`SeqWork::seq_id`] answered.
     pub seq_id: SeqId,
+    /// One report per wanted row, in order: one for [`LogitsWanted::Last`], one per token
+    /// for [`LogitsWanted::All`] (a sequence that wants none is not answered).
     pub rows: Vec<Candidates>,
 }
 
 /// One rank's answer to a step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepOutput {
+    /// The answering rank's world rank.
     pub rank: usize,
     /// Empty on ranks before the last stage.
     pub seqs: Vec<SeqOutput>,
-    /// Time the step took on the rank, and the part of it spent in collectives.
+    /// Microseconds the step took on the rank, collectives included.
     pub compute_us: u64,
+    /// Microseconds of `compute_us` spent in collectives (waiting for peers included).
     pub comm_us: u64,
 }
 
 /// Merges the answers of every last-stage rank (each holding a disjoint vocabulary slice)
 /// into one report per sequence and row, as one rank holding the whole vocabulary would
-/// give. `k` is how many candidates to keep. Fails when the ranks disagree about which
-/// sequences or rows they answered, which would mean they ran different steps.
+/// give. `k_for(seq_id)` is how many candidates to keep for each sequence. Fails when the
+/// ranks disagree about which sequences or rows they answered, which would mean they ran
+/// different steps.
 pub fn merge_outputs(outputs: &[StepOutput], k_for: impl Fn(SeqId) -> usize) -> Result<Vec<SeqOutput>, String> {
     let answering: Vec<&StepOutput> = outputs.iter().filter(|o| !o.seqs.is_empty()).collect();
     let Some(first) = answering.first() else { return Ok(Vec::new()) };
