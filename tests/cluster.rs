@@ -255,8 +255,8 @@ fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     let req = json!({"prompt": "a b c", "max_tokens": 32, "temperature": 2, "seed": 2, "ignore_eos": true});
     let want = answers(&m, 1, 1, std::slice::from_ref(&req)).pop().unwrap();
 
-    let (_w0, a0) = worker(&[]);
-    let (_w1, a1) = worker(&[]);
+    let (_w0, a0) = worker(&["--model-dir", dir.path().to_str().unwrap()]);
+    let (_w1, a1) = worker(&["--model-dir", dir.path().to_str().unwrap()]);
     let mut c = bin();
     c.args(["coordinator", "--stdin", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
     let mut coord = Proc::spawn(c);
@@ -276,8 +276,8 @@ fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     c.args(["coordinator", "--stdin", "--tp", "2", "--join-listen", &join_addr, "--model"]).arg(&m);
     let mut coord = Proc::spawn(c);
     coord.wait_stderr("waiting for 2 workers");
-    let (_j0, _) = worker(&["--join", &join_addr]);
-    let (_j1, _) = worker(&["--join", &join_addr]);
+    let (_j0, _) = worker(&["--join", &join_addr, "--model-dir", dir.path().to_str().unwrap()]);
+    let (_j1, _) = worker(&["--join", &join_addr, "--model-dir", dir.path().to_str().unwrap()]);
     coord.wait_stderr("ready:");
     assert_eq!(ids(&coord.ask(&req)), want);
     let (code, log) = coord.finish();

@@ -14,12 +14,6 @@ use tpserve_model::testing::TinySpec;
 mod common;
 use common::*;
 
-/// A server's HTTP side (shared by the threads of a test).
-struct Http {
-    url: String,
-    agent: ureq::Agent,
-}
-
 struct Server {
     p: Proc,
     http: Http,
@@ -45,90 +39,6 @@ fn serve(model: &Path, tp: usize, extra: &[&str]) -> Server {
     Server { p, http: Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() }, ready }
 }
 
-impl Http {
-    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-        let mut r = self.agent.post(&format!("{}{path}", self.url)).set("Content-Type", "application/json");
-        if let Some(k) = key {
-            r = r.set("Authorization", &format!("Bearer {k}"));
-        }
-        match r.send_string(body) {
-            Ok(resp) => (resp.status(), resp.into_json().expect("a JSON answer")),
-            Err(ureq::Error::Status(code, resp)) => (code, resp.into_json().expect("a JSON error body")),
-            Err(e) => panic!("POST {path}: {e}"),
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, &body.to_string(), None)
-    }
-
-    /// A successful completion's text.
-    fn text(&self, body: &Value) -> String {
-        let (code, v) = self.post("/v1/completions", body);
-        assert_eq!(code, 200, "{v}");
-        v["choices"][0]["text"].as_str().unwrap().to_string()
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        match self.agent.get(&format!("{}{path}", self.url)).call() {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
-            Err(e) => panic!("GET {path}: {e}"),
-        }
-    }
-
-    /// POSTs `body` (or GETs, without one) and returns the status, the `Content-Type` and
-    /// the body as JSON (as a JSON string when it is not JSON).
-    fn exchange(&self, path: &str, body: Option<&str>) -> (u16, Option<String>, Value) {
-        let url = format!("{}{path}", self.url);
-        let r = match body {
-            Some(b) => self.agent.post(&url).set("Content-Type", "application/json").send_string(b),
-            None => self.agent.get(&url).call(),
-        };
-        let resp = match r {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{path}: {e}"),
-        };
-        let (code, content_type) = (resp.status(), resp.header("content-type").map(str::to_string));
-        let text = resp.into_string().unwrap();
-        (code, content_type, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        metric(&self.get("/metrics").1, name)
-    }
-
-    /// Polls `what` until it holds, or fails after the deadline.
-    fn eventually(&self, what: &str, mut f: impl FnMut(&Http) -> bool) {
-        let start = Instant::now();
-        while !f(self) {
-            assert!(start.elapsed() < DEADLINE, "{what} never happened; metrics:\n{}", self.get("/metrics").1);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Server-sent events of a streaming request, as JSON values until `[DONE]`; stops
-    /// reading (and drops the connection) after `max` events.
-    fn stream(&self, path: &str, body: &Value, max: usize) -> Vec<Value> {
-        let resp = self.agent.post(&format!("{}{path}", self.url)).send_json(body.clone()).expect("a streaming answer");
-        assert_eq!(resp.header("content-type"), Some("text/event-stream"));
-        let mut out = Vec::new();
-        for line in BufReader::new(resp.into_reader()).lines() {
-            let line = line.unwrap();
-            let Some(data) = line.strip_prefix("data: ") else { continue };
-            if data == "[DONE]" || out.len() >= max {
-                break;
-            }
-            out.push(serde_json::from_str(data).unwrap());
-        }
-        out
-    }
-}
-
-/// The value of a Prometheus sample named exactly `name` (labels included); 0 if absent.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse().unwrap())).unwrap_or(0.0)
-}
 
 fn completion(prompt: &str, max_tokens: usize) -> Value {
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
@@ -429,8 +339,8 @@ fn ready_turns_false_when_a_worker_is_lost_and_requests_get_503() {
 fn http_answers_while_the_workers_load_and_ready_turns_true_only_after() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
-    let (_w0, a0) = worker(&[]);
-    let (w1, a1) = worker(&[]);
+    let (_w0, a0) = worker(&["--model-dir", dir.path().to_str().unwrap()]);
+    let (w1, a1) = worker(&["--model-dir", dir.path().to_str().unwrap()]);
     // A frozen worker holds the load up.
     assert!(Command::new("kill").args(["-STOP", &w1.child.id().to_string()]).status().unwrap().success());
     let mut c = bin();

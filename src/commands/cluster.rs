@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, LoadProgress, StepReply, Timeouts};
+use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, ClusterToken, LoadProgress, StepReply, Timeouts};
+
+use super::auth::random_token;
 use tpserve_model::config::ModelConfig;
 use tpserve_model::model::model_shape;
 use tpserve_scheduler::SchedulerConfig;
@@ -147,10 +149,25 @@ pub fn describe_kv(kv: &KvLayout, cfg: &ModelConfig, kv_dim: usize) -> String {
     )
 }
 
-/// Connects to `addrs` and loads `plan` onto them with a progress bar per worker, then
-/// prints the plan with each rank's memory. `model_path` is the file as workers see it.
-pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts, kv: KvLayout) -> Result<Cluster> {
-    let workers = cluster::connect_all(addrs, timeouts.connect).await?;
+/// What to load on the workers: `plan` of the model `loaded`, which the workers see at
+/// `model_path` ("" = their cached default model), with the KV cache `kv`.
+pub fn cluster_spec(plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts, kv: KvLayout, token: Option<ClusterToken>) -> Result<ClusterSpec> {
+    Ok(ClusterSpec {
+        plan,
+        context_len: loaded.config()?.context_len,
+        kv,
+        model_path: model_path.into(),
+        model_bytes: loaded.gguf.file_len() as u64,
+        timeouts,
+        token,
+    })
+}
+
+/// Connects to `addrs` and loads `spec` onto them with a progress bar per worker, then
+/// prints the plan with each rank's memory.
+pub async fn load_cluster(addrs: &[String], spec: ClusterSpec) -> Result<Cluster> {
+    let workers = cluster::connect_all(addrs, spec.timeouts.connect, spec.token.as_ref()).await?;
+    let plan = &spec.plan;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}").expect("valid template");
     let pbs: Vec<ProgressBar> = plan
@@ -163,9 +180,7 @@ pub async fn load_cluster(addrs: &[String], plan: Plan, loaded: &Loaded, model_p
             pb
         })
         .collect();
-    let ctx = loaded.config()?.context_len;
-    let model_bytes = loaded.gguf.file_len() as u64;
-    let cluster = Cluster::load(workers, plan, ctx, kv, model_path, model_bytes, timeouts, |rank, p: &LoadProgress| {
+    let cluster = Cluster::load(workers, spec.clone(), |rank, p: &LoadProgress| {
         let pb = &pbs[rank];
         pb.set_length(p.bytes_total.max(1));
         pb.set_position(p.bytes_done);
@@ -260,9 +275,11 @@ impl LocalBackend {
             return Ok(Self::InProcess(InProcess { shard, context_len: loaded.config()?.context_len, kv }));
         }
         let threads = threads_per_worker(threads, plan.world())?;
-        let workers = LocalWorkers::spawn(plan.world(), threads).await?;
         let model_path = worker_model_path(loaded.explicit.then_some(loaded.path.as_path()))?;
-        match load_cluster(&workers.addrs, plan, loaded, &model_path, parallel.timeouts(), kv).await {
+        let token = random_token();
+        let workers = LocalWorkers::spawn(plan.world(), threads, &model_path, &token).await?;
+        let spec = cluster_spec(plan, loaded, &model_path, parallel.timeouts(), kv, Some(token))?;
+        match load_cluster(&workers.addrs, spec).await {
             Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),
             Err(e) => {
                 workers.stop(Duration::from_secs(5)).await;
@@ -300,6 +317,13 @@ impl Backend for LocalBackend {
         match self {
             Self::InProcess(b) => b.step(plan).await,
             Self::Workers(b) => b.0.step(plan).await,
+        }
+    }
+
+    async fn recover(&mut self) -> Result<(), ClusterError> {
+        match self {
+            Self::InProcess(_) => Err(ClusterError::Unavailable("the model in this process failed: run the command again".into())),
+            Self::Workers(b) => b.0.recover().await,
         }
     }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::cluster::{describe_kv, load_cluster, worker_model_path, ParallelArgs, ServingArgs};
+use super::auth::{random_token, AuthArgs};
+use super::cluster::{cluster_spec, describe_kv, load_cluster, worker_model_path, ParallelArgs, ServingArgs};
 use super::local_workers::{threads_per_worker, LocalWorkers};
 use super::serve::{serve_http, serve_lines, ServeArgs};
 use super::Loaded;
@@ -26,6 +27,8 @@ pub struct CoordinatorArgs {
     /// worker's cached default model when --model is not given).
     #[arg(long, env = "TPSERVE_WORKER_MODEL")]
     pub worker_model: Option<String>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     #[command(flatten)]
@@ -49,6 +52,9 @@ pub struct UpArgs {
     pub model: ModelArgs,
 }
 
+/// Drives workers that run elsewhere. They outlive it: on exit it leaves them running,
+/// and they drop their shards and wait for the next coordinator (`--join` ones register
+/// with it again).
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model)?;
     let plan = args.parallel.plan(&loaded)?;
@@ -57,28 +63,42 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => worker_model_path(args.model.model.as_deref())?,
     };
-    super::block_on(async {
-        let addrs = match &args.join_listen {
-            Some(listen) => wait_for_joins(listen, plan.world()).await?,
-            None => args.workers.clone(),
-        };
-        if addrs.len() != plan.world() {
-            bail!("--tp {} --pp {} needs {} workers, --workers names {}", plan.tp, plan.pp, plan.world(), addrs.len());
-        }
-        let load = load_cluster(&addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone());
-        serve(load, kv, &loaded, &args.serve, &args.serving).await
-    })
-}
-
-/// Waits on `listen` until `n` workers have joined (or Ctrl-C); their addresses in order.
-async fn wait_for_joins(listen: &str, n: usize) -> Result<Vec<String>> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--join-listen {listen}: cannot listen there"))?;
-    eprintln!("waiting for {n} workers to join at {}", listener.local_addr()?);
-    let joins = tpserve_coordinator::join::wait_for_joins(listener, n, |rank, addr| eprintln!("worker {rank} joined: {addr}"));
-    tokio::select! {
-        addrs = joins => Ok(addrs?),
-        _ = tokio::signal::ctrl_c() => bail!("interrupted while waiting for workers"),
+    let token = args.auth.token()?;
+    if token.is_none() {
+        eprintln!("no cluster token: only workers without one, on loopback, will accept this coordinator (see --cluster-token)");
     }
+    let world = plan.world();
+    if args.join_listen.is_none() && args.workers.len() != world {
+        bail!("--tp {} --pp {} needs {world} workers, --workers names {}", plan.tp, plan.pp, args.workers.len());
+    }
+    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), token.clone())?;
+    super::block_on(async {
+        // The join service runs for the coordinator's whole life: workers that come back
+        // register again, and spares wait for a lost rank. HTTP is up meanwhile (/ready 503).
+        let joins = match &args.join_listen {
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--join-listen {listen}: cannot listen there"))?;
+                eprintln!("waiting for {world} workers to join at {}", listener.local_addr()?);
+                let registry = tpserve_coordinator::JoinRegistry::new(world);
+                let admit = tpserve_coordinator::Admission::from_token(token.clone(), false);
+                tpserve_coordinator::join::serve_joins(listener, registry.clone(), admit);
+                Some(registry)
+            }
+            None => None,
+        };
+        let load = async {
+            let addrs = match &joins {
+                Some(r) => r.wait_full(|rank, addr| eprintln!("worker {rank} joined: {addr}")).await,
+                None => args.workers.clone(),
+            };
+            let cluster = load_cluster(&addrs, spec).await?;
+            Ok(match joins {
+                Some(r) => cluster.with_joins(r),
+                None => cluster,
+            })
+        };
+        serve(load, kv, &loaded, &args.serve, &args.serving, false).await
+    })
 }
 
 pub fn run_up(args: UpArgs) -> Result<()> {
@@ -87,11 +107,14 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let threads = threads_per_worker(args.model.threads, plan.world())?;
     let model_path = worker_model_path(args.model.model.as_deref())?;
     let kv = kv_for(&loaded, &args.serving)?;
+    // The workers started here accept only this process: a fresh random token.
+    let token = random_token();
+    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), Some(token.clone()))?;
     super::block_on(async {
-        let workers = LocalWorkers::spawn(plan.world(), threads).await?;
+        let workers = LocalWorkers::spawn(spec.plan.world(), threads, &model_path, &token).await?;
         let result = async {
-            let load = load_cluster(&workers.addrs, plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone());
-            serve(load, kv, &loaded, &args.serve, &args.serving).await
+            let load = load_cluster(&workers.addrs, spec);
+            serve(load, kv, &loaded, &args.serve, &args.serving, true).await
         }
         .await;
         workers.stop(Duration::from_secs(5)).await;
@@ -107,20 +130,26 @@ fn kv_for(loaded: &Loaded, serving: &ServingArgs) -> Result<tpserve_types::kv::K
     Ok(kv)
 }
 
-/// Serves the cluster `load` gives (HTTP, or JSON lines with --stdin), then asks every
-/// worker to exit.
+/// Serves the cluster `load` gives (HTTP, or JSON lines with --stdin), then, if
+/// `stop_workers` (they were started here), asks every worker to exit.
 async fn serve(
     load: impl std::future::Future<Output = Result<tpserve_coordinator::Cluster>>,
     kv: tpserve_types::kv::KvLayout,
     loaded: &Loaded,
     args: &ServeArgs,
     serving: &ServingArgs,
+    stop_workers: bool,
 ) -> Result<()> {
     if args.stdin {
         let mut cluster = load.await?;
         let served = serve_lines(&mut cluster, &loaded.tokenizer).await;
-        cluster.shutdown().await;
+        if stop_workers {
+            cluster.shutdown().await;
+        }
         return served;
+    }
+    if !stop_workers {
+        return serve_http(load, kv, loaded, args, serving).await;
     }
     // The HTTP server owns the cluster once loaded; keep what is needed to stop its workers.
     let workers = std::sync::Mutex::new(None);

@@ -16,10 +16,12 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` `tpserve worker` processes on 127.0.0.1 with `threads` compute threads each
-    /// and waits for each to say where it listens. They exit when this process's end of
-    /// their standard input closes, so they never outlive it.
-    pub async fn spawn(n: usize, threads: usize) -> Result<Self> {
+    /// Starts `n` `tpserve worker` processes on 127.0.0.1 with `threads` compute threads each,
+    /// allowed to load `model` ("" = the cached default model) and accepting only callers
+    /// with `token` (passed in their environment, never on a command line), and waits for
+    /// each to say where it listens. They exit when this process's end of their standard
+    /// input closes, so they never outlive it.
+    pub async fn spawn(n: usize, threads: usize, model: &str, token: &tpserve_worker::ClusterToken) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find the tpserve executable to start workers")?;
         let mut children = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
@@ -27,6 +29,9 @@ impl LocalWorkers {
             // Workers inherit TPSERVE_COMM_SPIN_US and the rest of the environment.
             let mut child = Command::new(&exe)
                 .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin"])
+                .args(if model.is_empty() { vec![] } else { vec!["--model", model] })
+                .env("TPSERVE_CLUSTER_TOKEN", std::str::from_utf8(token.as_bytes()).expect("a token is ASCII"))
+                .env_remove("TPSERVE_CLUSTER_TOKEN_FILE")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

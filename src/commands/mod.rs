@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the model loading they share.
 
+mod auth;
 pub mod bench;
 mod bench_plot;
 pub mod cluster;

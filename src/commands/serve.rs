@@ -28,9 +28,14 @@ pub struct ServeArgs {
     /// The model id clients send (default: the model file's name without .gguf).
     #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Seconds in-flight requests get to finish after Ctrl-C.
+    /// Seconds in-flight requests get to finish after Ctrl-C or SIGTERM (new requests get
+    /// 503 "shutting down" meanwhile, and /ready 503).
     #[arg(long, default_value_t = 30, env = "TPSERVE_DRAIN_SECS")]
     pub drain_secs: u64,
+    /// Seconds that requests waiting in the queue when a worker is lost wait for the
+    /// cluster to recover before they get a 503 (new requests get a 503 at once meanwhile).
+    #[arg(long, default_value_t = 30, env = "TPSERVE_RECOVERY_WAIT_SECS")]
+    pub recovery_wait_secs: u64,
     /// Serve JSON request lines on standard input instead of HTTP.
     #[arg(long)]
     pub stdin: bool,
@@ -58,8 +63,12 @@ pub async fn serve_http<B: Backend>(
         .with_context(|| format!("--host {} --port {}: cannot listen there", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len, vocab: cfg.vocab };
-    let opts =
-        tpserve_server::ServerOptions { api_key: args.api_key.clone(), drain_for: std::time::Duration::from_secs(args.drain_secs), ..Default::default() };
+    let opts = tpserve_server::ServerOptions {
+        api_key: args.api_key.clone(),
+        drain_for: std::time::Duration::from_secs(args.drain_secs),
+        recovery_wait: std::time::Duration::from_secs(args.recovery_wait_secs),
+        ..Default::default()
+    };
     eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
     // The key itself never goes into a log: the hint reads it from the environment.
     let auth = if args.api_key.is_some() { " -H \"Authorization: Bearer $TPSERVE_API_KEY\"" } else { "" };

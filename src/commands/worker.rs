@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use tokio::sync::Notify;
-use tpserve_worker::WorkerService;
+use tpserve_worker::{Admission, WorkerConfig, WorkerService};
+
+use super::auth::AuthArgs;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -33,6 +35,23 @@ pub struct WorkerArgs {
     /// kernel (0: sleep at once, for machines with fewer cores than ranks' threads).
     #[arg(long, default_value_t = 100, env = "TPSERVE_COMM_SPIN_US")]
     pub comm_spin_us: u64,
+    /// The only directory a coordinator's Load may name a model file in (relative names
+    /// are taken inside it). Default: $TPSERVE_HOME/models, where the default model is cached.
+    #[arg(long, env = "TPSERVE_MODEL_DIR")]
+    pub model_dir: Option<std::path::PathBuf>,
+    /// A model file this worker may load wherever it is (besides those in --model-dir).
+    #[arg(long, env = "TPSERVE_MODEL")]
+    pub model: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Without a cluster token, accept callers from any address (not only loopback): only
+    /// on a network where everyone who can reach the worker may drive it.
+    #[arg(long, env = "TPSERVE_INSECURE")]
+    pub insecure: bool,
+    /// Seconds without any call from the coordinator after which this worker drops its
+    /// shard (the coordinator is gone) and, with --join, registers again.
+    #[arg(long, default_value_t = 10, env = "TPSERVE_COORDINATOR_TIMEOUT_SECS")]
+    pub coordinator_timeout_secs: u64,
     /// Exit when standard input closes (set by `tpserve up` so workers never outlive it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
@@ -44,12 +63,37 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 }
 
 async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
+    let token = args.auth.token()?;
+    if args.coordinator_timeout_secs == 0 {
+        anyhow::bail!("--coordinator-timeout-secs 0: give the coordinator at least a second between calls");
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}: cannot listen there", args.listen))?;
     let addr = listener.local_addr()?;
     let comm_listen = args.comm_listen.clone().unwrap_or_else(|| SocketAddr::new(addr.ip(), 0).to_string());
     let comm = std::net::TcpListener::bind(&comm_listen).with_context(|| format!("--comm-listen {comm_listen}: cannot listen there"))?;
+    let comm_ip = comm.local_addr()?.ip();
+    if token.is_none() && !args.insecure && !(addr.ip().is_loopback() && comm_ip.is_loopback()) {
+        anyhow::bail!(
+            "this worker listens on {addr} (collective on {comm_ip}) without a cluster token, so anyone who reaches it could drive it: \
+             give it --cluster-token (or TPSERVE_CLUSTER_TOKEN / --cluster-token-file, the same on every process), \
+             listen on 127.0.0.1, or pass --insecure on a network you trust"
+        );
+    }
+    let admit = Admission::from_token(token.clone(), args.insecure);
+    match &admit {
+        Admission::Token(_) => tracing::info!("callers must present the cluster token"),
+        Admission::LoopbackOnly => eprintln!("no cluster token: this worker accepts only loopback callers"),
+        Admission::Anyone => eprintln!("warning: --insecure without a cluster token: anyone who reaches {addr} can drive this worker"),
+    }
     let shutdown = Arc::new(Notify::new());
-    let service = WorkerService::new(pool, comm, shutdown.clone(), Duration::from_micros(args.comm_spin_us));
+    let cfg = WorkerConfig {
+        comm_spin: Duration::from_micros(args.comm_spin_us),
+        token: token.clone(),
+        model_dir: args.model_dir.clone().unwrap_or_else(tpserve_fetch::models_dir),
+        model: args.model.clone().map(|m| std::path::absolute(&m).unwrap_or(m)),
+        coordinator_timeout: Duration::from_secs(args.coordinator_timeout_secs),
+    };
+    let service = WorkerService::new(pool, comm, shutdown.clone(), cfg);
     let comm_addr = service.comm_addr()?;
     {
         let mut out = std::io::stdout().lock();
@@ -62,10 +106,13 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
             None if addr.ip().is_unspecified() => format!("{}:{}", hostname(), addr.port()),
             None => addr.to_string(),
         };
+        let service = service.clone();
         tokio::spawn(async move {
-            match tpserve_worker::join(&coordinator, &advertise, Duration::from_secs(600)).await {
-                Ok(()) => tracing::info!(%coordinator, %advertise, "joined the coordinator"),
-                Err(e) => eprintln!("error: {e}"),
+            if let Err(e) = tpserve_worker::stay_joined(service, coordinator, advertise, token).await {
+                // Refused for good (a wrong token, an address another worker has): exit, so
+                // a supervisor shows the error instead of a worker that never serves.
+                eprintln!("error: {e}");
+                std::process::exit(2);
             }
         });
     }
@@ -87,7 +134,7 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
             _ = stdin_closed => {}
         }
     };
-    tpserve_worker::serve(listener, service, shutdown, stop).await.map_err(|e| anyhow!("the worker's server failed: {e}"))?;
+    tpserve_worker::serve(listener, service, admit, shutdown, stop).await.map_err(|e| anyhow!("the worker's server failed: {e}"))?;
     Ok(())
 }
 

@@ -21,7 +21,21 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
     for v in
-        ["TPSERVE_MODEL", "TPSERVE_THREADS", "TPSERVE_TP", "TPSERVE_PP", "TPSERVE_MAX_TOKENS", "TPSERVE_WORKERS", "TPSERVE_JOIN", "RUST_LOG", "RUST_BACKTRACE"]
+        [
+        "TPSERVE_MODEL",
+        "TPSERVE_THREADS",
+        "TPSERVE_TP",
+        "TPSERVE_PP",
+        "TPSERVE_MAX_TOKENS",
+        "TPSERVE_WORKERS",
+        "TPSERVE_JOIN",
+        "TPSERVE_CLUSTER_TOKEN",
+        "TPSERVE_CLUSTER_TOKEN_FILE",
+        "TPSERVE_MODEL_DIR",
+        "TPSERVE_INSECURE",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+    ]
     {
         c.env_remove(v);
     }
@@ -235,4 +249,95 @@ pub fn worker(extra: &[&str]) -> (Proc, String) {
     let line = w.out.recv_timeout(DEADLINE).expect("the worker says where it listens");
     let addr = line.split_once("listening on ").unwrap().1.split_whitespace().next().unwrap().to_string();
     (w, addr)
+}
+
+/// A server's HTTP side (shared by the threads of a test).
+pub struct Http {
+    pub url: String,
+    pub agent: ureq::Agent,
+}
+
+impl Http {
+    pub fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+        let mut r = self.agent.post(&format!("{}{path}", self.url)).set("Content-Type", "application/json");
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        match r.send_string(body) {
+            Ok(resp) => (resp.status(), resp.into_json().expect("a JSON answer")),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.into_json().expect("a JSON error body")),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string(), None)
+    }
+
+    /// A successful completion's text.
+    pub fn text(&self, body: &Value) -> String {
+        let (code, v) = self.post("/v1/completions", body);
+        assert_eq!(code, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match self.agent.get(&format!("{}{path}", self.url)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// POSTs `body` (or GETs, without one) and returns the status, the `Content-Type` and
+    /// the body as JSON (as a JSON string when it is not JSON).
+    pub fn exchange(&self, path: &str, body: Option<&str>) -> (u16, Option<String>, Value) {
+        let url = format!("{}{path}", self.url);
+        let r = match body {
+            Some(b) => self.agent.post(&url).set("Content-Type", "application/json").send_string(b),
+            None => self.agent.get(&url).call(),
+        };
+        let resp = match r {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let (code, content_type) = (resp.status(), resp.header("content-type").map(str::to_string));
+        let text = resp.into_string().unwrap();
+        (code, content_type, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(&self.get("/metrics").1, name)
+    }
+
+    /// Polls `what` until it holds, or fails after the deadline.
+    pub fn eventually(&self, what: &str, mut f: impl FnMut(&Http) -> bool) {
+        let start = Instant::now();
+        while !f(self) {
+            assert!(start.elapsed() < DEADLINE, "{what} never happened; metrics:\n{}", self.get("/metrics").1);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Server-sent events of a streaming request, as JSON values until `[DONE]`; stops
+    /// reading (and drops the connection) after `max` events.
+    pub fn stream(&self, path: &str, body: &Value, max: usize) -> Vec<Value> {
+        let resp = self.agent.post(&format!("{}{path}", self.url)).send_json(body.clone()).expect("a streaming answer");
+        assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+        let mut out = Vec::new();
+        for line in BufReader::new(resp.into_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else { continue };
+            if data == "[DONE]" || out.len() >= max {
+                break;
+            }
+            out.push(serde_json::from_str(data).unwrap());
+        }
+        out
+    }
+}
+
+/// The value of a Prometheus sample named exactly `name` (labels included); 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse().unwrap())).unwrap_or(0.0)
 }

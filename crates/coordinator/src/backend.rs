@@ -27,6 +27,11 @@ pub trait Backend: Send {
     fn context_len(&self) -> usize;
     /// The KV cache the ranks were loaded with.
     fn kv_layout(&self) -> &KvLayout;
+    /// Tries once to bring a backend whose step failed back (every rank reloaded, no
+    /// sequence kept); Ok once it can step again. Backends that cannot recover say so.
+    fn recover(&mut self) -> impl Future<Output = Result<(), ClusterError>> + Send {
+        async { Err(ClusterError::Unavailable("this backend cannot recover: restart it".into())) }
+    }
 }
 
 impl<B: Backend> Backend for &mut B {
@@ -40,5 +45,9 @@ impl<B: Backend> Backend for &mut B {
 
     fn kv_layout(&self) -> &KvLayout {
         (**self).kv_layout()
+    }
+
+    fn recover(&mut self) -> impl Future<Output = Result<(), ClusterError>> + Send {
+        (**self).recover()
     }
 }

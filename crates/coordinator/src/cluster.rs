@@ -2,21 +2,24 @@
 //! plan's shards onto them (with progress), fanning every step out to all of them and
 //! looking at every answer, and shutting them down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tpserve_proto::auth::{AuthChannel, ClusterToken, SendToken};
 use tpserve_proto::v1;
 use tpserve_proto::WorkerClient;
 use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::{Plan, RankShard};
 use tpserve_types::step::{StepOutput, StepPlan};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{Backend, StepReply};
 use crate::error::ClusterError;
+use crate::join::JoinRegistry;
 
 /// How long the coordinator waits for things.
 #[derive(Debug, Clone, Copy)]
@@ -29,11 +32,28 @@ pub struct Timeouts {
     pub step: Duration,
     /// Loading one shard (connecting the collective, reading the weights).
     pub load: Duration,
+    /// A step without sequences (the idle probe): no compute, so a rank that does not
+    /// answer it within this is stopped or cut off.
+    pub probe: Duration,
+    /// While a step runs, every rank that has not answered yet is asked for its health
+    /// this often, and must answer within it: a rank that misses [`HEALTH_MISSES`] in a row
+    /// is taken for stopped or partitioned, long before the collective deadline.
+    pub health: Duration,
 }
+
+/// Health checks a rank may miss in a row during a step before it counts as lost.
+pub const HEALTH_MISSES: u32 = 3;
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(30), comm: Duration::from_secs(10), step: Duration::from_secs(300), load: Duration::from_secs(600) }
+        Self {
+            connect: Duration::from_secs(30),
+            comm: Duration::from_secs(10),
+            step: Duration::from_secs(300),
+            load: Duration::from_secs(600),
+            probe: Duration::from_secs(2),
+            health: Duration::from_secs(1),
+        }
     }
 }
 
@@ -58,13 +78,14 @@ impl Workers {
 pub struct RemoteWorker {
     /// host:port of its gRPC server.
     pub addr: String,
-    client: WorkerClient<Channel>,
+    client: WorkerClient<AuthChannel>,
     /// What it said about itself when we connected.
     pub info: v1::InfoResponse,
 }
 
-/// Connects to the worker at `addr` (host:port), retrying until `timeout`, and asks for its info.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, ClusterError> {
+/// Connects to the worker at `addr` (host:port), retrying until `timeout`, and asks for its
+/// info; every call carries `token`. A worker that refuses the token fails at once.
+pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>) -> Result<RemoteWorker, ClusterError> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     let endpoint = Channel::from_shared(url).map_err(|e| ClusterError::Connect { addr: addr.into(), message: e.to_string() })?;
     let endpoint = endpoint.tcp_nodelay(true).connect_timeout(Duration::from_secs(2));
@@ -78,12 +99,15 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, Clus
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let mut client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(2));
+    let mut client = WorkerClient::with_interceptor(channel, SendToken::new(token)).max_decoding_message_size(64 << 20);
+    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
     let info = tokio::time::timeout(left, client.info(v1::InfoRequest {}))
         .await
         .map_err(|_| ClusterError::Connect { addr: addr.into(), message: format!("it accepted the connection but did not answer within {left:?}") })?
-        .map_err(|s| ClusterError::Connect { addr: addr.into(), message: s.message().into() })?
+        .map_err(|s| match s.code() {
+            Code::Unauthenticated => ClusterError::Unauthenticated { addr: addr.into(), message: s.message().into() },
+            _ => ClusterError::Connect { addr: addr.into(), message: s.message().into() },
+        })?
         .into_inner();
     if info.version != env!("CARGO_PKG_VERSION") {
         return Err(ClusterError::Connect {
@@ -96,8 +120,8 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<RemoteWorker, Clus
 
 /// Connects to every worker in `addrs` at once (see [`connect`]), in the same order; fails
 /// naming every worker that could not be reached.
-pub async fn connect_all(addrs: &[String], timeout: Duration) -> Result<Vec<RemoteWorker>, ClusterError> {
-    let results = futures::future::join_all(addrs.iter().map(|a| connect(a, timeout))).await;
+pub async fn connect_all(addrs: &[String], timeout: Duration, token: Option<&ClusterToken>) -> Result<Vec<RemoteWorker>, ClusterError> {
+    let results = futures::future::join_all(addrs.iter().map(|a| connect(a, timeout, token))).await;
     let mut workers = Vec::with_capacity(addrs.len());
     let mut errors = Vec::new();
     for r in results {
@@ -156,19 +180,40 @@ pub struct LoadedRank {
     pub shard: RankShard,
     /// The worker's peak resident memory after loading.
     pub peak_rss_bytes: u64,
+    /// The worker's resident memory right after loading (flat across re-loads).
+    pub rss_bytes: u64,
     /// Its compute threads.
     pub threads: u32,
     /// Bytes the worker reserved for the KV cache.
     pub kv_bytes: u64,
 }
 
+/// What a cluster is loaded with: the plan, the model as the workers see it, the KV cache,
+/// deadlines, and the token. Kept, so that a cluster that lost a rank can load again.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Which rank holds what.
+    pub plan: Plan,
+    /// The model's context length.
+    pub context_len: usize,
+    /// The KV cache every stage reserves its part of.
+    pub kv: KvLayout,
+    /// The model file as the workers see it ("" = their cached default model).
+    pub model_path: String,
+    /// Its size in bytes (0 = unchecked).
+    pub model_bytes: u64,
+    /// How long to wait for things.
+    pub timeouts: Timeouts,
+    /// The cluster token every call carries.
+    pub token: Option<ClusterToken>,
+}
+
 /// The workers of a loaded plan, ready to step.
 pub struct Cluster {
     workers: Vec<RemoteWorker>,
-    plan: Plan,
-    context_len: usize,
-    kv: KvLayout,
-    timeouts: Timeouts,
+    spec: ClusterSpec,
+    /// Where `--join` workers register: a lost rank's replacement may come from it.
+    joins: Option<Arc<JoinRegistry>>,
     /// Why the cluster cannot step any more (a worker was lost), once it cannot.
     failed: Option<String>,
     /// What each rank reported when its shard was loaded, in rank order (for the startup
@@ -177,89 +222,56 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Loads `plan`'s shards onto `workers` (world rank = position). `model_path` is the
-    /// model file as the workers see it ("" = their cached default model) and `model_bytes`
-    /// its size (0 = unchecked). `progress(rank, message)` is called with every progress
-    /// message of every worker. Each worker reserves its stage's part of the KV cache `kv`.
+    /// Loads `spec.plan`'s shards onto `workers` (world rank = position).
+    /// `progress(rank, message)` is called with every progress message of every worker.
     /// Fails, naming every rank that failed, unless all load.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn load(
-        workers: Vec<RemoteWorker>,
-        plan: Plan,
-        context_len: usize,
-        kv: KvLayout,
-        model_path: &str,
-        model_bytes: u64,
-        timeouts: Timeouts,
-        progress: impl Fn(usize, &LoadProgress) + Sync,
-    ) -> Result<Cluster, ClusterError> {
-        if workers.len() != plan.world() {
-            return Err(ClusterError::Plan(format!("tp = {} x pp = {} needs {} workers, {} were given", plan.tp, plan.pp, plan.world(), workers.len())));
+    pub async fn load(workers: Vec<RemoteWorker>, spec: ClusterSpec, progress: impl Fn(usize, &LoadProgress) + Sync) -> Result<Cluster, ClusterError> {
+        let loaded = load_shards(&workers, &spec, progress).await?;
+        Ok(Cluster { workers, spec, joins: None, failed: None, loaded })
+    }
+
+    /// Takes replacements for lost ranks from `joins` (workers that `--join`ed as spares).
+    pub fn with_joins(mut self, joins: Arc<JoinRegistry>) -> Self {
+        self.joins = Some(joins);
+        self
+    }
+
+    /// Tries once to bring a failed cluster back: every rank must answer (the worker at a
+    /// lost rank's address started again, or a spare that joined), then every rank loads
+    /// its shard again — a collective cannot lose a member, so the whole group reloads.
+    /// Ok once the cluster can serve; an error saying what it waits for otherwise.
+    pub async fn recover(&mut self) -> Result<(), ClusterError> {
+        if self.failed.is_none() {
+            return Ok(());
         }
-        let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
-        // Different for every load, so no rank mistakes a connection of an earlier attempt
-        // for one of this attempt's peers.
-        let session = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
-        let loads = workers.iter().enumerate().map(|(rank, w)| {
-            let req = v1::LoadRequest {
-                model_path: model_path.into(),
-                model_bytes,
-                tp: plan.tp as u32,
-                pp: plan.pp as u32,
-                rank: rank as u32,
-                comm_addrs: comm_addrs.clone(),
-                comm_timeout_ms: timeouts.comm.as_millis() as u32,
-                connect_timeout_ms: timeouts.load.as_millis() as u32,
-                stage_timeout_ms: timeouts.step.as_millis() as u32,
-                session,
-                kv: Some(v1::KvLayout::from(&kv)),
-            };
-            let mut client = w.client.clone();
-            let progress = &progress;
-            let load = async move {
-                let mut stream = client.load(req).await?.into_inner();
-                while let Some(msg) = stream.message().await? {
-                    progress(rank, &LoadProgress::from(&msg));
-                    if msg.done {
-                        return msg
-                            .shard
-                            .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.kv_bytes))
-                            .ok_or_else(|| Status::internal("the last load message has no shard"));
-                    }
-                }
-                Err(Status::internal("the load stream ended before the shard was ready"))
-            };
-            async move {
-                tokio::time::timeout(timeouts.load, load)
-                    .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("not loaded within {:?}", timeouts.load))))
-            }
-        });
-        let results = futures::future::join_all(loads).await;
-        let mut loaded = Vec::new();
-        let mut errors = Vec::new();
+        let t = std::time::Instant::now();
+        let token = self.spec.token.clone();
+        let reach = Duration::from_secs(1);
+        let tries = self.workers.iter().map(|w| connect(&w.addr, reach, token.as_ref()));
+        let results = futures::future::join_all(tries).await;
+        let mut workers = Vec::with_capacity(results.len());
         for (rank, r) in results.into_iter().enumerate() {
-            match r {
-                Ok((shard, rss, kv_bytes)) => {
-                    loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes: rss, threads: workers[rank].info.threads, kv_bytes })
-                }
-                Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
-            }
+            let w = match r {
+                Ok(w) => w,
+                Err(e) => match self.joins.as_ref().and_then(|j| j.replace_with_spare(rank)) {
+                    Some(spare) => connect(&spare, reach, token.as_ref()).await?,
+                    None => return Err(ClusterError::Unavailable(format!("waiting for rank {rank} to come back ({e})"))),
+                },
+            };
+            workers.push(w);
         }
-        if !errors.is_empty() {
-            return Err(ClusterError::Load(errors.join("; ")));
-        }
-        for (l, want) in loaded.iter().zip(plan.shards()) {
-            if l.shard.layers != want.layers || l.shard.vocab != want.vocab || l.shard.heads != want.heads {
-                return Err(ClusterError::Load(format!("rank {} loaded a different shard than planned (is its model file the same?)", want.rank)));
-            }
-        }
-        Ok(Cluster { workers, plan, context_len, kv, timeouts, failed: None, loaded })
+        info!(waited_ms = t.elapsed().as_millis() as u64, "every rank answers again: reloading the plan on all of them");
+        let loaded = load_shards(&workers, &self.spec, |_, _| {}).await?;
+        self.workers = workers;
+        self.loaded = loaded;
+        self.failed = None;
+        info!(took_ms = t.elapsed().as_millis() as u64, "the cluster is loaded again");
+        Ok(())
     }
 
     /// The plan the shards were loaded for.
     pub fn plan(&self) -> &Plan {
-        &self.plan
+        &self.spec.plan
     }
 
     /// Why the cluster cannot serve, if it cannot.
@@ -299,17 +311,94 @@ impl Cluster {
         if !others.is_empty() {
             msg += &format!("; ranks {} failed with it", others.join(", "));
         }
-        msg + "; the cluster must be restarted"
+        msg + "; the cluster reloads once every rank answers again"
     }
+}
+
+/// Loads `spec`'s shards onto `workers` (world rank = position), each rank's progress
+/// passed to `progress`; every rank's report, or an error naming every rank that failed.
+async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: impl Fn(usize, &LoadProgress) + Sync) -> Result<Vec<LoadedRank>, ClusterError> {
+    let (plan, timeouts) = (&spec.plan, spec.timeouts);
+    if workers.len() != plan.world() {
+        return Err(ClusterError::Plan(format!("tp = {} x pp = {} needs {} workers, {} were given", plan.tp, plan.pp, plan.world(), workers.len())));
+    }
+    let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
+    // Different for every load, so no rank mistakes a connection of an earlier attempt
+    // for one of this attempt's peers.
+    let session = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+    let loads = workers.iter().enumerate().map(|(rank, w)| {
+        let req = v1::LoadRequest {
+            model_path: spec.model_path.clone(),
+            model_bytes: spec.model_bytes,
+            tp: plan.tp as u32,
+            pp: plan.pp as u32,
+            rank: rank as u32,
+            comm_addrs: comm_addrs.clone(),
+            comm_timeout_ms: timeouts.comm.as_millis() as u32,
+            connect_timeout_ms: timeouts.load.as_millis() as u32,
+            stage_timeout_ms: timeouts.step.as_millis() as u32,
+            session,
+            kv: Some(v1::KvLayout::from(&spec.kv)),
+        };
+        let mut client = w.client.clone();
+        let progress = &progress;
+        let load = async move {
+            let mut stream = client.load(req).await?.into_inner();
+            while let Some(msg) = stream.message().await? {
+                progress(rank, &LoadProgress::from(&msg));
+                if msg.done {
+                    return msg
+                        .shard
+                        .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.rss_bytes, msg.kv_bytes))
+                        .ok_or_else(|| Status::internal("the last load message has no shard"));
+                }
+            }
+            Err(Status::internal("the load stream ended before the shard was ready"))
+        };
+        async move {
+            tokio::time::timeout(timeouts.load, load)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("not loaded within {:?}", timeouts.load))))
+        }
+    });
+    let results = futures::future::join_all(loads).await;
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes)) => loaded.push(LoadedRank {
+                addr: workers[rank].addr.clone(),
+                shard,
+                peak_rss_bytes,
+                rss_bytes,
+                threads: workers[rank].info.threads,
+                kv_bytes,
+            }),
+            Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ClusterError::Load(errors.join("; ")));
+    }
+    for (l, want) in loaded.iter().zip(plan.shards()) {
+        if l.shard.layers != want.layers || l.shard.vocab != want.vocab || l.shard.heads != want.heads {
+            return Err(ClusterError::Load(format!("rank {} loaded a different shard than planned (is its model file the same?)", want.rank)));
+        }
+    }
+    Ok(loaded)
 }
 
 impl Backend for Cluster {
     fn context_len(&self) -> usize {
-        self.context_len
+        self.spec.context_len
     }
 
     fn kv_layout(&self) -> &KvLayout {
-        &self.kv
+        &self.spec.kv
+    }
+
+    fn recover(&mut self) -> impl std::future::Future<Output = Result<(), ClusterError>> + Send {
+        Cluster::recover(self)
     }
 
     /// Sends the step to every rank and looks at every answer: a failure anywhere fails
@@ -343,11 +432,17 @@ impl Backend for Cluster {
 }
 
 impl Cluster {
-    /// Sends `req` to every rank at once and gathers every answer. Once one rank has
-    /// failed, the others get one collective deadline (plus a margin) to report what they
-    /// saw; a rank that has not answered by then counts as failed too.
+    /// Sends `req` to every rank at once and gathers every answer. A step without
+    /// sequences (the idle probe) must be answered within [`Timeouts::probe`]. While the
+    /// step runs, ranks that have not answered are asked for their health every
+    /// [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is stopped or cut
+    /// off, and the step fails at once, naming it. Once a rank has failed, the others get
+    /// one collective deadline (plus a margin) to report what they saw; a rank that has not
+    /// answered by then counts as failed too.
     async fn fan_out(&self, req: v1::StepRequest) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
         let world = self.workers.len();
+        let timeouts = self.spec.timeouts;
+        let deadline = if req.seqs.is_empty() { timeouts.probe } else { timeouts.step };
         let mut pending: FuturesUnordered<_> = self
             .workers
             .iter()
@@ -355,10 +450,13 @@ impl Cluster {
             .map(|(rank, w)| {
                 let mut c = w.client.clone();
                 let mut r = Request::new(req.clone());
-                r.set_timeout(self.timeouts.step);
+                r.set_timeout(deadline);
                 async move {
                     let t = std::time::Instant::now();
-                    let r = c.step(r).await.map(|r| r.into_inner());
+                    let r = tokio::time::timeout(deadline + Duration::from_millis(500), c.step(r))
+                        .await
+                        .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {deadline:?}"))))
+                        .map(|r| r.into_inner());
                     debug!(rank, rpc_us = t.elapsed().as_micros() as u64, "step rpc");
                     (rank, r)
                 }
@@ -366,15 +464,31 @@ impl Cluster {
             .collect();
         let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];
         let mut errors: Vec<(usize, Status)> = Vec::new();
-        let waited = self.timeouts.comm + Duration::from_secs(1);
+        let waited = timeouts.comm + Duration::from_secs(1);
         let mut grace: Option<tokio::time::Instant> = None;
-        loop {
-            let next = match grace {
-                None => pending.next().await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
-                    Ok(n) => n,
-                    Err(_) => break,
-                },
+        let mut misses = vec![0u32; world];
+        // A rank taken for lost by its health checks: the others' answers are not awaited.
+        let mut lost = None;
+        let mut health = tokio::time::interval_at(tokio::time::Instant::now() + timeouts.health, timeouts.health);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'gather: loop {
+            let until = grace.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let next = tokio::select! {
+                n = pending.next() => n,
+                _ = tokio::time::sleep_until(until) => break,
+                _ = health.tick(), if !req.seqs.is_empty() => {
+                    let waiting: Vec<usize> = (0..world).filter(|&r| answers[r].is_none() && !errors.iter().any(|(e, _)| *e == r)).collect();
+                    for (rank, ok) in self.health_of(&waiting).await {
+                        misses[rank] = if ok { 0 } else { misses[rank] + 1 };
+                        if misses[rank] >= HEALTH_MISSES {
+                            let gone = timeouts.health * HEALTH_MISSES;
+                            errors.push((rank, Status::unavailable(format!("stopped answering health checks for {gone:?} while a step was running; is it stopped or partitioned?"))));
+                            lost = Some(rank);
+                            break 'gather;
+                        }
+                    }
+                    continue;
+                }
             };
             let Some((rank, r)) = next else { break };
             match r {
@@ -387,10 +501,30 @@ impl Cluster {
         }
         for (rank, a) in answers.iter().enumerate() {
             if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
-                errors.push((rank, Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?"))));
+                let status = match lost {
+                    // Waiting in the collective for the lost rank: a victim, not a culprit.
+                    Some(l) => Status::aborted(format!("its step waited on rank {l}")),
+                    None => Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?")),
+                };
+                errors.push((rank, status));
             }
         }
         (answers.into_iter().flatten().collect(), errors)
+    }
+
+    /// Asks `ranks` for their health at once: (rank, answered within [`Timeouts::health`]).
+    async fn health_of(&self, ranks: &[usize]) -> Vec<(usize, bool)> {
+        let within = self.spec.timeouts.health;
+        let calls = ranks.iter().map(|&rank| {
+            let mut c = self.workers[rank].client.clone();
+            async move {
+                let mut r = Request::new(v1::HealthRequest {});
+                r.set_timeout(within);
+                let ok = matches!(tokio::time::timeout(within, c.health(r)).await, Ok(Ok(_)));
+                (rank, ok)
+            }
+        });
+        futures::future::join_all(calls).await
     }
 
     /// Every rank's answer checked and converted, in rank order, with their encoded size;
@@ -401,7 +535,7 @@ impl Cluster {
         for (rank, a) in answers.into_iter().enumerate() {
             response_bytes += a.encoded_len();
             let Some(out) = StepOutput::try_from(a).ok().filter(|o| o.rank == rank) else {
-                let why = format!("worker rank {rank} ({}) sent a malformed step answer; the cluster must be restarted", self.workers[rank].addr);
+                let why = format!("worker rank {rank} ({}) sent a malformed step answer", self.workers[rank].addr);
                 self.failed = Some(why.clone());
                 return Err(ClusterError::Protocol(why));
             };

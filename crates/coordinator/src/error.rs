@@ -12,6 +12,14 @@ pub enum ClusterError {
         /// What went wrong and what to do.
         message: String,
     },
+    /// A worker refused this coordinator: no cluster token, or another one.
+    #[error("worker {addr} refused this coordinator: {message}")]
+    Unauthenticated {
+        /// The worker's gRPC address as given.
+        addr: String,
+        /// The worker's reason (which token is missing or wrong).
+        message: String,
+    },
     /// Several workers could not be reached (each named).
     #[error("{0}")]
     Unreachable(String),

@@ -30,9 +30,11 @@ pub mod stats;
 pub mod text;
 
 pub use backend::{Backend, StepReply};
-pub use cluster::{Cluster, LoadProgress, RemoteWorker, Timeouts};
+pub use cluster::{Cluster, ClusterSpec, LoadProgress, RemoteWorker, Timeouts};
 pub use engine::{Engine, EngineConfig, Event, FinishReason, Logprob, Request, Summary};
 pub use error::ClusterError;
+pub use join::JoinRegistry;
+pub use tpserve_proto::auth::{Admission, ClusterToken};
 pub use generate::{generate_batch, GenOptions, GenOutput, Timings};
 pub use request::{InvalidParam, Limits, OverContext, RequestParams};
 pub use stats::{RankTime, StepStats};

@@ -23,6 +23,8 @@ pub fn describe_metrics() {
         "Prompt tokens looked up in the prefix cache when their requests were first scheduled."
     );
     describe_counter!("tpserve_prefix_cache_hits_total", Unit::Count, "Prompt tokens found in the prefix cache (not recomputed).");
+    describe_counter!("tpserve_cluster_failures_total", Unit::Count, "Times a step failed because a worker was lost (killed, stopped or cut off).");
+    describe_counter!("tpserve_cluster_recoveries_total", Unit::Count, "Times the cluster was reloaded on every rank and served again after a failure.");
     describe_gauge!("tpserve_num_requests_running", Unit::Count, "Requests being computed (in the scheduler's running set).");
     describe_gauge!("tpserve_num_requests_waiting", Unit::Count, "Requests waiting to be scheduled.");
     describe_gauge!("tpserve_kv_cache_usage_perc", Unit::Percent, "Fraction (0-1) of the full-attention KV-cache blocks in use.");

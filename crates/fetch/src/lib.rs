@@ -77,7 +77,12 @@ pub fn tpserve_home() -> PathBuf {
 
 /// Where the default model is cached.
 pub fn default_model_path() -> PathBuf {
-    tpserve_home().join("models").join(DEFAULT_MODEL_FILE)
+    models_dir().join(DEFAULT_MODEL_FILE)
+}
+
+/// `$TPSERVE_HOME/models`: where models are cached, and a worker's default `--model-dir`.
+pub fn models_dir() -> PathBuf {
+    tpserve_home().join("models")
 }
 
 fn marker_path(model: &Path) -> PathBuf {

@@ -9,6 +9,8 @@ use tpserve_types::sampling::{Candidates, Penalties};
 use tpserve_types::step::{LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput, StepPlan};
 use tpserve_types::SamplingParams;
 
+pub mod auth;
+
 /// Generated messages and services of package `tpserve.v1`.
 pub mod v1 {
     tonic::include_proto!("tpserve.v1");

@@ -318,6 +318,25 @@ impl Scheduler {
         }
     }
 
+    /// The workers lost every sequence and every block's contents (the cluster failed and is
+    /// reloaded): the running requests are removed and returned (they cannot go on); the
+    /// waiting ones stay and start from scratch; every pool starts empty (the prefix cache
+    /// is forgotten: its blocks' keys are gone) and nothing is left to free on the workers.
+    pub fn workers_lost(&mut self) -> Vec<ReqId> {
+        let lost = self.running.drain(..).map(|s| s.id).collect();
+        self.pools = self.cfg.kv.groups.iter().map(|g| BlockPool::new(g.blocks)).collect();
+        for s in &mut self.waiting {
+            s.tables.iter_mut().for_each(Vec::clear);
+            s.sent.iter_mut().for_each(|n| *n = 0);
+            s.registered = 0;
+            s.started = false;
+            s.computed = 0;
+            s.cached = 0;
+        }
+        self.to_free.clear();
+        lost
+    }
+
     /// Called once the step of the last [`Scheduler::schedule`] ran: the blocks it filled
     /// join the prefix cache.
     pub fn step_done(&mut self) {

@@ -152,6 +152,26 @@ fn a_shared_prefix_is_computed_once() {
 }
 
 #[test]
+fn after_the_workers_are_lost_running_requests_end_waiting_ones_start_over_and_the_cache_is_empty() {
+    let mut s = Scheduler::new(config(4, 64, 64, 8, 64, 1));
+    let system: Vec<TokenId> = (100..117).collect();
+    s.add(req(1, system.clone(), 4)).unwrap();
+    s.add(req(2, system.clone(), 4)).unwrap();
+    let b = s.schedule();
+    assert_eq!(b.seqs.len(), 1, "one running at a time");
+    s.step_done();
+    assert_eq!(s.workers_lost(), vec![1]);
+    assert_eq!((s.n_running(), s.n_waiting()), (0, 1));
+    s.audit().unwrap();
+    // Request 2 starts from scratch on the reloaded workers: nothing cached, nothing to free.
+    let b = s.schedule();
+    assert!(b.free.is_empty());
+    assert_eq!((b.seqs[0].req, b.seqs[0].start_pos, b.seqs[0].cached), (2, 0, 0));
+    assert!(b.seqs[0].starts);
+    s.audit().unwrap();
+}
+
+#[test]
 fn running_out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
     // 6 full blocks of 4: two sequences of 9 + growth cannot both stay.
     let mut s = Scheduler::new(config(4, 6, 6, 64, 64, 8));

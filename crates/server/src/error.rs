@@ -81,8 +81,9 @@ impl ApiError {
         Self { status: StatusCode::TOO_MANY_REQUESTS, message: message.into(), kind: "rate_limit_exceeded", param: None, code: Some("rate_limit_exceeded") }
     }
 
-    /// 503: the server cannot serve now (loading, draining, or the cluster failed); the
-    /// message says which. Also the error event of a stream that fails midway.
+    /// 503 with `Retry-After: 2`: the server cannot serve now (loading, draining, or the
+    /// cluster failed and is recovering); the message says which. Also the error event of
+    /// a stream that fails midway.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_error", param: None, code: Some("unavailable") }
     }
@@ -135,6 +136,11 @@ impl IntoResponse for ApiError {
         let mut r = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // Loading, recovering or draining: a client (or a load balancer) should come back
+        // in a few seconds, or try another replica.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         }
         r
     }

@@ -54,11 +54,20 @@ pub struct ServerOptions {
     pub ready_within: Duration,
     /// After a shutdown signal, in-flight requests get this long to finish.
     pub drain_for: Duration,
+    /// After the cluster fails, requests that were waiting in the queue wait this long for
+    /// it to recover before they get a 503 (new requests get a 503 at once meanwhile).
+    pub recovery_wait: Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { api_key: None, probe_every: Duration::from_secs(2), ready_within: Duration::from_secs(10), drain_for: Duration::from_secs(30) }
+        Self {
+            api_key: None,
+            probe_every: Duration::from_secs(1),
+            ready_within: Duration::from_secs(10),
+            drain_for: Duration::from_secs(30),
+            recovery_wait: Duration::from_secs(30),
+        }
     }
 }
 
@@ -73,6 +82,8 @@ struct Status {
     last_ok: Option<Instant>,
     /// A shutdown signal came: no new requests.
     draining: bool,
+    /// Requests waiting or running in the engine.
+    live: usize,
 }
 
 /// What handlers ask of the engine task.
@@ -178,14 +189,18 @@ pub async fn serve<B: Backend>(
     let app = routes::router(state);
     let drain_for = opts.drain_for;
     let st = status.clone();
+    // On a shutdown signal, keep accepting connections (new requests get 503 "shutting
+    // down", /ready 503) until the requests in flight are done or the drain deadline
+    // passes; only then stop listening and let the connections finish.
     let graceful = async move {
         shutdown.await;
         st.lock().unwrap_or_else(|p| p.into_inner()).draining = true;
         tracing::info!("shutting down: draining in-flight requests");
-        tokio::spawn(async move {
-            tokio::time::sleep(drain_for).await;
-            let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
-        });
+        let deadline = tokio::time::Instant::now() + drain_for;
+        while st.lock().unwrap_or_else(|p| p.into_inner()).live > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
     };
     let http = axum::serve(listener, app).with_graceful_shutdown(graceful);
     let engine = async {
@@ -218,6 +233,11 @@ pub async fn serve<B: Backend>(
 
 /// The task that owns the engine: takes requests, runs steps while there is work, probes
 /// the workers while there is none.
+/// The first wait between recovery attempts after the cluster fails.
+const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// The longest wait between recovery attempts.
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
 async fn engine_loop<B: Backend>(
     backend: B,
     tok: Arc<Tokenizer>,
@@ -232,6 +252,7 @@ async fn engine_loop<B: Backend>(
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         st.failed = engine.failed().map(str::to_string);
         st.last_ok = engine.last_ok();
+        st.live = engine.n_live();
     };
     let handle = |engine: &mut Engine<'_, B>, cmd: Cmd| match cmd {
         Cmd::Submit { req, events, reply } => {
@@ -253,6 +274,8 @@ async fn engine_loop<B: Backend>(
     let first = engine.probe().await.map_err(|e| e.to_string());
     publish(&engine);
     let _ = ready.send(first);
+    // Recovery polls back off from 250 ms to 4 s while the cluster stays down.
+    let mut backoff = RECOVERY_BACKOFF_MIN;
     loop {
         loop {
             match rx.try_recv() {
@@ -261,7 +284,26 @@ async fn engine_loop<B: Backend>(
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
             }
         }
-        if engine.has_work() {
+        if engine.failed().is_some() {
+            if engine.failed_for().is_some_and(|t| t > opts.recovery_wait) && engine.n_live() > 0 {
+                let why = format!("the cluster did not recover within {:?}: {}", opts.recovery_wait, engine.failed().unwrap_or_default());
+                engine.fail_all(&why);
+            }
+            publish(&engine);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => handle(&mut engine, cmd),
+                    None => return,
+                },
+                _ = tokio::time::sleep(backoff) => match engine.recover().await {
+                    Ok(()) => backoff = RECOVERY_BACKOFF_MIN,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "not recovered yet");
+                        backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
+                    }
+                },
+            }
+        } else if engine.has_work() {
             match engine.step().await {
                 Ok(true) => {}
                 // Work that no step can make progress on would be a bug: never spin on it.

@@ -14,21 +14,28 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tpserve_proto::auth::{CheckToken, SendToken};
 use tpserve_proto::v1;
 
 pub use local::LocalShard;
-pub use server::WorkerService;
+pub use server::{WorkerConfig, WorkerService};
+pub use tpserve_proto::auth::{Admission, ClusterToken};
 pub use shard::{Shard, StepError};
 
-/// Serves `service` on `listener` until the Shutdown RPC notifies `shutdown` or `stop`
-/// completes (in the binary: Ctrl-C, SIGTERM, or stdin closing with `--exit-with-stdin`),
-/// then shuts the server down gracefully.
+/// Serves `service` on `listener`, admitting callers as `admit` says (every other call is
+/// refused `UNAUTHENTICATED` before it reaches the service), until the Shutdown RPC
+/// notifies `shutdown` or `stop` completes (in the binary: Ctrl-C, SIGTERM, or stdin
+/// closing with `--exit-with-stdin`), then shuts the server down gracefully. Meanwhile it
+/// watches for a coordinator that went away ([`WorkerService::watch_coordinator`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: WorkerService,
+    admit: Admission,
     shutdown: Arc<Notify>,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let watch = tokio::spawn(service.clone().watch_coordinator());
     let stop = async move {
         tokio::select! {
             _ = shutdown.notified() => {}
@@ -43,23 +50,64 @@ pub async fn serve(
         }
         conn
     });
-    tonic::transport::Server::builder()
-        .add_service(tpserve_proto::WorkerServer::new(service).max_decoding_message_size(64 << 20))
+    let server = tpserve_proto::WorkerServer::new(service).max_decoding_message_size(64 << 20);
+    let served = tonic::transport::Server::builder()
+        .add_service(InterceptedService::new(server, CheckToken::new(admit)))
         .serve_with_incoming_shutdown(incoming, stop)
-        .await
+        .await;
+    watch.abort();
+    served
 }
 
-/// Registers this worker (reachable at `advertise`) with the coordinator at `coordinator`,
-/// retrying with back-off until it answers or `deadline` passes.
-pub async fn join(coordinator: &str, advertise: &str, deadline: Duration) -> Result<(), String> {
+/// Keeps this worker registered with the coordinator at `coordinator`: joins (see
+/// [`join`]), then joins again whenever `service` takes its coordinator for gone, so a
+/// restarted coordinator finds it. Returns only if a coordinator refuses it.
+pub async fn stay_joined(service: WorkerService, coordinator: String, advertise: String, token: Option<ClusterToken>) -> Result<(), String> {
+    let id = worker_id();
+    loop {
+        let lost = service.coordinator_lost();
+        tokio::pin!(lost);
+        tokio::select! {
+            joined = join(&coordinator, &advertise, token.as_ref(), id, Duration::from_secs(3600)) => {
+                joined?;
+                tracing::info!(%coordinator, %advertise, "joined the coordinator");
+                lost.await;
+                tracing::info!(%coordinator, "joining the coordinator again");
+            }
+            // Nobody called meanwhile either: start over with a fresh connection.
+            _ = &mut lost => {}
+        }
+    }
+}
+
+/// A random id for this process (see `JoinRequest.worker_id`).
+fn worker_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() | 1
+}
+
+/// Registers this worker (reachable at `advertise`, process id `id`) with the coordinator
+/// at `coordinator`, presenting `token`, retrying with back-off until it answers or
+/// `deadline` passes.
+pub async fn join(coordinator: &str, advertise: &str, token: Option<&ClusterToken>, id: u64, deadline: Duration) -> Result<(), String> {
     let url = if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") };
     let start = tokio::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let mut c = tpserve_proto::CoordinatorClient::connect(url.clone()).await.map_err(|e| e.to_string())?;
-            let r = c.join(v1::JoinRequest { worker_addr: advertise.to_string() }).await.map_err(|e| e.message().to_string())?;
-            Ok::<_, String>(r.into_inner())
+            let channel = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+            let mut c = tpserve_proto::CoordinatorClient::with_interceptor(channel, SendToken::new(token));
+            match c.join(v1::JoinRequest { worker_addr: advertise.to_string(), worker_id: id }).await {
+                Ok(r) => Ok(r.into_inner()),
+                // A wrong token stays wrong, a taken address stays taken: no point in retrying.
+                Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::AlreadyExists) => {
+                    Ok(v1::JoinResponse { accepted: false, message: s.message().to_string() })
+                }
+                Err(s) => Err(s.message().to_string()),
+            }
         };
         match attempt.await {
             Ok(r) if r.accepted => return Ok(()),

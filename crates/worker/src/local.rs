@@ -55,6 +55,15 @@ impl LocalShard {
         self.shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The shard slot if no step holds it now (`None` while one runs).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, Option<Shard>>> {
+        match self.shard.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Replaces the shard (None drops it: its memory and its collective go).
     pub fn set(&self, shard: Option<Shard>) {
         *self.lock() = shard;

@@ -3,9 +3,9 @@
 //! Shutdown. It holds no request text and no scheduling policy.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tpserve_comm::{Collective, TcpCollective};
 use tpserve_gguf::Gguf;
 use tpserve_model::model::model_shape;
+use tpserve_proto::auth::ClusterToken;
 use tpserve_proto::v1;
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
@@ -32,6 +33,36 @@ impl From<StepError> for Status {
     }
 }
 
+/// How a worker runs, beyond its sockets and threads.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// How long collective receives poll before blocking.
+    pub comm_spin: Duration,
+    /// The cluster's secret: the collective's hello proves it (the gRPC interceptor
+    /// checks it separately, see [`crate::serve`]).
+    pub token: Option<ClusterToken>,
+    /// The only directory a `Load` may name a model file in (relative names are taken
+    /// inside it); the default model is cached here too.
+    pub model_dir: PathBuf,
+    /// A model file this worker was started with, loadable wherever it is.
+    pub model: Option<PathBuf>,
+    /// With a shard loaded, no call from a coordinator for this long means it is gone:
+    /// the shard and every sequence are dropped, and a `--join` worker registers again.
+    pub coordinator_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            comm_spin: Duration::from_micros(100),
+            token: None,
+            model_dir: tpserve_fetch::models_dir(),
+            model: None,
+            coordinator_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The worker service. Cheap to share: everything is behind `Arc`s.
 #[derive(Clone)]
 pub struct WorkerService {
@@ -45,15 +76,63 @@ struct Inner {
     comm_listener: StdListener,
     /// Notified by Shutdown.
     shutdown: Arc<Notify>,
-    /// How long collective receives poll before blocking.
-    comm_spin: Duration,
+    cfg: WorkerConfig,
+    /// When a coordinator last called (any RPC).
+    last_contact: Mutex<Instant>,
+    /// Notified when the coordinator is taken for gone (see [`WorkerConfig::coordinator_timeout`]).
+    coordinator_lost: Notify,
 }
 
 impl WorkerService {
-    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`;
-    /// its collective receives poll for `comm_spin` before blocking.
-    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, comm_spin: Duration) -> Self {
-        Self { inner: Arc::new(Inner { local: LocalShard::new(pool), comm_listener, shutdown, comm_spin }) }
+    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`.
+    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, cfg: WorkerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                local: LocalShard::new(pool),
+                comm_listener,
+                shutdown,
+                cfg,
+                last_contact: Mutex::new(Instant::now()),
+                coordinator_lost: Notify::new(),
+            }),
+        }
+    }
+
+    fn touch(&self) {
+        *self.inner.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Completes when the coordinator is taken for gone: no call for
+    /// [`WorkerConfig::coordinator_timeout`]. The shard (if any) has been dropped by then.
+    pub async fn coordinator_lost(&self) {
+        self.inner.coordinator_lost.notified().await
+    }
+
+    /// Watches for a coordinator that stopped calling: every second, if no call came for
+    /// the timeout and no step is running, drops the shard (its memory, its collective, its
+    /// sequences) so the next coordinator's `Load` starts clean, and wakes
+    /// [`WorkerService::coordinator_lost`]. Runs until the process ends.
+    pub async fn watch_coordinator(self) {
+        let timeout = self.inner.cfg.coordinator_timeout;
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout));
+        loop {
+            tick.tick().await;
+            let quiet = self.inner.last_contact.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+            if quiet < timeout {
+                continue;
+            }
+            // A running step holds the lock: a coordinator waiting on it is not gone.
+            let dropped = match self.inner.local.try_lock() {
+                Some(mut g) => g.take().is_some(),
+                None => continue,
+            };
+            if dropped {
+                release_freed_memory();
+                warn!(quiet_s = quiet.as_secs_f64(), "no call from the coordinator: shard dropped, waiting for a coordinator's Load");
+            }
+            self.touch();
+            self.inner.coordinator_lost.notify_waiters();
+        }
     }
 
     /// Where this worker accepts its peers' collective connections (reported by Info, so
@@ -65,26 +144,104 @@ impl WorkerService {
 
 /// The process's peak resident memory (VmHWM) in bytes, 0 where it cannot be read.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_kb("VmHWM:") * 1024
+}
+
+/// The process's resident memory now (VmRSS) in bytes, 0 where it cannot be read.
+pub fn rss_bytes() -> u64 {
+    proc_status_kb("VmRSS:") * 1024
+}
+
+fn proc_status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(0)
+}
+
+/// Gives the heap memory a dropped shard freed back to the system. glibc keeps freed
+/// chunks in its per-thread arenas, so without this every re-load would grow the
+/// process by the activations and tables of the one before.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The model file a `Load` may open: `requested` ("" = the cached default model) inside
+/// `cfg.model_dir` (relative names are taken there), or the file the worker was started
+/// with. Anything else is refused before it is touched, so a caller cannot probe paths.
+fn allowed_model(cfg: &WorkerConfig, requested: &str) -> Result<PathBuf, Status> {
+    if requested.is_empty() {
+        return tpserve_fetch::resolve_model(None).map_err(|e| Status::failed_precondition(format!("cannot get the default model: {e}")));
+    }
+    let req = Path::new(requested);
+    let dir = &cfg.model_dir;
+    let refuse = || {
+        Status::permission_denied(format!(
+            "model {requested:?} is outside this worker's model directory {}: put the file there or start the worker with --model-dir or --model",
+            dir.display()
+        ))
+    };
+    if let Some(own) = &cfg.model {
+        if req == own || (req.is_absolute() && std::fs::canonicalize(own).ok().as_deref() == Some(req)) {
+            return Ok(own.clone());
+        }
+    }
+    let joined = if req.is_absolute() { req.to_path_buf() } else { dir.join(req) };
+    // Lexically first (nothing outside is touched), then with symlinks resolved.
+    let normal = normalize(&joined).ok_or_else(refuse)?;
+    let dir_normal = normalize(&std::path::absolute(dir).unwrap_or_else(|_| dir.clone())).ok_or_else(refuse)?;
+    if !normal.starts_with(&dir_normal) {
+        return Err(refuse());
+    }
+    let real = std::fs::canonicalize(&normal).map_err(|e| Status::failed_precondition(format!("cannot open model {}: {e}", normal.display())))?;
+    let real_dir = std::fs::canonicalize(dir).unwrap_or(dir_normal);
+    if !real.starts_with(&real_dir) {
+        return Err(refuse());
+    }
+    Ok(real)
+}
+
+/// `p` made absolute with `.` and `..` resolved lexically; `None` if `..` climbs above the root.
+fn normalize(p: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(p).ok()?;
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
 }
 
 /// The Load stream's sender: progress messages, then the final one or the error.
 type Progress = mpsc::Sender<Result<v1::LoadProgress, Status>>;
 
 fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
-    v1::LoadProgress { phase: phase.into(), bytes_done: done, bytes_total: total, done: false, shard: None, peak_rss_bytes: peak_rss_bytes(), kv_bytes: 0 }
+    v1::LoadProgress {
+        phase: phase.into(),
+        bytes_done: done,
+        bytes_total: total,
+        done: false,
+        shard: None,
+        peak_rss_bytes: peak_rss_bytes(),
+        kv_bytes: 0,
+        rss_bytes: rss_bytes(),
+    }
 }
 
 /// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
 fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Status> {
-    let path = if req.model_path.is_empty() {
-        tpserve_fetch::resolve_model(None).map_err(|e| Status::failed_precondition(format!("cannot get the default model: {e}")))?
-    } else {
-        PathBuf::from(&req.model_path)
-    };
+    let path = allowed_model(&inner.cfg, &req.model_path)?;
     let g = Gguf::open(&path).map_err(|e| Status::failed_precondition(format!("cannot open model {}: {e}", path.display())))?;
     if req.model_bytes != 0 && g.file_len() as u64 != req.model_bytes {
         return Err(Status::failed_precondition(format!(
@@ -128,7 +285,7 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
     let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, connect_within, timeout)
         .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
-        .with_spin(inner.comm_spin);
+        .with_spin(inner.cfg.comm_spin);
     let stage = shard.stage;
     let tp_members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
     let pp_members: Vec<usize> = (0..pp).map(|s| s * tp + shard.tp.rank).collect();
@@ -162,6 +319,7 @@ fn resolve(addr: &str) -> Option<SocketAddr> {
 #[tonic::async_trait]
 impl tpserve_proto::Worker for WorkerService {
     async fn info(&self, _: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
+        self.touch();
         let shard = self.inner.local.lock().as_ref().map(|s| v1::Shard::from(s.shard()));
         Ok(Response::new(v1::InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -176,6 +334,7 @@ impl tpserve_proto::Worker for WorkerService {
     type LoadStream = ReceiverStream<Result<v1::LoadProgress, Status>>;
 
     async fn load(&self, req: Request<v1::LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        self.touch();
         let req = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
@@ -183,7 +342,10 @@ impl tpserve_proto::Worker for WorkerService {
         tokio::task::spawn_blocking(move || {
             // Drop any previous shard first: its memory and its collective go.
             this.inner.local.set(None);
-            match load(&this.inner, req, &tx) {
+            release_freed_memory();
+            let loaded = load(&this.inner, req, &tx);
+            this.touch();
+            match loaded {
                 Ok(shard) => {
                     let done = v1::LoadProgress {
                         phase: "ready".into(),
@@ -193,6 +355,7 @@ impl tpserve_proto::Worker for WorkerService {
                         shard: Some(v1::Shard::from(shard.shard())),
                         peak_rss_bytes: peak_rss_bytes(),
                         kv_bytes: shard.kv_bytes(),
+                        rss_bytes: rss_bytes(),
                     };
                     info!(rank = shard.shard().rank, weight_bytes = shard.model().weight_bytes(), "loaded");
                     this.inner.local.set(Some(shard));
@@ -208,12 +371,15 @@ impl tpserve_proto::Worker for WorkerService {
     }
 
     async fn step(&self, req: Request<v1::StepRequest>) -> Result<Response<v1::StepResponse>, Status> {
+        self.touch();
         let plan = StepPlan::try_from(req.into_inner())?;
-        let out = self.inner.local.step(plan).await?;
-        Ok(Response::new(v1::StepResponse::from(&out)))
+        let out = self.inner.local.step(plan).await;
+        self.touch();
+        Ok(Response::new(v1::StepResponse::from(&out?)))
     }
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+        self.touch();
         let (ready, reason) = match self.inner.local.health() {
             None | Some(Ok(())) => (true, String::new()),
             Some(Err(why)) => (false, why),

@@ -160,8 +160,10 @@ pub struct Engine<'t, B> {
     next_id: ReqId,
     step_no: u64,
     stats: StepStats,
-    /// Why the cluster cannot serve any more, once a step failed that way.
+    /// Why the cluster cannot serve, from a step that failed that way until it recovers.
     failed: Option<String>,
+    /// When it failed.
+    failed_at: Option<Instant>,
     /// When the last step (or probe) succeeded.
     last_ok: Option<Instant>,
 }
@@ -178,6 +180,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             step_no: 0,
             stats: StepStats::default(),
             failed: None,
+            failed_at: None,
             last_ok: None,
         }
     }
@@ -197,9 +200,35 @@ impl<'t, B: Backend> Engine<'t, B> {
         self.failed.as_deref()
     }
 
+    /// How long ago the cluster failed, while it has not recovered.
+    pub fn failed_for(&self) -> Option<std::time::Duration> {
+        self.failed_at.map(|t| t.elapsed())
+    }
+
+    /// Tries once to bring a failed cluster back ([`Backend::recover`]): Ok once it serves
+    /// again, and the requests that waited meanwhile are scheduled from scratch.
+    pub async fn recover(&mut self) -> Result<(), ClusterError> {
+        if self.failed.is_none() {
+            return Ok(());
+        }
+        self.backend.recover().await?;
+        let took = self.failed_for().unwrap_or_default();
+        tracing::info!(after_s = took.as_secs_f64(), waiting = self.sched.n_waiting(), "the cluster serves again");
+        metrics::counter!("tpserve_cluster_recoveries_total").increment(1);
+        self.failed = None;
+        self.failed_at = None;
+        self.last_ok = Some(Instant::now());
+        Ok(())
+    }
+
     /// When the last step or probe went through every rank.
     pub fn last_ok(&self) -> Option<Instant> {
         self.last_ok
+    }
+
+    /// Requests waiting or running (not yet ended).
+    pub fn n_live(&self) -> usize {
+        self.live.len()
     }
 
     /// Whether any request is waiting or running.
@@ -270,6 +299,9 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// step fails its requests (each gets [`Event::Error`]): only those of the step when
     /// every rank refused it, every live one when the cluster is broken.
     pub async fn step(&mut self) -> Result<bool, ClusterError> {
+        if let Some(f) = &self.failed {
+            return Err(ClusterError::Unavailable(f.clone()));
+        }
         self.reap_disconnected();
         let batch = self.sched.schedule();
         metrics::counter!("tpserve_num_preemptions_total").increment(batch.preempted.len() as u64);
@@ -516,7 +548,8 @@ impl<'t, B: Backend> Engine<'t, B> {
         let _ = l.events.send(Event::Done(summary));
     }
 
-    /// Ends every live request with `why` (the server is shutting down).
+    /// Ends every live request with `why` (the server is shutting down, or the cluster did
+    /// not recover in time for the waiting ones).
     pub fn fail_all(&mut self, why: &str) {
         let ids: Vec<ReqId> = self.live.keys().copied().collect();
         self.fail_some(&ids, why);
@@ -533,14 +566,21 @@ impl<'t, B: Backend> Engine<'t, B> {
         self.gauges();
     }
 
-    /// A step failed: every live request gets the error. A refused step leaves the cluster
-    /// healthy (the workers forget the requests' sequences with the next step); any other
-    /// failure means the cluster cannot serve any more.
+    /// A step failed and the cluster cannot serve until it recovers: every running request
+    /// gets the error (the workers lost its sequence), the waiting ones stay queued for
+    /// after the recovery (the server bounds how long). A step every rank refused is
+    /// handled by the caller; here it fails every live request and leaves the cluster as it was.
     fn fail(&mut self, e: &ClusterError) {
-        if !matches!(e, ClusterError::Rejected(_)) {
-            self.failed.get_or_insert_with(|| e.to_string());
+        if matches!(e, ClusterError::Rejected(_)) {
+            return self.fail_all(&e.to_string());
         }
-        self.fail_all(&e.to_string());
+        if self.failed.is_none() {
+            self.failed = Some(e.to_string());
+            self.failed_at = Some(Instant::now());
+            metrics::counter!("tpserve_cluster_failures_total").increment(1);
+        }
+        let lost = self.sched.workers_lost();
+        self.fail_some(&lost, &e.to_string());
     }
 
     fn gauges(&self) {
