@@ -308,3 +308,32 @@ fn sigterm_drains_with_ready_503_then_exits_0_leaving_named_workers_running() {
     assert_eq!(c.wait_exit(DEADLINE, "SIGTERM"), Some(0));
     assert!(pid_alive(w0.child.id()) && pid_alive(w1.child.id()), "workers named by --workers outlive the coordinator");
 }
+
+/// A process's resident memory now, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn a_workers_memory_after_its_tenth_load_is_what_it_was_after_its_first() {
+    let Some(m) = default_model() else { return };
+    let (w, a) = token_worker("127.0.0.1:0", m.parent().unwrap(), &[]);
+    let mut after = Vec::new();
+    for _ in 0..10 {
+        let mut c = bin();
+        c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--stdin", "--workers", &a, "--max-num-seqs", "4", "--model"]).arg(&m);
+        let mut p = Proc::spawn(c);
+        p.wait_stderr("ready:");
+        let v = p.ask(&greedy("The capital of France is", 8));
+        assert!(v["text"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+        let (code, log) = p.finish();
+        assert_eq!(code, Some(0), "{log}");
+        after.push(rss_mib(w.child.id()));
+    }
+    eprintln!("worker RSS after each load, MiB: {after:.1?}");
+    // The next load drops the previous shard first: its KV pages go back to the system, its
+    // heap is reused (4 MiB allowed for the allocator's bookkeeping and the file's pages).
+    assert!(after[9] - after[0] < 4.0, "the worker grew from {:.1} MiB after its first load to {:.1} MiB after its tenth: {after:.1?}", after[0], after[9]);
+}

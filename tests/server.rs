@@ -39,7 +39,6 @@ fn serve(model: &Path, tp: usize, extra: &[&str]) -> Server {
     Server { p, http: Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() }, ready }
 }
 
-
 fn completion(prompt: &str, max_tokens: usize) -> Value {
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }

@@ -182,6 +182,8 @@ async fn answer<B: Backend>(backend: &mut B, tok: &Tokenizer, line: &str) -> Res
     let prompt_ids = tok.encode(&r.prompt, true, true);
     let limits = Limits { context_len: backend.context_len(), kv_tokens: backend.kv_layout().token_capacity(), vocab: tok.vocab_size() };
     let req = params.build(prompt_ids.clone(), limits)?;
+    // A cluster that lost a rank reloads here once the rank answers again.
+    backend.recover().await?;
     let (mut outs, stats) = generate_batch(backend, tok, &[req], GenOptions::default(), |_, _| ControlFlow::Continue(())).await?;
     let out = outs.pop().expect("one output per request");
     Ok(json!({

@@ -20,8 +20,7 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 /// The binary, with none of the environment variables that would change what it does.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tpserve"));
-    for v in
-        [
+    for v in [
         "TPSERVE_MODEL",
         "TPSERVE_THREADS",
         "TPSERVE_TP",
@@ -35,8 +34,7 @@ pub fn bin() -> Command {
         "TPSERVE_INSECURE",
         "RUST_LOG",
         "RUST_BACKTRACE",
-    ]
-    {
+    ] {
         c.env_remove(v);
     }
     c

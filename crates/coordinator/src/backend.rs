@@ -28,9 +28,11 @@ pub trait Backend: Send {
     /// The KV cache the ranks were loaded with.
     fn kv_layout(&self) -> &KvLayout;
     /// Tries once to bring a backend whose step failed back (every rank reloaded, no
-    /// sequence kept); Ok once it can step again. Backends that cannot recover say so.
+    /// sequence kept); Ok once it can step (at once if it had not failed). A backend that
+    /// keeps no failed state (a shard in this process reports each step's error itself)
+    /// has nothing to do.
     fn recover(&mut self) -> impl Future<Output = Result<(), ClusterError>> + Send {
-        async { Err(ClusterError::Unavailable("this backend cannot recover: restart it".into())) }
+        async { Ok(()) }
     }
 }
 

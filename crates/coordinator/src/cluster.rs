@@ -356,9 +356,7 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
             Err(Status::internal("the load stream ended before the shard was ready"))
         };
         async move {
-            tokio::time::timeout(timeouts.load, load)
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("not loaded within {:?}", timeouts.load))))
+            tokio::time::timeout(timeouts.load, load).await.unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("not loaded within {:?}", timeouts.load))))
         }
     });
     let results = futures::future::join_all(loads).await;
@@ -366,14 +364,9 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
     let mut errors = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes)) => loaded.push(LoadedRank {
-                addr: workers[rank].addr.clone(),
-                shard,
-                peak_rss_bytes,
-                rss_bytes,
-                threads: workers[rank].info.threads,
-                kv_bytes,
-            }),
+            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes)) => {
+                loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes, rss_bytes, threads: workers[rank].info.threads, kv_bytes })
+            }
             Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
         }
     }

@@ -10,8 +10,51 @@ use tpserve_types::kv::{BlockId, KvLayout, NO_BLOCK};
 struct LayerPool {
     /// The KV group of the layout this layer belongs to (its window decides the group).
     group: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: ZeroedF32,
+    v: ZeroedF32,
+}
+
+/// Zeroed floats in pages of their own, mapped from the OS: untouched pages cost no memory,
+/// and dropping the buffer gives every page back at once. (A `vec![0.0; n]` comes from the
+/// allocator, which after a pool of the same size was freed serves it from its heap,
+/// zeroing, and so touching, every page: a worker that re-loads would grow by the whole
+/// pool each time.)
+struct ZeroedF32 {
+    map: Option<memmap2::MmapMut>,
+    len: usize,
+}
+
+impl ZeroedF32 {
+    fn new(len: usize) -> Result<Self, String> {
+        if len == 0 {
+            return Ok(Self { map: None, len });
+        }
+        let bytes = len.checked_mul(4).ok_or_else(|| format!("a KV pool of {len} floats is too large"))?;
+        let map = memmap2::MmapMut::map_anon(bytes).map_err(|e| format!("cannot reserve {bytes} bytes for the KV cache: {e}"))?;
+        Ok(Self { map: Some(map), len })
+    }
+}
+
+impl std::ops::Deref for ZeroedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.map {
+            // SAFETY: the map is page-aligned (so f32-aligned), `len * 4` bytes long, lives as
+            // long as `self`, and every bit pattern is a valid f32 (zero pages read 0.0).
+            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr().cast::<f32>(), self.len) },
+            None => &[],
+        }
+    }
+}
+
+impl std::ops::DerefMut for ZeroedF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut self.map {
+            // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+            Some(m) => unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr().cast::<f32>(), self.len) },
+            None => &mut [],
+        }
+    }
 }
 
 /// Keys and values of every layer of this stage, for every sequence.
@@ -33,7 +76,7 @@ impl KvPool {
             .map(|l| {
                 let group = layout.group_of(l).ok_or_else(|| format!("layer {l} is in no KV group of the layout"))?;
                 let rows = layout.groups[group].blocks * bs;
-                Ok(LayerPool { group, k: vec![0.0; rows * kv_dim], v: vec![0.0; rows * kv_dim] })
+                Ok(LayerPool { group, k: ZeroedF32::new(rows * kv_dim)?, v: ZeroedF32::new(rows * kv_dim)? })
             })
             .collect::<Result<_, String>>()?;
         Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, layers })

@@ -20,8 +20,8 @@ use tpserve_proto::v1;
 
 pub use local::LocalShard;
 pub use server::{WorkerConfig, WorkerService};
-pub use tpserve_proto::auth::{Admission, ClusterToken};
 pub use shard::{Shard, StepError};
+pub use tpserve_proto::auth::{Admission, ClusterToken};
 
 /// Serves `service` on `listener`, admitting callers as `admit` says (every other call is
 /// refused `UNAUTHENTICATED` before it reaches the service), until the Shutdown RPC

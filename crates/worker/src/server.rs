@@ -86,6 +86,7 @@ struct Inner {
 impl WorkerService {
     /// A worker that computes on `pool` and accepts collective connections on `comm_listener`.
     pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, cfg: WorkerConfig) -> Self {
+        fix_mmap_threshold();
         Self {
             inner: Arc::new(Inner {
                 local: LocalShard::new(pool),
@@ -167,6 +168,21 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Keeps glibc's allocator behaving the same on every load. By default it serves large
+/// blocks with fresh mappings and, each time one is freed, raises that threshold to the
+/// freed size, so a worker's first shard gets its step buffers from mappings (returned
+/// when freed) and every later shard from the heap (kept): memory after a re-load would not
+/// be memory after the first load. A fixed threshold turns that adjustment off; 32 MiB is
+/// the ceiling the adjustment reaches anyway, so steps keep reusing heap memory (no page
+/// faults per step), and the KV cache maps its own pages (`tpserve-model`).
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's tuning parameters; it has no preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
 }
 
