@@ -337,3 +337,68 @@ fn a_workers_memory_after_its_tenth_load_is_what_it_was_after_its_first() {
     // heap is reused (4 MiB allowed for the allocator's bookkeeping and the file's pages).
     assert!(after[9] - after[0] < 4.0, "the worker grew from {:.1} MiB after its first load to {:.1} MiB after its tenth: {after:.1?}", after[0], after[9]);
 }
+
+// ---- soak ----
+
+/// `tpserve up --tp 2` on the default model under `tpserve bench` at a fixed request rate for
+/// about a minute: no request fails, and no process's resident memory grows beyond what a
+/// warmed-up server's allocator may still settle into (16 MiB per process). The KV cache is
+/// small (2,048 positions, 128 blocks) so that the warm-up has touched every one of its
+/// lazily mapped pages; with a larger one, RSS would grow until every block was first used.
+#[test]
+fn a_minute_of_load_fails_no_request_and_leaves_memory_flat() {
+    let Some(m) = default_model() else { return };
+    let mut cmd = bin();
+    cmd.args(["up", "--tp", "2", "--threads", "1", "--port", "0", "--max-num-seqs", "8", "--kv-cache-tokens", "2048", "--model"]).arg(&m);
+    let mut p = Proc::spawn(cmd);
+    let line = p.wait_stderr("serving ");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
+    p.wait_stderr("ready:");
+    let pids: Vec<u32> = std::iter::once(p.child.id()).chain(p.pids.iter().copied()).collect();
+    assert_eq!(pids.len(), 3, "{}", p.log());
+    let dir = TempDir::new().unwrap();
+    let bench = |secs: &str, out: &Path| {
+        let o = bin()
+            .args([
+                "bench",
+                "--base-url",
+                &url,
+                "--request-rate",
+                "3",
+                "--duration",
+                secs,
+                "--num-requests",
+                "1000",
+                "--input-len",
+                "48",
+                "--output-len",
+                "24",
+                "--seed",
+                "7",
+            ])
+            .arg("--save-result")
+            .arg(out)
+            .arg("--model")
+            .arg(&m)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+        v
+    };
+    // Warm-up: every buffer size the load needs is allocated once.
+    let warm = bench("15", &dir.path().join("warm.json"));
+    assert_eq!(warm["failed"], 0, "{warm}");
+    let before: Vec<f64> = pids.iter().map(|&pid| rss_mib(pid)).collect();
+    let soak = bench("45", &dir.path().join("soak.json"));
+    let after: Vec<f64> = pids.iter().map(|&pid| rss_mib(pid)).collect();
+    eprintln!(
+        "soak: {} requests completed, {} failed; RSS MiB (coordinator, rank 0, rank 1) before {before:.1?} after {after:.1?}",
+        soak["completed"], soak["failed"]
+    );
+    assert_eq!(soak["failed"], 0, "{soak}");
+    assert!(soak["completed"].as_u64().unwrap() >= 60, "{soak}");
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(a - b < 16.0, "process {i} grew from {b:.1} to {a:.1} MiB under a steady load");
+    }
+}

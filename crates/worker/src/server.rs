@@ -299,9 +299,17 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     }
 
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
-    let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, connect_within, timeout)
-        .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
-        .with_spin(inner.cfg.comm_spin);
+    let world = TcpCollective::connect_within(
+        rank,
+        &inner.comm_listener,
+        &addrs,
+        req.session,
+        inner.cfg.token.as_ref().map_or(&[][..], |t| t.as_bytes()),
+        connect_within,
+        timeout,
+    )
+    .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
+    .with_spin(inner.cfg.comm_spin);
     let stage = shard.stage;
     let tp_members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
     let pp_members: Vec<usize> = (0..pp).map(|s| s * tp + shard.tp.rank).collect();
