@@ -294,7 +294,8 @@ fn sigterm_drains_with_ready_503_then_exits_0_leaving_named_workers_running() {
     let (w1, a1) = token_worker("127.0.0.1:0", dir.path(), &[]);
     let (mut c, http) = coordinator(&m, &["--tp", "2", "--workers", &format!("{a0},{a1}")]);
     let url = http.url.clone();
-    let inflight = std::thread::spawn(move || ureq::post(&format!("{url}/v1/completions")).send_json(greedy("a b", 400)).map(|r| r.status()));
+    let inflight =
+        std::thread::spawn(move || ureq::post(&format!("{url}/v1/completions")).send_json(greedy("a b", 400)).map(|r| r.status()).map_err(|e| e.to_string()));
     within("the request running", DEADLINE, || http.metric("tpserve_num_requests_running") == 1.0);
     signal("-TERM", c.child.id());
     // Draining: the port still answers, /ready and new requests say why.
