@@ -36,13 +36,14 @@ pub struct Timeouts {
     /// answer it within this is stopped or cut off.
     pub probe: Duration,
     /// While a step runs, every rank that has not answered yet is asked for its health
-    /// this often, and must answer within it: a rank that misses [`HEALTH_MISSES`] in a row
-    /// is taken for stopped or partitioned, long before the collective deadline.
+    /// this often, and must answer within 90% of it: a rank that misses [`HEALTH_MISSES`] in
+    /// a row (about 3 s by default) is taken for stopped or partitioned, long before the
+    /// collective deadline. A busy rank still answers: health is served beside the compute.
     pub health: Duration,
 }
 
 /// Health checks a rank may miss in a row during a step before it counts as lost.
-pub const HEALTH_MISSES: u32 = 3;
+pub const HEALTH_MISSES: u32 = 2;
 
 impl Default for Timeouts {
     fn default() -> Self {
@@ -474,7 +475,7 @@ impl Cluster {
                     for (rank, ok) in self.health_of(&waiting).await {
                         misses[rank] = if ok { 0 } else { misses[rank] + 1 };
                         if misses[rank] >= HEALTH_MISSES {
-                            let gone = timeouts.health * HEALTH_MISSES;
+                            let gone = timeouts.health * (HEALTH_MISSES + 1);
                             errors.push((rank, Status::unavailable(format!("stopped answering health checks for {gone:?} while a step was running; is it stopped or partitioned?"))));
                             lost = Some(rank);
                             break 'gather;
@@ -505,9 +506,9 @@ impl Cluster {
         (answers.into_iter().flatten().collect(), errors)
     }
 
-    /// Asks `ranks` for their health at once: (rank, answered within [`Timeouts::health`]).
+    /// Asks `ranks` for their health at once: (rank, answered within 90% of [`Timeouts::health`]).
     async fn health_of(&self, ranks: &[usize]) -> Vec<(usize, bool)> {
-        let within = self.spec.timeouts.health;
+        let within = self.spec.timeouts.health.mul_f32(0.9);
         let calls = ranks.iter().map(|&rank| {
             let mut c = self.workers[rank].client.clone();
             async move {
