@@ -53,12 +53,14 @@ struct Fake {
     sampling: HashMap<SeqId, SamplingParams>,
     plans: Vec<StepPlan>,
     script: VecDeque<Answer>,
+    /// Recovery attempts that still fail (the lost worker has not come back yet).
+    recover_fails: usize,
 }
 
 impl Fake {
     fn new() -> Self {
         let kv = KvLayout::new(&[None, None], KvSizing { block_size: 4, tokens: 256, max_seqs: 8, max_chunk: 16 });
-        Self { kv, sampling: HashMap::new(), plans: Vec::new(), script: VecDeque::new() }
+        Self { kv, sampling: HashMap::new(), plans: Vec::new(), script: VecDeque::new(), recover_fails: 0 }
     }
 
     fn logits(&self, token: u32) -> Vec<f32> {
@@ -79,6 +81,16 @@ impl Backend for Fake {
 
     fn kv_layout(&self) -> &KvLayout {
         &self.kv
+    }
+
+    async fn recover(&mut self) -> Result<(), ClusterError> {
+        if self.recover_fails > 0 {
+            self.recover_fails -= 1;
+            return Err(ClusterError::Unavailable("waiting for rank 1 to come back".into()));
+        }
+        // Reloaded: the ranks hold no sequence.
+        self.sampling.clear();
+        Ok(())
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
@@ -263,6 +275,41 @@ async fn a_lost_worker_fails_every_live_request_and_every_later_step_names_it() 
     }
     assert!(engine.failed().is_some_and(|f| f.contains("worker rank 1")));
     assert!(matches!(engine.probe().await, Err(ClusterError::Unavailable(f)) if f.contains("worker rank 1")));
+}
+
+#[tokio::test]
+async fn after_a_lost_worker_queued_requests_wait_and_are_served_from_scratch_once_the_cluster_recovers() {
+    let tok = tokenizer();
+    let mut fake = Fake::new();
+    fake.script.extend([Answer::Ok, Answer::LoseWorker]);
+    fake.recover_fails = 1;
+    let mut cfg = config(&fake, 8);
+    cfg.scheduler.max_num_seqs = 1;
+    let mut engine = Engine::new(&mut fake, &tok, cfg);
+    let (tx1, mut rx1) = mpsc::unbounded_channel();
+    let (tx2, mut rx2) = mpsc::unbounded_channel();
+    engine.add(greedy(vec![2, A], 8), tx1).unwrap();
+    engine.add(greedy(vec![2, A], 3), tx2).unwrap();
+    engine.step().await.unwrap();
+    assert!(matches!(engine.step().await, Err(ClusterError::WorkerLost(_))));
+    // The running request fails; the queued one waits, with nothing sent to it yet.
+    assert!(matches!(drain(&mut rx1).last(), Some(Event::Error(e)) if e.contains("worker rank 1")));
+    assert!(drain(&mut rx2).is_empty());
+    assert_eq!((engine.n_live(), engine.scheduler().n_waiting()), (1, 1));
+    // Failed: no step reaches the backend until it recovers.
+    let sent = engine.backend.plans.len();
+    assert!(matches!(engine.step().await, Err(ClusterError::Unavailable(_))));
+    assert_eq!(engine.backend.plans.len(), sent);
+    assert!(engine.recover().await.is_err(), "rank 1 is not back yet");
+    assert!(engine.failed().is_some() && engine.failed_for().is_some());
+    engine.recover().await.unwrap();
+    assert!(engine.failed().is_none());
+    run_to_end(&mut engine).await;
+    assert_eq!(summary(&drain(&mut rx2)).output_ids, [A + 1, A + 2, A + 3]);
+    // The reloaded ranks are asked to free nothing and get the queued request from position 0.
+    let first = &engine.backend.plans[sent];
+    assert!(first.free.is_empty(), "{first:?}");
+    assert_eq!((first.seqs[0].start_pos, first.seqs[0].start.is_some()), (0, true));
 }
 
 #[tokio::test]
