@@ -403,3 +403,49 @@ fn a_minute_of_load_fails_no_request_and_leaves_memory_flat() {
         assert!(a - b < 16.0, "process {i} grew from {b:.1} to {a:.1} MiB under a steady load");
     }
 }
+
+// ---- TLS ----
+
+/// A CA, and a certificate it signs for 127.0.0.1, written as PEM files `name.pem` and
+/// `name.key` (the CA as `name-ca.pem`) in `dir`.
+fn make_certs(dir: &Path, name: &str, leaves: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join(format!("{name}-ca.pem")), ca_cert.pem()).unwrap();
+    for leaf in leaves {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{leaf}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{leaf}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn mutual_tls_serves_with_the_clusters_ca_and_refuses_another_ca_or_plain_text() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let d = dir.path();
+    make_certs(d, "cluster", &["worker", "coord"]);
+    make_certs(d, "stranger", &["intruder"]);
+    let f = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let (_w, a) = token_worker("127.0.0.1:0", d, &["--tls-cert", &f("worker.pem"), "--tls-key", &f("worker.key"), "--tls-ca", &f("cluster-ca.pem")]);
+    let (_c, http) = coordinator(&m, &["--workers", &a, "--tls-cert", &f("coord.pem"), "--tls-key", &f("coord.key"), "--tls-ca", &f("cluster-ca.pem")]);
+    assert!(!http.text(&greedy("a b", 4)).is_empty());
+    // Trusting another CA (and holding its certificate), or no TLS at all: refused.
+    let stranger = vec!["--tls-cert", "intruder.pem", "--tls-key", "intruder.key", "--tls-ca", "stranger-ca.pem"];
+    for (tls, why) in [(stranger, "invalid peer certificate"), (vec![], "TLS settings")] {
+        let mut c = bin();
+        c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--stdin", "--workers", &a, "--connect-timeout-secs", "3", "--model"]).arg(&m);
+        for (i, v) in tls.iter().enumerate() {
+            c.arg(if i % 2 == 0 { v.to_string() } else { f(v) });
+        }
+        let out = run_to_end(c, Some(""), false);
+        assert_error_line(&out, &["cannot reach worker", &a, why]);
+    }
+    // The cluster's own coordinator still serves.
+    assert!(!http.text(&greedy("a b", 4)).is_empty());
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tpserve_worker::ClusterToken;
+use tpserve_worker::{ClusterToken, Tls};
 
 /// Who may drive this cluster's workers: every process of a cluster gets the same token.
 #[derive(Args, Debug, Clone, Default)]
@@ -17,6 +17,18 @@ pub struct AuthArgs {
     /// Read the cluster token from this file (a mounted Kubernetes Secret).
     #[arg(long, env = "TPSERVE_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<PathBuf>,
+    /// This process's TLS certificate (PEM) for the control plane: a worker's gRPC server,
+    /// the coordinator's join service; on a client, presented to servers that ask for one.
+    #[arg(long, env = "TPSERVE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TPSERVE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the cluster's certificates: clients verify servers against
+    /// it (and use TLS at all only with it); a server given it asks callers for a
+    /// certificate it signed (mutual TLS).
+    #[arg(long, env = "TPSERVE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl AuthArgs {
@@ -32,6 +44,13 @@ impl AuthArgs {
             Err(why) if self.cluster_token.is_some() => bail!("--cluster-token: {why}"),
             Err(why) => bail!("--cluster-token-file: {why}"),
         }
+    }
+}
+
+impl AuthArgs {
+    /// The TLS files the flags name, read; `None` without any.
+    pub fn tls(&self) -> Result<Option<Tls>> {
+        Tls::from_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref()).map_err(anyhow::Error::msg)
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, ClusterToken, LoadProgress, StepReply, Timeouts};
+use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, ClusterToken, LoadProgress, StepReply, Timeouts, Tls};
 
 use super::auth::random_token;
 use tpserve_model::config::ModelConfig;
@@ -39,6 +39,9 @@ pub struct ParallelArgs {
     /// peer becomes an error within it.
     #[arg(long, default_value_t = 10_000, env = "TPSERVE_COMM_TIMEOUT_MS")]
     pub comm_timeout_ms: u64,
+    /// Seconds to keep trying to reach the workers at start-up (they may still be starting).
+    #[arg(long, default_value_t = 30, env = "TPSERVE_CONNECT_TIMEOUT_SECS")]
+    pub connect_timeout_secs: u64,
 }
 
 impl ParallelArgs {
@@ -66,7 +69,11 @@ impl ParallelArgs {
     }
 
     pub fn timeouts(&self) -> Timeouts {
-        Timeouts { comm: Duration::from_millis(self.comm_timeout_ms.max(1)), ..Timeouts::default() }
+        Timeouts {
+            comm: Duration::from_millis(self.comm_timeout_ms.max(1)),
+            connect: Duration::from_secs(self.connect_timeout_secs.max(1)),
+            ..Timeouts::default()
+        }
     }
 }
 
@@ -151,7 +158,15 @@ pub fn describe_kv(kv: &KvLayout, cfg: &ModelConfig, kv_dim: usize) -> String {
 
 /// What to load on the workers: `plan` of the model `loaded`, which the workers see at
 /// `model_path` ("" = their cached default model), with the KV cache `kv`.
-pub fn cluster_spec(plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Timeouts, kv: KvLayout, token: Option<ClusterToken>) -> Result<ClusterSpec> {
+pub fn cluster_spec(
+    plan: Plan,
+    loaded: &Loaded,
+    model_path: &str,
+    timeouts: Timeouts,
+    kv: KvLayout,
+    token: Option<ClusterToken>,
+    tls: Option<Tls>,
+) -> Result<ClusterSpec> {
     Ok(ClusterSpec {
         plan,
         context_len: loaded.config()?.context_len,
@@ -160,13 +175,14 @@ pub fn cluster_spec(plan: Plan, loaded: &Loaded, model_path: &str, timeouts: Tim
         model_bytes: loaded.gguf.file_len() as u64,
         timeouts,
         token,
+        tls,
     })
 }
 
 /// Connects to `addrs` and loads `spec` onto them with a progress bar per worker, then
 /// prints the plan with each rank's memory.
 pub async fn load_cluster(addrs: &[String], spec: ClusterSpec) -> Result<Cluster> {
-    let workers = cluster::connect_all(addrs, spec.timeouts.connect, spec.token.as_ref()).await?;
+    let workers = cluster::connect_all(addrs, spec.timeouts.connect, spec.token.as_ref(), spec.tls.as_ref()).await?;
     let plan = &spec.plan;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}").expect("valid template");
@@ -278,7 +294,7 @@ impl LocalBackend {
         let model_path = worker_model_path(loaded.explicit.then_some(loaded.path.as_path()))?;
         let token = random_token();
         let workers = LocalWorkers::spawn(plan.world(), threads, &model_path, &token).await?;
-        let spec = cluster_spec(plan, loaded, &model_path, parallel.timeouts(), kv, Some(token))?;
+        let spec = cluster_spec(plan, loaded, &model_path, parallel.timeouts(), kv, Some(token), None)?;
         match load_cluster(&workers.addrs, spec).await {
             Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),
             Err(e) => {

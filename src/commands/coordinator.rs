@@ -64,6 +64,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         None => worker_model_path(args.model.model.as_deref())?,
     };
     let token = args.auth.token()?;
+    let tls = args.auth.tls()?;
     if token.is_none() {
         eprintln!("no cluster token: only workers without one, on loopback, will accept this coordinator (see --cluster-token)");
     }
@@ -71,7 +72,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.join_listen.is_none() && args.workers.len() != world {
         bail!("--tp {} --pp {} needs {world} workers, --workers names {}", plan.tp, plan.pp, args.workers.len());
     }
-    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), token.clone())?;
+    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), token.clone(), tls.clone())?;
     super::block_on(async {
         // The join service runs for the coordinator's whole life: workers that come back
         // register again, and spares wait for a lost rank. HTTP is up meanwhile (/ready 503).
@@ -81,7 +82,9 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
                 eprintln!("waiting for {world} workers to join at {}", listener.local_addr()?);
                 let registry = tpserve_coordinator::JoinRegistry::new(world);
                 let admit = tpserve_coordinator::Admission::from_token(token.clone(), false);
-                tpserve_coordinator::join::serve_joins(listener, registry.clone(), admit);
+                // The join service serves TLS when this coordinator has a certificate.
+                let join_tls = tls.clone().filter(|_| args.auth.tls_cert.is_some());
+                tpserve_coordinator::join::serve_joins(listener, registry.clone(), admit, join_tls)?;
                 Some(registry)
             }
             None => None,
@@ -109,7 +112,7 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let kv = kv_for(&loaded, &args.serving)?;
     // The workers started here accept only this process: a fresh random token.
     let token = random_token();
-    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), Some(token.clone()))?;
+    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), Some(token.clone()), None)?;
     super::block_on(async {
         let workers = LocalWorkers::spawn(spec.plan.world(), threads, &model_path, &token).await?;
         let result = async {

@@ -64,6 +64,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 
 async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
     let token = args.auth.token()?;
+    let tls = args.auth.tls()?;
+    if tls.as_ref().is_some_and(|_| args.auth.tls_cert.is_none()) {
+        anyhow::bail!("--tls-ca without --tls-cert: a worker serves TLS with its own certificate (--tls-cert, --tls-key)");
+    }
     if args.coordinator_timeout_secs == 0 {
         anyhow::bail!("--coordinator-timeout-secs 0: give the coordinator at least a second between calls");
     }
@@ -107,8 +111,9 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
             None => addr.to_string(),
         };
         let service = service.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = tpserve_worker::stay_joined(service, coordinator, advertise, token).await {
+            if let Err(e) = tpserve_worker::stay_joined(service, coordinator, advertise, token, tls).await {
                 // Refused for good (a wrong token, an address another worker has): exit, so
                 // a supervisor shows the error instead of a worker that never serves.
                 eprintln!("error: {e}");
@@ -134,7 +139,7 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
             _ = stdin_closed => {}
         }
     };
-    tpserve_worker::serve(listener, service, admit, shutdown, stop).await.map_err(|e| anyhow!("the worker's server failed: {e}"))?;
+    tpserve_worker::serve(listener, service, admit, tls.as_ref(), shutdown, stop).await.map_err(|e| anyhow!("the worker's server failed: {e}"))?;
     Ok(())
 }
 

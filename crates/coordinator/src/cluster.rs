@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tpserve_proto::auth::{AuthChannel, ClusterToken, SendToken};
+use tpserve_proto::tls::Tls;
 use tpserve_proto::v1;
 use tpserve_proto::WorkerClient;
 use tpserve_types::kv::KvLayout;
@@ -85,17 +85,21 @@ pub struct RemoteWorker {
 }
 
 /// Connects to the worker at `addr` (host:port), retrying until `timeout`, and asks for its
-/// info; every call carries `token`. A worker that refuses the token fails at once.
-pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>) -> Result<RemoteWorker, ClusterError> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Channel::from_shared(url).map_err(|e| ClusterError::Connect { addr: addr.into(), message: e.to_string() })?;
+/// info; every call carries `token`, over TLS when `tls` is set. A worker that refuses the
+/// token fails at once.
+pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>, tls: Option<&Tls>) -> Result<RemoteWorker, ClusterError> {
+    let endpoint = tpserve_proto::tls::endpoint(addr, tls).map_err(|message| ClusterError::Connect { addr: addr.into(), message })?;
     let endpoint = endpoint.tcp_nodelay(true).connect_timeout(Duration::from_secs(2));
     let start = tokio::time::Instant::now();
     let channel = loop {
         match endpoint.connect().await {
             Ok(c) => break c,
             Err(e) if start.elapsed() >= timeout => {
-                return Err(ClusterError::Connect { addr: addr.into(), message: format!("{e} (waited {timeout:?}); is `tpserve worker` running there?") })
+                let why = causes(&e);
+                return Err(ClusterError::Connect {
+                    addr: addr.into(),
+                    message: format!("{why} (waited {timeout:?}); is `tpserve worker` running there, with the same TLS settings?"),
+                });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -107,7 +111,10 @@ pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>
         .map_err(|_| ClusterError::Connect { addr: addr.into(), message: format!("it accepted the connection but did not answer within {left:?}") })?
         .map_err(|s| match s.code() {
             Code::Unauthenticated => ClusterError::Unauthenticated { addr: addr.into(), message: s.message().into() },
-            _ => ClusterError::Connect { addr: addr.into(), message: s.message().into() },
+            _ => {
+                let below = std::error::Error::source(&s).map(|c| format!(": {}", causes(c))).unwrap_or_default();
+                ClusterError::Connect { addr: addr.into(), message: format!("{}{below} (is it a tpserve worker, with the same TLS settings?)", s.message()) }
+            }
         })?
         .into_inner();
     if info.version != env!("CARGO_PKG_VERSION") {
@@ -119,10 +126,24 @@ pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>
     Ok(RemoteWorker { addr: addr.into(), client, info })
 }
 
+/// An error with its causes, outermost first ("transport error: invalid peer certificate: ...").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out += &format!(": {s}");
+        }
+        next = c.source();
+    }
+    out
+}
+
 /// Connects to every worker in `addrs` at once (see [`connect`]), in the same order; fails
 /// naming every worker that could not be reached.
-pub async fn connect_all(addrs: &[String], timeout: Duration, token: Option<&ClusterToken>) -> Result<Vec<RemoteWorker>, ClusterError> {
-    let results = futures::future::join_all(addrs.iter().map(|a| connect(a, timeout, token))).await;
+pub async fn connect_all(addrs: &[String], timeout: Duration, token: Option<&ClusterToken>, tls: Option<&Tls>) -> Result<Vec<RemoteWorker>, ClusterError> {
+    let results = futures::future::join_all(addrs.iter().map(|a| connect(a, timeout, token, tls))).await;
     let mut workers = Vec::with_capacity(addrs.len());
     let mut errors = Vec::new();
     for r in results {
@@ -207,6 +228,8 @@ pub struct ClusterSpec {
     pub timeouts: Timeouts,
     /// The cluster token every call carries.
     pub token: Option<ClusterToken>,
+    /// TLS for every connection to a worker, when set.
+    pub tls: Option<Tls>,
 }
 
 /// The workers of a loaded plan, ready to step.
@@ -246,16 +269,16 @@ impl Cluster {
             return Ok(());
         }
         let t = std::time::Instant::now();
-        let token = self.spec.token.clone();
+        let (token, tls) = (self.spec.token.clone(), self.spec.tls.clone());
         let reach = Duration::from_secs(1);
-        let tries = self.workers.iter().map(|w| connect(&w.addr, reach, token.as_ref()));
+        let tries = self.workers.iter().map(|w| connect(&w.addr, reach, token.as_ref(), tls.as_ref()));
         let results = futures::future::join_all(tries).await;
         let mut workers = Vec::with_capacity(results.len());
         for (rank, r) in results.into_iter().enumerate() {
             let w = match r {
                 Ok(w) => w,
                 Err(e) => match self.joins.as_ref().and_then(|j| j.replace_with_spare(rank)) {
-                    Some(spare) => connect(&spare, reach, token.as_ref()).await?,
+                    Some(spare) => connect(&spare, reach, token.as_ref(), tls.as_ref()).await?,
                     None => return Err(ClusterError::Unavailable(format!("waiting for rank {rank} to come back ({e})"))),
                 },
             };

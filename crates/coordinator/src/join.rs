@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tpserve_proto::auth::{Admission, CheckToken};
+use tpserve_proto::tls::Tls;
 use tpserve_proto::v1;
 use tracing::{info, warn};
 
@@ -147,16 +148,26 @@ impl tpserve_proto::Coordinator for JoinService {
 }
 
 /// Serves the join service for `registry` on `listener`, admitting callers as `admit`
-/// says, until the process ends (or the returned task is aborted).
-pub fn serve_joins(listener: tokio::net::TcpListener, registry: Arc<JoinRegistry>, admit: Admission) -> tokio::task::JoinHandle<Result<(), ClusterError>> {
-    tokio::spawn(async move {
+/// says, over TLS when `tls` is set, until the process ends (or the returned task is aborted).
+pub fn serve_joins(
+    listener: tokio::net::TcpListener,
+    registry: Arc<JoinRegistry>,
+    admit: Admission,
+    tls: Option<Tls>,
+) -> Result<tokio::task::JoinHandle<Result<(), ClusterError>>, ClusterError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        let cfg = t.server().map_err(ClusterError::Plan)?;
+        builder = builder.tls_config(cfg).map_err(|e| ClusterError::Plan(format!("TLS for the join service: {e}")))?;
+    }
+    Ok(tokio::spawn(async move {
         let service = InterceptedService::new(tpserve_proto::CoordinatorServer::new(JoinService { registry }), CheckToken::new(admit));
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .map_err(|e| ClusterError::Plan(format!("the join service failed: {e}")))
-    })
+    }))
 }
 
 #[cfg(test)]

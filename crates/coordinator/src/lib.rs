@@ -38,3 +38,4 @@ pub use join::JoinRegistry;
 pub use request::{InvalidParam, Limits, OverContext, RequestParams};
 pub use stats::{RankTime, StepStats};
 pub use tpserve_proto::auth::{Admission, ClusterToken};
+pub use tpserve_proto::tls::Tls;

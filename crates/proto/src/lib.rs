@@ -10,6 +10,7 @@ use tpserve_types::step::{LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput
 use tpserve_types::SamplingParams;
 
 pub mod auth;
+pub mod tls;
 
 /// Generated messages and services of package `tpserve.v1`.
 pub mod v1 {

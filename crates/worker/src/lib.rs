@@ -22,9 +22,11 @@ pub use local::LocalShard;
 pub use server::{WorkerConfig, WorkerService};
 pub use shard::{Shard, StepError};
 pub use tpserve_proto::auth::{Admission, ClusterToken};
+pub use tpserve_proto::tls::Tls;
 
-/// Serves `service` on `listener`, admitting callers as `admit` says (every other call is
-/// refused `UNAUTHENTICATED` before it reaches the service), until the Shutdown RPC
+/// Serves `service` on `listener` (over TLS when `tls` is set), admitting callers as
+/// `admit` says (every other call is refused `UNAUTHENTICATED` before it reaches the
+/// service), until the Shutdown RPC
 /// notifies `shutdown` or `stop` completes (in the binary: Ctrl-C, SIGTERM, or stdin
 /// closing with `--exit-with-stdin`), then shuts the server down gracefully. Meanwhile it
 /// watches for a coordinator that went away ([`WorkerService::watch_coordinator`]).
@@ -32,9 +34,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     service: WorkerService,
     admit: Admission,
+    tls: Option<&Tls>,
     shutdown: Arc<Notify>,
     stop: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), String> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t.server()?).map_err(|e| format!("TLS: {e}"))?;
+    }
     let watch = tokio::spawn(service.clone().watch_coordinator());
     let stop = async move {
         tokio::select! {
@@ -51,24 +58,21 @@ pub async fn serve(
         conn
     });
     let server = tpserve_proto::WorkerServer::new(service).max_decoding_message_size(64 << 20);
-    let served = tonic::transport::Server::builder()
-        .add_service(InterceptedService::new(server, CheckToken::new(admit)))
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await;
+    let served = builder.add_service(InterceptedService::new(server, CheckToken::new(admit))).serve_with_incoming_shutdown(incoming, stop).await;
     watch.abort();
-    served
+    served.map_err(|e| e.to_string())
 }
 
 /// Keeps this worker registered with the coordinator at `coordinator`: joins (see
 /// [`join`]), then joins again whenever `service` takes its coordinator for gone, so a
 /// restarted coordinator finds it. Returns only if a coordinator refuses it.
-pub async fn stay_joined(service: WorkerService, coordinator: String, advertise: String, token: Option<ClusterToken>) -> Result<(), String> {
+pub async fn stay_joined(service: WorkerService, coordinator: String, advertise: String, token: Option<ClusterToken>, tls: Option<Tls>) -> Result<(), String> {
     let id = worker_id();
     loop {
         let lost = service.coordinator_lost();
         tokio::pin!(lost);
         tokio::select! {
-            joined = join(&coordinator, &advertise, token.as_ref(), id, Duration::from_secs(3600)) => {
+            joined = join(&coordinator, &advertise, token.as_ref(), tls.as_ref(), id, Duration::from_secs(3600)) => {
                 joined?;
                 tracing::info!(%coordinator, %advertise, "joined the coordinator");
                 lost.await;
@@ -90,15 +94,15 @@ fn worker_id() -> u64 {
 }
 
 /// Registers this worker (reachable at `advertise`, process id `id`) with the coordinator
-/// at `coordinator`, presenting `token`, retrying with back-off until it answers or
-/// `deadline` passes.
-pub async fn join(coordinator: &str, advertise: &str, token: Option<&ClusterToken>, id: u64, deadline: Duration) -> Result<(), String> {
-    let url = if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") };
+/// at `coordinator`, presenting `token` (over TLS when `tls` is set), retrying with
+/// back-off until it answers or `deadline` passes.
+pub async fn join(coordinator: &str, advertise: &str, token: Option<&ClusterToken>, tls: Option<&Tls>, id: u64, deadline: Duration) -> Result<(), String> {
+    let endpoint = tpserve_proto::tls::endpoint(coordinator, tls)?;
     let start = tokio::time::Instant::now();
     let mut wait = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
             let mut c = tpserve_proto::CoordinatorClient::with_interceptor(channel, SendToken::new(token));
             match c.join(v1::JoinRequest { worker_addr: advertise.to_string(), worker_id: id }).await {
                 Ok(r) => Ok(r.into_inner()),
