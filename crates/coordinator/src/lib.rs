@@ -34,5 +34,5 @@ pub use cluster::{Cluster, LoadProgress, RemoteWorker, Timeouts};
 pub use engine::{Engine, EngineConfig, Event, FinishReason, Logprob, Request, Summary};
 pub use error::ClusterError;
 pub use generate::{generate_batch, GenOptions, GenOutput, Timings};
-pub use request::{InvalidParam, Limits, OverContext, RequestParams};
+pub use request::{InvalidParam, Limits, OverContext, RequestParams, MAX_LOGIT_BIAS_ENTRIES};
 pub use stats::{RankTime, StepStats};
