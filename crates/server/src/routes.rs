@@ -286,8 +286,8 @@ async fn chat_completions(State(state): St, headers: HeaderMap, ReadBody(body): 
         messages.push(chat::Message { role, content: m.text(i)? });
     }
     let tok = &state.model.tokenizer;
-    let text = state.model.chat_template.render(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-    let ids = tok.encode(&text, false, true);
+    // The template's own special tokens are special; the messages' contents are plain text.
+    let ids = state.model.chat_template.encode(tok, &messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     if r.top_logprobs.is_some() && !r.logprobs {
         return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true"));
     }
