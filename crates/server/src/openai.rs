@@ -290,6 +290,30 @@ fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Every check a body gets before the engine, short of the tokenizer: the body read as a
+/// completions (`chat == false`) or chat request, its prompt or messages, and the request
+/// builder against `limits`, with the text's bytes standing in for token ids. For the fuzz
+/// target (`fuzz/fuzz_targets/http_request.rs`) and tests: whatever the bytes, an answer,
+/// never a panic.
+pub fn check_body(body: &[u8], chat: bool, limits: tpserve_coordinator::Limits) -> Result<tpserve_coordinator::Request, ApiError> {
+    let (common, ids) = if chat {
+        let r = parse_chat(body)?;
+        let mut ids = vec![1];
+        for (i, m) in r.messages.iter().enumerate() {
+            ids.extend(m.text(i)?.bytes().map(u32::from));
+        }
+        (r.common, ids)
+    } else {
+        let r = parse_completion(body)?;
+        let ids = match r.prompt(limits.vocab)? {
+            Prompt::Ids(ids) => ids,
+            Prompt::Text(t) => t.bytes().map(u32::from).collect(),
+        };
+        (r.common, ids)
+    };
+    Ok(common.params(Some(16))?.build(ids, limits)?)
+}
+
 impl CompletionRequest {
     /// Which of the accepted forms `prompt` has, or a 400 naming `prompt` (or the element
     /// at fault, `prompt[3]`) and what is wrong; token ids must be below `vocab`.

@@ -74,7 +74,9 @@ impl SpecialMatcher {
     }
 
     /// Cuts `text` into plain-text ranges and special tokens. With `parse_special == false`
-    /// only the `always` tokens are recognised.
+    /// only the `always` tokens are recognised (the tests' entry; the tokenizer calls
+    /// [`SpecialMatcher::partition_outside`]).
+    #[cfg(test)]
     pub(crate) fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
         self.partition_outside(text, parse_special, &[])
     }

@@ -121,29 +121,6 @@ fn chat_messages_errors_name_the_message_and_its_field() {
     assert!(e.message.starts_with("the body is not valid JSON"), "{}", e.message);
 }
 
-/// The checks a body goes through before the engine, for [`any_bytes_get_an_answer_and_never_a_panic`]
-/// and the fuzz target: parse, the prompt or messages, the request builder.
-fn check(body: &[u8]) -> Result<(), ApiError> {
-    let r = parse_completion(body)?;
-    let ids = match r.prompt(LIMITS.vocab)? {
-        Prompt::Ids(ids) => ids,
-        Prompt::Text(t) => t.bytes().map(u32::from).collect(),
-    };
-    r.common.params(Some(16))?.build(ids, LIMITS)?;
-    Ok(())
-}
-
-fn check_chat(body: &[u8]) -> Result<(), ApiError> {
-    let r = parse_chat(body)?;
-    let mut ids = Vec::new();
-    for (i, m) in r.messages.iter().enumerate() {
-        ids.extend(m.text(i)?.bytes().map(u32::from));
-    }
-    ids.push(1);
-    r.common.params(None)?.build(ids, LIMITS)?;
-    Ok(())
-}
-
 /// A small xorshift generator: the same seed gives the same inputs on every run.
 struct Rng(u64);
 
@@ -186,7 +163,7 @@ fn any_bytes_get_an_answer_and_never_a_panic() {
                 _ => body.truncate(at),
             }
         }
-        for r in [check(&body), check_chat(&body)] {
+        for r in [check_body(&body, false, LIMITS).map(drop), check_body(&body, true, LIMITS).map(drop)] {
             match r {
                 Ok(()) => ok += 1,
                 Err(e) => {
