@@ -61,7 +61,7 @@ fn invalid_requests_get_the_right_status_and_an_openai_error_body_and_disturb_no
     let long = "abc".repeat(200);
     let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
         ("/v1/completions", "{\"prompt\": ".into(), 400, None),
-        ("/v1/completions", json!({"prompt": "a", "max_tokens": "many"}).to_string(), 400, None),
+        ("/v1/completions", json!({"prompt": "a", "max_tokens": "many"}).to_string(), 400, Some("max_tokens")),
         ("/v1/completions", json!({"prompt": 5}).to_string(), 400, Some("prompt")),
         ("/v1/completions", json!({"prompt": "a", "model": "gpt-9"}).to_string(), 404, Some("model")),
         ("/v1/completions", json!({"prompt": ""}).to_string(), 400, Some("prompt")),
@@ -77,9 +77,9 @@ fn invalid_requests_get_the_right_status_and_an_openai_error_body_and_disturb_no
         ("/v1/completions", json!({"prompt": "a", "n": 2}).to_string(), 400, Some("n")),
         ("/v1/completions", json!({"prompt": "a", "logprobs": 50}).to_string(), 400, Some("logprobs")),
         ("/v1/completions", json!({"prompt": "a", "presence_penalty": 3}).to_string(), 400, Some("presence_penalty")),
-        ("/v1/completions", json!({"prompt": [7, 99999999]}).to_string(), 400, Some("prompt")),
+        ("/v1/completions", json!({"prompt": [7, 99999999]}).to_string(), 400, Some("prompt[1]")),
         ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "hi"}]}).to_string(), 400, Some("messages")),
+        ("/v1/chat/completions", json!({"messages": [{"role": "robot", "content": "hi"}]}).to_string(), 400, Some("messages[0].role")),
         (
             "/v1/chat/completions",
             json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}).to_string(),

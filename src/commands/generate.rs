@@ -154,8 +154,8 @@ fn prompt_ids(args: &GenerateArgs, loaded: &Loaded, prompt: String) -> Result<Ve
         messages.push(Message { role: "system".into(), content: s.clone() });
     }
     messages.push(Message { role: "user".into(), content: prompt });
-    let text = template.render(&messages, true)?;
-    Ok(tok.encode(&text, false, true))
+    // As the server does: special tokens only from the template, the prompt as plain text.
+    Ok(template.encode(tok, &messages, true)?)
 }
 
 /// Prints the result: the JSON object with --json, else the timings line (the text was

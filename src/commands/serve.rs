@@ -22,9 +22,25 @@ pub struct ServeArgs {
     /// Port to serve HTTP on (0: any free port; the URL is printed).
     #[arg(long, default_value_t = 8000, env = "TPSERVE_PORT")]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1/*.
+    /// Require `Authorization: Bearer KEY` on /v1/* (/health, /ready stay open, and /metrics
+    /// unless --metrics-api-key is set).
     #[arg(long, env = "TPSERVE_API_KEY")]
     pub api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /metrics (the scraper's key; without it
+    /// /metrics is open).
+    #[arg(long, env = "TPSERVE_METRICS_API_KEY")]
+    pub metrics_api_key: Option<String>,
+    /// Seconds an idle keep-alive connection, one still sending its request headers, or one
+    /// whose client reads none of its answer stays open. Streams that produce tokens are
+    /// never cut.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), env = "TPSERVE_HTTP_TIMEOUT_SECS")]
+    pub http_timeout_secs: u64,
+    /// Seconds a request body has to arrive after its headers, else a 408.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), env = "TPSERVE_HTTP_BODY_TIMEOUT_SECS")]
+    pub http_body_timeout_secs: u64,
+    /// HTTP connections served at once; one more is answered 503 (Retry-After: 1) and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..), env = "TPSERVE_MAX_CONNECTIONS")]
+    pub max_connections: u64,
     /// The model id clients send (default: the model file's name without .gguf).
     #[arg(long, env = "TPSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -65,6 +81,10 @@ pub async fn serve_http<B: Backend>(
     let model = tpserve_server::ServedModel { name: name.clone(), tokenizer: tok, chat_template, context_len: cfg.context_len, vocab: cfg.vocab };
     let opts = tpserve_server::ServerOptions {
         api_key: args.api_key.clone(),
+        metrics_api_key: args.metrics_api_key.clone(),
+        idle_timeout: std::time::Duration::from_secs(args.http_timeout_secs),
+        body_timeout: std::time::Duration::from_secs(args.http_body_timeout_secs),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         drain_for: std::time::Duration::from_secs(args.drain_secs),
         recovery_wait: std::time::Duration::from_secs(args.recovery_wait_secs),
         ..Default::default()

@@ -35,7 +35,7 @@ pub use engine::{Engine, EngineConfig, Event, FinishReason, Logprob, Request, Su
 pub use error::ClusterError;
 pub use generate::{generate_batch, GenOptions, GenOutput, Timings};
 pub use join::JoinRegistry;
-pub use request::{InvalidParam, Limits, OverContext, RequestParams};
+pub use request::{InvalidParam, Limits, OverContext, RequestParams, MAX_LOGIT_BIAS_ENTRIES};
 pub use stats::{RankTime, StepStats};
 pub use tpserve_proto::auth::{Admission, ClusterToken};
 pub use tpserve_proto::tls::Tls;

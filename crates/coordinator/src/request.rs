@@ -5,7 +5,7 @@
 //! turn their own syntax into [`RequestParams`] and the error into theirs (an OpenAI error
 //! body, a message naming the flag).
 
-use tpserve_types::sampling::Penalties;
+use tpserve_types::sampling::{Penalties, MAX_LOGIT_BIAS};
 use tpserve_types::{SamplingParams, TokenId};
 
 use crate::engine::Request;
@@ -115,7 +115,13 @@ pub struct RequestParams {
     pub logprobs_param: Option<&'static str>,
     /// Log-probabilities of the prompt tokens from this index on (`echo`, perplexity).
     pub prompt_logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: (token id, bias) pairs; ids must be in the vocabulary, biases
+    /// in [-100, 100], at most [`MAX_LOGIT_BIAS_ENTRIES`] of them.
+    pub logit_bias: Vec<(i64, f32)>,
 }
+
+/// The most `logit_bias` entries a request may give (each travels to every worker).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
 
 /// A seed that differs from request to request.
 pub fn fresh_seed() -> u64 {
@@ -150,6 +156,7 @@ impl RequestParams {
             ignore_eos: self.ignore_eos,
             logprobs: c.logprobs,
             prompt_logprobs: self.prompt_logprobs,
+            logit_bias: self.logit_bias(limits)?,
         })
     }
 
@@ -189,6 +196,29 @@ impl RequestParams {
         };
         let sampling = SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or_else(fresh_seed) };
         Ok(Checked { sampling, penalties, logprobs })
+    }
+
+    /// The `logit_bias` entries checked against the vocabulary.
+    fn logit_bias(&self, limits: Limits) -> Result<tpserve_types::LogitBias, InvalidParam> {
+        if self.logit_bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+            return Err(InvalidParam::new(
+                "logit_bias",
+                format!("{{{} entries}}", self.logit_bias.len()),
+                format!("at most {MAX_LOGIT_BIAS_ENTRIES} token ids may be biased"),
+            ));
+        }
+        let mut out = Vec::with_capacity(self.logit_bias.len());
+        for &(id, bias) in &self.logit_bias {
+            let max = limits.vocab.saturating_sub(1);
+            let Some(id) = u32::try_from(id).ok().filter(|&i| (i as usize) < limits.vocab) else {
+                return Err(InvalidParam::new("logit_bias", format!("{{\"{id}\": {bias}}}"), format!("token ids are integers from 0 to {max}")));
+            };
+            if !(bias.is_finite() && (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias)) {
+                return Err(InvalidParam::new("logit_bias", format!("{{\"{id}\": {bias}}}"), "biases must be numbers from -100 to 100"));
+            }
+            out.push((id, bias));
+        }
+        Ok(tpserve_types::LogitBias::new(out))
     }
 
     /// The prompt checked against the model, and how many tokens may follow it.

@@ -5,7 +5,7 @@
 
 use tpserve_types::kv::{KvGroup, KvLayout};
 use tpserve_types::plan::{RankShard, TpRank};
-use tpserve_types::sampling::{Candidates, Penalties};
+use tpserve_types::sampling::{Candidates, LogitBias, Penalties, MAX_LOGIT_BIAS};
 use tpserve_types::step::{LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput, StepPlan};
 use tpserve_types::SamplingParams;
 
@@ -112,6 +112,7 @@ impl From<&SeqStart> for v1::SeqStart {
             prompt_len: s.prompt_len as u32,
             presence_penalty: s.penalties.presence,
             frequency_penalty: s.penalties.frequency,
+            logit_bias: s.logit_bias.entries().iter().map(|&(token, bias)| v1::TokenBias { token, bias }).collect(),
         }
     }
 }
@@ -126,7 +127,11 @@ impl TryFrom<v1::SeqStart> for SeqStart {
         if !(penalties.presence.is_finite() && penalties.frequency.is_finite()) {
             return Err(wire("SeqStart.presence_penalty", "penalties must be finite numbers"));
         }
-        Ok(SeqStart { sampling, penalties, prompt_len: s.prompt_len as usize })
+        if let Some(b) = s.logit_bias.iter().find(|b| !(b.bias.is_finite() && (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b.bias))) {
+            return Err(wire("SeqStart.logit_bias", format!("token {}: bias {} is not a number from -100 to 100", b.token, b.bias)));
+        }
+        let logit_bias = LogitBias::new(s.logit_bias.iter().map(|b| (b.token, b.bias)));
+        Ok(SeqStart { sampling, penalties, prompt_len: s.prompt_len as usize, logit_bias })
     }
 }
 
@@ -286,6 +291,7 @@ mod tests {
                         sampling: SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 3 },
                         penalties: Penalties { presence: 0.5, frequency: -0.25 },
                         prompt_len: 3,
+                        logit_bias: LogitBias::new([(7, -100.0), (2, 12.5)]),
                     }),
                     sample_step: 0,
                     logprobs: 2,
@@ -334,6 +340,9 @@ mod tests {
         let bad = v1::SeqWork { start: Some(start), ..Default::default() };
         let e = SeqWork::try_from(bad).unwrap_err();
         assert!(e.to_string().contains("temperature"), "{e}");
+        let sampling = Some(v1::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 });
+        let start = v1::SeqStart { sampling, logit_bias: vec![v1::TokenBias { token: 3, bias: f32::NAN }], ..Default::default() };
+        assert_eq!(SeqStart::try_from(start).unwrap_err().field, "SeqStart.logit_bias");
         let bad = v1::Candidates { ids: vec![1, 2], logits: vec![0.5], ..Default::default() };
         assert_eq!(Candidates::try_from(bad).unwrap_err().field, "Candidates.logits");
     }

@@ -1,5 +1,7 @@
 //! OpenAI-style errors: an HTTP status and `{"error": {"message", "type", "param", "code"}}`.
 
+use std::borrow::Cow;
+
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,8 +22,8 @@ pub struct ErrorDetail<'a> {
     /// `invalid_request_error`, `rate_limit_exceeded`, `server_error`.
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// The request parameter concerned, when one is.
-    pub param: Option<&'static str>,
+    /// The request parameter concerned, when one is (a path: `messages[1].content`).
+    pub param: Option<&'a str>,
     /// A machine-readable code (`context_length_exceeded`, `model_not_found`).
     pub code: Option<&'static str>,
 }
@@ -36,8 +38,9 @@ pub struct ApiError {
     pub message: String,
     /// The body's `type`: `invalid_request_error`, `rate_limit_exceeded` or `server_error`.
     pub kind: &'static str,
-    /// The body's `param`: the request field at fault, when one is.
-    pub param: Option<&'static str>,
+    /// The body's `param`: the request field at fault, when one is (its path in the body,
+    /// `messages[1].content`, `prompt[0]`).
+    pub param: Option<Cow<'static, str>>,
     /// The body's `code`, for programs (`context_length_exceeded`, `model_not_found`).
     pub code: Option<&'static str>,
 }
@@ -45,7 +48,28 @@ pub struct ApiError {
 impl ApiError {
     /// 400: the request is wrong; `param` names the field.
     pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param, code: None }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: param.map(Cow::Borrowed), code: None }
+    }
+
+    /// 400 naming a parameter by its path in the body (`messages[2].content`).
+    pub fn invalid_at(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Self { param: Some(param.into()), ..Self::invalid(None, message) }
+    }
+
+    /// 408: the request body did not arrive within `limit`; the connection is closed.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {} s", limit.as_secs_f64()),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }
+    }
+
+    /// 431: the request's headers are over the server's limit (`what` says which limit).
+    pub fn headers_too_large(what: String) -> Self {
+        Self { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, message: what, kind: "invalid_request_error", param: None, code: None }
     }
 
     /// The same error with the machine-readable `code` set.
@@ -60,12 +84,13 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("The model `{model}` does not exist."),
             kind: "invalid_request_error",
-            param: Some("model"),
+            param: Some(Cow::Borrowed("model")),
             code: Some("model_not_found"),
         }
     }
 
-    /// 401: the API key is missing or wrong (only when the server has one).
+    /// 401: the API key is missing or wrong (only when the server has one); answered with
+    /// `WWW-Authenticate: Bearer`.
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -116,7 +141,7 @@ impl ApiError {
 
     /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn body(&self) -> ErrorBody<'_> {
-        ErrorBody { error: ErrorDetail { message: &self.message, kind: self.kind, param: self.param, code: self.code } }
+        ErrorBody { error: ErrorDetail { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code } }
     }
 }
 
@@ -134,8 +159,18 @@ impl From<tpserve_coordinator::InvalidParam> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match self.status {
+            StatusCode::TOO_MANY_REQUESTS => {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body or of the headers may still be on the way: start afresh.
+            StatusCode::REQUEST_TIMEOUT | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         // Loading, recovering or draining: a client (or a load balancer) should come back
         // in a few seconds, or try another replica.

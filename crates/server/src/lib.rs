@@ -11,6 +11,7 @@
 //! client never holds up a step, and a dropped receiver cancels its request.
 
 mod error;
+mod listen;
 pub mod openai;
 pub mod response;
 mod routes;
@@ -46,8 +47,21 @@ pub struct ServedModel {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// When set, every `/v1/*` request must send `Authorization: Bearer <key>` or get a
-    /// 401; `/health`, `/ready` and `/metrics` stay open.
+    /// 401; `/health` and `/ready` stay open (probes), and so does `/metrics` unless
+    /// [`ServerOptions::metrics_api_key`] is set.
     pub api_key: Option<String>,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <key>` (a scraper's key, apart
+    /// from the clients'); unset, it is open.
+    pub metrics_api_key: Option<String>,
+    /// An idle keep-alive connection, one whose request headers are not all there, and one
+    /// whose client reads none of its answer are closed after this. Streams that produce
+    /// tokens are never cut.
+    pub idle_timeout: Duration,
+    /// A request body must arrive within this of its headers, else a 408 and the
+    /// connection is closed.
+    pub body_timeout: Duration,
+    /// Connections served at once; one more is answered 503 with `Retry-After` and closed.
+    pub max_connections: usize,
     /// When idle, a probe step goes to every worker this often.
     pub probe_every: Duration,
     /// Ready only if a step or probe succeeded within this.
@@ -63,6 +77,10 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             api_key: None,
+            metrics_api_key: None,
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1024,
             probe_every: Duration::from_secs(1),
             ready_within: Duration::from_secs(10),
             drain_for: Duration::from_secs(30),
@@ -152,6 +170,10 @@ fn prometheus() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     tpserve_coordinator::metrics::describe_metrics();
+    metrics::describe_counter!(
+        "tpserve_http_connections_refused_total",
+        "HTTP connections answered 503 and closed because --max-connections were being served."
+    );
     metrics::describe_gauge!(
         "tpserve_ready",
         "1 while GET /ready answers 200 (every worker loaded and answering, not draining), else 0; set when /ready is asked."
@@ -202,7 +224,8 @@ pub async fn serve<B: Backend>(
         }
         let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
     };
-    let http = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let limits = listen::HttpLimits { idle: opts.idle_timeout, max_connections: opts.max_connections.max(1) };
+    let http = listen::serve(listener, app, limits, graceful);
     let engine = async {
         let backend = load.await?;
         let (ready_tx, ready_rx) = oneshot::channel();

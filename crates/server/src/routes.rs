@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,7 +23,7 @@ use tpserve_coordinator::{Event, Logprob, Summary};
 use tpserve_tokenizer::chat;
 
 use crate::error::ApiError;
-use crate::openai::{ChatRequest, CompletionRequest, Prompt, Sampling};
+use crate::openai::{self, Prompt, Sampling};
 use crate::response::{
     AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatLogprobs, ChunkUsage, Completion, CompletionChoice, CompletionLogprobs,
     Delta, Head, ModelCard, ModelList, TokenLogprob, TopLogprob, Usage, LOGPROB_FLOOR,
@@ -35,8 +35,43 @@ type St = State<Arc<AppState>>;
 /// The largest request body read, in bytes (axum's default, stated so that the 413 can say it).
 pub(crate) const MAX_BODY_BYTES: usize = 2 << 20;
 
-/// A request body, or why it could not be read.
-type Body = Result<Bytes, BytesRejection>;
+/// The largest request head (the request line and headers) we answer, in bytes; over it,
+/// a 431 with an error body. (Heads past the accept loop's buffer get hyper's bare 431.)
+pub(crate) const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// The most request headers we answer; over it, a 431.
+const MAX_HEADERS: usize = 100;
+
+/// A request body read within [`crate::ServerOptions::body_timeout`], or the error to answer
+/// (413 over [`MAX_BODY_BYTES`], 408 when it did not arrive in time).
+struct ReadBody(Result<Bytes, ApiError>);
+
+impl FromRequest<Arc<AppState>> for ReadBody {
+    type Rejection = Infallible;
+
+    async fn from_request(req: axum::extract::Request, state: &Arc<AppState>) -> Result<Self, Infallible> {
+        let limit = state.opts.body_timeout;
+        let body = match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(e)) => Err(ApiError::unreadable_body(&e, MAX_BODY_BYTES)),
+            Err(_) => Err(ApiError::body_timeout(limit)),
+        };
+        Ok(Self(body))
+    }
+}
+
+/// Answers 431 with an error body to a request whose head is over our limits.
+async fn check_head(req: axum::extract::Request, next: Next) -> Response {
+    let h = req.headers();
+    let bytes = req.uri().to_string().len() + h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+    if h.len() > MAX_HEADERS {
+        return ApiError::headers_too_large(format!("the request has {} headers; the limit is {MAX_HEADERS}", h.len())).into_response();
+    }
+    if bytes > MAX_HEADER_BYTES {
+        return ApiError::headers_too_large(format!("the request's headers are {bytes} bytes; the limit is {MAX_HEADER_BYTES}")).into_response();
+    }
+    next.run(req).await
+}
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -50,6 +85,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { ApiError::method_not_allowed(&method, uri.path()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(check_head))
         .with_state(state)
 }
 
@@ -57,14 +93,29 @@ fn now_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &state.opts.api_key else { return Ok(()) };
-    let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized())
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+}
+
+/// Whether `a` equals `b`, in a time that does not depend on where they differ.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Ok when `key` is unset or the request carries it as a Bearer token, else a 401.
+fn require(key: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = key else { return Ok(()) };
+    match bearer(headers) {
+        Some(given) if same_key(given.as_bytes(), key.as_bytes()) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
     }
+}
+
+fn auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    require(state.opts.api_key.as_deref(), headers)
 }
 
 async fn ready(State(state): St) -> Response {
@@ -85,9 +136,10 @@ async fn ready(State(state): St) -> Response {
     (code, Json(json!({ "ready": code == StatusCode::OK, "reason": why }))).into_response()
 }
 
-async fn metrics(State(state): St) -> Response {
+async fn metrics(State(state): St, headers: HeaderMap) -> Result<Response, ApiError> {
+    require(state.opts.metrics_api_key.as_deref(), &headers)?;
     state.prometheus.run_upkeep();
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response())
 }
 
 fn model_card(state: &AppState) -> ModelCard {
@@ -105,14 +157,6 @@ async fn model(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> 
         return Err(ApiError::model_not_found(&id));
     }
     Ok(Json(model_card(&state)))
-}
-
-fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::unreadable_body(&e, MAX_BODY_BYTES))?;
-    serde_json::from_slice(&body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() { "the body is not valid JSON" } else { "the request does not have the expected fields" };
-        ApiError::invalid(None, format!("{what}: {e}"))
-    })
 }
 
 fn check_model(state: &AppState, c: &Sampling) -> Result<(), ApiError> {
@@ -184,18 +228,15 @@ async fn collect(mut rx: UnboundedReceiver<Event>, mut on_event: impl FnMut(Even
     Err(ApiError::unavailable("the engine stopped before the request finished"))
 }
 
-async fn completions(State(state): St, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn completions(State(state): St, headers: HeaderMap, ReadBody(body): ReadBody) -> Result<Response, ApiError> {
     auth(&state, &headers)?;
-    let r: CompletionRequest = parse(body)?;
+    let r = openai::parse_completion(&body?)?;
     check_model(&state, &r.common)?;
     let tok = &state.model.tokenizer;
-    let (ids, text) = match r.prompt()? {
+    let (ids, text) = match r.prompt(state.limits.vocab)? {
         Prompt::Text(t) => (tok.encode(&t, true, true), t),
-        Prompt::Ids(ids) => {
-            // Ids outside the vocabulary are refused by the request builder below.
-            let t = if ids.iter().all(|&i| (i as usize) < state.limits.vocab) { tok.decode(&ids) } else { String::new() };
-            (ids, t)
-        }
+        // Every id is in the vocabulary (checked by `prompt`).
+        Prompt::Ids(ids) => (ids.clone(), tok.decode(&ids)),
     };
     if text.is_empty() && !ids.iter().any(|&i| Some(i) != tok.bos_id()) {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
@@ -226,24 +267,27 @@ async fn completions(State(state): St, headers: HeaderMap, body: Body) -> Result
     Ok(Json(Completion { head, choices: vec![choice], usage: ChunkUsage::Usage(Usage::from(&s)) }).into_response())
 }
 
-async fn chat_completions(State(state): St, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn chat_completions(State(state): St, headers: HeaderMap, ReadBody(body): ReadBody) -> Result<Response, ApiError> {
     auth(&state, &headers)?;
-    let r: ChatRequest = parse(body)?;
+    let r = openai::parse_chat(&body?)?;
     check_model(&state, &r.common)?;
     if r.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages is empty"));
     }
     let mut messages = Vec::with_capacity(r.messages.len());
-    for m in &r.messages {
+    for (i, m) in r.messages.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-            return Err(ApiError::invalid(Some("messages"), format!("unknown role {:?} (system, user or assistant)", m.role)));
+            return Err(ApiError::invalid_at(
+                format!("messages[{i}].role"),
+                format!("messages[{i}].role is {:?}: the roles are system, developer, user and assistant", m.role),
+            ));
         }
         let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-        messages.push(chat::Message { role, content: m.text()? });
+        messages.push(chat::Message { role, content: m.text(i)? });
     }
     let tok = &state.model.tokenizer;
-    let text = state.model.chat_template.render(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-    let ids = tok.encode(&text, false, true);
+    // The template's own special tokens are special; the messages' contents are plain text.
+    let ids = state.model.chat_template.encode(tok, &messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
     if r.top_logprobs.is_some() && !r.logprobs {
         return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true"));
     }

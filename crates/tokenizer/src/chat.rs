@@ -62,6 +62,11 @@ const LLAMA2_TEMPLATE: &str = "\
 {%- endif -%}\
 {%- endfor -%}";
 
+/// Marks the start of a message's content while rendering (a private-use character).
+const OPEN: char = '\u{E000}';
+/// Marks the end of a message's content while rendering.
+const CLOSE: char = '\u{E001}';
+
 /// A model's chat template, compiled once, with the BOS and EOS texts it writes.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
@@ -110,8 +115,13 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` into the prompt text (special tokens spelled out, BOS included when
-    /// the template writes it, so tokenize it with `add_bos = false, parse_special = true`).
+    /// the template writes it). For the model, use [`ChatTemplate::encode`], which does not
+    /// read special tokens in the messages' contents.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
+        self.render_with(messages, add_generation_prompt)
+    }
+
+    fn render_with(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
         let tmpl = self.env.get_template("chat").map_err(|e| ChatError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -120,6 +130,60 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
         })
         .map_err(|e| ChatError::Template(e.to_string()))
+    }
+
+    /// Renders `messages` and returns the text with the byte ranges that came from the
+    /// messages' contents (sorted, disjoint). Each content is rendered between two private-use
+    /// marker characters placed inside its surrounding whitespace, so a template's `trim`
+    /// acts as on the content alone; the markers are then taken out, and marker characters a
+    /// client wrote in a message are dropped from it.
+    pub fn render_spans(&self, messages: &[Message], add_generation_prompt: bool) -> Result<(String, Vec<std::ops::Range<usize>>), ChatError> {
+        let marked: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                let c: String = m.content.chars().filter(|&ch| ch != OPEN && ch != CLOSE).collect();
+                let core = c.trim();
+                let content = if core.is_empty() {
+                    c.clone()
+                } else {
+                    let lead = &c[..c.len() - c.trim_start().len()];
+                    let trail = &c[c.trim_end().len()..];
+                    format!("{lead}{OPEN}{core}{CLOSE}{trail}")
+                };
+                Message { role: m.role.clone(), content }
+            })
+            .collect();
+        let rendered = self.render_with(&marked, add_generation_prompt)?;
+        let mut text = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        let mut open: Option<usize> = None;
+        for ch in rendered.chars() {
+            match ch {
+                OPEN => open = open.or(Some(text.len())),
+                CLOSE => {
+                    if let Some(start) = open.take() {
+                        if start < text.len() {
+                            spans.push(start..text.len());
+                        }
+                    }
+                }
+                _ => text.push(ch),
+            }
+        }
+        // A content the template cut short of its end marker is plain to the end.
+        if let Some(start) = open.filter(|&s| s < text.len()) {
+            spans.push(start..text.len());
+        }
+        Ok((text, spans))
+    }
+
+    /// The prompt token ids of `messages`: the rendered template tokenized with `tok`, the
+    /// template's own special tokens (`<start_of_turn>`, BOS) as their ids and the
+    /// messages' contents as plain text, so a client cannot forge turn boundaries by writing
+    /// `<end_of_turn>` in a message (as hosted APIs do). BOS comes from the template.
+    pub fn encode(&self, tok: &Tokenizer, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>, ChatError> {
+        let (text, spans) = self.render_spans(messages, add_generation_prompt)?;
+        Ok(tok.encode_with_plain(&text, false, &spans))
     }
 }
 

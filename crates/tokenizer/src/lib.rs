@@ -367,13 +367,26 @@ impl Tokenizer {
     /// With `parse_special`, control tokens spelled in the text (`<start_of_turn>`, `<bos>`)
     /// become their ids; user-defined tokens (Gemma's "\n") are matched either way.
     pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Vec<u32> {
+        self.encode_outside(text, add_bos, parse_special, &[])
+    }
+
+    /// [`Tokenizer::encode`] with special tokens parsed except where they overlap one of the
+    /// sorted, disjoint byte ranges `plain` of `text`, which are read as plain text (as with
+    /// `parse_special = false`). The text is otherwise tokenized as one, so a `text` whose
+    /// plain ranges hold no special token gives exactly `encode(text, add_bos, true)`. For
+    /// chat prompts: the template's own tokens are special, the messages' contents are not.
+    pub fn encode_with_plain(&self, text: &str, add_bos: bool, plain: &[std::ops::Range<usize>]) -> Vec<u32> {
+        self.encode_outside(text, add_bos, true, plain)
+    }
+
+    fn encode_outside(&self, text: &str, add_bos: bool, parse_special: bool, plain: &[std::ops::Range<usize>]) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_bos && self.add_bos {
             if let Some(bos) = self.bos {
                 out.push(bos);
             }
         }
-        let fragments = self.special.partition(text, parse_special);
+        let fragments = self.special.partition_outside(text, parse_special, plain);
         match &self.algo {
             Algorithm::Spm { add_space_prefix, byte_tokens } => {
                 let vocab = spm::SpmVocab { piece_to_id: &self.piece_to_id, scores: &self.scores, byte_tokens, unk: self.unk };

@@ -74,9 +74,23 @@ impl SpecialMatcher {
     }
 
     /// Cuts `text` into plain-text ranges and special tokens. With `parse_special == false`
-    /// only the `always` tokens are recognised.
+    /// only the `always` tokens are recognised (the tests' entry; the tokenizer calls
+    /// [`SpecialMatcher::partition_outside`]).
+    #[cfg(test)]
     pub(crate) fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        self.partition_outside(text, parse_special, &[])
+    }
+
+    /// As [`SpecialMatcher::partition`], but an occurrence that overlaps any of the sorted,
+    /// disjoint byte ranges `plain` is text (only the `always` tokens are recognised there):
+    /// chat message contents inside a rendered template.
+    pub(crate) fn partition_outside(&self, text: &str, parse_special: bool, plain: &[Range<usize>]) -> Vec<Fragment> {
         let bytes = text.as_bytes();
+        // Whether start..end overlaps a plain range.
+        let in_plain = |start: usize, end: usize| {
+            let i = plain.partition_point(|r| r.end <= start);
+            plain.get(i).is_some_and(|r| r.start < end)
+        };
         if bytes.is_empty() {
             return Vec::new();
         }
@@ -91,7 +105,8 @@ impl SpecialMatcher {
                         Err(_) => break,
                     }
                     if let Some(rank) = self.terminal[node] {
-                        if parse_special || self.entries[rank as usize].always {
+                        let e = &self.entries[rank as usize];
+                        if e.always || (parse_special && !in_plain(start, start + e.len)) {
                             occ.push((rank, start));
                         }
                     }

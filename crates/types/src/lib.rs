@@ -7,7 +7,7 @@ pub mod plan;
 pub mod sampling;
 pub mod step;
 
-pub use sampling::{SamplingError, SamplingParams};
+pub use sampling::{LogitBias, SamplingError, SamplingParams};
 
 /// A token id in the model's vocabulary.
 pub type TokenId = u32;

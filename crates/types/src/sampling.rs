@@ -61,6 +61,55 @@ impl Penalties {
     }
 }
 
+/// OpenAI's `logit_bias`: per token id, a bias in [-[`MAX_LOGIT_BIAS`], [`MAX_LOGIT_BIAS`]]
+/// added to its logit before sampling (after the penalties). Each rank adds the biases of
+/// the ids in its vocabulary slice, so tp = 1 and tp = N pick the same tokens. Sorted by id,
+/// one entry per id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogitBias(Vec<(TokenId, f32)>);
+
+/// The largest bias magnitude (OpenAI's): +100 makes a token all but certain, -100 bans it.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+impl LogitBias {
+    /// The biases of `entries` sorted by id; an id given twice keeps its last bias. Checks
+    /// nothing: the request builder and the wire conversion check ids and ranges.
+    pub fn new(entries: impl IntoIterator<Item = (TokenId, f32)>) -> Self {
+        let mut v: Vec<(TokenId, f32)> = entries.into_iter().collect();
+        // Stable, so of equal ids the last given ends last; keep that one.
+        v.sort_by_key(|&(id, _)| id);
+        let mut out: Vec<(TokenId, f32)> = Vec::with_capacity(v.len());
+        for (id, b) in v {
+            match out.last_mut() {
+                Some(last) if last.0 == id => last.1 = b,
+                _ => out.push((id, b)),
+            }
+        }
+        Self(out)
+    }
+
+    /// The (id, bias) pairs, by increasing id.
+    pub fn entries(&self) -> &[(TokenId, f32)] {
+        &self.0
+    }
+
+    /// Whether there are no biases, so [`LogitBias::apply`] changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds the biases of the ids in `offset..offset + logits.len()` to `logits`.
+    pub fn apply(&self, logits: &mut [f32], offset: TokenId) {
+        let start = self.0.partition_point(|&(id, _)| id < offset);
+        for &(id, b) in &self.0[start..] {
+            match logits.get_mut((id - offset) as usize) {
+                Some(l) => *l += b,
+                None => break,
+            }
+        }
+    }
+}
+
 /// A sampling parameter outside its domain.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SamplingError {
@@ -471,5 +520,25 @@ mod tests {
         assert_eq!(p.validate(), Err(SamplingError::Temperature(-1.0)));
         let p = SamplingParams { top_p: 0.0, ..Default::default() };
         assert_eq!(p.validate(), Err(SamplingError::TopP(0.0)));
+    }
+
+    #[test]
+    fn logit_bias_adds_to_the_ids_of_each_slice_and_the_merged_pick_equals_the_whole() {
+        let bias = LogitBias::new([(40, 3.0), (5, -100.0), (33, 100.0), (5, -50.0)]);
+        assert_eq!(bias.entries(), &[(5, -50.0), (33, 100.0), (40, 3.0)], "sorted, the last of a repeated id kept");
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let mut whole = logits.clone();
+        bias.apply(&mut whole, 0);
+        assert_eq!(whole[33], logits[33] + 100.0);
+        assert_eq!(whole[5], logits[5] - 50.0);
+        assert_eq!(whole[40], logits[40] + 3.0);
+        assert_eq!(whole.iter().zip(&logits).filter(|(a, b)| a != b).count(), 3);
+        let mut parts = [logits[..32].to_vec(), logits[32..].to_vec()];
+        bias.apply(&mut parts[0], 0);
+        bias.apply(&mut parts[1], 32);
+        assert_eq!([&parts[0][..], &parts[1][..]].concat(), whole);
+        let p = SamplingParams::default();
+        let c = Candidates::merge([Candidates::from_logits(&parts[0], 0, &p, 0, 1), Candidates::from_logits(&parts[1], 32, &p, 0, 1)], 1);
+        assert_eq!(c.pick(&p, 0), 33, "+100 forces the token under greedy");
     }
 }

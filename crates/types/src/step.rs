@@ -53,7 +53,7 @@ pub struct SeqWork {
 }
 
 /// What a worker keeps about a sequence, sent once on the step that starts it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeqStart {
     /// How its tokens are sampled (the noise of every rank's candidates).
     pub sampling: SamplingParams,
@@ -61,6 +61,9 @@ pub struct SeqStart {
     pub penalties: Penalties,
     /// Prompt tokens: later tokens count for the penalties.
     pub prompt_len: usize,
+    /// OpenAI's `logit_bias`, added on the workers to their vocabulary slice after the
+    /// penalties.
+    pub logit_bias: crate::sampling::LogitBias,
 }
 
 impl SeqWork {

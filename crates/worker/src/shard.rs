@@ -151,7 +151,7 @@ impl Shard {
             let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
                 tables: vec![Vec::new(); groups],
                 len: 0,
-                start: w.start.expect("checked: new sequences carry their start"),
+                start: w.start.clone().expect("checked: new sequences carry their start"),
                 counts: HashMap::new(),
             });
             for (t, new) in st.tables.iter_mut().zip(&w.blocks) {
@@ -209,6 +209,7 @@ impl Shard {
                     .enumerate()
                     .map(|(i, row)| {
                         st.start.penalties.apply(row, vocab_start, &st.counts);
+                        st.start.logit_bias.apply(row, vocab_start);
                         let c = Candidates::from_logits(row, vocab_start, &st.start.sampling, w.sample_step, w.logprobs);
                         match w.targets.get(i) {
                             Some(&t) => c.with_target(row, vocab_start, t),
@@ -286,7 +287,12 @@ mod tests {
             tokens,
             start_pos,
             logits: LogitsWanted::Last,
-            start: (start_pos == 0).then(|| SeqStart { sampling: SamplingParams::default(), penalties: Penalties::default(), prompt_len: 0 }),
+            start: (start_pos == 0).then(|| SeqStart {
+                sampling: SamplingParams::default(),
+                penalties: Penalties::default(),
+                prompt_len: 0,
+                logit_bias: Default::default(),
+            }),
             sample_step: 0,
             logprobs: 0,
             blocks: vec![blocks.clone(), blocks],

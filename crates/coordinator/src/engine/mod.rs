@@ -34,6 +34,8 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Presence and frequency penalties on generated tokens.
     pub penalties: Penalties,
+    /// OpenAI's `logit_bias`, added to the logits on the workers.
+    pub logit_bias: tpserve_types::LogitBias,
     /// Generation stops before the first occurrence of any of these strings.
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens.
@@ -431,6 +433,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             sampling: req.map(|r| r.sampling).unwrap_or_default(),
             penalties: req.map(|r| r.penalties).unwrap_or_default(),
             prompt_len: s.prompt_len,
+            logit_bias: req.map(|r| r.logit_bias.clone()).unwrap_or_default(),
         });
         SeqWork {
             seq_id: s.seq_id,
