@@ -449,3 +449,42 @@ fn mutual_tls_serves_with_the_clusters_ca_and_refuses_another_ca_or_plain_text()
     // The cluster's own coordinator still serves.
     assert!(!http.text(&greedy("a b", 4)).is_empty());
 }
+
+#[test]
+fn https_serves_clients_that_trust_its_ca_and_nobody_over_plain_http() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let d = dir.path();
+    make_certs(d, "web", &["server"]);
+    let mut cmd = bin();
+    cmd.args(["up", "--threads", "1", "--port", "0", "--ssl-certfile"])
+        .arg(d.join("server.pem"))
+        .arg("--ssl-keyfile")
+        .arg(d.join("server.key"))
+        .arg("--model")
+        .arg(&m);
+    let mut p = Proc::spawn(cmd);
+    let line = p.wait_stderr("serving ");
+    let url = line.split_whitespace().find(|w| w.starts_with("https://")).unwrap_or_else(|| panic!("an https URL: {line}")).trim_end_matches("/v1").to_string();
+    p.wait_stderr("ready:");
+    let curl = |extra: &[&str]| {
+        let body = greedy("a b", 4).to_string();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-H", "Content-Type: application/json", "-d", &body])
+            .args(extra)
+            .arg(format!("{url}/v1/completions"))
+            .output()
+            .expect("curl runs");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, body, err) = curl(&["--cacert", d.join("web-ca.pem").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{body}"));
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+    // Without the CA the client refuses the server; plain HTTP gets no answer.
+    let (code, _, err) = curl(&[]);
+    assert_ne!(code, Some(0), "a client that does not trust the CA must refuse: {err}");
+    let plain = url.replacen("https://", "http://", 1);
+    let r = ureq::AgentBuilder::new().timeout(Duration::from_secs(20)).build().post(&format!("{plain}/v1/completions")).send_json(greedy("a", 2));
+    assert!(r.is_err(), "plain HTTP to the HTTPS port must not be served");
+}

@@ -30,6 +30,12 @@ pub struct ServeArgs {
     /// /metrics is open).
     #[arg(long, env = "TPSERVE_METRICS_API_KEY")]
     pub metrics_api_key: Option<String>,
+    /// Serve HTTPS with this certificate (PEM, the chain may follow), as vLLM's flag.
+    #[arg(long, env = "TPSERVE_SSL_CERTFILE", requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --ssl-certfile.
+    #[arg(long, env = "TPSERVE_SSL_KEYFILE", requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<std::path::PathBuf>,
     /// Seconds an idle keep-alive connection, one still sending its request headers, or one
     /// whose client reads none of its answer stays open. Streams that produce tokens are
     /// never cut.
@@ -82,6 +88,10 @@ pub async fn serve_http<B: Backend>(
     let opts = tpserve_server::ServerOptions {
         api_key: args.api_key.clone(),
         metrics_api_key: args.metrics_api_key.clone(),
+        https: match (&args.ssl_certfile, &args.ssl_keyfile) {
+            (Some(c), Some(k)) => Some(tpserve_server::https_from_files(c, k).map_err(anyhow::Error::msg)?),
+            _ => None,
+        },
         idle_timeout: std::time::Duration::from_secs(args.http_timeout_secs),
         body_timeout: std::time::Duration::from_secs(args.http_body_timeout_secs),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
@@ -89,11 +99,12 @@ pub async fn serve_http<B: Backend>(
         recovery_wait: std::time::Duration::from_secs(args.recovery_wait_secs),
         ..Default::default()
     };
-    eprintln!("serving {name} at http://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
+    let scheme = if opts.https.is_some() { "https" } else { "http" };
+    eprintln!("serving {name} at {scheme}://{addr}/v1 (OpenAI API; /health, /ready, /metrics)");
     // The key itself never goes into a log: the hint reads it from the environment.
     let auth = if args.api_key.is_some() { " -H \"Authorization: Bearer $TPSERVE_API_KEY\"" } else { "" };
     let on_ready = move || {
-        eprintln!("ready: try  curl http://{addr}/v1/completions -H 'Content-Type: application/json'{auth} -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'")
+        eprintln!("ready: try  curl {scheme}://{addr}/v1/completions -H 'Content-Type: application/json'{auth} -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'")
     };
     let shutdown = async {
         let term = async {

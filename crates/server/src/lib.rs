@@ -12,6 +12,7 @@
 
 mod error;
 mod listen;
+pub use listen::{https_from_files, Https};
 pub mod openai;
 pub mod response;
 mod routes;
@@ -71,6 +72,8 @@ pub struct ServerOptions {
     /// After the cluster fails, requests that were waiting in the queue wait this long for
     /// it to recover before they get a 503 (new requests get a 503 at once meanwhile).
     pub recovery_wait: Duration,
+    /// Serve HTTPS with this certificate instead of plain HTTP.
+    pub https: Option<Https>,
 }
 
 impl Default for ServerOptions {
@@ -85,6 +88,7 @@ impl Default for ServerOptions {
             ready_within: Duration::from_secs(10),
             drain_for: Duration::from_secs(30),
             recovery_wait: Duration::from_secs(30),
+            https: None,
         }
     }
 }
@@ -225,7 +229,7 @@ pub async fn serve<B: Backend>(
         let _ = cmds.send(Cmd::FailAll(format!("the server shut down before the request finished (drain deadline {drain_for:?})")));
     };
     let limits = listen::HttpLimits { idle: opts.idle_timeout, max_connections: opts.max_connections.max(1) };
-    let http = listen::serve(listener, app, limits, graceful);
+    let http = listen::serve(listener, app, limits, opts.https.clone(), graceful);
     let engine = async {
         let backend = load.await?;
         let (ready_tx, ready_rx) = oneshot::channel();

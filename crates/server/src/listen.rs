@@ -26,6 +26,17 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+/// What serves HTTPS: a rustls acceptor made by [`https_from_files`].
+#[derive(Clone)]
+pub struct Https(TlsAcceptor);
+
+impl std::fmt::Debug for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Https(..)")
+    }
+}
 
 use crate::error::ApiError;
 
@@ -47,10 +58,16 @@ const MAX_BUF_BYTES: usize = 256 << 10;
 /// extra connection is closed without an answer.
 const MAX_REFUSING: usize = 64;
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets every
-/// connection finish its request in progress (no more keep-alive), and returns once all are
-/// closed.
-pub(crate) async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+/// Serves `app` on `listener` (HTTPS when `tls` is set) until `shutdown` resolves, then stops
+/// accepting, lets every connection finish its request in progress (no more keep-alive),
+/// and returns once all are closed.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<Https>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     // Connections wait on `stop` to change; the accept loop sends it on shutdown.
@@ -82,32 +99,17 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, limits: HttpLimits
             continue;
         };
         let app = app.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let io = TokioIo::new(WriteDeadline::new(stream, limits.idle));
-            let service = TowerToHyperService::new(app);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(limits.idle).max_buf_size(MAX_BUF_BYTES).max_headers(256);
-            let conn = builder.serve_connection(io, service);
-            tokio::pin!(conn);
-            let mut stopping = *stop.borrow();
-            if stopping {
-                conn.as_mut().graceful_shutdown();
-            }
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "connection ended");
-                        }
-                        break;
-                    }
-                    changed = stop.changed(), if !stopping => {
-                        stopping = true;
-                        let _ = changed;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+            match tls {
+                None => serve_connection(stream, app, limits, stop, peer).await,
+                // The handshake gets the same deadline as a request's headers.
+                Some(Https(acceptor)) => match tokio::time::timeout(limits.idle, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => serve_connection(s, app, limits, stop, peer).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "no TLS handshake within the timeout"),
+                },
             }
             drop(permit);
         });
@@ -118,6 +120,60 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, limits: HttpLimits
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
     Ok(())
+}
+
+/// Serves one connection with the limits until it ends, shutting it down gracefully once
+/// `stop` says so.
+async fn serve_connection<S>(stream: S, app: Router, limits: HttpLimits, mut stop: watch::Receiver<bool>, peer: std::net::SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(WriteDeadline::new(stream, limits.idle));
+    let service = TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.idle).max_buf_size(MAX_BUF_BYTES).max_headers(256);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                break;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                let _ = changed;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// The HTTPS acceptor for `--ssl-certfile` and `--ssl-keyfile` (PEM; the certificate file
+/// may hold the chain), with rustls's safe defaults (TLS 1.2 and 1.3).
+pub fn https_from_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Https, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs =
+        CertificateDer::pem_file_iter(cert).and_then(|i| i.collect::<Result<Vec<_>, _>>()).map_err(|e| format!("--ssl-certfile {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("--ssl-certfile {}: no certificate in it", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--ssl-keyfile {}: {e}", key.display()))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--ssl-certfile/--ssl-keyfile: {e}"))?;
+    Ok(Https(TlsAcceptor::from(std::sync::Arc::new(cfg))))
 }
 
 /// Answers a connection over the limit 503 and closes it. The request is not read; the
@@ -143,15 +199,15 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
 
 /// A stream whose writes fail when one makes no progress for `limit`: a client that stops
 /// reading its answer cannot hold a connection forever.
-struct WriteDeadline {
-    inner: TcpStream,
+struct WriteDeadline<S> {
+    inner: S,
     limit: Duration,
     /// Set while a write is blocked: when it must have progressed.
     blocked: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl WriteDeadline {
-    fn new(inner: TcpStream, limit: Duration) -> Self {
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
         Self { inner, limit, blocked: None }
     }
 
@@ -172,13 +228,13 @@ impl WriteDeadline {
     }
 }
 
-impl AsyncRead for WriteDeadline {
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for WriteDeadline {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let p = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.watch(p, cx)
