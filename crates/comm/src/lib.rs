@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod handshake;
 pub mod tcp;
+pub mod wire;
 
 pub use tcp::TcpCollective;
 
@@ -43,6 +45,16 @@ pub enum CommError {
         peer: usize,
         /// What went wrong, from the OS or the framing.
         message: String,
+    },
+    /// A hello failed its proof: the peer (or whatever answered at its address) holds
+    /// another cluster token, or the ranks disagree about the world. Retrying cannot help;
+    /// give every rank the same `--cluster-token`.
+    #[error("rank {peer} was refused: {reason}")]
+    Refused {
+        /// World rank that did not prove itself (or that refused this rank's proof).
+        peer: usize,
+        /// What the hello showed.
+        reason: String,
     },
     /// Two ranks called the same collective with different buffer lengths: the ranks
     /// disagree about the step (a bug), and the result would be garbage.

@@ -14,6 +14,8 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::handshake::{self, io_err};
+use crate::wire::{self, FrameError, FRAME_HEADER_LEN};
 use crate::{Collective, CommError};
 
 /// Buffers at least this large (in bytes) use reduce-scatter + all-gather: measured on
@@ -30,8 +32,9 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// Frames up to this size are written without a helper thread.
 const INLINE_SEND_BYTES: usize = 32 * 1024;
 
-/// Frames longer than this are refused as corrupt (a wrong length must not allocate).
-const MAX_FRAME_BYTES: u64 = 1 << 32;
+/// A frame whose length no operation fixes (an all-gather's uneven slices) is read in pieces
+/// of this many bytes, so its buffer grows with the bytes that came, not with the header.
+const RECV_PIECE_BYTES: usize = 1 << 20;
 
 /// One peer: separate read and write handles so a rank can send and receive at once.
 struct Peer {
@@ -60,21 +63,31 @@ pub struct TcpCollective {
 
 impl TcpCollective {
     /// Connects this rank to every other. `listener` is this rank's bound listener (its
-    /// address is `addrs[rank]`); lower ranks accept, higher ranks connect, and each
-    /// connection opens with the connecting rank's id. Every step is bounded by `timeout`.
+    /// address is `addrs[rank]`); lower ranks accept, higher ranks connect. Session 0 and no
+    /// key (loopback worlds, tests); every step is bounded by `timeout`.
     pub fn connect(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
-        Self::connect_within(rank, listener, addrs, 0, timeout, timeout)
+        Self::connect_within(rank, listener, addrs, 0, &[], timeout, timeout)
     }
 
-    /// [`connect`](Self::connect), waiting up to `connect_within` for every peer to come
-    /// (peers may start late), with `timeout` on every later wait. Every hello carries
-    /// `session`; a connection with another session (left in the listener's backlog by an
-    /// earlier, failed attempt) is dropped, not mistaken for a peer.
+    /// [`connect`](Self::connect) for one load: waits up to `connect_within` for every peer
+    /// to come (peers may start late), with `timeout` on every later wait.
+    ///
+    /// Each connection opens with a challenge-response hello ([`crate::wire`]): the accepting
+    /// (lower) rank sends a fresh nonce, the connecting rank answers with its rank, `session`
+    /// and an HMAC-SHA256 under `key` (the cluster token's bytes; empty when none is
+    /// configured) over the session, both ranks and the nonce, and the acceptor proves the
+    /// key back. The key never crosses the wire, and a captured hello is refused everywhere.
+    /// A connection with another session (a leftover of an earlier, failed attempt), a wrong
+    /// MAC, or garbage is logged and dropped, not mistaken for a peer; each accepted
+    /// connection is checked on its own thread with a short deadline, so idle connections on
+    /// the port do not delay the load. A peer that proves the wrong key makes this rank fail
+    /// with [`CommError::Refused`] naming it.
     pub fn connect_within(
         rank: usize,
         listener: &TcpListener,
         addrs: &[SocketAddr],
         session: u64,
+        key: &[u8],
         connect_within: Duration,
         timeout: Duration,
     ) -> Result<Self, CommError> {
@@ -83,45 +96,19 @@ impl TcpCollective {
             return Err(CommError::BadRank { rank, world });
         }
         let deadline = Instant::now() + connect_within;
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        // Connect to every lower rank, announcing ourselves.
+        // Connect to every lower rank (each accepts only higher ranks, so nobody waits in a
+        // cycle), then accept every higher one.
+        let mut lower = Vec::with_capacity(rank);
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
-            let mut s = connect_until(addr, deadline).map_err(|e| io_err(peer, e))?;
-            setup(&s, timeout).map_err(|e| io_err(peer, e))?;
-            let mut hello = [0u8; 16];
-            hello[..8].copy_from_slice(&(rank as u64).to_le_bytes());
-            hello[8..].copy_from_slice(&session.to_le_bytes());
-            s.write_all(&hello).map_err(|e| io_err(peer, e))?;
-            streams[peer] = Some(s);
+            lower.push(Some(handshake::connect_peer(rank, peer, addr, session, key, deadline, connect_within)?));
         }
-        // Accept every higher rank.
-        listener.set_nonblocking(true).map_err(|e| io_err(rank, e))?;
-        let mut missing = world - rank - 1;
-        while missing > 0 {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| io_err(rank, e))?;
-                    setup(&s, timeout).map_err(|e| io_err(rank, e))?;
-                    let mut hello = [0u8; 16];
-                    if s.read_exact(&mut hello).is_err() || hello[8..] != session.to_le_bytes() {
-                        // A leftover of an earlier attempt (or not a peer at all): ignore it.
-                        continue;
-                    }
-                    let peer = u64::from_le_bytes(hello[..8].try_into().expect("8 bytes")) as usize;
-                    if peer <= rank || peer >= world || streams[peer].is_some() {
-                        return Err(CommError::Io { peer, message: format!("unexpected hello from rank {peer}") });
-                    }
-                    streams[peer] = Some(s);
-                    missing -= 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let peer = (rank + 1..world).find(|&p| streams[p].is_none()).unwrap_or(rank);
-                        return Err(CommError::Timeout { peer, timeout: connect_within });
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(io_err(rank, e)),
+        let mut streams = handshake::accept_peers(rank, listener, world, session, key, deadline, connect_within)?;
+        for (peer, s) in lower.into_iter().enumerate() {
+            streams[peer] = s;
+        }
+        for (peer, s) in streams.iter().enumerate() {
+            if let Some(s) = s {
+                setup(s, timeout).map_err(|e| io_err(peer, e))?;
             }
         }
         let mut peers = Vec::with_capacity(world);
@@ -203,27 +190,60 @@ impl TcpCollective {
         let p = self.peer(peer)?;
         let mut w = p.writer.lock().map_err(|_| CommError::Io { peer, message: "connection poisoned".into() })?;
         let mut bytes = Vec::with_capacity(8 + 4 * buf.len());
-        bytes.extend_from_slice(&((4 * buf.len()) as u64).to_le_bytes());
+        bytes.extend_from_slice(&wire::frame_header(buf.len()));
         for v in buf {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         w.write_all(&bytes).map_err(|e| self.wait_err(peer, e))
     }
 
-    /// Receives one frame from `peer` (of any length).
+    /// Receives one frame from `peer` (of any length), for an all-gather: the header is
+    /// checked before anything is allocated, and the body is read in pieces so a lying
+    /// header costs only the bytes that really came.
     fn recv_from(&self, peer: usize) -> Result<Vec<f32>, CommError> {
+        self.recv_frame(peer, None, "all_gather")
+    }
+
+    /// Receives one frame of exactly `n` values; a frame of another length is an error
+    /// naming both, found from its header before its body is allocated.
+    fn recv_exact(&self, peer: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
+        self.recv_frame(peer, Some(n), op)
+    }
+
+    fn recv_frame(&self, peer: usize, expected: Option<usize>, op: &'static str) -> Result<Vec<f32>, CommError> {
         let p = self.peer(peer)?;
         let mut r = p.reader.lock().map_err(|_| CommError::Io { peer, message: "connection poisoned".into() })?;
         self.poll_readable(&r);
-        let mut len = [0u8; 8];
-        r.read_exact(&mut len).map_err(|e| self.wait_err(peer, e))?;
-        let len = u64::from_le_bytes(len);
-        if len > MAX_FRAME_BYTES || len % 4 != 0 {
-            return Err(CommError::Io { peer: self.world_rank(peer), message: format!("corrupt frame length {len}") });
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut header).map_err(|e| self.wait_err(peer, e))?;
+        let n = match wire::frame_len(header, expected) {
+            Ok(n) => n,
+            Err(FrameError::Mismatch { expected, got }) => {
+                // Skip the body without storing it, so the pair's next frame still lines up;
+                // the error is the mismatch whatever the skip meets.
+                let _ = std::io::copy(&mut (&mut *r).take(4 * got as u64), &mut std::io::sink());
+                return Err(CommError::LengthMismatch { op, local: expected, peer: self.world_rank(peer), remote: got });
+            }
+            Err(e) => return Err(CommError::Io { peer: self.world_rank(peer), message: e.to_string() }),
+        };
+        if expected.is_some() {
+            // The operation holds a buffer of this length already: the header asks for no more.
+            let mut bytes = vec![0u8; 4 * n];
+            r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
+            let mut out = Vec::with_capacity(n);
+            wire::extend_f32s(&mut out, &bytes);
+            return Ok(out);
         }
-        let mut bytes = vec![0u8; len as usize];
-        r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        let mut out = Vec::new();
+        let mut piece = vec![0u8; RECV_PIECE_BYTES.min(4 * n)];
+        let mut left = 4 * n;
+        while left > 0 {
+            let take = left.min(piece.len());
+            r.read_exact(&mut piece[..take]).map_err(|e| self.wait_err(peer, e))?;
+            wire::extend_f32s(&mut out, &piece[..take]);
+            left -= take;
+        }
+        Ok(out)
     }
 
     /// Polls `s` for up to `self.spin` until it has data (or an error or end of stream to
@@ -247,15 +267,6 @@ impl TcpCollective {
             }
             std::thread::yield_now();
         }
-    }
-
-    /// Receives one frame of exactly `n` values.
-    fn recv_exact(&self, peer: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
-        let v = self.recv_from(peer)?;
-        if v.len() != n {
-            return Err(CommError::LengthMismatch { op, local: n, peer: self.world_rank(peer), remote: v.len() });
-        }
-        Ok(v)
     }
 
     /// The world rank of group rank `peer`, for error messages.
@@ -417,21 +428,6 @@ fn setup(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     s.set_write_timeout(Some(timeout))
 }
 
-fn connect_until(addr: &SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(addr, left.max(Duration::from_millis(1))) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-fn io_err(peer: usize, e: std::io::Error) -> CommError {
-    CommError::Io { peer, message: e.to_string() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,18 +586,25 @@ mod tests {
         let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
         let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
         let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
-        // An earlier attempt's rank 1 said hello with session 1, then went away.
-        let mut stale = TcpStream::connect(addrs[0]).unwrap();
-        let mut hello = [0u8; 16];
-        hello[..8].copy_from_slice(&1u64.to_le_bytes());
-        hello[8..].copy_from_slice(&1u64.to_le_bytes());
-        stale.write_all(&hello).unwrap();
-        drop(stale);
+        // An earlier attempt's rank 1 connected, then went away unanswered.
+        drop(TcpStream::connect(addrs[0]).unwrap());
         let t = Duration::from_secs(5);
         let sum = std::thread::scope(|s| {
-            let h = s.spawn(|| TcpCollective::connect_within(1, &l1, &addrs, 2, t, t).unwrap());
-            let c0 = TcpCollective::connect_within(0, &l0, &addrs, 2, t, t).unwrap();
+            // Another, still alive, answers rank 0's challenge for session 1.
+            let stale = s.spawn(|| {
+                let mut stale = TcpStream::connect(addrs[0]).unwrap();
+                let mut challenge = [0u8; wire::CHALLENGE_LEN];
+                stale.read_exact(&mut challenge).unwrap();
+                let nonce = wire::parse_challenge(&challenge).unwrap();
+                stale.write_all(&wire::hello(&[], 1, 1, 0, &nonce, &[3; wire::NONCE_LEN])).unwrap();
+                let mut verdict = [0u8; wire::VERDICT_LEN];
+                stale.read_exact(&mut verdict).unwrap();
+                verdict[0]
+            });
+            let h = s.spawn(|| TcpCollective::connect_within(1, &l1, &addrs, 2, &[], t, t).unwrap());
+            let c0 = TcpCollective::connect_within(0, &l0, &addrs, 2, &[], t, t).unwrap();
             let c1 = h.join().unwrap();
+            assert_eq!(stale.join().unwrap(), 2, "the stale hello was not refused as another session's");
             let h = s.spawn(move || {
                 let mut b = vec![2.0f32];
                 c1.all_reduce_sum(&mut b).unwrap();

@@ -126,7 +126,7 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     }
 
     let _ = tx.blocking_send(Ok(progress_msg("connecting", 0, shard.bytes)));
-    let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, connect_within, timeout)
+    let world = TcpCollective::connect_within(rank, &inner.comm_listener, &addrs, req.session, &[], connect_within, timeout)
         .map_err(|e| Status::unavailable(format!("rank {rank} cannot connect to its peers: {e}")))?
         .with_spin(inner.comm_spin);
     let stage = shard.stage;
