@@ -22,10 +22,27 @@ const MAX_PENDING_HELLOS: usize = 64;
 /// Pause before a connector tries again after a refusal it may outlive (a stale session).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Connects this `rank` to the lower rank `peer` listening at `addr`, retrying until
-/// `deadline` while the peer is not up yet or is at another session. The stream comes back
-/// with no timeouts set.
-pub(crate) fn connect_peer(rank: usize, peer: usize, addr: &SocketAddr, session: u64, key: &[u8], deadline: Instant, connect_within: Duration) -> Result<TcpStream, CommError> {
+/// What one rank's opening of its connections is about: the same for every pair.
+pub(crate) struct Opening<'k> {
+    /// This process's world rank.
+    pub(crate) rank: usize,
+    /// Ranks in the world.
+    pub(crate) world: usize,
+    /// The load every hello must name.
+    pub(crate) session: u64,
+    /// The cluster key (empty: none configured).
+    pub(crate) key: &'k [u8],
+    /// When the whole opening gives up.
+    pub(crate) deadline: Instant,
+    /// The time it was given, for errors.
+    pub(crate) connect_within: Duration,
+}
+
+/// Connects to the lower rank `peer` listening at `addr`, retrying until the deadline while
+/// the peer is not up yet or is at another session. The stream comes back with no timeouts
+/// set.
+pub(crate) fn connect_peer(o: &Opening<'_>, peer: usize, addr: &SocketAddr) -> Result<TcpStream, CommError> {
+    let Opening { rank, session, key, deadline, connect_within, .. } = *o;
     loop {
         let s = connect_until(addr, deadline).map_err(|e| io_err(peer, e))?;
         let err = match hello_out(&s, rank, peer, session, key, deadline) {
@@ -97,11 +114,12 @@ enum InErr {
     Io(std::io::Error),
 }
 
-/// Accepts every rank above `rank` on `listener` until `deadline`: each accepted connection
+/// Accepts every rank above this one on `listener` until the deadline: each accepted connection
 /// gets a challenge and [`HELLO_TIMEOUT`] to answer it on a thread of its own; those that do
 /// not prove the key for this session and a rank not yet connected are logged and dropped.
 /// Returns `streams[p]` for every `p > rank`, with no timeouts set.
-pub(crate) fn accept_peers(rank: usize, listener: &TcpListener, world: usize, session: u64, key: &[u8], deadline: Instant, connect_within: Duration) -> Result<Vec<Option<TcpStream>>, CommError> {
+pub(crate) fn accept_peers(o: &Opening<'_>, listener: &TcpListener) -> Result<Vec<Option<TcpStream>>, CommError> {
+    let Opening { rank, world, session, key, deadline, connect_within } = *o;
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
     // The rank's address each connection that failed to prove it came from, for the error.
     let mut unproven: Vec<Option<SocketAddr>> = vec![None; world];

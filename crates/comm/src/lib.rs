@@ -3,7 +3,8 @@
 //!
 //! The model code only sees the [`Collective`] trait, so the same layer types run on one
 //! process ([`Local`], world size 1), over TCP between CPUs ([`TcpCollective`]), or over NCCL
-//! between GPUs (to come, behind the same trait).
+//! between GPUs (to come, behind the same trait). [`wire`] holds the TCP collective's bytes
+//! (the authenticated hello, the frame header) as pure functions, for tests and the fuzzer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The TCP collective: persistent connections between every pair of ranks (TCP_NODELAY,
 //! length-prefixed frames of little-endian f32), with a deadline on every wait so a dead or
-//! partitioned peer becomes an error on every rank instead of a hang.
+//! partitioned peer becomes an error on every rank instead of a hang. Connections open with
+//! an authenticated hello (see [`TcpCollective::connect_within`] and [`crate::wire`]); every
+//! frame's length is checked before its body is allocated.
 //!
 //! All-reduce picks its algorithm by size: below [`TcpCollective::split_threshold`] bytes every
 //! rank sends its whole buffer to every other (one round trip, latency-optimal); above it, a
@@ -95,14 +97,14 @@ impl TcpCollective {
         if rank >= world {
             return Err(CommError::BadRank { rank, world });
         }
-        let deadline = Instant::now() + connect_within;
+        let opening = handshake::Opening { rank, world, session, key, deadline: Instant::now() + connect_within, connect_within };
         // Connect to every lower rank (each accepts only higher ranks, so nobody waits in a
         // cycle), then accept every higher one.
         let mut lower = Vec::with_capacity(rank);
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
-            lower.push(Some(handshake::connect_peer(rank, peer, addr, session, key, deadline, connect_within)?));
+            lower.push(Some(handshake::connect_peer(&opening, peer, addr)?));
         }
-        let mut streams = handshake::accept_peers(rank, listener, world, session, key, deadline, connect_within)?;
+        let mut streams = handshake::accept_peers(&opening, listener)?;
         for (peer, s) in lower.into_iter().enumerate() {
             streams[peer] = s;
         }

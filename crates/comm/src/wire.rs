@@ -208,7 +208,15 @@ pub fn refuse(why: &HelloError) -> [u8; VERDICT_LEN] {
 
 /// Checks the verdict `bytes` that acceptor rank `to` sent connector rank `from`, which sent
 /// `nonce_c` in answer to `nonce_a`: Ok when accepted by a holder of the key.
-pub fn verify_verdict(key: &[u8], session: u64, from: usize, to: usize, nonce_a: &[u8; NONCE_LEN], nonce_c: &[u8; NONCE_LEN], bytes: &[u8]) -> Result<(), HelloError> {
+pub fn verify_verdict(
+    key: &[u8],
+    session: u64,
+    from: usize,
+    to: usize,
+    nonce_a: &[u8; NONCE_LEN],
+    nonce_c: &[u8; NONCE_LEN],
+    bytes: &[u8],
+) -> Result<(), HelloError> {
     match bytes {
         [1, tag @ ..] if tag.len() == TAG_LEN => {
             mac(key, ACCEPT_DOMAIN, session, to as u64, from as u64, nonce_a, nonce_c).verify_slice(tag).map_err(|_| HelloError::BadVerdict)
@@ -276,7 +284,8 @@ pub fn extend_f32s(out: &mut Vec<f32>, bytes: &[u8]) {
 /// returning its values and the bytes it took.
 pub fn decode_frame(bytes: &[u8], expected: Option<usize>) -> Result<(Vec<f32>, usize), FrameError> {
     let have = bytes.len();
-    let header: [u8; FRAME_HEADER_LEN] = bytes.get(..FRAME_HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(FrameError::Truncated { want: FRAME_HEADER_LEN, have })?;
+    let header: [u8; FRAME_HEADER_LEN] =
+        bytes.get(..FRAME_HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(FrameError::Truncated { want: FRAME_HEADER_LEN, have })?;
     let n = frame_len(header, expected)?;
     let want = FRAME_HEADER_LEN + 4 * n;
     let body = bytes.get(FRAME_HEADER_LEN..want).ok_or(FrameError::Truncated { want, have })?;

@@ -48,7 +48,13 @@ fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
 
 /// Connects every rank of a loopback world at once, rank r with `keys[r]`; each rank's result
 /// and how long its connect took.
-fn connect_world(keys: &[&[u8]], session: u64, ls: Vec<TcpListener>, addrs: &[SocketAddr], within: Duration) -> Vec<(Result<TcpCollective, CommError>, Duration)> {
+fn connect_world(
+    keys: &[&[u8]],
+    session: u64,
+    ls: Vec<TcpListener>,
+    addrs: &[SocketAddr],
+    within: Duration,
+) -> Vec<(Result<TcpCollective, CommError>, Duration)> {
     std::thread::scope(|s| {
         let hs: Vec<_> = ls
             .into_iter()
