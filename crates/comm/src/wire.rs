@@ -260,7 +260,7 @@ pub enum FrameError {
 /// knows the shape (every one but an all-gather of uneven slices).
 pub fn frame_len(header: [u8; FRAME_HEADER_LEN], expected: Option<usize>) -> Result<usize, FrameError> {
     let bytes = u64::from_le_bytes(header);
-    if bytes > MAX_FRAME_BYTES || bytes % 4 != 0 {
+    if bytes > MAX_FRAME_BYTES || !bytes.is_multiple_of(4) {
         return Err(FrameError::Corrupt { bytes });
     }
     let got = usize::try_from(bytes / 4).map_err(|_| FrameError::Corrupt { bytes })?;
