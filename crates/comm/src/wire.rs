@@ -6,18 +6,19 @@
 //! ```text
 //! acceptor  → connector  challenge: "TPC1", nonce_a (16 random bytes)                  20 B
 //! connector → acceptor   hello:     rank (u64 LE), session (u64 LE), nonce_c (16 B),
-//!                                   HMAC-SHA256(key, "tpserve-comm hello v1" ‖ session ‖
+//!                                   HMAC-SHA256(K, "tpserve-comm hello v1" ‖ session ‖
 //!                                               connector rank ‖ acceptor rank ‖
 //!                                               nonce_a ‖ nonce_c)                       64 B
-//! acceptor  → connector  verdict:   1 (accepted), then HMAC-SHA256(key, "tpserve-comm
+//! acceptor  → connector  verdict:   1 (accepted), then HMAC-SHA256(K, "tpserve-comm
 //!                                   accept v1" ‖ session ‖ acceptor rank ‖ connector rank
 //!                                   ‖ nonce_a ‖ nonce_c); or a refusal code, then zeros    33 B
 //! ```
 //!
-//! The key is the cluster token's bytes (empty when none is configured); it never crosses
-//! the wire. The MAC names both ranks, so a hello for one pair is refused by any other, and
-//! covers the acceptor's fresh nonce, so a captured hello is refused even by the same rank in
-//! the same session. The verdict's MAC covers the connector's nonce: a listener that does not
+//! The key is the cluster token's bytes (empty when none is configured) and K = SHA-256(key)
+//! (so keys that differ only in trailing zeros stay distinct); neither crosses the wire. The
+//! MAC names both ranks, so a hello for one pair is refused by any other, and covers the
+//! acceptor's fresh nonce, so a captured hello is refused even by the same rank in the same
+//! session. The verdict's MAC covers the connector's nonce: a listener that does not
 //! know the key cannot pass for a peer either. Every field has a fixed size, so the MAC's
 //! input is unambiguous. MACs are compared in constant time.
 //!
@@ -25,7 +26,7 @@
 //! [`frame_len`] checks a header before anything is allocated for its body.
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -122,8 +123,11 @@ fn refusal_text(code: u8) -> &'static str {
     }
 }
 
+/// The MAC over one message's fields. The HMAC key is SHA-256 of the cluster key: HMAC pads
+/// its key with zeros, so keys that differ only in trailing zero bytes ("" and "\0") would
+/// otherwise be the same key (the fuzzer found it).
 fn mac(key: &[u8], domain: &[u8], session: u64, from: u64, to: u64, nonce_a: &[u8; NONCE_LEN], nonce_c: &[u8; NONCE_LEN]) -> HmacSha256 {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
+    let mut m = HmacSha256::new_from_slice(&Sha256::digest(key)).expect("HMAC takes a key of any length");
     m.update(domain);
     m.update(&session.to_le_bytes());
     m.update(&from.to_le_bytes());
@@ -307,6 +311,9 @@ mod tests {
         assert_eq!(verify_hello(b"token", 5, 0, 3, &A, &h), Ok(Hello { rank: 2, nonce: C }));
         assert_eq!(verify_hello(b"other", 5, 0, 3, &A, &h), Err(HelloError::BadProof { claimed: 2 }));
         assert_eq!(verify_hello(b"", 5, 0, 3, &A, &h), Err(HelloError::BadProof { claimed: 2 }));
+        // HMAC alone would take these two keys for one.
+        assert!(verify_hello(b"token\0", 5, 0, 3, &A, &h).is_err());
+        assert!(verify_hello(b"\0", 5, 0, 3, &A, &hello(b"", 5, 2, 0, &A, &C)).is_err());
         assert_eq!(verify_hello(b"token", 6, 0, 3, &A, &h), Err(HelloError::StaleSession { got: 5, want: 6 }));
         // Replayed to another rank, or against another challenge.
         assert_eq!(verify_hello(b"token", 5, 1, 3, &A, &h), Err(HelloError::BadProof { claimed: 2 }));
