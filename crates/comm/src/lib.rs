@@ -3,13 +3,16 @@
 //!
 //! The model code only sees the [`Collective`] trait, so the same layer types run on one
 //! process ([`Local`], world size 1), over TCP between CPUs ([`TcpCollective`]), or over NCCL
-//! between GPUs (to come, behind the same trait).
+//! between GPUs (to come, behind the same trait). [`wire`] holds the TCP collective's bytes
+//! (the authenticated hello, the frame header) as pure functions, for tests and the fuzzer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod handshake;
 pub mod tcp;
+pub mod wire;
 
 pub use tcp::TcpCollective;
 
@@ -43,6 +46,16 @@ pub enum CommError {
         peer: usize,
         /// What went wrong, from the OS or the framing.
         message: String,
+    },
+    /// A hello failed its proof: the peer (or whatever answered at its address) holds
+    /// another cluster token, or the ranks disagree about the world. Retrying cannot help;
+    /// give every rank the same `--cluster-token`.
+    #[error("rank {peer} was refused: {reason}")]
+    Refused {
+        /// World rank that did not prove itself (or that refused this rank's proof).
+        peer: usize,
+        /// What the hello showed.
+        reason: String,
     },
     /// Two ranks called the same collective with different buffer lengths: the ranks
     /// disagree about the step (a bug), and the result would be garbage.

@@ -1,6 +1,8 @@
 //! The TCP collective: persistent connections between every pair of ranks (TCP_NODELAY,
 //! length-prefixed frames of little-endian f32), with a deadline on every wait so a dead or
-//! partitioned peer becomes an error on every rank instead of a hang.
+//! partitioned peer becomes an error on every rank instead of a hang. Connections open with
+//! an authenticated hello (see [`TcpCollective::connect_within`] and [`crate::wire`]); every
+//! frame's length is checked before its body is allocated.
 //!
 //! All-reduce picks its algorithm by size: below [`TcpCollective::split_threshold`] bytes every
 //! rank sends its whole buffer to every other (one round trip, latency-optimal); above it, a
@@ -14,9 +16,8 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
+use crate::handshake::{self, io_err};
+use crate::wire::{self, FrameError, FRAME_HEADER_LEN};
 use crate::{Collective, CommError};
 
 /// Buffers at least this large (in bytes) use reduce-scatter + all-gather: measured on
@@ -33,8 +34,9 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(100);
 /// Frames up to this size are written without a helper thread.
 const INLINE_SEND_BYTES: usize = 32 * 1024;
 
-/// Frames longer than this are refused as corrupt (a wrong length must not allocate).
-const MAX_FRAME_BYTES: u64 = 1 << 32;
+/// A frame whose length no operation fixes (an all-gather's uneven slices) is read in pieces
+/// of this many bytes, so its buffer grows with the bytes that came, not with the header.
+const RECV_PIECE_BYTES: usize = 1 << 20;
 
 /// One peer: separate read and write handles so a rank can send and receive at once.
 struct Peer {
@@ -63,18 +65,25 @@ pub struct TcpCollective {
 
 impl TcpCollective {
     /// Connects this rank to every other. `listener` is this rank's bound listener (its
-    /// address is `addrs[rank]`); lower ranks accept, higher ranks connect, and each
-    /// connection opens with the connecting rank's hello. Every step is bounded by `timeout`.
+    /// address is `addrs[rank]`); lower ranks accept, higher ranks connect. Session 0 and no
+    /// key (loopback worlds, tests); every step is bounded by `timeout`.
     pub fn connect(rank: usize, listener: &TcpListener, addrs: &[SocketAddr], timeout: Duration) -> Result<Self, CommError> {
         Self::connect_within(rank, listener, addrs, 0, &[], timeout, timeout)
     }
 
-    /// [`connect`](Self::connect), waiting up to `connect_within` for every peer to come
-    /// (peers may start late), with `timeout` on every later wait. Every hello carries
-    /// `session` and proves the cluster secret `key` (see [`hello`]); a connection with
-    /// another session (left in the listener's backlog by an earlier, failed attempt), a
-    /// wrong proof, or no hello within [`HELLO_WAIT`] is dropped, not mistaken for a peer,
-    /// and never holds up the others: hellos are read from every pending connection at once.
+    /// [`connect`](Self::connect) for one load: waits up to `connect_within` for every peer
+    /// to come (peers may start late), with `timeout` on every later wait.
+    ///
+    /// Each connection opens with a challenge-response hello ([`crate::wire`]): the accepting
+    /// (lower) rank sends a fresh nonce, the connecting rank answers with its rank, `session`
+    /// and an HMAC-SHA256 under `key` (the cluster token's bytes; empty when none is
+    /// configured) over the session, both ranks and the nonce, and the acceptor proves the
+    /// key back. The key never crosses the wire, and a captured hello is refused everywhere.
+    /// A connection with another session (a leftover of an earlier, failed attempt), a wrong
+    /// MAC, or garbage is logged and dropped, not mistaken for a peer; each accepted
+    /// connection is checked on its own thread with a short deadline, so idle connections on
+    /// the port do not delay the load. A peer that proves the wrong key makes this rank fail
+    /// with [`CommError::Refused`] naming it.
     pub fn connect_within(
         rank: usize,
         listener: &TcpListener,
@@ -88,66 +97,20 @@ impl TcpCollective {
         if rank >= world {
             return Err(CommError::BadRank { rank, world });
         }
-        let deadline = Instant::now() + connect_within;
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        // Connect to every lower rank, announcing ourselves.
+        let opening = handshake::Opening { rank, world, session, key, deadline: Instant::now() + connect_within, connect_within };
+        // Connect to every lower rank (each accepts only higher ranks, so nobody waits in a
+        // cycle), then accept every higher one.
+        let mut lower = Vec::with_capacity(rank);
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
-            let mut s = connect_until(addr, deadline).map_err(|e| io_err(peer, e))?;
-            setup(&s, timeout).map_err(|e| io_err(peer, e))?;
-            s.write_all(&hello(key, session, rank, peer)).map_err(|e| io_err(peer, e))?;
-            streams[peer] = Some(s);
+            lower.push(Some(handshake::connect_peer(&opening, peer, addr)?));
         }
-        // Accept every higher rank; read the hellos of all pending connections at once.
-        listener.set_nonblocking(true).map_err(|e| io_err(rank, e))?;
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut missing = world - rank - 1;
-        while missing > 0 {
-            let mut idle = true;
-            match listener.accept() {
-                Ok((s, from)) => {
-                    idle = false;
-                    // Non-blocking until its hello is complete.
-                    if s.set_nonblocking(true).is_ok() {
-                        pending.push(Pending { s, from, got: Vec::with_capacity(HELLO_LEN), since: Instant::now() });
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err(rank, e)),
-            }
-            let mut i = 0;
-            while i < pending.len() {
-                match pending[i].poll() {
-                    Poll::Waiting if pending[i].since.elapsed() < HELLO_WAIT => i += 1,
-                    Poll::Waiting => {
-                        warn_refused(&pending[i].from, "sent no complete hello in time");
-                        pending.swap_remove(i);
-                    }
-                    Poll::Closed => {
-                        pending.swap_remove(i);
-                    }
-                    Poll::Hello(h) => {
-                        idle = false;
-                        let p = pending.swap_remove(i);
-                        let Some(peer) = check_hello(&h, key, session, rank, world) else {
-                            warn_refused(&p.from, "sent a hello of another session or without the cluster's secret");
-                            continue;
-                        };
-                        if peer <= rank || streams[peer].is_some() {
-                            return Err(CommError::Io { peer, message: format!("unexpected hello from rank {peer}") });
-                        }
-                        p.s.set_nonblocking(false).map_err(|e| io_err(peer, e))?;
-                        setup(&p.s, timeout).map_err(|e| io_err(peer, e))?;
-                        streams[peer] = Some(p.s);
-                        missing -= 1;
-                    }
-                }
-            }
-            if missing > 0 && idle {
-                if Instant::now() >= deadline {
-                    let peer = (rank + 1..world).find(|&p| streams[p].is_none()).unwrap_or(rank);
-                    return Err(CommError::Timeout { peer, timeout: connect_within });
-                }
-                std::thread::sleep(Duration::from_millis(2));
+        let mut streams = handshake::accept_peers(&opening, listener)?;
+        for (peer, s) in lower.into_iter().enumerate() {
+            streams[peer] = s;
+        }
+        for (peer, s) in streams.iter().enumerate() {
+            if let Some(s) = s {
+                setup(s, timeout).map_err(|e| io_err(peer, e))?;
             }
         }
         let mut peers = Vec::with_capacity(world);
@@ -229,36 +192,60 @@ impl TcpCollective {
         let p = self.peer(peer)?;
         let mut w = p.writer.lock().map_err(|_| CommError::Io { peer, message: "connection poisoned".into() })?;
         let mut bytes = Vec::with_capacity(8 + 4 * buf.len());
-        bytes.extend_from_slice(&((4 * buf.len()) as u64).to_le_bytes());
+        bytes.extend_from_slice(&wire::frame_header(buf.len()));
         for v in buf {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         w.write_all(&bytes).map_err(|e| self.wait_err(peer, e))
     }
 
-    /// Receives one frame from `peer` (of any length).
+    /// Receives one frame from `peer` (of any length), for an all-gather: the header is
+    /// checked before anything is allocated, and the body is read in pieces so a lying
+    /// header costs only the bytes that really came.
     fn recv_from(&self, peer: usize) -> Result<Vec<f32>, CommError> {
-        self.recv_frame(peer, None, "recv")
+        self.recv_frame(peer, None, "all_gather")
     }
 
-    /// Receives one frame from `peer`; with `expect`, its length header must say exactly
-    /// that many values, checked before anything is allocated.
-    fn recv_frame(&self, peer: usize, expect: Option<usize>, op: &'static str) -> Result<Vec<f32>, CommError> {
+    /// Receives one frame of exactly `n` values; a frame of another length is an error
+    /// naming both, found from its header before its body is allocated.
+    fn recv_exact(&self, peer: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
+        self.recv_frame(peer, Some(n), op)
+    }
+
+    fn recv_frame(&self, peer: usize, expected: Option<usize>, op: &'static str) -> Result<Vec<f32>, CommError> {
         let p = self.peer(peer)?;
         let mut r = p.reader.lock().map_err(|_| CommError::Io { peer, message: "connection poisoned".into() })?;
         self.poll_readable(&r);
-        let mut len = [0u8; 8];
-        r.read_exact(&mut len).map_err(|e| self.wait_err(peer, e))?;
-        let len = u64::from_le_bytes(len);
-        if len > MAX_FRAME_BYTES || len % 4 != 0 {
-            return Err(CommError::Io { peer: self.world_rank(peer), message: format!("corrupt frame length {len}") });
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut header).map_err(|e| self.wait_err(peer, e))?;
+        let n = match wire::frame_len(header, expected) {
+            Ok(n) => n,
+            Err(FrameError::Mismatch { expected, got }) => {
+                // Skip the body without storing it, so the pair's next frame still lines up;
+                // the error is the mismatch whatever the skip meets.
+                let _ = std::io::copy(&mut (&mut *r).take(4 * got as u64), &mut std::io::sink());
+                return Err(CommError::LengthMismatch { op, local: expected, peer: self.world_rank(peer), remote: got });
+            }
+            Err(e) => return Err(CommError::Io { peer: self.world_rank(peer), message: e.to_string() }),
+        };
+        if expected.is_some() {
+            // The operation holds a buffer of this length already: the header asks for no more.
+            let mut bytes = vec![0u8; 4 * n];
+            r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
+            let mut out = Vec::with_capacity(n);
+            wire::extend_f32s(&mut out, &bytes);
+            return Ok(out);
         }
-        if let Some(n) = expect.filter(|&n| n as u64 * 4 != len) {
-            return Err(CommError::LengthMismatch { op, local: n, peer: self.world_rank(peer), remote: (len / 4) as usize });
+        let mut out = Vec::new();
+        let mut piece = vec![0u8; RECV_PIECE_BYTES.min(4 * n)];
+        let mut left = 4 * n;
+        while left > 0 {
+            let take = left.min(piece.len());
+            r.read_exact(&mut piece[..take]).map_err(|e| self.wait_err(peer, e))?;
+            wire::extend_f32s(&mut out, &piece[..take]);
+            left -= take;
         }
-        let mut bytes = vec![0u8; len as usize];
-        r.read_exact(&mut bytes).map_err(|e| self.wait_err(peer, e))?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(out)
     }
 
     /// Polls `s` for up to `self.spin` until it has data (or an error or end of stream to
@@ -282,11 +269,6 @@ impl TcpCollective {
             }
             std::thread::yield_now();
         }
-    }
-
-    /// Receives one frame of exactly `n` values.
-    fn recv_exact(&self, peer: usize, n: usize, op: &'static str) -> Result<Vec<f32>, CommError> {
-        self.recv_frame(peer, Some(n), op)
     }
 
     /// The world rank of group rank `peer`, for error messages.
@@ -442,112 +424,10 @@ impl Collective for TcpCollective {
     }
 }
 
-/// Bytes of a hello: the sender's rank, the session, and the proof.
-const HELLO_LEN: usize = 8 + 8 + 32;
-
-/// How long an accepted connection has to send its whole hello. Peers send theirs right
-/// after connecting; anything slower is not a peer.
-pub const HELLO_WAIT: Duration = Duration::from_secs(5);
-
-/// Domain tag of the hello's MAC, so it can never be confused with another use of the key.
-const HELLO_TAG: &[u8] = b"tpserve collective hello v1";
-
-/// The hello rank `from` sends rank `to` in `session`: `from` and `session` (little-endian
-/// u64s), then HMAC-SHA256 under the cluster secret `key` over the tag, the session and both
-/// ranks. It proves the sender holds the secret without sending it, and a hello captured
-/// for one pair or session is worth nothing for another.
-pub fn hello(key: &[u8], session: u64, from: usize, to: usize) -> [u8; HELLO_LEN] {
-    let mut h = [0u8; HELLO_LEN];
-    h[..8].copy_from_slice(&(from as u64).to_le_bytes());
-    h[8..16].copy_from_slice(&session.to_le_bytes());
-    h[16..].copy_from_slice(&hello_mac(key, session, from as u64, to as u64).finalize().into_bytes());
-    h
-}
-
-fn hello_mac(key: &[u8], session: u64, from: u64, to: u64) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
-    mac.update(HELLO_TAG);
-    mac.update(&session.to_le_bytes());
-    mac.update(&from.to_le_bytes());
-    mac.update(&to.to_le_bytes());
-    mac
-}
-
-/// The sending rank of hello `h` received by rank `me` of `world` in `session`, if it is
-/// one: the session matches, the rank is in the world, and the MAC verifies (in constant
-/// time). Any bytes at all may come in; nothing here allocates or panics.
-pub fn check_hello(h: &[u8], key: &[u8], session: u64, me: usize, world: usize) -> Option<usize> {
-    if h.len() != HELLO_LEN || h[8..16] != session.to_le_bytes() {
-        return None;
-    }
-    let from = u64::from_le_bytes(h[..8].try_into().ok()?);
-    if from >= world as u64 {
-        return None;
-    }
-    hello_mac(key, session, from, me as u64).verify_slice(&h[16..]).ok()?;
-    Some(from as usize)
-}
-
-/// An accepted connection whose hello is still coming.
-struct Pending {
-    s: TcpStream,
-    from: SocketAddr,
-    got: Vec<u8>,
-    since: Instant,
-}
-
-enum Poll {
-    Waiting,
-    Closed,
-    Hello(Vec<u8>),
-}
-
-impl Pending {
-    /// Reads what has arrived of the hello, without blocking.
-    fn poll(&mut self) -> Poll {
-        let mut buf = [0u8; HELLO_LEN];
-        let want = HELLO_LEN - self.got.len();
-        match self.s.read(&mut buf[..want]) {
-            Ok(0) => Poll::Closed,
-            Ok(n) => {
-                self.got.extend_from_slice(&buf[..n]);
-                if self.got.len() == HELLO_LEN {
-                    Poll::Hello(std::mem::take(&mut self.got))
-                } else {
-                    Poll::Waiting
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Poll::Waiting,
-            Err(_) => Poll::Closed,
-        }
-    }
-}
-
-/// Says on stderr that a connection to the collective's port was refused (this crate does
-/// not depend on a logging framework; a refusal is rare and worth seeing).
-fn warn_refused(from: &SocketAddr, why: &str) {
-    eprintln!("warning: collective connection from {from} refused: it {why}");
-}
-
 fn setup(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))
-}
-
-fn connect_until(addr: &SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(addr, left.max(Duration::from_millis(1))) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-fn io_err(peer: usize, e: std::io::Error) -> CommError {
-    CommError::Io { peer, message: e.to_string() }
 }
 
 #[cfg(test)]
@@ -708,88 +588,35 @@ mod tests {
         let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
         let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
         let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
-        // An earlier attempt's rank 1 said hello with session 1, then went away.
-        let mut stale = TcpStream::connect(addrs[0]).unwrap();
-        stale.write_all(&hello(KEY, 1, 1, 0)).unwrap();
-        drop(stale);
-        assert_eq!(two_ranks(&l0, &l1, &addrs, KEY, KEY, Duration::from_secs(5)).unwrap(), (3.0, 3.0));
-    }
-
-    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-    /// Connects ranks 0 and 1 (keys `k0`, `k1`) in session 2 and all-reduces 1 + 2.
-    fn two_ranks(l0: &TcpListener, l1: &TcpListener, addrs: &[SocketAddr], k0: &[u8], k1: &[u8], t: Duration) -> Result<(f32, f32), CommError> {
-        std::thread::scope(|s| {
-            let h = s.spawn(|| TcpCollective::connect_within(1, l1, addrs, 2, k1, t, t));
-            let c0 = TcpCollective::connect_within(0, l0, addrs, 2, k0, t, t);
+        // An earlier attempt's rank 1 connected, then went away unanswered.
+        drop(TcpStream::connect(addrs[0]).unwrap());
+        let t = Duration::from_secs(5);
+        let sum = std::thread::scope(|s| {
+            // Another, still alive, answers rank 0's challenge for session 1.
+            let stale = s.spawn(|| {
+                let mut stale = TcpStream::connect(addrs[0]).unwrap();
+                let mut challenge = [0u8; wire::CHALLENGE_LEN];
+                stale.read_exact(&mut challenge).unwrap();
+                let nonce = wire::parse_challenge(&challenge).unwrap();
+                stale.write_all(&wire::hello(&[], 1, 1, 0, &nonce, &[3; wire::NONCE_LEN])).unwrap();
+                let mut verdict = [0u8; wire::VERDICT_LEN];
+                stale.read_exact(&mut verdict).unwrap();
+                verdict[0]
+            });
+            let h = s.spawn(|| TcpCollective::connect_within(1, &l1, &addrs, 2, &[], t, t).unwrap());
+            let c0 = TcpCollective::connect_within(0, &l0, &addrs, 2, &[], t, t).unwrap();
             let c1 = h.join().unwrap();
-            let (c0, c1) = (c0?, c1?);
+            assert_eq!(stale.join().unwrap(), 2, "the stale hello was not refused as another session's");
             let h = s.spawn(move || {
                 let mut b = vec![2.0f32];
-                c1.all_reduce_sum(&mut b).map(|()| b[0])
+                c1.all_reduce_sum(&mut b).unwrap();
+                b[0]
             });
             let mut b = vec![1.0f32];
-            c0.all_reduce_sum(&mut b)?;
-            Ok((b[0], h.join().unwrap()?))
-        })
-    }
-
-    #[test]
-    fn idle_garbage_and_wrongly_keyed_connections_neither_stall_a_load_nor_get_in() {
-        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
-        // Three idle connections, random bytes, a huge "length", and a hello of rank 1 made
-        // with another key, all waiting in rank 0's backlog before the real peer comes.
-        let mut junk: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addrs[0]).unwrap()).collect();
-        let mut g = TcpStream::connect(addrs[0]).unwrap();
-        g.write_all(&[0xAB; 100]).unwrap();
-        junk.push(g);
-        let mut huge = TcpStream::connect(addrs[0]).unwrap();
-        huge.write_all(&u64::MAX.to_le_bytes()).unwrap();
-        junk.push(huge);
-        let mut forged = TcpStream::connect(addrs[0]).unwrap();
-        forged.write_all(&hello(b"not the cluster's secret at all!", 2, 1, 0)).unwrap();
-        junk.push(forged);
-        let t = std::time::Instant::now();
-        assert_eq!(two_ranks(&l0, &l1, &addrs, KEY, KEY, Duration::from_secs(20)).unwrap(), (3.0, 3.0));
-        // The idle ones cost nothing: they are read at once with the real peer (generous bound).
-        assert!(t.elapsed() < HELLO_WAIT, "connecting took {:?} with idle connections in the backlog", t.elapsed());
-        drop(junk);
-    }
-
-    #[test]
-    fn a_rank_without_the_secret_never_joins_the_world() {
-        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
-        match two_ranks(&l0, &l1, &addrs, KEY, b"a stranger's key", Duration::from_secs(2)) {
-            Err(CommError::Timeout { peer: 1, .. }) => {}
-            other => panic!("rank 0 must time out waiting for a rank 1 that proves the key, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn hellos_verify_only_for_their_key_session_and_pair_and_any_bytes_are_refused() {
-        let h = hello(KEY, 7, 1, 0);
-        assert_eq!(check_hello(&h, KEY, 7, 0, 2), Some(1));
-        assert_eq!(check_hello(&h, b"other", 7, 0, 2), None);
-        assert_eq!(check_hello(&h, KEY, 8, 0, 2), None);
-        // Replayed to another rank, or claiming a rank outside the world.
-        assert_eq!(check_hello(&h, KEY, 7, 2, 3), None);
-        assert_eq!(check_hello(&hello(KEY, 7, 5, 0), KEY, 7, 0, 2), None);
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        for len in 0..200 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng as u8
-                })
-                .collect();
-            assert_eq!(check_hello(&bytes, KEY, 7, 0, 2), None);
-        }
+            c0.all_reduce_sum(&mut b).unwrap();
+            (b[0], h.join().unwrap())
+        });
+        assert_eq!(sum, (3.0, 3.0));
     }
 
     #[test]
