@@ -167,7 +167,7 @@ fn a_stream_that_outlasts_the_http_timeout_is_not_cut() {
     let took = start.elapsed();
     let chunks: Vec<Value> =
         sent.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert!(sent.contains("data: [DONE]"), "the stream was cut after {took:?}: {sent}");
+    assert!(sent.contains("data: [DONE]"), "the stream was cut after {took:?}: {sent}\nserver log:\n{}", s._p.log());
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
     // The stream must have lasted longer than the timeout for this to show anything.
     assert!(took > Duration::from_secs(1), "256 tokens took only {took:?}: make the stream longer");
@@ -179,7 +179,15 @@ fn until_closed_or_done(mut c: TcpStream) -> (String, Instant) {
     let mut chunk = [0u8; 4096];
     while !String::from_utf8_lossy(&buf).contains("data: [DONE]") {
         match c.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                buf.extend_from_slice(b"\n[closed by the server]");
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                buf.extend_from_slice(format!("\n[read error: {e}]").as_bytes());
+                break;
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
