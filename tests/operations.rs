@@ -488,3 +488,44 @@ fn https_serves_clients_that_trust_its_ca_and_nobody_over_plain_http() {
     let r = ureq::AgentBuilder::new().timeout(Duration::from_secs(20)).build().post(&format!("{plain}/v1/completions")).send_json(greedy("a", 2));
     assert!(r.is_err(), "plain HTTP to the HTTPS port must not be served");
 }
+
+#[test]
+fn random_bytes_and_huge_length_headers_on_a_workers_ports_neither_crash_it_nor_grow_it() {
+    use std::io::Write;
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let mut c = bin();
+    c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["worker", "--listen", "127.0.0.1:0", "--threads", "1", "--model-dir", dir.path().to_str().unwrap()]);
+    let w = Proc::spawn(c);
+    let line = w.out.recv_timeout(DEADLINE).expect("the worker says where it listens");
+    let grpc = line.split_once("listening on ").unwrap().1.split_whitespace().next().unwrap().to_string();
+    let comm = line.split_once("collective on ").unwrap().1.trim_end_matches(')').to_string();
+    let before = rss_mib(w.child.id());
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect()
+    };
+    // An HTTP/2 preface then a frame header claiming 16 MiB, a u64::MAX length, and noise.
+    let huge_h2 = [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(), &[0xff, 0xff, 0xff, 0x00, 0, 0, 0, 0, 1]].concat();
+    for addr in [&grpc, &comm] {
+        for payload in [huge_h2.clone(), u64::MAX.to_le_bytes().to_vec(), noise(64 << 10), noise(48)] {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr.as_str()) {
+                let _ = s.write_all(&payload);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert!(pid_alive(w.child.id()), "the worker died");
+    let after = rss_mib(w.child.id());
+    assert!(after - before < 16.0, "the worker grew from {before:.1} to {after:.1} MiB on garbage");
+    // It still serves a real coordinator.
+    let (_c, http) = coordinator(&m, &["--workers", &grpc]);
+    assert!(!http.text(&greedy("a b", 4)).is_empty());
+}
