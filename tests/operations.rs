@@ -41,15 +41,22 @@ fn token_worker(addr: &str, dir: &Path, extra: &[&str]) -> (Proc, String) {
     (w, addr)
 }
 
-/// `tpserve coordinator --port 0 --model model args..` with the token, waited on until ready.
-fn coordinator(model: &Path, args: &[&str]) -> (Proc, Http) {
+/// `tpserve coordinator --port 0 --model model args..` with the token, once its HTTP is up
+/// (the workers may not be loaded yet).
+fn start_coordinator(model: &Path, args: &[&str]) -> (Proc, Http) {
     let mut c = bin();
     c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--port", "0", "--model"]).arg(model).args(args);
     let mut p = Proc::spawn(c);
     let line = p.wait_stderr("serving ");
     let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
-    p.wait_stderr("ready:");
     (p, Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() })
+}
+
+/// [`start_coordinator`], waited on until ready.
+fn coordinator(model: &Path, args: &[&str]) -> (Proc, Http) {
+    let (mut p, http) = start_coordinator(model, args);
+    p.wait_stderr("ready:");
+    (p, http)
 }
 
 fn greedy(prompt: &str, n: usize) -> Value {
@@ -215,12 +222,7 @@ fn a_lost_joined_worker_is_replaced_by_a_new_one_that_joins() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
     let join = format!("127.0.0.1:{}", free_port());
-    let mut c = bin();
-    c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--port", "0", "--tp", "2", "--join-listen", &join, "--model"]).arg(&m);
-    let mut p = Proc::spawn(c);
-    let line = p.wait_stderr("serving ");
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().trim_end_matches("/v1").to_string();
-    let http = Http { url, agent: ureq::AgentBuilder::new().timeout(DEADLINE).build() };
+    let (mut p, http) = start_coordinator(&m, &["--tp", "2", "--join-listen", &join]);
     // HTTP answers while the workers have not joined yet.
     let (code, body) = http.get("/ready");
     assert_eq!(code, 503, "{body}");
@@ -241,10 +243,7 @@ fn workers_advertising_one_address_are_refused_saying_so() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
     let join = format!("127.0.0.1:{}", free_port());
-    let mut c = bin();
-    c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--port", "0", "--tp", "2", "--join-listen", &join, "--model"]).arg(&m);
-    let mut p = Proc::spawn(c);
-    p.wait_stderr("waiting for 2 workers");
+    let (mut p, _http) = start_coordinator(&m, &["--tp", "2", "--join-listen", &join]);
     let (_j0, a0) = token_worker("127.0.0.1:0", dir.path(), &["--join", &join]);
     p.wait_stderr("worker 0 joined");
     let (mut j1, _) = token_worker("127.0.0.1:0", dir.path(), &["--join", &join, "--advertise", &a0]);
@@ -271,10 +270,7 @@ fn a_killed_coordinator_started_again_serves_with_the_same_workers_named_or_join
     // Joined workers register again with the restarted coordinator.
     let join = format!("127.0.0.1:{}", free_port());
     let args = ["--tp", "2", "--join-listen", &join];
-    let mut c = bin();
-    c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--port", "0", "--model"]).arg(&m).args(args);
-    let mut p = Proc::spawn(c);
-    p.wait_stderr("waiting for 2 workers");
+    let (mut p, _http) = start_coordinator(&m, &args);
     let mut quick_join = quick.to_vec();
     quick_join.extend(["--join", &join]);
     let (_j0, _) = token_worker("127.0.0.1:0", dir.path(), &quick_join);
