@@ -525,3 +525,25 @@ fn random_bytes_and_huge_length_headers_on_a_workers_ports_neither_crash_it_nor_
     let (_c, http) = coordinator(&m, &["--workers", &grpc]);
     assert!(!http.text(&greedy("a b", 4)).is_empty());
 }
+
+#[test]
+fn an_idle_stdin_coordinator_keeps_its_workers_loaded() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
+    let quick = ["--coordinator-timeout-secs", "1"];
+    let (_w0, a0) = token_worker("127.0.0.1:0", dir.path(), &quick);
+    let (_w1, a1) = token_worker("127.0.0.1:0", dir.path(), &quick);
+    let mut c = bin();
+    c.env("TPSERVE_CLUSTER_TOKEN", TOKEN).args(["coordinator", "--stdin", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
+    let mut p = Proc::spawn(c);
+    p.wait_stderr("ready:");
+    let req = json!({"prompt": "a b c", "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let first = p.ask(&req);
+    // Three times the workers' patience without a request: the keep-alive steps hold them.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = p.ask(&req);
+    assert!(again["error"].is_null(), "{again}");
+    assert_eq!(again["output_ids"], first["output_ids"]);
+    let (code, log) = p.finish();
+    assert_eq!(code, Some(0), "{log}");
+}

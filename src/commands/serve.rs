@@ -152,6 +152,9 @@ fn one() -> f32 {
     1.0
 }
 
+/// How often an idle `--stdin` loop shows its workers it is still there.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Reads request lines until standard input ends or Ctrl-C, answering each.
 pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -165,6 +168,13 @@ pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result
         let line = tokio::select! {
             l = lines.next_line() => l.context("cannot read standard input")?,
             _ = &mut interrupted => { eprintln!("interrupted: stopping"); return Ok(()) }
+            // Idle: an empty step now and then, so the workers know their coordinator is
+            // still here (they drop their shards after --coordinator-timeout-secs without a
+            // call). A failure marks the cluster failed; the next request recovers it.
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                let _ = backend.step(&tpserve_types::step::StepPlan { step: 0, seqs: Vec::new(), free: Vec::new() }).await;
+                continue;
+            }
         };
         let Some(line) = line else { return Ok(()) };
         if line.trim().is_empty() {
