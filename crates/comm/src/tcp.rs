@@ -592,21 +592,20 @@ mod tests {
         drop(TcpStream::connect(addrs[0]).unwrap());
         let t = Duration::from_secs(5);
         let sum = std::thread::scope(|s| {
-            // Another, still alive, answers rank 0's challenge for session 1.
-            let stale = s.spawn(|| {
-                let mut stale = TcpStream::connect(addrs[0]).unwrap();
-                let mut challenge = [0u8; wire::CHALLENGE_LEN];
-                stale.read_exact(&mut challenge).unwrap();
-                let nonce = wire::parse_challenge(&challenge).unwrap();
-                stale.write_all(&wire::hello(&[], 1, 1, 0, &nonce, &[3; wire::NONCE_LEN])).unwrap();
-                let mut verdict = [0u8; wire::VERDICT_LEN];
-                stale.read_exact(&mut verdict).unwrap();
-                verdict[0]
-            });
-            let h = s.spawn(|| TcpCollective::connect_within(1, &l1, &addrs, 2, &[], t, t).unwrap());
-            let c0 = TcpCollective::connect_within(0, &l0, &addrs, 2, &[], t, t).unwrap();
-            let c1 = h.join().unwrap();
-            assert_eq!(stale.join().unwrap(), 2, "the stale hello was not refused as another session's");
+            let h0 = s.spawn(|| TcpCollective::connect_within(0, &l0, &addrs, 2, &[], t, t).unwrap());
+            // Another, still alive, answers rank 0's challenge for session 1 before the real
+            // rank 1 comes (so rank 0 cannot be done before it has judged it).
+            let mut stale = TcpStream::connect(addrs[0]).unwrap();
+            stale.set_read_timeout(Some(t)).unwrap();
+            let mut challenge = [0u8; wire::CHALLENGE_LEN];
+            stale.read_exact(&mut challenge).unwrap();
+            let nonce = wire::parse_challenge(&challenge).unwrap();
+            stale.write_all(&wire::hello(&[], 1, 1, 0, &nonce, &[3; wire::NONCE_LEN])).unwrap();
+            let mut verdict = [0u8; wire::VERDICT_LEN];
+            stale.read_exact(&mut verdict).unwrap();
+            assert_eq!(verdict[0], 2, "the stale hello was not refused as another session's");
+            let c1 = TcpCollective::connect_within(1, &l1, &addrs, 2, &[], t, t).unwrap();
+            let c0 = h0.join().unwrap();
             let h = s.spawn(move || {
                 let mut b = vec![2.0f32];
                 c1.all_reduce_sum(&mut b).unwrap();
