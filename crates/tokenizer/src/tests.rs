@@ -17,17 +17,22 @@ fn open(w: &GgufWriter) -> Gguf {
     Gguf::open(&path).unwrap()
 }
 
-/// A byte-level BPE vocabulary: the 256 byte characters (ids 0..=255 in byte order), a few
-/// merged pieces, and control tokens.
-fn gpt2_writer(pre: &str) -> GgufWriter {
+/// The 256 byte characters of byte-level BPE, in byte order (ids 0..=255).
+fn byte_pieces() -> Vec<String> {
     let bm = bpe::ByteMap::new();
-    let mut pieces: Vec<String> = (0..=255u8)
+    (0..=255u8)
         .map(|b| {
             let mut s = String::new();
             bm.encode_into(&[b], &mut s);
             s
         })
-        .collect();
+        .collect()
+}
+
+/// A byte-level BPE vocabulary: the 256 byte characters (ids 0..=255 in byte order), a few
+/// merged pieces, and control tokens.
+fn gpt2_writer(pre: &str) -> GgufWriter {
+    let mut pieces = byte_pieces();
     let extra = ["he", "ll", "hell", "hello", "Ġw", "Ġwo", "Ġxyz", "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"];
     pieces.extend(extra.iter().map(|s| s.to_string()));
     let n = pieces.len();
@@ -217,14 +222,7 @@ fn out_of_range_ids_decode_to_nothing_instead_of_panicking() {
 /// A byte-level BPE vocabulary with Llama 3's header tokens (so the built-in Llama 3 chat
 /// template is chosen).
 fn llama3_writer() -> GgufWriter {
-    let bm = bpe::ByteMap::new();
-    let mut pieces: Vec<String> = (0..=255u8)
-        .map(|b| {
-            let mut s = String::new();
-            bm.encode_into(&[b], &mut s);
-            s
-        })
-        .collect();
+    let mut pieces = byte_pieces();
     let specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
     pieces.extend(["he", "ll", "hell", "hello"].iter().chain(&specials).map(|s| s.to_string()));
     let n = pieces.len();
