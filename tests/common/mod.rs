@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub mod netns;
 use tempfile::TempDir;
 use tpserve_model::testing::{tiny_gguf, TinySpec};
 
