@@ -7,8 +7,9 @@ checked against it; every other kind against kubernetes-validate's strict schema
 kubernetes-validate gives it (it exits 0 there).
 
 Then what no schema says but tpserve's pods need (each an ERROR):
-  - every ConfigMap a pod names exists in the render, and every Secret too, except the
-    ones given with --external-secret (made by the user, never committed);
+  - every ConfigMap and PersistentVolumeClaim a pod names exists in the render, and every
+    Secret too, except those given with --external-secret (made by the user, never
+    committed);
   - a probe's named port is one of its container's ports;
   - each `$(VAR)` in a command, argument or env value is defined before it (Kubernetes leaves
     an unknown one as the literal text): env, the ConfigMaps of envFrom, or the LWS_*
@@ -85,12 +86,15 @@ def semantic_errors(docs, external_secrets):
     errors = []
     configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d.get("kind") == "ConfigMap"}
     secrets = {d["metadata"]["name"] for d in docs if d.get("kind") == "Secret"} | set(external_secrets)
+    claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
     for doc in docs:
         for role, pod, is_lws in pod_templates(doc):
             at = f"{where(doc)} {role}"
             for v in pod.get("volumes") or []:
                 if "configMap" in v and v["configMap"].get("name") not in configmaps:
                     errors.append(f"{at}: volume {v['name']} names ConfigMap {v['configMap'].get('name')!r}, which the render does not have")
+                if "persistentVolumeClaim" in v and v["persistentVolumeClaim"].get("claimName") not in claims:
+                    errors.append(f"{at}: volume {v['name']} names PersistentVolumeClaim {v['persistentVolumeClaim'].get('claimName')!r}, which the render does not have")
                 if "secret" in v and v["secret"].get("secretName") not in secrets:
                     errors.append(f"{at}: volume {v['name']} names Secret {v['secret'].get('secretName')!r}, which is neither rendered nor --external-secret")
             for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
