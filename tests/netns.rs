@@ -228,12 +228,30 @@ fn link_latency() {
     assert!(should_run("link_latency"), "link_latency needs network namespaces (root)");
     let model = default_model().expect("the default model");
     let dir = model.parent().unwrap().to_path_buf();
-    let prompt = shared_prompts(1).pop().unwrap();
+    // A short prompt for decode (its all-reduces are small: one round each) and a long one for
+    // the time to first token (its prefill all-reduces take the two-round split path).
+    let short = shared_prompts(1).pop().unwrap();
+    let long: String = tpserve_fetch::testing::wikitext().chars().skip(2000).take(250).collect();
     let reps: usize = std::env::var("TPSERVE_LATENCY_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let links: Vec<(f64, u64)> = vec![(0.0, 0), (0.5, 0), (2.0, 0), (10.0, 0), (0.5, 12_500_000)];
+    // `TPSERVE_LATENCY_LINKS=delay_ms:bytes_per_s,...` replaces the default set.
+    let links: Vec<(f64, u64)> = match std::env::var("TPSERVE_LATENCY_LINKS") {
+        Ok(spec) => spec
+            .split(',')
+            .map(|l| {
+                let (d, r) = l.split_once(':').unwrap_or((l, "0"));
+                (d.parse().expect("a delay in ms"), r.parse().expect("a rate in bytes/s"))
+            })
+            .collect(),
+        Err(_) => vec![(0.0, 0), (0.5, 0), (2.0, 0), (10.0, 0), (0.5, 12_500_000)],
+    };
+    let splits: Vec<(usize, usize)> = match std::env::var("TPSERVE_LATENCY_SPLITS").as_deref() {
+        Ok("tp2") => vec![(2, 1)],
+        Ok("pp2") => vec![(1, 2)],
+        _ => vec![(2, 1), (1, 2)],
+    };
     let mut out = std::env::var_os("TPSERVE_LATENCY_OUT").map(|p| std::fs::File::create(p).unwrap());
-    println!("{:>6} {:>8} {:>10} {:>10} {:>10}", "split", "delay_ms", "MB/s", "ttft_ms", "tpot_ms");
-    for (tp, pp) in [(2, 1), (1, 2)] {
+    println!("{:>6} {:>8} {:>6} {:>10} {:>10} {:>12}", "split", "delay_ms", "MB/s", "tpot_ms", "ttft_ms", "ttft_long_ms");
+    for (tp, pp) in splits {
         let mut net = Net::new();
         let coord_ns = net.host(2);
         let workers: Vec<Proc> = (0..2).map(|r| worker_in(&net.host(10 + r as u8), &dir, &[])).collect();
@@ -248,19 +266,35 @@ fn link_latency() {
             addrs.push(format!("{front}:{GRPC_PORT}"));
         }
         let mut args = split_args(tp, pp);
-        args.extend(["--workers".into(), addrs.join(",")]);
+        // Every request computes its whole prompt (the same prompts repeat).
+        args.extend(["--workers".into(), addrs.join(","), "--no-prefix-caching".into()]);
         let (coord, http) = coordinator_in(&coord_ns, net.addr(2), &model, &args);
-        for &(delay_ms, rate) in &links {
-            *shaping.lock().unwrap() = Link { delay: Duration::from_secs_f64(delay_ms / 1000.0), bytes_per_s: rate };
-            timed(&http, &prompt, 4); // warm-up at this delay
-            let runs: Vec<(f64, f64, usize)> = (0..reps).map(|_| timed(&http, &prompt, 32)).collect();
-            let ttft = median(runs.iter().map(|r| r.0).collect()) * 1e3;
-            let tpot = median(runs.iter().map(|r| r.1).collect()) * 1e3;
-            let split = if tp == 2 { "tp2" } else { "pp2" };
-            println!("{split:>6} {delay_ms:>8} {:>10} {ttft:>10.1} {tpot:>10.2}", if rate == 0 { "-".to_string() } else { format!("{}", rate / 1_000_000) });
+        let prompt_tokens = |p: &str| http.post("/v1/completions", &json!({"prompt": p, "max_tokens": 1})).1["usage"]["prompt_tokens"].as_u64().unwrap();
+        let (short_tokens, long_tokens) = (prompt_tokens(&short), prompt_tokens(&long));
+        println!("prompts: {short_tokens} and {long_tokens} tokens");
+        // Rounds over every link setting, so a drift of the machine's speed touches them all alike.
+        let mut runs = vec![Vec::new(); links.len()];
+        let mut long_runs = vec![Vec::new(); links.len()];
+        for _ in 0..reps {
+            for (i, &(delay_ms, rate)) in links.iter().enumerate() {
+                *shaping.lock().unwrap() = Link { delay: Duration::from_secs_f64(delay_ms / 1000.0), bytes_per_s: rate };
+                timed(&http, &short, 2); // the first request at this setting opens nothing new, but settles the pipes
+                runs[i].push(timed(&http, &short, 32));
+                long_runs[i].push(timed(&http, &long, 2));
+            }
+        }
+        let split = if tp == 2 { "tp2" } else { "pp2" };
+        for (i, &(delay_ms, rate)) in links.iter().enumerate() {
+            let ttft = median(runs[i].iter().map(|r| r.0).collect()) * 1e3;
+            let tpot = median(runs[i].iter().map(|r| r.1).collect()) * 1e3;
+            let ttft_long = median(long_runs[i].iter().map(|r| r.0).collect()) * 1e3;
+            let mbs = if rate == 0 { "-".to_string() } else { format!("{}", rate as f64 / 1e6) };
+            println!("{split:>6} {delay_ms:>8} {mbs:>6} {tpot:>10.2} {ttft:>10.1} {ttft_long:>12.1}");
             if let Some(f) = out.as_mut() {
                 use std::io::Write;
-                writeln!(f, "{}", json!({"split": split, "delay_ms": delay_ms, "bytes_per_s": rate, "ttft_ms": ttft, "tpot_ms": tpot, "runs": runs})).unwrap();
+                let row = json!({"split": split, "delay_ms": delay_ms, "bytes_per_s": rate, "tpot_ms": tpot, "ttft_ms": ttft, "ttft_long_ms": ttft_long,
+                    "short_prompt_tokens": short_tokens, "long_prompt_tokens": long_tokens, "runs": runs[i], "long_runs": long_runs[i]});
+                writeln!(f, "{row}").unwrap();
             }
         }
         drop(coord);
