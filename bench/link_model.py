@@ -8,7 +8,7 @@ compute is the step measured through the relays with no delay and no rate limit;
 bytes come from the model's shape and the collective's algorithms; wake is what a message
 that is late costs beyond its delay (the receiver has stopped spinning and sleeps in the
 kernel, and is woken; here also the relay's timer wake-up), calibrated on one point (tp = 2
-decode at --calibrate-ms) and checked on every other:
+decode at --calibrate-ms, the smallest delay) and checked on every other:
 
   tp = 2, decode (one token):   hops = 2 (gRPC step request + answer) + (2 L + 1) all-reduces
                                  (embedding, attention out, FFN down) x 1 round (direct);
@@ -50,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="JSON lines written by link_latency (TPSERVE_LATENCY_OUT)")
     ap.add_argument("--tolerance", type=float, default=0.10)
-    ap.add_argument("--calibrate-ms", type=float, default=2.0, help="the tp = 2 decode delay that calibrates `wake`")
+    ap.add_argument("--calibrate-ms", type=float, default=0.5, help="the tp = 2 decode delay that calibrates `wake`")
     args = ap.parse_args()
     rows = [json.loads(l) for l in open(args.results) if l.strip()]
     # The compute baseline: the runs with no delay and no rate limit (first and last), averaged.

