@@ -95,3 +95,81 @@ fn the_configuration_page_lists_every_flag_of_coordinator_worker_and_up_and_no_o
     }
     assert!(problems.is_empty(), "docs/CONFIGURATION.md and the binary disagree:\n{}", problems.join("\n"));
 }
+
+/// Every environment variable a command's `--help` names, over the page's sections.
+fn binary_variables() -> std::collections::BTreeSet<String> {
+    documented().keys().flat_map(|sub| help_flags(sub).into_values().map(|s| s.env)).filter(|e| e != "—").collect()
+}
+
+/// The `TPSERVE_*` names in `text`.
+fn names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("TPSERVE_") {
+        let start = i + at;
+        let mut end = start + "TPSERVE_".len();
+        while end < b.len() && (b[end].is_ascii_uppercase() || b[end].is_ascii_digit() || b[end] == b'_') {
+            end += 1;
+        }
+        out.insert(text[start..end].to_string());
+        i = end;
+    }
+    out
+}
+
+/// The same names in the CLI, the compose file and the manifests: every `TPSERVE_*` a
+/// deployment file sets for a container is one the binary reads (a flag's variable, or one
+/// of the page's environment-only settings), and every `TPSERVE_*` under deploy/ at all is
+/// on this page.
+#[test]
+fn every_setting_the_deployment_files_name_is_a_real_one_and_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("docs/CONFIGURATION.md")).unwrap();
+    let env_only = page.split("## Settings only the environment carries").nth(1).unwrap().split("\n## ").next().unwrap();
+    let mut read_by_binary = binary_variables();
+    read_by_binary.extend(env_only.lines().filter(|l| l.starts_with("| `")).flat_map(names));
+    // The compose file's one-shot `model` service reads this one in its own shell script.
+    let compose_script = ["TPSERVE_MODEL_FILE"];
+
+    let mut files = Vec::new();
+    let mut stack = vec![root.join("deploy")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.components().any(|c| c.as_os_str() == "crds") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 10, "found only {} files under deploy/", files.len());
+    let mut problems = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let rel = f.strip_prefix(root).unwrap().display().to_string();
+        for n in names(&text) {
+            if !page.contains(&n) {
+                problems.push(format!("{rel} names {n}, which docs/CONFIGURATION.md does not"));
+            }
+        }
+        if f.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            // What a container gets: compose `KEY: value` lines, Kubernetes `name: KEY` env
+            // entries and ConfigMap literals `KEY=value`.
+            for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+                let set = if let Some(rest) = line.strip_prefix("- name: ").or_else(|| line.strip_prefix("name: ")) {
+                    Some(rest.trim())
+                } else {
+                    line.trim_start_matches("- ").split_once([':', '=']).map(|(k, _)| k.trim())
+                };
+                if let Some(k) = set.filter(|k| k.starts_with("TPSERVE_") && names(k).len() == 1 && names(k).contains(*k)) {
+                    if !read_by_binary.contains(k) && !compose_script.contains(&k) {
+                        problems.push(format!("{rel} sets {k}, which tpserve does not read (no flag has it, nor the environment-only list)"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -60,6 +60,14 @@ echo "== schemas"
 "$PY" tools/validate_manifests.py --k8s-version "$K8S_VERSION" --crd-schemas "$OUT/crd-schemas" \
   --external-secret tpserve-cluster-token "${renders[@]}"
 
+# The cpu overlays promise whole cores (Guaranteed QoS), and the base must not (it is
+# Burstable on purpose: small requests for small clusters).
+"$PY" tools/guaranteed.py "$OUT/renders/cpu.yaml" "$OUT/renders/cpu-model-pvc.yaml"
+if "$PY" tools/guaranteed.py "$OUT/renders/base.yaml" 2>/dev/null; then
+  echo "tools/guaranteed.py passed the base, whose init containers request less than their limits" >&2
+  exit 1
+fi
+
 echo "== self-test: planted mistakes must fail"
 "$PY" tools/selftest.py --k8s-version "$K8S_VERSION" --crd-schemas "$OUT/crd-schemas" \
   "$OUT/renders/cpu.yaml" "$OUT/renders/statefulset.yaml"

