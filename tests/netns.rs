@@ -279,7 +279,7 @@ fn link_latency() {
         for _ in 0..reps {
             for (i, &(delay_ms, rate)) in links.iter().enumerate() {
                 *shaping.lock().unwrap() = Link { delay: Duration::from_secs_f64(delay_ms / 1000.0), bytes_per_s: rate };
-                timed(&http, &short, 2); // the first request at this setting opens nothing new, but settles the pipes
+                timed(&http, &short, 2); // not measured: the first request after the link changed
                 runs[i].push(timed(&http, &short, 32));
                 long_runs[i].push(timed(&http, &long, 2));
             }
