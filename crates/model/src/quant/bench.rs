@@ -7,7 +7,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::kernels::{active_isa, avx2_available, Isa};
+use super::kernels::{active_isa, Isa};
 use super::{GgmlDType, QMatrix, TensorBytes};
 
 /// Random blocks with sane f16 scales (the values do not matter for speed).
@@ -85,7 +85,7 @@ fn read_bandwidth() -> f64 {
 #[test]
 #[ignore = "speed check, run by hand with --ignored --nocapture"]
 fn matmul_speed_on_gemma_270m_shapes() {
-    let isa = if avx2_available() { Isa::Avx2 } else { active_isa() };
+    let isa = active_isa();
     let cases: &[(GgmlDType, usize, usize, &[usize])] = &[
         (GgmlDType::Q8_0, 262144, 640, &[1]),
         (GgmlDType::Q8_0, 2048, 640, &[1, 512]),

@@ -1,5 +1,7 @@
-//! Run-time kernel selection: AVX2 when the CPU has it, the portable scalar kernels otherwise
-//! (or when `TPSERVE_KERNELS=scalar` asks for them), detected once per process.
+//! Run-time kernel selection, detected once per process: AVX-512 VNNI (GEMM kernels over
+//! repacked weights for the 32-element formats, AVX2 for the rest) when the CPU has it, AVX2
+//! otherwise, the portable scalar kernels without AVX2; `TPSERVE_KERNELS=avx2` or `scalar`
+//! caps the choice (for comparing them and for debugging).
 
 use std::sync::OnceLock;
 
@@ -13,6 +15,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's kernels, and the AVX-512 (F, BW) + VNNI GEMM kernels over repacked weights
+    /// where a type has them.
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -21,6 +26,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
     }
 }
@@ -37,21 +43,49 @@ pub fn avx2_available() -> bool {
     }
 }
 
-/// The kernels this process uses: the best the CPU supports unless the environment variable
-/// `TPSERVE_KERNELS=scalar` forces the fallback (for testing it and for debugging).
+/// Whether this CPU can run the AVX-512 VNNI kernels (independent of `TPSERVE_KERNELS`).
+pub fn avx512_vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Every kernel set this CPU can run, the portable one first.
+pub fn available_isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    if avx2_available() {
+        v.push(Isa::Avx2);
+    }
+    if avx512_vnni_available() {
+        v.push(Isa::Avx512Vnni);
+    }
+    v
+}
+
+/// The kernels this process uses: the best the CPU supports, or at most what the environment
+/// variable `TPSERVE_KERNELS` names (`scalar`, `avx2`; for testing and for debugging).
 pub fn active_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let forced_scalar = std::env::var("TPSERVE_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
-        if !forced_scalar && avx2_available() {
-            Isa::Avx2
-        } else {
-            Isa::Scalar
+        let cap = std::env::var("TPSERVE_KERNELS").unwrap_or_default().to_ascii_lowercase();
+        let best = *available_isas().last().expect("scalar is always available");
+        match cap.as_str() {
+            "scalar" => Isa::Scalar,
+            "avx2" if best == Isa::Avx512Vnni => Isa::Avx2,
+            _ => best,
         }
     })
 }
 
-/// "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
+/// "avx512-vnni", "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
 pub fn kernel_name() -> &'static str {
     active_isa().name()
 }
@@ -168,7 +202,7 @@ const K_PAIRS: bool = true;
 pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
     use super::blocks::*;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && avx2_available() {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && avx2_available() {
         return Some(match dtype {
             GgmlDType::F32 => avx2_kernels!(F32, dot_f32, f32, 4, false),
             GgmlDType::F16 => avx2_kernels!(F32, dot_f16, f32, 2, false),
@@ -205,7 +239,7 @@ pub(crate) type QuantizeQ8K = fn(&[f32], &mut [BlockQ8K]);
 /// The activation quantizers for `isa` (the AVX2 ones give bit-identical blocks).
 pub(crate) fn activation_quantizers(isa: Isa) -> (QuantizeQ8_0, QuantizeQ8K) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && avx2_available() {
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && avx2_available() {
         fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
             // SAFETY: only handed out after `avx2_available()`; the kernel checks lengths.
             unsafe { super::avx2::quantize_row_q8_0(x, out) }

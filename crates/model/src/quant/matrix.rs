@@ -5,16 +5,19 @@
 //! `--threads` and runs us inside `pool.install`). Decode (n = 1) splits rows evenly over
 //! the threads (on the calling thread alone below 32 KiB of weights, eight tasks per thread
 //! above 4 MiB); prefill (n > 1) gives each task a chunk of weight rows small enough to stay
-//! in L1/L2 while all token rows stream past it four at a time.
+//! in L1/L2 while all token rows stream past it four at a time. With the AVX-512 VNNI kernels,
+//! Q8_0/Q4_0/Q5_0/Q4_K/Q6_K weights are first repacked (`packed`: 16 rows interleaved) and every
+//! matmul, decode included, runs the GEMM kernel on them.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::QK_K;
-use super::kernels::{activation_quantizers, active_isa, select, DotKernels, Isa, Kernel};
+use super::kernels::{activation_quantizers, active_isa, avx512_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K, QuantizeQ8_0};
+use super::packed::{packable, Packed, GROUP};
 use super::{dequantize, is_supported, GgmlDType, QuantError};
 use tpserve_gguf::TensorBytes;
 
@@ -32,6 +35,9 @@ pub struct QMatrix {
     data: TensorBytes,
     /// Byte offset of row 0 within `data` (non-zero after `slice_rows`).
     start: usize,
+    /// The rows repacked for the AVX-512 VNNI kernels, made on first use (shared by clones;
+    /// a slice starts without).
+    packed: Arc<OnceLock<Packed>>,
 }
 
 impl fmt::Debug for QMatrix {
@@ -62,7 +68,7 @@ impl QMatrix {
         if got != expected {
             return Err(QuantError::ByteLength { dtype, elems: rows * cols, expected, got });
         }
-        Ok(Self { dtype, rows, cols, row_bytes, data, start: 0 })
+        Ok(Self { dtype, rows, cols, row_bytes, data, start: 0, packed: Arc::default() })
     }
 
     /// The block type of the weights.
@@ -105,7 +111,7 @@ impl QMatrix {
         if start > end || end > self.rows {
             return Err(QuantError::BadRange { axis: "row", start, end, size: self.rows });
         }
-        Ok(Self { rows: end - start, start: self.start + start * self.row_bytes, ..self.clone() })
+        Ok(Self { rows: end - start, start: self.start + start * self.row_bytes, packed: Arc::default(), ..self.clone() })
     }
 
     /// Columns [start, end) — copies; both ends must fall on a block boundary (tensor-parallel split of input features).
@@ -133,6 +139,72 @@ impl QMatrix {
         dequantize(self.dtype, self.row(r), out).expect("QMatrix invariants guarantee a valid row");
     }
 
+    /// Whether matmuls on `isa` run on the repacked layout.
+    fn packs_for(&self, isa: Isa) -> bool {
+        isa == Isa::Avx512Vnni && packable(self.dtype) && avx512_vnni_available()
+    }
+
+    /// The repacked rows, made now if this is the first call.
+    fn packed(&self) -> &Packed {
+        self.packed.get_or_init(|| Packed::new(self.dtype, self.rows, self.cols / self.dtype.block_size(), |r| self.row(r)))
+    }
+
+    /// Repacks the weights now for the kernels this process runs, where they have a repacked
+    /// layout (otherwise the first matmul would), and returns the bytes that adds (0 when
+    /// none: the file's bytes are used as they are).
+    pub fn prepare(&self) -> usize {
+        if self.packs_for(active_isa()) && self.rows > 0 && self.cols > 0 {
+            self.packed().nbytes()
+        } else {
+            0
+        }
+    }
+
+    /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AVX-512 VNNI kernels
+    /// (the caller checked [`Self::packs_for`]).
+    fn matmul_packed(&self, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k: QuantizeQ8K) {
+        let p = self.packed();
+        let (rows, dtype) = (self.rows, self.dtype);
+        if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
+            let nb = self.cols / QK_K;
+            let acts = quantize_rows(x, n, nb, BlockQ8K::ZERO, q8_k);
+            // Q4_K's mins: per block, the sums of sub-blocks (2p, 2p + 1) as two i16 in an i32.
+            let pairs: Vec<i32> = if dtype == GgmlDType::Q4_K {
+                let sum32 = |b: &BlockQ8K, j: usize| (b.bsums[2 * j] + b.bsums[2 * j + 1]) as u16 as i32;
+                acts.iter().flat_map(|b| (0..4).map(move |p| sum32(b, 2 * p) | (sum32(b, 2 * p + 1) << 16))).collect()
+            } else {
+                Vec::new()
+            };
+            run_packed(p, n, out, |g, (t0, tn), o, lanes| {
+                assert!(acts.len() >= (t0 + tn) * nb && (pairs.is_empty() || pairs.len() == 4 * acts.len()));
+                // SAFETY: `packs_for` checked the CPU; group g has `nb` blocks per row and the
+                // token rows `nb` blocks and `4 nb` pairs each (asserted); `o` is token t0's
+                // output at the group's first row, `rows` apart per token, lanes past `rows`
+                // masked off: every write is in `out` and (see `OutPtr`) this task's own.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
+            });
+        } else {
+            let nb = self.cols / 32;
+            let acts = quantize_rows(x, n, nb, BlockQ8_0::ZERO, q8_0);
+            let sums: Vec<i32> = acts.iter().map(|b| b.qs.iter().map(|&q| q as i32).sum()).collect();
+            run_packed(p, n, out, |g, (t0, tn), o, lanes| {
+                assert!(acts.len() >= (t0 + tn) * nb && sums.len() == acts.len());
+                // SAFETY: as above, with `nb` sums per token.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
+            });
+        }
+    }
+
     /// `out = x Wᵀ`: `out[t * rows + r] = Σ_c x[t * cols + c] · W[r, c]` for `t` in `0..n`,
     /// with `x` `[n, cols]` and `out` `[n, rows]` (panics on other lengths). `x` is quantized
     /// to 8-bit blocks first unless W is a float type (as llama.cpp does), so the result
@@ -152,8 +224,11 @@ impl QMatrix {
             out.fill(0.0);
             return;
         }
-        let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         let (q8_0, q8_k) = activation_quantizers(isa);
+        if self.packs_for(isa) {
+            return self.matmul_packed(x, n, out, q8_0, q8_k);
+        }
+        let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         match kernel {
             Kernel::F32(k) => self.run(x, self.cols, n, &k, out),
             Kernel::Q8_0(k) => {
@@ -238,6 +313,55 @@ impl QMatrix {
     }
 }
 
+/// The group loop of the packed kernels: groups of 16 rows split over the current pool as
+/// [`QMatrix::run`] splits rows, each group multiplied with up to eight tokens per call of
+/// `kernel(group, (first token, tokens), output of its first row and token, live lanes)`
+/// while its codes stay in L1.
+fn run_packed(p: &Packed, n: usize, out: &mut [f32], kernel: impl Fn(usize, (usize, usize), *mut f32, u16) + Sync) {
+    let (rows, groups) = (p.rows(), p.groups());
+    assert_eq!(out.len(), n * rows, "packed matmul: output is not n x rows");
+    let threads = rayon::current_num_threads();
+    let group_bytes = p.blocks() * p.block_bytes();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let task = |g0: usize, g1: usize| {
+        for g in g0..g1 {
+            let r0 = g * GROUP;
+            let live = (rows - r0).min(GROUP);
+            let lanes = if live == GROUP { u16::MAX } else { (1u16 << live) - 1 };
+            let mut t = 0;
+            while t < n {
+                let tn = (n - t).min(TILE_TOKENS);
+                // SAFETY: t < n and r0 < rows, so the index is in `out` (asserted length).
+                kernel(g, (t, tn), unsafe { out_ptr.at(t * rows + r0) }, lanes);
+                t += tn;
+            }
+        }
+    };
+    let bytes = groups * group_bytes;
+    let tasks = if threads == 1 || (n == 1 && bytes < SERIAL_BYTES) {
+        1
+    } else if n == 1 {
+        if bytes > MANY_TASKS_BYTES {
+            threads * 8
+        } else {
+            threads
+        }
+    } else {
+        groups.div_ceil((PREFILL_CHUNK_BYTES / group_bytes).max(1)).max(threads * 4)
+    };
+    let chunk = groups.div_ceil(tasks.min(groups));
+    if tasks == 1 {
+        task(0, groups);
+    } else {
+        (0..groups.div_ceil(chunk)).into_par_iter().for_each(|c| task(c * chunk, ((c + 1) * chunk).min(groups)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const TILE_TOKENS: usize = super::avx512::TOKENS;
+#[cfg(not(target_arch = "x86_64"))]
+const TILE_TOKENS: usize = 1;
+
 /// The output of a prefill matmul, written by parallel tasks whose rows interleave in memory.
 ///
 /// SAFETY: `run` creates it from `out: &mut [f32]` with `out.len() == n * rows` (asserted in
@@ -254,6 +378,15 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The address of element `i` (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `i` must be in bounds of the output.
+    #[inline(always)]
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+
     /// # Safety
     /// `i` must be in bounds of the output and written by no other task.
     #[inline(always)]

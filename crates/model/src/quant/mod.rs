@@ -19,6 +19,9 @@ pub mod matrix;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod packed;
 mod scalar;
 
 #[cfg(test)]

@@ -7,18 +7,17 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::act::{dequantize_q8_0, dequantize_q8_k, quantize_row_q8_0, quantize_row_q8_k, BlockQ8K, BlockQ8_0};
-use super::kernels::{avx2_available, select, Isa, Kernel};
+use super::kernels::{available_isas, avx512_vnni_available, select, Isa, Kernel};
+use super::packed::{packable, Packed};
 use super::*;
 
 use crate::quant::SUPPORTED as TYPES;
 
-/// The kernel sets this machine can run.
+/// The kernel sets this machine can run (printed, so a test log says which paths ran).
 fn isas() -> Vec<Isa> {
-    if avx2_available() {
-        vec![Isa::Scalar, Isa::Avx2]
-    } else {
-        vec![Isa::Scalar]
-    }
+    let v = available_isas();
+    eprintln!("kernel paths run here: {}", v.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
+    v
 }
 
 /// Byte offsets of the f16 scale fields of one block.
@@ -200,20 +199,68 @@ fn matmul_matches_a_naive_reference_for_one_three_and_seventeen_tokens() {
 #[test]
 fn matmul_of_a_large_matrix_splits_rows_over_threads_without_changing_results() {
     let mut rng = StdRng::seed_from_u64(4);
-    let (rows, cols) = (1000, 1024);
-    let m = random_matrix(GgmlDType::Q4_K, rows, cols, &mut rng);
-    let x = random_floats(&mut rng, 9 * cols);
-    let run = |threads: usize, n: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mut out = vec![0f32; n * rows];
-        pool.install(|| m.matmul(&x[..n * cols], n, &mut out));
-        out
-    };
-    for n in [1, 9] {
-        assert_eq!(run(1, n), run(3, n), "n={n}");
+    // Q8_0 at 2000 x 1024 is above the size where decode cuts the rows into several tasks
+    // per thread (the packed path's group split included).
+    for (dtype, rows) in [(GgmlDType::Q4_K, 1000), (GgmlDType::Q8_0, 2000), (GgmlDType::Q5_0, 1000)] {
+        let cols = 1024;
+        let m = random_matrix(dtype, rows, cols, &mut rng);
+        let x = random_floats(&mut rng, 9 * cols);
+        for isa in isas() {
+            let run = |threads: usize, n: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut out = vec![0f32; n * rows];
+                pool.install(|| m.matmul_with(isa, &x[..n * cols], n, &mut out));
+                out
+            };
+            for n in [1, 9] {
+                assert_eq!(run(1, n), run(3, n), "{dtype} {isa:?} n={n}");
+            }
+            // A token's result does not depend on which other tokens share the batch.
+            assert_eq!(run(2, 1), run(2, 9)[..rows].to_vec(), "{dtype} {isa:?}");
+        }
     }
-    // A token's result does not depend on which other tokens share the batch.
-    assert_eq!(run(2, 1), run(2, 9)[..rows].to_vec());
+}
+
+#[test]
+fn the_packed_layout_holds_every_row_of_the_file() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for dtype in TYPES.into_iter().filter(|&d| packable(d)) {
+        // 37 rows: two full groups of 16 and a partial one; three blocks per row.
+        let (rows, cols) = (37, 3 * dtype.block_size());
+        let m = random_matrix(dtype, rows, cols, &mut rng);
+        let p = Packed::new(dtype, rows, 3, |r| &m.as_bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()]);
+        assert_eq!(p.nbytes() % 64, 0);
+        let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            m.dequantize_row(r, &mut want);
+            p.dequantize_row(r, &mut got);
+            assert_eq!(got, want, "{dtype} row {r}");
+        }
+    }
+}
+
+#[test]
+fn the_avx512_vnni_gemm_gives_the_scalar_kernels_results_bit_for_bit() {
+    // Exact integer block sums and the scalar loop's float operations in its order: equal,
+    // not close, for every batch size (the kernel's 1..=8-token tiles and their remainders).
+    if !avx512_vnni_available() {
+        eprintln!("no AVX-512 VNNI on this CPU: the packed kernels are not run here");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(22);
+    for dtype in TYPES.into_iter().filter(|&d| packable(d)) {
+        for (rows, blocks) in [(37, 3), (16, 20), (5, 1)] {
+            let cols = blocks * dtype.block_size();
+            let m = random_matrix(dtype, rows, cols, &mut rng);
+            for n in [1, 2, 3, 7, 8, 9, 16, 21] {
+                let x = random_floats(&mut rng, n * cols);
+                let (mut a, mut b) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                m.matmul_with(Isa::Scalar, &x, n, &mut a);
+                m.matmul_with(Isa::Avx512Vnni, &x, n, &mut b);
+                assert_eq!(a, b, "{dtype} {rows}x{cols} n={n}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -293,8 +340,13 @@ fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
 
 #[test]
 fn kernel_name_reports_the_kernels_this_process_runs() {
-    let forced = std::env::var("TPSERVE_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
-    let want = if avx2_available() && !forced { "avx2" } else { "scalar" };
+    let cap = std::env::var("TPSERVE_KERNELS").unwrap_or_default().to_ascii_lowercase();
+    let best = available_isas().last().unwrap().name();
+    let want = match cap.as_str() {
+        "scalar" => "scalar",
+        "avx2" if best == "avx512-vnni" => "avx2",
+        _ => best,
+    };
     assert_eq!(kernel_name(), want);
 }
 
@@ -337,12 +389,14 @@ fn a_tokens_result_is_bit_identical_whatever_batch_it_is_in_for_every_type() {
         let m = random_matrix(dtype, rows, cols, &mut rng);
         let n = 29;
         let x = random_floats(&mut rng, n * cols);
-        let mut all = vec![0f32; n * rows];
-        m.matmul(&x, n, &mut all);
-        for t in 0..n {
-            let mut one = vec![0f32; rows];
-            m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
-            assert_eq!(one, all[t * rows..(t + 1) * rows], "{dtype}, token {t}");
+        for isa in isas() {
+            let mut all = vec![0f32; n * rows];
+            m.matmul_with(isa, &x, n, &mut all);
+            for t in 0..n {
+                let mut one = vec![0f32; rows];
+                m.matmul_with(isa, &x[t * cols..(t + 1) * cols], 1, &mut one);
+                assert_eq!(one, all[t * rows..(t + 1) * rows], "{dtype} {isa:?}, token {t}");
+            }
         }
     }
 }
@@ -354,24 +408,52 @@ fn four_tokens<A>(k: &super::kernels::DotKernels<A>, w: &[u8], a: [&[A]; 4]) -> 
     out[0]
 }
 
-/// Throughput of batched matmuls in the shapes of a decode step (one thread):
-/// `cargo test -p tpserve-model --release -- --ignored --nocapture matmul_throughput`.
+/// Throughput of batched matmuls in the shapes of a decode step (one thread), every kernel
+/// set this CPU has but the scalar one, interleaved, best of `TPSERVE_BENCH_ROUNDS` (5) rounds:
+/// `cargo test -p tpserve-model --release -- --ignored --nocapture matmul_throughput`
+/// (`TPSERVE_BENCH_ONLY=Q8_0`, `TPSERVE_BENCH_N=1,8`, `TPSERVE_BENCH_ROWS=4096` narrow it).
 #[test]
 #[ignore]
 fn matmul_throughput() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut rng = StdRng::seed_from_u64(5);
-    for (dtype, rows, cols) in [(GgmlDType::Q8_0, 131072, 640), (GgmlDType::Q5_0, 2048, 640), (GgmlDType::Q4_K, 2048, 1024)] {
+    let rounds: usize = std::env::var("TPSERVE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let isas: Vec<Isa> = available_isas().into_iter().filter(|&i| i != Isa::Scalar).collect();
+    let shapes = [
+        (GgmlDType::Q8_0, 131072, 640),
+        (GgmlDType::Q5_0, 2048, 640),
+        (GgmlDType::Q4_0, 2048, 640),
+        (GgmlDType::Q4_K, 2048, 1024),
+        (GgmlDType::Q6_K, 640, 2048),
+    ];
+    let only = std::env::var("TPSERVE_BENCH_ONLY").ok();
+    let ns: Vec<usize> = std::env::var("TPSERVE_BENCH_N").ok().map_or(vec![1, 8, 32], |v| v.split(',').map(|n| n.parse().unwrap()).collect());
+    for (dtype, rows, cols) in shapes {
+        if only.as_deref().is_some_and(|o| !o.eq_ignore_ascii_case(&dtype.to_string())) {
+            continue;
+        }
+        let rows = std::env::var("TPSERVE_BENCH_ROWS").ok().map_or(rows, |v| v.parse().unwrap());
         let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(dtype, cols, &mut rng, false)).collect();
         let m = QMatrix::new(dtype, rows, cols, TensorBytes::Owned(Arc::new(bytes))).unwrap();
-        for n in [1, 8, 32] {
+        for &n in &ns {
             let x = random_floats(&mut rng, n * cols);
             let mut out = vec![0f32; n * rows];
-            let reps = (2_000_000_000 / (rows * cols * n)).max(1);
-            let t = std::time::Instant::now();
-            pool.install(|| (0..reps).for_each(|_| m.matmul(&x, n, &mut out)));
-            let s = t.elapsed().as_secs_f64();
-            println!("{dtype:?} {rows}x{cols} n={n}: {:.2} GMAC/s", (reps * rows * cols * n) as f64 / s / 1e9);
+            let reps = (1_000_000_000 / (rows * cols * n)).max(1);
+            let mut best = vec![f64::MAX; isas.len()];
+            for _ in 0..rounds {
+                for (i, &isa) in isas.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    pool.install(|| (0..reps).for_each(|_| m.matmul_with(isa, &x, n, &mut out)));
+                    best[i] = best[i].min(t.elapsed().as_secs_f64());
+                }
+            }
+            let rates: Vec<String> = isas
+                .iter()
+                .zip(&best)
+                .map(|(isa, s)| format!("{} {:.1}", isa.name(), (reps * rows * cols * n) as f64 / s / 1e9))
+                .collect();
+            println!("{dtype:?} {rows}x{cols} n={n}: GMAC/s {}", rates.join(", "));
         }
     }
 }
+
