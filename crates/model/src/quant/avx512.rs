@@ -80,6 +80,31 @@ fn code_offset(dtype: GgmlDType) -> i32 {
     }
 }
 
+/// `init` plus the exact integer dot products of 32 elements for 16 rows: `w[g]` holds
+/// elements `4g..4g+4` of each row (unsigned), `a[0..32]` one token's (signed), broadcast four
+/// at a time. Two independent chains when a call has few tokens whose chains could overlap
+/// (`T`, the caller's token count); the sum is the same integer either way.
+///
+/// # Safety
+/// AVX-512F/VNNI; `a..a + 32` readable.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dot32<const T: usize>(w: &[__m512i; 8], init: __m512i, a: *const i8) -> __m512i {
+    let (mut i0, mut i1) = (init, _mm512_setzero_si512());
+    for (g, w) in w.iter().enumerate() {
+        if T <= 2 && g % 2 == 1 {
+            i1 = _mm512_dpbusd_epi32(i1, *w, bcast4(a, 4 * g));
+        } else {
+            i0 = _mm512_dpbusd_epi32(i0, *w, bcast4(a, 4 * g));
+        }
+    }
+    if T <= 2 {
+        _mm512_add_epi32(i0, i1)
+    } else {
+        i0
+    }
+}
+
 /// One group of 16 rows · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) · dot_b` for lanes `l`
 /// set in `lanes`.
 ///
@@ -113,19 +138,7 @@ unsafe fn group_dot<const T: usize>(
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * meta_bytes) as *const __m256i));
         for t in 0..T {
             let y = &*acts[t].add(b);
-            let q = y.qs.as_ptr() as *const i32;
-            // Two independent integer chains when there are few tokens to overlap.
-            let mut i0 = _mm512_set1_epi32(neg_offset * *sums[t].add(b));
-            let mut i1 = _mm512_setzero_si512();
-            for g in 0..8 {
-                let a = _mm512_set1_epi32(std::ptr::read_unaligned(q.add(g)));
-                if T <= 2 && g % 2 == 1 {
-                    i1 = _mm512_dpbusd_epi32(i1, w[g], a);
-                } else {
-                    i0 = _mm512_dpbusd_epi32(i0, w[g], a);
-                }
-            }
-            let dot = if T <= 2 { _mm512_add_epi32(i0, i1) } else { i0 };
+            let dot = dot32::<T>(&w, _mm512_set1_epi32(neg_offset * *sums[t].add(b)), y.qs.as_ptr());
             let d = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
             acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(d, _mm512_cvtepi32_ps(dot)));
         }
@@ -133,6 +146,24 @@ unsafe fn group_dot<const T: usize>(
     for t in 0..T {
         _mm512_mask_storeu_ps(out[t], lanes, acc[t]);
     }
+}
+
+/// Calls the macro `$go!(T)` with `T` the literal equal to `$tn` (1..=[`TOKENS`]): the token
+/// count of a call becomes the kernels' const parameter.
+macro_rules! for_tokens {
+    ($tn:expr, $go:ident) => {
+        match $tn {
+            1 => $go!(1),
+            2 => $go!(2),
+            3 => $go!(3),
+            4 => $go!(4),
+            5 => $go!(5),
+            6 => $go!(6),
+            7 => $go!(7),
+            8 => $go!(8),
+            n => unreachable!("{n} tokens in one kernel call"),
+        }
+    };
 }
 
 /// The most tokens one call of the kernel takes (its register tile).
@@ -166,17 +197,7 @@ pub(super) unsafe fn gemm_group(
             group_dot::<$t>(dtype, group.as_ptr(), nb, a, s, o, lanes)
         }};
     }
-    match tn {
-        1 => go!(1),
-        2 => go!(2),
-        3 => go!(3),
-        4 => go!(4),
-        5 => go!(5),
-        6 => go!(6),
-        7 => go!(7),
-        8 => go!(8),
-        n => unreachable!("{n} tokens in one kernel call"),
-    }
+    for_tokens!(tn, go)
 }
 
 /// Sixteen bytes (one per lane) widened to i32 lanes, unsigned or signed.
@@ -239,16 +260,8 @@ unsafe fn group_dot_k<const T: usize>(
                 }
                 let sc = bytes_to_lanes::<false>(meta.add(64 + 16 * sub));
                 for t in 0..T {
-                    let a = (*acts[t].add(b)).qs.as_ptr();
-                    let (mut i0, mut i1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                    for g in 0..8 {
-                        if T <= 2 && g % 2 == 1 {
-                            i1 = _mm512_dpbusd_epi32(i1, w[g], bcast4(a, 32 * sub + 4 * g));
-                        } else {
-                            i0 = _mm512_dpbusd_epi32(i0, w[g], bcast4(a, 32 * sub + 4 * g));
-                        }
-                    }
-                    let dot = if T <= 2 { _mm512_add_epi32(i0, i1) } else { i0 };
+                    let a = (*acts[t].add(b)).qs.as_ptr().add(32 * sub);
+                    let dot = dot32::<T>(&w, _mm512_setzero_si512(), a);
                     sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot, sc));
                 }
             }
@@ -330,15 +343,5 @@ pub(super) unsafe fn gemm_group_k(
             group_dot_k::<$t>(dtype, group.as_ptr(), nb, a, s, o, lanes)
         }};
     }
-    match tn {
-        1 => go!(1),
-        2 => go!(2),
-        3 => go!(3),
-        4 => go!(4),
-        5 => go!(5),
-        6 => go!(6),
-        7 => go!(7),
-        8 => go!(8),
-        n => unreachable!("{n} tokens in one kernel call"),
-    }
+    for_tokens!(tn, go)
 }

@@ -47,10 +47,7 @@ pub fn avx2_available() -> bool {
 pub fn avx512_vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        avx2_available()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+        avx2_available() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

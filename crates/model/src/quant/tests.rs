@@ -447,13 +447,9 @@ fn matmul_throughput() {
                     best[i] = best[i].min(t.elapsed().as_secs_f64());
                 }
             }
-            let rates: Vec<String> = isas
-                .iter()
-                .zip(&best)
-                .map(|(isa, s)| format!("{} {:.1}", isa.name(), (reps * rows * cols * n) as f64 / s / 1e9))
-                .collect();
+            let rates: Vec<String> =
+                isas.iter().zip(&best).map(|(isa, s)| format!("{} {:.1}", isa.name(), (reps * rows * cols * n) as f64 / s / 1e9)).collect();
             println!("{dtype:?} {rows}x{cols} n={n}: GMAC/s {}", rates.join(", "));
         }
     }
 }
-
