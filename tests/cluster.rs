@@ -123,6 +123,35 @@ fn generate_through_workers_prints_the_same_json_fields_and_tokens_as_in_process
     assert!(dist["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `tpserve generate --batch 6` at temperature 2 (copy i seeded 5 + i) with `extra` flags:
+/// every copy's tokens and the number of steps.
+fn batch_of_six(model: &Path, extra: &[&str]) -> (Value, u64) {
+    let out = bin()
+        .args(["generate", "--prompt", "a b c", "--max-tokens", "24", "--temperature", "2", "--seed", "5", "--ignore-eos", "--json", "--batch", "6"])
+        .args(["--prefill-chunk", "4", "--threads", "1", "--model"])
+        .arg(model)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (v["batch"]["output_ids"].clone(), v["steps"]["steps"].as_u64().unwrap_or_else(|| panic!("no step count in {v}")))
+}
+
+#[test]
+fn pipeline_stages_overlap_on_batches_of_their_own_and_every_copy_keeps_its_tokens() {
+    let dir = TempDir::new().unwrap();
+    let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable().for_sampling());
+    let (local, local_steps) = batch_of_six(&m, &[]);
+    assert_eq!(local.as_array().map(Vec::len), Some(6), "{local}");
+    for extra in [&["--pp", "2"][..], &["--tp", "2", "--pp", "2"]] {
+        let (piped, steps) = batch_of_six(&m, extra);
+        assert_eq!(piped, local, "{extra:?} changed some copy's tokens");
+        // Two batches of three in flight at a time: about twice the steps of one batch of six.
+        assert!(steps >= local_steps * 3 / 2, "{extra:?}: {steps} steps against {local_steps} in one process: the stages did not take turns");
+    }
+}
+
 #[test]
 fn impossible_plans_are_refused_at_start_up_saying_what_would_work() {
     let dir = TempDir::new().unwrap();

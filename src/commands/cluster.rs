@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, ClusterToken, LoadProgress, StepReply, Timeouts, Tls};
+use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, ClusterToken, LoadProgress, Pending, StepReply, Timeouts, Tls};
 
 use super::auth::random_token;
 use tpserve_model::config::ModelConfig;
@@ -340,6 +340,27 @@ impl Backend for LocalBackend {
         match self {
             Self::InProcess(_) => Ok(()),
             Self::Workers(b) => b.0.recover().await,
+        }
+    }
+
+    fn pipeline_depth(&self) -> usize {
+        match self {
+            Self::InProcess(b) => b.pipeline_depth(),
+            Self::Workers(b) => b.0.pipeline_depth(),
+        }
+    }
+
+    fn submit(&mut self, plan: &StepPlan) -> Option<Pending> {
+        match self {
+            Self::InProcess(b) => b.submit(plan),
+            Self::Workers(b) => b.0.submit(plan),
+        }
+    }
+
+    fn step_failed(&mut self, e: &ClusterError) {
+        match self {
+            Self::InProcess(b) => b.step_failed(e),
+            Self::Workers(b) => b.0.step_failed(e),
         }
     }
 }

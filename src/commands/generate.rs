@@ -61,7 +61,8 @@ pub struct GenerateArgs {
     pub prefill_chunk: usize,
     /// Run this many copies of the request in one batch (request i samples with seed + i),
     /// to measure batched decoding; only the first copy's text is printed, and --json adds
-    /// "batch": {"n", "output_tokens", "decode_tokens_per_s"} over all copies.
+    /// "batch": {"n", "output_tokens", "output_ids" (per copy), "decode_tokens_per_s"} over
+    /// all copies.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// With --tp or --pp above 1, generation runs on that many real worker processes on
@@ -188,6 +189,7 @@ fn report(args: &GenerateArgs, prompt_ids: &[u32], outs: &[GenOutput], stats: &S
         json["batch"] = serde_json::json!({
             "n": outs.len(),
             "output_tokens": outs.iter().map(|o| o.output_ids.len()).sum::<usize>(),
+            "output_ids": outs.iter().map(|o| &o.output_ids).collect::<Vec<_>>(),
             "decode_tokens_per_s": if ms > 0.0 { tokens as f64 / (ms / 1e3) } else { 0.0 },
         });
     }

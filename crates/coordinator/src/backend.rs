@@ -2,6 +2,7 @@
 //! way a step goes to every rank and comes back as one answer per rank.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use tpserve_types::kv::KvLayout;
 use tpserve_types::step::{StepOutput, StepPlan};
@@ -19,10 +20,33 @@ pub struct StepReply {
     pub response_bytes: usize,
 }
 
+/// A step sent to every rank whose answers are still to come: it owns what it needs, so
+/// the engine can hold several while it forms the next.
+pub type Pending = Pin<Box<dyn Future<Output = Result<StepReply, ClusterError>> + Send + 'static>>;
+
 /// Runs steps on every rank of a model.
 pub trait Backend: Send {
     /// Sends `plan` to every rank and returns every rank's answer.
     fn step(&mut self, plan: &StepPlan) -> impl Future<Output = Result<StepReply, ClusterError>> + Send;
+    /// How many steps may be in flight at once: the pipeline's stages, so that every stage
+    /// computes a batch of its own while the later ones finish the earlier batches (1: one
+    /// step at a time, through [`Backend::step`]).
+    fn pipeline_depth(&self) -> usize {
+        1
+    }
+    /// Sends `plan` to every rank without waiting for the steps sent before it to finish:
+    /// each rank still runs its steps in the order they were submitted. `None` where the
+    /// backend cannot (then [`Backend::pipeline_depth`] is 1). The engine passes every error
+    /// of the returned future to [`Backend::step_failed`].
+    fn submit(&mut self, plan: &StepPlan) -> Option<Pending> {
+        let _ = plan;
+        None
+    }
+    /// A submitted step failed with `e`: a backend that keeps a failed state takes it on
+    /// here, as [`Backend::step`] does itself.
+    fn step_failed(&mut self, e: &ClusterError) {
+        let _ = e;
+    }
     /// The model's context length (positions per sequence).
     fn context_len(&self) -> usize;
     /// The KV cache the ranks were loaded with.
@@ -51,5 +75,17 @@ impl<B: Backend> Backend for &mut B {
 
     fn recover(&mut self) -> impl Future<Output = Result<(), ClusterError>> + Send {
         (**self).recover()
+    }
+
+    fn pipeline_depth(&self) -> usize {
+        (**self).pipeline_depth()
+    }
+
+    fn submit(&mut self, plan: &StepPlan) -> Option<Pending> {
+        (**self).submit(plan)
+    }
+
+    fn step_failed(&mut self, e: &ClusterError) {
+        (**self).step_failed(e)
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
+use tokio::sync::oneshot;
 use tonic::{Code, Request, Status};
 use tpserve_proto::auth::{AuthChannel, ClusterToken, SendToken};
 use tpserve_proto::tls::Tls;
@@ -17,7 +18,7 @@ use tpserve_types::plan::{Plan, RankShard};
 use tpserve_types::step::{StepOutput, StepPlan};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::backend::{Backend, StepReply};
+use crate::backend::{Backend, Pending, StepReply};
 use crate::error::ClusterError;
 use crate::join::JoinRegistry;
 
@@ -234,7 +235,8 @@ pub struct ClusterSpec {
 
 /// The workers of a loaded plan, ready to step.
 pub struct Cluster {
-    workers: Vec<RemoteWorker>,
+    /// In rank order; shared with the steps in flight.
+    workers: Arc<[RemoteWorker]>,
     spec: ClusterSpec,
     /// Where `--join` workers register: a lost rank's replacement may come from it.
     joins: Option<Arc<JoinRegistry>>,
@@ -243,6 +245,10 @@ pub struct Cluster {
     /// What each rank reported when its shard was loaded, in rank order (for the startup
     /// summary: shards, memory, threads, KV bytes).
     pub loaded: Vec<LoadedRank>,
+    /// Per rank: resolves once the rank has answered the last step submitted to it. The next
+    /// step's call to that rank waits for it, so every rank runs its steps in submission order
+    /// while several are in flight (a pipeline's stages each busy with a batch of its own).
+    turns: Vec<Option<oneshot::Receiver<()>>>,
 }
 
 impl Cluster {
@@ -251,7 +257,8 @@ impl Cluster {
     /// Fails, naming every rank that failed, unless all load.
     pub async fn load(workers: Vec<RemoteWorker>, spec: ClusterSpec, progress: impl Fn(usize, &LoadProgress) + Sync) -> Result<Cluster, ClusterError> {
         let loaded = load_shards(&workers, &spec, progress).await?;
-        Ok(Cluster { workers, spec, joins: None, failed: None, loaded })
+        let turns = workers.iter().map(|_| None).collect();
+        Ok(Cluster { workers: workers.into(), spec, joins: None, failed: None, loaded, turns })
     }
 
     /// Takes replacements for lost ranks from `joins` (workers that `--join`ed as spares).
@@ -286,7 +293,8 @@ impl Cluster {
         }
         info!(waited_ms = t.elapsed().as_millis() as u64, "every rank answers again: reloading the plan on all of them");
         let loaded = load_shards(&workers, &self.spec, |_, _| {}).await?;
-        self.workers = workers;
+        self.turns = workers.iter().map(|_| None).collect();
+        self.workers = workers.into();
         self.loaded = loaded;
         self.failed = None;
         info!(took_ms = t.elapsed().as_millis() as u64, "the cluster is loaded again");
@@ -310,33 +318,33 @@ impl Cluster {
 
     /// What is needed to stop the workers after the cluster itself was handed away.
     pub fn workers_handle(&self) -> Workers {
-        Workers(self.workers.clone())
+        Workers(self.workers.to_vec())
     }
+}
 
-    /// Names the rank whose loss explains `errors` (one per failing rank) and says what happened.
-    fn diagnose(&self, errors: &[(usize, Status)]) -> String {
-        // A transport failure or timeout points at the worker that is gone; one that refused
-        // the step (no shard, broken) comes next; a worker that answered "aborted" only saw a
-        // peer disappear.
-        let rank_of = |s: &Status| match s.code() {
-            Code::Aborted => 2,
-            Code::FailedPrecondition | Code::InvalidArgument => 1,
-            _ => 0,
-        };
-        let culprit = errors.iter().min_by_key(|(r, s)| (rank_of(s), *r));
-        let (rank, status) = culprit.expect("diagnose is called with errors");
-        let what = match status.code() {
-            Code::DeadlineExceeded | Code::Cancelled => format!("did not answer ({})", status.message()),
-            Code::Aborted | Code::FailedPrecondition => status.message().to_string(),
-            _ => format!("is unreachable ({})", status.message()),
-        };
-        let others = errors.iter().filter(|(r, _)| r != rank).map(|(r, _)| r.to_string()).collect::<Vec<_>>();
-        let mut msg = format!("worker rank {rank} ({}) {what}", self.workers[*rank].addr);
-        if !others.is_empty() {
-            msg += &format!("; ranks {} failed with it", others.join(", "));
-        }
-        msg + "; the cluster reloads once every rank answers again"
+/// Names the rank whose loss explains `errors` (one per failing rank) and says what happened.
+fn diagnose(workers: &[RemoteWorker], errors: &[(usize, Status)]) -> String {
+    // A transport failure or timeout points at the worker that is gone; one that refused
+    // the step (no shard, broken) comes next; a worker that answered "aborted" only saw a
+    // peer disappear.
+    let rank_of = |s: &Status| match s.code() {
+        Code::Aborted => 2,
+        Code::FailedPrecondition | Code::InvalidArgument => 1,
+        _ => 0,
+    };
+    let culprit = errors.iter().min_by_key(|(r, s)| (rank_of(s), *r));
+    let (rank, status) = culprit.expect("diagnose is called with errors");
+    let what = match status.code() {
+        Code::DeadlineExceeded | Code::Cancelled => format!("did not answer ({})", status.message()),
+        Code::Aborted | Code::FailedPrecondition => status.message().to_string(),
+        _ => format!("is unreachable ({})", status.message()),
+    };
+    let others = errors.iter().filter(|(r, _)| r != rank).map(|(r, _)| r.to_string()).collect::<Vec<_>>();
+    let mut msg = format!("worker rank {rank} ({}) {what}", workers[*rank].addr);
+    if !others.is_empty() {
+        msg += &format!("; ranks {} failed with it", others.join(", "));
     }
+    msg + "; the cluster reloads once every rank answers again"
 }
 
 /// Loads `spec`'s shards onto `workers` (world rank = position), each rank's progress
@@ -425,141 +433,194 @@ impl Backend for Cluster {
         if let Some(why) = &self.failed {
             return Err(ClusterError::Unavailable(why.clone()));
         }
-        let req = v1::StepRequest::from(plan);
-        let request_bytes = req.encoded_len() * self.workers.len();
-        let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
-        let (answers, mut errors) = self.fan_out(req).instrument(span.clone()).await;
-        if !errors.is_empty() {
-            errors.sort_by_key(|(r, _)| *r);
-            // Every rank refused the step the same way: the request was bad, the cluster is fine.
-            if errors.len() == self.workers.len() && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
-                return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
-            }
-            let why = self.diagnose(&errors);
-            warn!(parent: &span, error = %why, "step failed");
-            self.failed = Some(why.clone());
-            return Err(ClusterError::WorkerLost(why));
+        let r = self.send(plan).await;
+        if let Err(e) = &r {
+            self.step_failed(e);
         }
-        let (outputs, response_bytes) = self.outputs(answers)?;
-        for o in &outputs {
-            debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
+        r
+    }
+
+    /// One step in flight per stage: while the last stage finishes a batch, the first
+    /// already computes the next.
+    fn pipeline_depth(&self) -> usize {
+        self.spec.plan.pp
+    }
+
+    fn submit(&mut self, plan: &StepPlan) -> Option<Pending> {
+        Some(match &self.failed {
+            Some(why) => Box::pin(std::future::ready(Err(ClusterError::Unavailable(why.clone())))),
+            None => Box::pin(self.send(plan)),
+        })
+    }
+
+    fn step_failed(&mut self, e: &ClusterError) {
+        if let ClusterError::WorkerLost(why) | ClusterError::Protocol(why) = e {
+            self.failed.get_or_insert_with(|| why.clone());
         }
-        Ok(StepReply { outputs, request_bytes, response_bytes })
     }
 }
 
 impl Cluster {
-    /// Sends `req` to every rank at once and gathers every answer. A step without
-    /// sequences (the idle probe) must be answered within [`Timeouts::probe`]. While the
-    /// step runs, ranks that have not answered are asked for their health every
-    /// [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is stopped or cut
-    /// off, and the step fails at once, naming it. Once a rank has failed, the others get
-    /// one collective deadline (plus a margin) to report what they saw; a rank that has not
-    /// answered by then counts as failed too.
-    async fn fan_out(&self, req: v1::StepRequest) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
-        let world = self.workers.len();
-        let timeouts = self.spec.timeouts;
-        let deadline = if req.seqs.is_empty() { timeouts.probe } else { timeouts.step };
-        let mut pending: FuturesUnordered<_> = self
-            .workers
-            .iter()
-            .enumerate()
-            .map(|(rank, w)| {
-                let mut c = w.client.clone();
-                let mut r = Request::new(req.clone());
-                r.set_timeout(deadline);
-                async move {
-                    let t = std::time::Instant::now();
-                    let r = tokio::time::timeout(deadline + Duration::from_millis(500), c.step(r))
-                        .await
-                        .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {deadline:?}"))))
-                        .map(|r| r.into_inner());
-                    debug!(rank, rpc_us = t.elapsed().as_micros() as u64, "step rpc");
-                    (rank, r)
-                }
+    /// Sends `plan` to every rank, each rank's call after that rank answered the step
+    /// submitted before it, and checks every answer. The future owns what it needs: several
+    /// may be in flight. Its error says whether the cluster failed ([`Backend::step_failed`]).
+    fn send(&mut self, plan: &StepPlan) -> impl std::future::Future<Output = Result<StepReply, ClusterError>> + Send + 'static {
+        let req = v1::StepRequest::from(plan);
+        let request_bytes = req.encoded_len() * self.workers.len();
+        let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
+        let turns: Vec<Turn> = self
+            .turns
+            .iter_mut()
+            .map(|slot| {
+                let (done, next) = oneshot::channel();
+                Turn { after: slot.replace(next), done }
             })
             .collect();
-        let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];
-        let mut errors: Vec<(usize, Status)> = Vec::new();
-        let waited = timeouts.comm + Duration::from_secs(1);
-        let mut grace: Option<tokio::time::Instant> = None;
-        let mut misses = vec![0u32; world];
-        // A rank taken for lost by its health checks: the others' answers are not awaited.
-        let mut lost = None;
-        let mut health = tokio::time::interval_at(tokio::time::Instant::now() + timeouts.health, timeouts.health);
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        'gather: loop {
-            let until = grace.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let next = tokio::select! {
-                n = pending.next() => n,
-                _ = tokio::time::sleep_until(until) => break,
-                _ = health.tick(), if !req.seqs.is_empty() => {
-                    let waiting: Vec<usize> = (0..world).filter(|&r| answers[r].is_none() && !errors.iter().any(|(e, _)| *e == r)).collect();
-                    for (rank, ok) in self.health_of(&waiting).await {
-                        misses[rank] = if ok { 0 } else { misses[rank] + 1 };
-                        if misses[rank] >= HEALTH_MISSES {
-                            let gone = timeouts.health * (HEALTH_MISSES + 1);
-                            errors.push((rank, Status::unavailable(format!("stopped answering health checks for {gone:?} while a step was running; is it stopped or partitioned?"))));
-                            lost = Some(rank);
-                            break 'gather;
-                        }
-                    }
-                    continue;
+        let (workers, timeouts) = (self.workers.clone(), self.spec.timeouts);
+        async move {
+            let (answers, mut errors) = fan_out(&workers, timeouts, req, turns).instrument(span.clone()).await;
+            if !errors.is_empty() {
+                errors.sort_by_key(|(r, _)| *r);
+                // Every rank refused the step the same way: the request was bad, the cluster is fine.
+                if errors.len() == workers.len() && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
+                    return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
                 }
-            };
-            let Some((rank, r)) = next else { break };
-            match r {
-                Ok(a) => answers[rank] = Some(a),
-                Err(s) => {
-                    grace.get_or_insert_with(|| tokio::time::Instant::now() + waited);
-                    errors.push((rank, s));
-                }
+                let why = diagnose(&workers, &errors);
+                warn!(parent: &span, error = %why, "step failed");
+                return Err(ClusterError::WorkerLost(why));
             }
-        }
-        for (rank, a) in answers.iter().enumerate() {
-            if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
-                let status = match lost {
-                    // Waiting in the collective for the lost rank: a victim, not a culprit.
-                    Some(l) => Status::aborted(format!("its step waited on rank {l}")),
-                    None => Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?")),
-                };
-                errors.push((rank, status));
+            let (outputs, response_bytes) = outputs(&workers, answers)?;
+            for o in &outputs {
+                debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
             }
+            Ok(StepReply { outputs, request_bytes, response_bytes })
         }
-        (answers.into_iter().flatten().collect(), errors)
     }
+}
 
-    /// Asks `ranks` for their health at once: (rank, answered within 90% of [`Timeouts::health`]).
-    async fn health_of(&self, ranks: &[usize]) -> Vec<(usize, bool)> {
-        let within = self.spec.timeouts.health.mul_f32(0.9);
-        let calls = ranks.iter().map(|&rank| {
-            let mut c = self.workers[rank].client.clone();
+/// One rank's place in the order of steps: its call waits for `after` (the rank answered the
+/// step before), and fires `done` once it has its answer (or is dropped, which also frees the
+/// next step's call).
+struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    done: oneshot::Sender<()>,
+}
+
+/// Sends `req` to every rank at once (each rank's call after its [`Turn`]) and gathers
+/// every answer. A step without
+/// sequences (the idle probe) must be answered within [`Timeouts::probe`]. While the
+/// step runs, ranks that have not answered are asked for their health every
+/// [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is stopped or cut
+/// off, and the step fails at once, naming it. Once a rank has failed, the others get
+/// one collective deadline (plus a margin) to report what they saw; a rank that has not
+/// answered by then counts as failed too.
+async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequest, turns: Vec<Turn>) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
+    let world = workers.len();
+    let deadline = if req.seqs.is_empty() { timeouts.probe } else { timeouts.step };
+    let mut pending: FuturesUnordered<_> = workers
+        .iter()
+        .zip(turns)
+        .enumerate()
+        .map(|(rank, (w, turn))| {
+            let mut c = w.client.clone();
+            let mut r = Request::new(req.clone());
+            r.set_timeout(deadline);
             async move {
-                let mut r = Request::new(v1::HealthRequest {});
-                r.set_timeout(within);
-                let ok = matches!(tokio::time::timeout(within, c.health(r)).await, Ok(Ok(_)));
-                (rank, ok)
+                if let Some(after) = turn.after {
+                    // An error only says the step before was dropped: the rank is free.
+                    let _ = after.await;
+                }
+                let t = std::time::Instant::now();
+                let r = tokio::time::timeout(deadline + Duration::from_millis(500), c.step(r))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {deadline:?}"))))
+                    .map(|r| r.into_inner());
+                let _ = turn.done.send(());
+                debug!(rank, rpc_us = t.elapsed().as_micros() as u64, "step rpc");
+                (rank, r)
             }
-        });
-        futures::future::join_all(calls).await
-    }
-
-    /// Every rank's answer checked and converted, in rank order, with their encoded size;
-    /// a malformed one fails the cluster.
-    fn outputs(&mut self, answers: Vec<v1::StepResponse>) -> Result<(Vec<StepOutput>, usize), ClusterError> {
-        let mut outputs = Vec::with_capacity(answers.len());
-        let mut response_bytes = 0;
-        for (rank, a) in answers.into_iter().enumerate() {
-            response_bytes += a.encoded_len();
-            let Some(out) = StepOutput::try_from(a).ok().filter(|o| o.rank == rank) else {
-                let why = format!("worker rank {rank} ({}) sent a malformed step answer", self.workers[rank].addr);
-                self.failed = Some(why.clone());
-                return Err(ClusterError::Protocol(why));
-            };
-            outputs.push(out);
+        })
+        .collect();
+    let mut answers: Vec<Option<v1::StepResponse>> = vec![None; world];
+    let mut errors: Vec<(usize, Status)> = Vec::new();
+    let waited = timeouts.comm + Duration::from_secs(1);
+    let mut grace: Option<tokio::time::Instant> = None;
+    let mut misses = vec![0u32; world];
+    // A rank taken for lost by its health checks: the others' answers are not awaited.
+    let mut lost = None;
+    let mut health = tokio::time::interval_at(tokio::time::Instant::now() + timeouts.health, timeouts.health);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'gather: loop {
+        let until = grace.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let next = tokio::select! {
+            n = pending.next() => n,
+            _ = tokio::time::sleep_until(until) => break,
+            _ = health.tick(), if !req.seqs.is_empty() => {
+                let waiting: Vec<usize> = (0..world).filter(|&r| answers[r].is_none() && !errors.iter().any(|(e, _)| *e == r)).collect();
+                for (rank, ok) in health_of(workers, timeouts.health, &waiting).await {
+                    misses[rank] = if ok { 0 } else { misses[rank] + 1 };
+                    if misses[rank] >= HEALTH_MISSES {
+                        let gone = timeouts.health * (HEALTH_MISSES + 1);
+                        errors.push((rank, Status::unavailable(format!("stopped answering health checks for {gone:?} while a step was running; is it stopped or partitioned?"))));
+                        lost = Some(rank);
+                        break 'gather;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((rank, r)) = next else { break };
+        match r {
+            Ok(a) => answers[rank] = Some(a),
+            Err(s) => {
+                grace.get_or_insert_with(|| tokio::time::Instant::now() + waited);
+                errors.push((rank, s));
+            }
         }
-        Ok((outputs, response_bytes))
     }
+    for (rank, a) in answers.iter().enumerate() {
+        if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
+            let status = match lost {
+                // Waiting in the collective for the lost rank: a victim, not a culprit.
+                Some(l) => Status::aborted(format!("its step waited on rank {l}")),
+                None => Status::deadline_exceeded(format!("no answer within {waited:?} of a peer's failure; is it stopped or partitioned?")),
+            };
+            errors.push((rank, status));
+        }
+    }
+    (answers.into_iter().flatten().collect(), errors)
+}
+
+/// Asks `ranks` for their health at once: (rank, answered within 90% of `every`, the
+/// [`Timeouts::health`] interval).
+async fn health_of(workers: &[RemoteWorker], every: Duration, ranks: &[usize]) -> Vec<(usize, bool)> {
+    let within = every.mul_f32(0.9);
+    let calls = ranks.iter().map(|&rank| {
+        let mut c = workers[rank].client.clone();
+        async move {
+            let mut r = Request::new(v1::HealthRequest {});
+            r.set_timeout(within);
+            let ok = matches!(tokio::time::timeout(within, c.health(r)).await, Ok(Ok(_)));
+            (rank, ok)
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// Every rank's answer checked and converted, in rank order, with their encoded size;
+/// a malformed one fails the cluster.
+fn outputs(workers: &[RemoteWorker], answers: Vec<v1::StepResponse>) -> Result<(Vec<StepOutput>, usize), ClusterError> {
+    let mut outputs = Vec::with_capacity(answers.len());
+    let mut response_bytes = 0;
+    for (rank, a) in answers.into_iter().enumerate() {
+        response_bytes += a.encoded_len();
+        let Some(out) = StepOutput::try_from(a).ok().filter(|o| o.rank == rank) else {
+            let why = format!("worker rank {rank} ({}) sent a malformed step answer", workers[rank].addr);
+            return Err(ClusterError::Protocol(why));
+        };
+        outputs.push(out);
+    }
+    Ok((outputs, response_bytes))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub mod request;
 pub mod stats;
 pub mod text;
 
-pub use backend::{Backend, StepReply};
+pub use backend::{Backend, Pending, StepReply};
 pub use cluster::{Cluster, ClusterSpec, LoadProgress, RemoteWorker, Timeouts};
 pub use engine::{Engine, EngineConfig, Event, FinishReason, Logprob, Request, Summary};
 pub use error::ClusterError;

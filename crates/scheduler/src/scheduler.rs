@@ -357,12 +357,28 @@ impl Scheduler {
         }
     }
 
+    /// Whether `seq_id` is request `id`'s sequence on the workers now: it runs, and has not
+    /// been preempted (and perhaps started again under another id) since it was scheduled.
+    /// A step's answer for a sequence that is not current is stale.
+    pub fn is_current(&self, id: ReqId, seq_id: SeqId) -> bool {
+        self.running.iter().any(|s| s.id == id && s.started && s.worker_id == seq_id)
+    }
+
     /// Forms the next step.
     pub fn schedule(&mut self) -> Batch {
+        self.schedule_at_most(usize::MAX)
+    }
+
+    /// Forms the next step with at most `max_seqs` sequences (at least one): with several
+    /// steps in flight, each takes its share of the sequences, so that every stage of a
+    /// pipeline gets a batch. A sequence whose known tokens are all computed or in flight
+    /// is not scheduled again until its next token is appended.
+    pub fn schedule_at_most(&mut self, max_seqs: usize) -> Batch {
+        let max_seqs = max_seqs.max(1);
         let mut batch = Batch::default();
         let mut budget = self.cfg.token_budget.max(1);
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && batch.seqs.len() < max_seqs {
             let want = Self::chunk(&self.running[i], self.running[i].tokens.len() - self.running[i].computed, budget);
             if want == 0 {
                 i += 1;
@@ -388,7 +404,7 @@ impl Scheduler {
             i += 1;
         }
         // Admit waiting requests in order while there is room (never by preempting).
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs && batch.preempted.is_empty() {
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs && batch.preempted.is_empty() && batch.seqs.len() < max_seqs {
             let Some(mut s) = self.waiting.pop_front() else { break };
             let hit = self.prefix_hit(&s);
             let want = Self::chunk(&s, s.tokens.len() - hit.tokens, budget);

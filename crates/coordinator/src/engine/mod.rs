@@ -6,8 +6,11 @@
 //! receiver is gone (the client disconnected) is cancelled and its blocks freed.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tpserve_scheduler::{AddError, Batch, NewRequest, ReqId, Scheduled, Scheduler, SchedulerConfig};
@@ -17,7 +20,7 @@ use tpserve_types::step::{merge_outputs, LogitsWanted, SeqId, SeqOutput, SeqStar
 use tpserve_types::{SamplingParams, TokenId};
 use tracing::{trace_span, Instrument};
 
-use crate::backend::{Backend, StepReply};
+use crate::backend::{Backend, Pending, StepReply};
 use crate::error::ClusterError;
 use crate::stats::StepStats;
 use crate::text::TextOut;
@@ -153,6 +156,10 @@ struct Live<'t> {
     prompt_sent: bool,
 }
 
+/// A step sent to the ranks whose answers are still to come, with its batch and when it
+/// was formed.
+type InFlight = Pin<Box<dyn Future<Output = (Batch, Instant, Result<StepReply, ClusterError>)> + Send>>;
+
 /// The loop state: scheduler, live requests, backend.
 pub struct Engine<'t, B> {
     backend: B,
@@ -168,6 +175,9 @@ pub struct Engine<'t, B> {
     failed_at: Option<Instant>,
     /// When the last step (or probe) succeeded.
     last_ok: Option<Instant>,
+    /// Steps submitted and not yet taken back, oldest first (at most the backend's
+    /// [`Backend::pipeline_depth`]; empty between calls when that is 1).
+    in_flight: FuturesOrdered<InFlight>,
 }
 
 impl<'t, B: Backend> Engine<'t, B> {
@@ -184,6 +194,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             failed: None,
             failed_at: None,
             last_ok: None,
+            in_flight: FuturesOrdered::new(),
         }
     }
 
@@ -233,9 +244,9 @@ impl<'t, B: Backend> Engine<'t, B> {
         self.live.len()
     }
 
-    /// Whether any request is waiting or running.
+    /// Whether any request is waiting or running, or a step is still in flight.
     pub fn has_work(&self) -> bool {
-        self.sched.has_work()
+        self.sched.has_work() || !self.in_flight.is_empty()
     }
 
     /// Queues a request; its events go to `events`.
@@ -276,10 +287,14 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
     }
 
-    /// Sends an empty step to every rank: proves the cluster still answers.
+    /// Sends an empty step to every rank: proves the cluster still answers (steps in
+    /// flight will prove it: then nothing is sent).
     pub async fn probe(&mut self) -> Result<(), ClusterError> {
         if let Some(f) = &self.failed {
             return Err(ClusterError::Unavailable(f.clone()));
+        }
+        if !self.in_flight.is_empty() {
+            return Ok(());
         }
         let plan = StepPlan { step: self.step_no, seqs: Vec::new(), free: Vec::new() };
         self.step_no += 1;
@@ -300,22 +315,53 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// rank, merges the last stage's candidates, and hands each sequence its rows. A failed
     /// step fails its requests (each gets [`Event::Error`]): only those of the step when
     /// every rank refused it, every live one when the cluster is broken.
+    ///
+    /// With a pipeline ([`Backend::pipeline_depth`] > 1) it first submits steps until that
+    /// many are in flight, each with its share of the sequences that have work (a sequence
+    /// waiting for its next token has none), then takes back the oldest: every stage
+    /// computes a batch while the later stages finish the earlier ones. Tokens are the same
+    /// as one step at a time: each rank runs the steps in order, a sequence's token depends
+    /// only on its own rows (the kernels are batch-invariant), and its sampling noise on its
+    /// own step count.
     pub async fn step(&mut self) -> Result<bool, ClusterError> {
         if let Some(f) = &self.failed {
             return Err(ClusterError::Unavailable(f.clone()));
         }
         self.reap_disconnected();
-        let batch = self.sched.schedule();
-        metrics::counter!("tpserve_num_preemptions_total").increment(batch.preempted.len() as u64);
-        if batch.is_empty() {
+        let depth = self.backend.pipeline_depth().max(1);
+        let taken = if depth == 1 && self.in_flight.is_empty() {
+            match self.form(usize::MAX) {
+                None => None,
+                Some((batch, plan, started)) => {
+                    let r = self.run(&plan, &batch).await;
+                    Some((batch, started, r))
+                }
+            }
+        } else {
+            while self.in_flight.len() < depth {
+                let share = (self.sched.n_running() + self.sched.n_waiting()).div_ceil(depth);
+                let Some((batch, plan, started)) = self.form(share) else { break };
+                let pending: Pending = match self.backend.submit(&plan) {
+                    Some(p) => p,
+                    // A backend that cannot pipeline runs it now: the order is kept.
+                    None => Box::pin(std::future::ready(self.backend.step(&plan).await)),
+                };
+                let span = trace_span!("engine_step", step = plan.step, seqs = plan.seqs.len());
+                self.in_flight.push_back(Box::pin(async move { (batch, started, pending.instrument(span).await) }));
+            }
+            match self.in_flight.next().await {
+                None => None,
+                Some((batch, started, r)) => {
+                    let r = self.taken_back(&batch, r);
+                    Some((batch, started, r))
+                }
+            }
+        };
+        let Some((batch, started, reply)) = taken else {
             self.gauges();
             return Ok(false);
-        }
-        let started = Instant::now();
-        self.mark_scheduled(&batch, started);
-        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
-        self.step_no += 1;
-        let reply = self.run(&plan, &batch).await?;
+        };
+        let reply = reply?;
         self.record(&batch, &reply, started.elapsed().as_secs_f64());
         self.sched.step_done();
         let merged = self.merge(&batch, &reply)?;
@@ -323,12 +369,29 @@ impl<'t, B: Backend> Engine<'t, B> {
         let now = Instant::now();
         for m in merged {
             let s = by_seq[&m.seq_id];
-            if self.live.contains_key(&s.req) {
+            // A request that ended, or a sequence preempted while its step was in flight
+            // (it is computed again from the start), takes nothing from it.
+            if self.live.contains_key(&s.req) && self.sched.is_current(s.req, s.seq_id) {
                 self.take_rows(s, m.rows, now);
             }
         }
         self.gauges();
         Ok(true)
+    }
+
+    /// Asks the scheduler for the next batch of at most `max_seqs` sequences and turns it
+    /// into the step sent to the ranks; None when there is nothing to send.
+    fn form(&mut self, max_seqs: usize) -> Option<(Batch, StepPlan, Instant)> {
+        let batch = self.sched.schedule_at_most(max_seqs);
+        metrics::counter!("tpserve_num_preemptions_total").increment(batch.preempted.len() as u64);
+        if batch.is_empty() {
+            return None;
+        }
+        let started = Instant::now();
+        self.mark_scheduled(&batch, started);
+        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
+        self.step_no += 1;
+        Some((batch, plan, started))
     }
 
     /// Cancels every request whose receiver was dropped.
@@ -355,7 +418,18 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// Sends `plan` through the backend; on failure, fails the requests it takes down.
     async fn run(&mut self, plan: &StepPlan, batch: &Batch) -> Result<StepReply, ClusterError> {
         let span = trace_span!("engine_step", step = plan.step, seqs = plan.seqs.len());
-        match self.backend.step(plan).instrument(span).await {
+        let r = self.backend.step(plan).instrument(span).await;
+        self.taken_back(batch, r)
+    }
+
+    /// Looks at what a step of `batch` came back with; on failure, fails the requests it
+    /// takes down (and, when the cluster failed, forgets the steps still in flight: the
+    /// ranks lost their sequences).
+    fn taken_back(&mut self, batch: &Batch, r: Result<StepReply, ClusterError>) -> Result<StepReply, ClusterError> {
+        if let Err(e) = &r {
+            self.backend.step_failed(e);
+        }
+        match r {
             Ok(r) => {
                 self.last_ok = Some(Instant::now());
                 Ok(r)
@@ -368,6 +442,7 @@ impl<'t, B: Backend> Engine<'t, B> {
                 Err(e)
             }
             Err(e) => {
+                self.in_flight = FuturesOrdered::new();
                 self.fail(&e);
                 Err(e)
             }

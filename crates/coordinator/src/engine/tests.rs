@@ -3,6 +3,8 @@
 //! refused step and a lost worker, without any process.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tpserve_scheduler::{AddError, SchedulerConfig};
@@ -55,12 +57,31 @@ struct Fake {
     script: VecDeque<Answer>,
     /// Recovery attempts that still fail (the lost worker has not come back yet).
     recover_fails: usize,
+    /// Steps it lets be in flight ([`Backend::pipeline_depth`]); above 1 it takes them
+    /// through [`Backend::submit`].
+    depth: usize,
+    /// Positions each sequence holds, to refuse a step that continues one elsewhere (as a
+    /// worker does): steps run out of order would show here.
+    lens: HashMap<SeqId, usize>,
+    /// Submitted steps not yet answered, and the most there ever were at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
 }
 
 impl Fake {
     fn new() -> Self {
         let kv = KvLayout::new(&[None, None], KvSizing { block_size: 4, tokens: 256, max_seqs: 8, max_chunk: 16 });
-        Self { kv, sampling: HashMap::new(), plans: Vec::new(), script: VecDeque::new(), recover_fails: 0 }
+        Self {
+            kv,
+            sampling: HashMap::new(),
+            plans: Vec::new(),
+            script: VecDeque::new(),
+            recover_fails: 0,
+            depth: 1,
+            lens: HashMap::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     fn logits(&self, token: u32) -> Vec<f32> {
@@ -90,10 +111,36 @@ impl Backend for Fake {
         }
         // Reloaded: the ranks hold no sequence.
         self.sampling.clear();
+        self.lens.clear();
         Ok(())
     }
 
     async fn step(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
+        self.answer(plan)
+    }
+
+    fn pipeline_depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Answers at once, as ranks that run their steps in order would, and lets the answer
+    /// out only after a few turns of the runtime, so the engine has several in flight.
+    fn submit(&mut self, plan: &StepPlan) -> Option<Pending> {
+        let answer = self.answer(plan);
+        let (now, most) = (self.in_flight.clone(), self.max_in_flight.clone());
+        most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        Some(Box::pin(async move {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            answer
+        }))
+    }
+}
+
+impl Fake {
+    fn answer(&mut self, plan: &StepPlan) -> Result<StepReply, ClusterError> {
         self.plans.push(plan.clone());
         match self.script.pop_front().unwrap_or(Answer::Ok) {
             Answer::Ok => {}
@@ -102,12 +149,16 @@ impl Backend for Fake {
         }
         for id in &plan.free {
             self.sampling.remove(id);
+            self.lens.remove(id);
         }
         let mut seqs = Vec::new();
         for w in &plan.seqs {
             if let Some(start) = &w.start {
                 self.sampling.insert(w.seq_id, start.sampling);
+            } else if self.lens.get(&w.seq_id) != Some(&w.start_pos) {
+                return Err(ClusterError::Protocol(format!("sequence {} continues at {} but holds {:?}", w.seq_id, w.start_pos, self.lens.get(&w.seq_id))));
             }
+            self.lens.insert(w.seq_id, w.start_pos + w.tokens.len());
             let rows: Vec<u32> = match w.logits {
                 LogitsWanted::None => continue,
                 LogitsWanted::Last => vec![*w.tokens.last().unwrap()],
@@ -336,4 +387,45 @@ async fn prompt_log_probabilities_come_once_before_the_text_for_the_positions_as
     }
     assert_eq!(events.iter().filter(|e| matches!(e, Event::Prompt(_))).count(), 1);
     assert_eq!(summary(&events).output_ids, [A + 4, A + 5]);
+}
+
+#[tokio::test]
+async fn a_pipeline_keeps_several_steps_in_flight_each_with_its_share_and_tokens_do_not_change() {
+    let tok = tokenizer();
+    let run = |depth: usize, kv_tokens: usize| {
+        let tok = &tok;
+        async move {
+            let mut fake = Fake::new();
+            fake.depth = depth;
+            // A small cache preempts sequences, some while a step of theirs is in flight.
+            fake.kv = KvLayout::new(&[None, None], KvSizing { block_size: 4, tokens: kv_tokens, max_seqs: 8, max_chunk: 16 });
+            let cfg = config(&fake, 16);
+            let mut engine = Engine::new(&mut fake, tok, cfg);
+            let mut rxs = Vec::new();
+            for i in 0..6u32 {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let prompt: Vec<u32> = std::iter::once(2).chain((0..=i * 3).map(|k| A + k % 3)).collect();
+                engine.add(greedy(prompt, 10 + i as usize), tx).unwrap();
+                rxs.push(rx);
+            }
+            run_to_end(&mut engine).await;
+            let outs: Vec<Vec<u32>> = rxs.iter_mut().map(|rx| summary(&drain(rx)).output_ids.clone()).collect();
+            let preempted = engine.scheduler().stats().preemptions;
+            let plans = engine.backend.plans.clone();
+            drop(engine);
+            (outs, preempted, plans, fake.max_in_flight.load(Ordering::SeqCst))
+        }
+    };
+    let (serial, _, serial_plans, _) = run(1, 256).await;
+    for (i, out) in serial.iter().enumerate() {
+        assert_eq!(out.len(), 10 + i, "request {i} ran to max_tokens");
+    }
+    let (piped, _, plans, most) = run(2, 256).await;
+    assert_eq!(piped, serial, "a pipeline of two changes no token");
+    assert_eq!(most, 2, "two steps were in flight at once");
+    assert!(plans.iter().all(|p| p.seqs.len() <= 3), "each step takes at most its share (6 requests / 2)");
+    assert!(plans.len() > serial_plans.len(), "the sequences are split over more, smaller steps");
+    let (tight, preempted, _, _) = run(2, 48).await;
+    assert!(preempted > 0, "the small cache preempted sequences");
+    assert_eq!(tight, serial, "an answer for a sequence preempted in flight is not used");
 }
