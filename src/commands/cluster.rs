@@ -32,7 +32,7 @@ pub struct ParallelArgs {
     /// (the largest the model allows).
     #[arg(long, env = "TPSERVE_TP")]
     pub tp: Option<usize>,
-    /// Pipeline stages (contiguous layer ranges balanced by bytes).
+    /// Pipeline stages (contiguous layer ranges balanced by a token's work; with pp > 1 they compute batches of their own at once).
     #[arg(long, default_value_t = 1, env = "TPSERVE_PP")]
     pub pp: usize,
     /// Deadline of every collective wait on the workers, in milliseconds: a dead or silent
