@@ -507,13 +507,12 @@ struct Turn {
 }
 
 /// Sends `req` to every rank at once (each rank's call after its [`Turn`]) and gathers
-/// every answer. A step without
-/// sequences (the idle probe) must be answered within [`Timeouts::probe`]. While the
-/// step runs, ranks that have not answered are asked for their health every
-/// [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is stopped or cut
-/// off, and the step fails at once, naming it. Once a rank has failed, the others get
-/// one collective deadline (plus a margin) to report what they saw; a rank that has not
-/// answered by then counts as failed too.
+/// every answer. A step without sequences (the idle probe) must be answered within
+/// [`Timeouts::probe`]. While the step runs, ranks that have not answered are asked for
+/// their health every [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is
+/// stopped or cut off, and the step fails at once, naming it. Once a rank has failed, the
+/// others get one collective deadline (plus a margin) to report what they saw; a rank that
+/// has not answered by then counts as failed too.
 async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequest, turns: Vec<Turn>) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
     let world = workers.len();
     let deadline = if req.seqs.is_empty() { timeouts.probe } else { timeouts.step };
