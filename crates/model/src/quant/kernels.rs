@@ -1,20 +1,24 @@
 //! Run-time kernel selection, detected once per process: AVX-512 VNNI (GEMM kernels over
-//! repacked weights for the 32-element formats, AVX2 for the rest) when the CPU has it, AVX2
-//! otherwise, the portable scalar kernels without AVX2; `TPSERVE_KERNELS=avx2` or `scalar`
-//! caps the choice (for comparing them and for debugging).
+//! repacked weights for the formats the default model uses, AVX2 for the rest) when the CPU
+//! has it, else AVX-VNNI (AVX2's kernels with `vpdpbusd` for the 32-element formats) when it
+//! has that, else AVX2, else the portable scalar kernels; `TPSERVE_KERNELS=avx-vnni`, `avx2` or
+//! `scalar` caps the choice (for comparing them and for debugging).
 
 use std::sync::OnceLock;
 
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::{scalar, GgmlDType};
 
-/// An instruction-set level the dot kernels are written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An instruction-set level the dot kernels are written for, in order: each later one is
+/// preferred where the CPU has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable Rust; the reference and the fallback.
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's kernels, with AVX-VNNI's 256-bit `vpdpbusd` in the Q8_0/Q4_0/Q5_0 ones.
+    AvxVnni,
     /// AVX2's kernels, and the AVX-512 (F, BW) + VNNI GEMM kernels over repacked weights
     /// where a type has them.
     Avx512Vnni,
@@ -26,6 +30,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avx-vnni",
             Isa::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -36,6 +41,18 @@ pub fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU can run the AVX-VNNI kernels (independent of `TPSERVE_KERNELS`).
+pub fn avx_vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_available() && is_x86_feature_detected!("avxvnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -61,6 +78,9 @@ pub fn available_isas() -> Vec<Isa> {
     if avx2_available() {
         v.push(Isa::Avx2);
     }
+    if avx_vnni_available() {
+        v.push(Isa::AvxVnni);
+    }
     if avx512_vnni_available() {
         v.push(Isa::Avx512Vnni);
     }
@@ -68,21 +88,20 @@ pub fn available_isas() -> Vec<Isa> {
 }
 
 /// The kernels this process uses: the best the CPU supports, or at most what the environment
-/// variable `TPSERVE_KERNELS` names (`scalar`, `avx2`; for testing and for debugging).
+/// variable `TPSERVE_KERNELS` names (`scalar`, `avx2`, `avx-vnni`; for testing and for
+/// debugging; another value is ignored).
 pub fn active_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        let cap = std::env::var("TPSERVE_KERNELS").unwrap_or_default().to_ascii_lowercase();
-        let best = *available_isas().last().expect("scalar is always available");
-        match cap.as_str() {
-            "scalar" => Isa::Scalar,
-            "avx2" if best == Isa::Avx512Vnni => Isa::Avx2,
-            _ => best,
-        }
-    })
+    *ISA.get_or_init(|| capped_isa(&std::env::var("TPSERVE_KERNELS").unwrap_or_default(), &available_isas()))
 }
 
-/// "avx512-vnni", "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
+/// The best of `available` (ascending) that is at most the level `cap` names.
+pub(crate) fn capped_isa(cap: &str, available: &[Isa]) -> Isa {
+    let cap = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni].into_iter().find(|i| i.name().eq_ignore_ascii_case(cap.trim()));
+    available.iter().copied().filter(|&i| cap.is_none_or(|c| i <= c)).max().unwrap_or(Isa::Scalar)
+}
+
+/// "avx512-vnni", "avx-vnni", "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
 pub fn kernel_name() -> &'static str {
     active_isa().name()
 }
@@ -152,29 +171,31 @@ macro_rules! scalar_kernels {
 
 /// Safe wrappers around the AVX2 kernels. They are only reachable through [`select`], which
 /// hands them out only after [`avx2_available`] said yes; each checks the lengths the
-/// unsafe kernel relies on.
+/// unsafe kernel relies on. `[$m]` is the kernels' module: `super::avx2`, or `super::avx2::vnni` (handed out only after
+/// [`avx_vnni_available`] too).
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_kernels {
-    ($variant:ident, $f:ident, $a:ty, $bytes_per_unit:expr, $pairs:expr) => {{
+    ([$($m:tt)+], $variant:ident, $f:ident, $a:ty, $bytes_per_unit:expr, $pairs:expr) => {{
         fn one(w: &[u8], a: &[$a]) -> f32 {
             assert_eq!(w.len(), a.len() * $bytes_per_unit, "weight row / activation length mismatch");
-            // SAFETY: only handed out by `select` after `avx2_available()`; lengths checked above.
-            unsafe { super::avx2::$f::<1>(w, [a])[0] }
+            // SAFETY: only handed out by `select` after `avx2_available()` (and
+            // `avx_vnni_available()` for the vnni module); lengths checked above.
+            unsafe { $($m)+::$f::<1>(w, [a])[0] }
         }
         fn rows4(w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]) {
             check_rows4(w, row_bytes, $bytes_per_unit, &a, out);
             // SAFETY: as in `one`; `check_rows4` verified every length.
-            unsafe { super::avx2::rows4!($f, $pairs, w, row_bytes, a, out) }
+            unsafe { super::avx2::rows4!([$($m)+], $f, $pairs, w, row_bytes, a, out) }
         }
         Kernel::$variant(DotKernels { one, rows4, unpacked: None })
     }};
 }
 
-/// AVX2 Q4_0/Q5_0 kernels with the decode-once prefill path.
+/// AVX2 (or AVX-VNNI, after `[$m]` as above) Q4_0/Q5_0 kernels with the decode-once prefill path.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_unpacking_kernels {
-    ($f:ident, $k:ident, $bytes:expr) => {{
-        let Kernel::Q8_0(mut k) = avx2_kernels!(Q8_0, $f, BlockQ8_0, $bytes, false) else { unreachable!() };
+    ([$($m:tt)+], $f:ident, $k:ident, $bytes:expr) => {{
+        let Kernel::Q8_0(mut k) = avx2_kernels!([$($m)+], Q8_0, $f, BlockQ8_0, $bytes, false) else { unreachable!() };
         fn unpack(w: &[u8], out: &mut Vec<u8>) {
             assert_eq!(w.len() % $bytes, 0, "packed rows are whole blocks");
             // SAFETY: only handed out by `select` after `avx2_available()`; whole blocks checked.
@@ -182,8 +203,9 @@ macro_rules! avx2_unpacking_kernels {
         }
         fn rows4(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
             check_rows4(w, row_bytes, super::avx2::UNPACKED_BYTES, &a, out);
-            // SAFETY: as in `unpack`; `check_rows4` verified every length.
-            unsafe { super::avx2::rows4_unpacked::<{ super::avx2::$k }>(w, row_bytes, a, out) }
+            // SAFETY: as in `unpack` (and the module's features, as in `avx2_kernels`);
+            // `check_rows4` verified every length.
+            unsafe { $($m)+::rows4_unpacked::<{ super::avx2::$k }>(w, row_bytes, a, out) }
         }
         k.unpacked = Some(Unpacked { bytes_per_block: super::avx2::UNPACKED_BYTES, unpack, rows4 });
         Kernel::Q8_0(k)
@@ -199,17 +221,26 @@ const K_PAIRS: bool = true;
 pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
     use super::blocks::*;
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && avx2_available() {
+    if isa == Isa::AvxVnni && avx_vnni_available() {
+        match dtype {
+            GgmlDType::Q8_0 => return Some(avx2_kernels!([super::avx2::vnni], Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false)),
+            GgmlDType::Q4_0 => return Some(avx2_unpacking_kernels!([super::avx2::vnni], dot_q4_0, K_Q4_0_ID, Q4_0_BYTES)),
+            GgmlDType::Q5_0 => return Some(avx2_unpacking_kernels!([super::avx2::vnni], dot_q5_0, K_Q5_0_ID, Q5_0_BYTES)),
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2_available() {
         return Some(match dtype {
-            GgmlDType::F32 => avx2_kernels!(F32, dot_f32, f32, 4, false),
-            GgmlDType::F16 => avx2_kernels!(F32, dot_f16, f32, 2, false),
-            GgmlDType::BF16 => avx2_kernels!(F32, dot_bf16, f32, 2, false),
-            GgmlDType::Q8_0 => avx2_kernels!(Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
-            GgmlDType::Q4_0 => avx2_unpacking_kernels!(dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
-            GgmlDType::Q5_0 => avx2_unpacking_kernels!(dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
-            GgmlDType::Q4_K => avx2_kernels!(Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
-            GgmlDType::Q5_K => avx2_kernels!(Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
-            GgmlDType::Q6_K => avx2_kernels!(Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
+            GgmlDType::F32 => avx2_kernels!([super::avx2], F32, dot_f32, f32, 4, false),
+            GgmlDType::F16 => avx2_kernels!([super::avx2], F32, dot_f16, f32, 2, false),
+            GgmlDType::BF16 => avx2_kernels!([super::avx2], F32, dot_bf16, f32, 2, false),
+            GgmlDType::Q8_0 => avx2_kernels!([super::avx2], Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
+            GgmlDType::Q4_0 => avx2_unpacking_kernels!([super::avx2], dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
+            GgmlDType::Q5_0 => avx2_unpacking_kernels!([super::avx2], dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
+            GgmlDType::Q4_K => avx2_kernels!([super::avx2], Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
+            GgmlDType::Q5_K => avx2_kernels!([super::avx2], Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
+            GgmlDType::Q6_K => avx2_kernels!([super::avx2], Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
             _ => return None,
         });
     }
@@ -236,7 +267,7 @@ pub(crate) type QuantizeQ8K = fn(&[f32], &mut [BlockQ8K]);
 /// The activation quantizers for `isa` (the AVX2 ones give bit-identical blocks).
 pub(crate) fn activation_quantizers(isa: Isa) -> (QuantizeQ8_0, QuantizeQ8K) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && avx2_available() {
+    if isa >= Isa::Avx2 && avx2_available() {
         fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
             // SAFETY: only handed out after `avx2_available()`; the kernel checks lengths.
             unsafe { super::avx2::quantize_row_q8_0(x, out) }

@@ -340,14 +340,23 @@ fn malformed_shapes_lengths_and_ranges_are_errors_not_panics() {
 
 #[test]
 fn kernel_name_reports_the_kernels_this_process_runs() {
-    let cap = std::env::var("TPSERVE_KERNELS").unwrap_or_default().to_ascii_lowercase();
-    let best = available_isas().last().unwrap().name();
-    let want = match cap.as_str() {
-        "scalar" => "scalar",
-        "avx2" if best == "avx512-vnni" => "avx2",
-        _ => best,
-    };
-    assert_eq!(kernel_name(), want);
+    let cap = std::env::var("TPSERVE_KERNELS").unwrap_or_default();
+    assert_eq!(kernel_name(), super::kernels::capped_isa(&cap, &available_isas()).name());
+}
+
+#[test]
+fn a_kernel_cap_picks_the_best_level_at_most_it() {
+    use super::kernels::capped_isa;
+    let all = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
+    assert_eq!(capped_isa("", &all), Isa::Avx512Vnni);
+    assert_eq!(capped_isa("AVX-VNNI", &all), Isa::AvxVnni);
+    assert_eq!(capped_isa("avx2", &all), Isa::Avx2);
+    assert_eq!(capped_isa("scalar", &all), Isa::Scalar);
+    assert_eq!(capped_isa("sse9", &all), Isa::Avx512Vnni, "an unknown name caps nothing");
+    // An AVX-512 CPU without AVX-VNNI (Ice Lake, Zen 4): a cap of avx-vnni gives AVX2.
+    let no_vex_vnni = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    assert_eq!(capped_isa("avx-vnni", &no_vex_vnni), Isa::Avx2);
+    assert_eq!(capped_isa("avx512-vnni", &[Isa::Scalar, Isa::Avx2]), Isa::Avx2);
 }
 
 #[test]
