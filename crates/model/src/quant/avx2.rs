@@ -16,39 +16,6 @@ use std::sync::OnceLock;
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::{Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
-/// How the 32-element kernels sum unsigned × signed byte products, four to each i32 lane:
-/// AVX2's `maddubs` + `madd` ([`Madd`]) or one AVX-VNNI `vpdpbusd` ([`Vnni`]). The sums are
-/// equal (the `maddubs` pairs cannot saturate on these codes: |w| ≤ 127 against |a| ≤ 127, or
-/// unsigned codes below 32), so both give the same floats.
-pub(super) trait IntDot {
-    /// `Σ_{k<4} u[4l + k] · s[4l + k]` in lane `l`.
-    ///
-    /// # Safety
-    /// AVX2 (and AVX-VNNI for [`Vnni`]); the caller inlines it into a function that has them.
-    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
-}
-
-/// `maddubs` then `madd` with ones (AVX2).
-pub(super) struct Madd;
-
-impl IntDot for Madd {
-    #[inline(always)]
-    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-    }
-}
-
-/// `vpdpbusd` into zero (AVX-VNNI, VEX-encoded: Alder Lake and later clients, Sierra Forest,
-/// Zen 5; the AVX-512 CPUs that also have it).
-pub(super) struct Vnni;
-
-impl IntDot for Vnni {
-    #[inline(always)]
-    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-    }
-}
-
 /// Unaligned 32-byte load. `lddqu` is as fast as `movdqu` and, unlike `_mm256_loadu_si256`,
 /// carries no debug-build precondition checks (tests run with debug assertions on).
 ///
@@ -168,15 +135,16 @@ const K_Q5_0: u8 = 2;
 /// through the activation block's sum. Q8_0 is signed and uses the `|w| · sign(a, w)` trick.
 ///
 /// # Safety
-/// AVX2, FMA, F16C (and what `D` needs), inlined into a function that enables them; `bytes`
-/// is `K`'s block size (34, 18 or 22), and every `a[t]` holds at least `w.len() / bytes`
-/// blocks (a trailing partial block of `w` is ignored).
-#[inline(always)]
-unsafe fn dot_32<const K: u8, const N: usize, D: IntDot>(w: &[u8], bytes: usize, a: [&[BlockQ8_0]; N]) -> [f32; N] {
+/// AVX2, FMA, F16C; `bytes` is `K`'s block size (34, 18 or 22), and every `a[t]` holds at
+/// least `w.len() / bytes` blocks (a trailing partial block of `w` is ignored).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_32<const K: u8, const N: usize>(w: &[u8], bytes: usize, a: [&[BlockQ8_0]; N]) -> [f32; N] {
     let nb = w.len() / bytes;
     let wp = w.as_ptr();
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
+    let ones = _mm256_set1_epi16(1);
     let offset = code_offset(K);
     // One accumulator per token, blocks added in order: the same operations in the same order
     // as `dot2x4_32`, so a token's result never depends on how many share the call (batch
@@ -194,7 +162,7 @@ unsafe fn dot_32<const K: u8, const N: usize, D: IntDot>(w: &[u8], bytes: usize,
             for t in 0..N {
                 let y = &*ap[t].add(i);
                 let qy = load256(y.qs.as_ptr() as *const u8);
-                let dot = D::dot(ax, _mm256_sign_epi8(qy, qx));
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx)), ones);
                 let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
                 acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
             }
@@ -208,7 +176,7 @@ unsafe fn dot_32<const K: u8, const N: usize, D: IntDot>(w: &[u8], bytes: usize,
             for t in 0..N {
                 let y = &*ap[t].add(i);
                 let qy = load256(y.qs.as_ptr() as *const u8);
-                let dot = D::dot(qx, qy);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
                 corr[t] += dw * y.s;
                 let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&y.d));
                 acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), acc[t]);
@@ -226,19 +194,15 @@ unsafe fn dot_32<const K: u8, const N: usize, D: IntDot>(w: &[u8], bytes: usize,
 /// rows and each weight block decoded once for all four tokens (8 accumulators).
 ///
 /// # Safety
-/// As [`dot_32`]; `w0` and `w1` each point to `nb` readable blocks of `bytes` bytes: `K`'s
+/// AVX2, FMA, F16C; `w0` and `w1` each point to `nb` readable blocks of `bytes` bytes: `K`'s
 /// packed blocks, or [`UNPACKED_BYTES`] blocks from [`unpack_32`] when `UNPACKED`; every
 /// `a[t]` holds at least `nb` blocks.
-#[inline(always)]
-unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool, D: IntDot>(
-    w0: *const u8,
-    w1: *const u8,
-    nb: usize,
-    bytes: usize,
-    a: [&[BlockQ8_0]; 4],
-) -> [[f32; 4]; 2] {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool>(w0: *const u8, w1: *const u8, nb: usize, bytes: usize, a: [&[BlockQ8_0]; 4]) -> [[f32; 4]; 2] {
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
+    let ones = _mm256_set1_epi16(1);
     let offset = code_offset(K);
     let mut acc = [[_mm256_setzero_ps(); 4]; 2];
     let mut corr = [[0f32; 4]; 2];
@@ -270,7 +234,7 @@ unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool, D: IntDot>(
             let dy = _mm256_broadcast_ss(&y.d);
             for r in 0..2 {
                 let qyr = if K == K_Q8_0 { _mm256_sign_epi8(qy, qx[r]) } else { qy };
-                let dot = D::dot(ax[r], qyr);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[r], qyr), ones);
                 acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dwv[r], dy), _mm256_cvtepi32_ps(dot), acc[r][t]);
                 if K != K_Q8_0 {
                     corr[r][t] += dw[r] * y.s;
@@ -290,21 +254,22 @@ unsafe fn dot2x4_32<const K: u8, const UNPACKED: bool, D: IntDot>(
 /// Rows × four tokens for the 32-element formats: two rows at a time, then the odd one.
 ///
 /// # Safety
-/// As the `rows4_32` entry points (see [`entries_32`]), inlined into them.
-#[inline(always)]
-unsafe fn rows4_32_with<const K: u8, D: IntDot>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+/// AVX2, FMA, F16C; `w` holds at least `out.len()` rows of `row_bytes`, `row_bytes` is a
+/// multiple of `bytes`, `K`'s block size, and every `a[t]` holds `row_bytes / bytes` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / bytes;
     let rows = out.len();
     let wp = w.as_ptr();
     let mut r = 0;
     while r + 2 <= rows {
-        let [o0, o1] = dot2x4_32::<K, false, D>(wp.add(r * row_bytes), wp.add((r + 1) * row_bytes), nb, bytes, a);
+        let [o0, o1] = dot2x4_32::<K, false>(wp.add(r * row_bytes), wp.add((r + 1) * row_bytes), nb, bytes, a);
         out[r] = o0;
         out[r + 1] = o1;
         r += 2;
     }
     if r < rows {
-        out[r] = dot_32::<K, 4, D>(&w[r * row_bytes..(r + 1) * row_bytes], bytes, a);
+        out[r] = dot_32::<K, 4>(&w[r * row_bytes..(r + 1) * row_bytes], bytes, a);
     }
 }
 
@@ -340,12 +305,14 @@ pub(super) unsafe fn unpack_32<const K: u8>(w: &[u8], bytes: usize, out: &mut Ve
     out.set_len(nb * UNPACKED_BYTES);
 }
 
-/// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to [`rows4_32_with`].
+/// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to [`rows4_32`].
 ///
 /// # Safety
-/// As the `rows4_unpacked` entry points (see [`entries_32`]), inlined into them.
-#[inline(always)]
-unsafe fn rows4_unpacked_with<const K: u8, D: IntDot>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
+/// AVX2, FMA, F16C; `K` is the format the rows were unpacked from; `w` holds at least
+/// `out.len()` rows of `row_bytes`, a multiple of [`UNPACKED_BYTES`], and every `a[t]` holds
+/// `row_bytes / UNPACKED_BYTES` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
     let nb = row_bytes / UNPACKED_BYTES;
     let rows = out.len();
     let wp = w.as_ptr();
@@ -353,7 +320,7 @@ unsafe fn rows4_unpacked_with<const K: u8, D: IntDot>(w: &[u8], row_bytes: usize
     while r < rows {
         // An odd last row is paired with itself.
         let r1 = (r + 1).min(rows - 1);
-        let [o0, o1] = dot2x4_32::<K, true, D>(wp.add(r * row_bytes), wp.add(r1 * row_bytes), nb, UNPACKED_BYTES, a);
+        let [o0, o1] = dot2x4_32::<K, true>(wp.add(r * row_bytes), wp.add(r1 * row_bytes), nb, UNPACKED_BYTES, a);
         out[r] = o0;
         if r1 != r {
             out[r1] = o1;
@@ -362,96 +329,28 @@ unsafe fn rows4_unpacked_with<const K: u8, D: IntDot>(w: &[u8], row_bytes: usize
     }
 }
 
-/// The entry points of the 32-element kernels for one way of summing bytes (`$d`, see
-/// [`IntDot`]) under the target features it needs: the one-row kernels `dot_q8_0`,
-/// `dot_q4_0`, `dot_q5_0` (`N` tokens), and `rows4_32` / `rows4_unpacked` (rows × four
-/// tokens). Each is `unsafe`: the caller checked the CPU for `$features` and the lengths of
-/// [`dot_32`] / [`rows4_32_with`] / [`rows4_unpacked_with`].
-macro_rules! entries_32 {
-    ($features:literal, $d:ty) => {
-        /// Q8_0 weights · `N` Q8_0 activation rows.
-        ///
-        /// # Safety
-        /// The features above; `w` is whole Q8_0 blocks and every `a[t]` holds as many.
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
-            dot_32::<K_Q8_0, N, $d>(w, Q8_0_BYTES, a)
-        }
-
-        /// Q4_0 weights · `N` Q8_0 activation rows.
-        ///
-        /// # Safety
-        /// As `dot_q8_0`, for Q4_0 blocks.
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
-            dot_32::<K_Q4_0, N, $d>(w, Q4_0_BYTES, a)
-        }
-
-        /// Q5_0 weights · `N` Q8_0 activation rows.
-        ///
-        /// # Safety
-        /// As `dot_q8_0`, for Q5_0 blocks.
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
-            dot_32::<K_Q5_0, N, $d>(w, Q5_0_BYTES, a)
-        }
-
-        /// Rows × four tokens for the 32-element formats: two rows at a time, then the odd one.
-        ///
-        /// # Safety
-        /// The features above; `w` holds at least `out.len()` rows of `row_bytes`, a multiple
-        /// of `bytes`, `K`'s block size, and every `a[t]` holds `row_bytes / bytes` blocks.
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn rows4_32<const K: u8>(w: &[u8], row_bytes: usize, bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
-            rows4_32_with::<K, $d>(w, row_bytes, bytes, a, out)
-        }
-
-        /// Rows × four tokens over rows unpacked by [`unpack_32`]; bit-identical to `rows4_32`.
-        ///
-        /// # Safety
-        /// The features above; `K` is the format the rows were unpacked from; `w` holds at
-        /// least `out.len()` rows of `row_bytes`, a multiple of [`UNPACKED_BYTES`], and every
-        /// `a[t]` holds `row_bytes / UNPACKED_BYTES` blocks.
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn rows4_unpacked<const K: u8>(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
-            rows4_unpacked_with::<K, $d>(w, row_bytes, a, out)
-        }
-    };
-}
-
-entries_32!("avx2,fma,f16c", Madd);
-
-/// The 32-element kernels with AVX-VNNI's `vpdpbusd` in place of `maddubs` + `madd`: the same
-/// results with two instructions fewer per block and token. The other formats keep AVX2's.
-pub(super) mod vnni {
-    use super::*;
-
-    entries_32!("avx2,fma,f16c,avxvnni", Vnni);
-}
-
-/// The multi-row entry point of each AVX2 kernel (see `kernels::DotRows4`), from module `$m`
-/// (`avx2`, or `avx2::vnni` for the 32-element formats): those formats go to `rows4_32`, the
-/// others call the `N`-token kernel per row, as two pairs of tokens when `$pairs`. Expands to
-/// calls of the unsafe kernels: use it inside `unsafe` after checking their preconditions
-/// (`kernels::check_rows4` does).
+/// The multi-row entry point of each AVX2 kernel (see `kernels::DotRows4`): the 32-element
+/// formats go to [`rows4_32`], the others call the `N`-token kernel per row, as two pairs of
+/// tokens when `$pairs`. Expands to calls of the unsafe kernels: use it inside `unsafe`
+/// after checking their preconditions (`kernels::check_rows4` does).
 macro_rules! rows4 {
-    ([$($m:tt)+], dot_q8_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
-        $($m)+::rows4_32::<{ super::avx2::K_Q8_0_ID }>($w, $rb, super::blocks::Q8_0_BYTES, $a, $out)
+    (dot_q8_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q8_0_ID }>($w, $rb, super::blocks::Q8_0_BYTES, $a, $out)
     };
-    ([$($m:tt)+], dot_q4_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
-        $($m)+::rows4_32::<{ super::avx2::K_Q4_0_ID }>($w, $rb, super::blocks::Q4_0_BYTES, $a, $out)
+    (dot_q4_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q4_0_ID }>($w, $rb, super::blocks::Q4_0_BYTES, $a, $out)
     };
-    ([$($m:tt)+], dot_q5_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
-        $($m)+::rows4_32::<{ super::avx2::K_Q5_0_ID }>($w, $rb, super::blocks::Q5_0_BYTES, $a, $out)
+    (dot_q5_0, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+        super::avx2::rows4_32::<{ super::avx2::K_Q5_0_ID }>($w, $rb, super::blocks::Q5_0_BYTES, $a, $out)
     };
-    ([$($m:tt)+], $f:ident, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
+    ($f:ident, $pairs:expr, $w:expr, $rb:expr, $a:expr, $out:expr) => {
         for (wr, o) in $w.chunks_exact($rb.max(1)).zip($out.iter_mut()) {
             *o = if $pairs {
-                let [x, y] = $($m)+::$f::<2>(wr, [$a[0], $a[1]]);
-                let [z, v] = $($m)+::$f::<2>(wr, [$a[2], $a[3]]);
+                let [x, y] = super::avx2::$f::<2>(wr, [$a[0], $a[1]]);
+                let [z, v] = super::avx2::$f::<2>(wr, [$a[2], $a[3]]);
                 [x, y, z, v]
             } else {
-                $($m)+::$f::<4>(wr, $a)
+                super::avx2::$f::<4>(wr, $a)
             };
         }
     };
@@ -464,6 +363,33 @@ pub(super) const K_Q8_0_ID: u8 = K_Q8_0;
 pub(super) const K_Q4_0_ID: u8 = K_Q4_0;
 /// See [`K_Q8_0_ID`].
 pub(super) const K_Q5_0_ID: u8 = K_Q5_0;
+
+/// Q8_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w` is whole Q8_0 blocks and every `a[t]` holds at least as many.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q8_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q8_0, N>(w, Q8_0_BYTES, a)
+}
+
+/// Q4_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// As [`dot_q8_0`], for Q4_0 blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q4_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q4_0, N>(w, Q4_0_BYTES, a)
+}
+
+/// Q5_0 weights · `N` Q8_0 activation rows.
+///
+/// # Safety
+/// As [`dot_q8_0`], for Q5_0 blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5_0<const N: usize>(w: &[u8], a: [&[BlockQ8_0]; N]) -> [f32; N] {
+    dot_32::<K_Q5_0, N>(w, Q5_0_BYTES, a)
+}
 
 /// Unpacks a Q4_K/Q5_K 12-byte scale field into (8 scales as i16 lanes, 8 mins as i16 lanes).
 ///

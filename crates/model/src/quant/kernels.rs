@@ -1,7 +1,7 @@
 //! Run-time kernel selection, detected once per process: AVX-512 VNNI (GEMM kernels over
 //! repacked weights for the formats the default model uses, AVX2 for the rest) when the CPU
-//! has it, else AVX-VNNI (AVX2's kernels with `vpdpbusd` for the 32-element formats) when it
-//! has that, else AVX2, else the portable scalar kernels; `TPSERVE_KERNELS=avx-vnni`, `avx2` or
+//! has it, else AVX-VNNI (the same GEMM kernels at 256 bits, AVX2 for the rest) when it has
+//! that, else AVX2, else the portable scalar kernels; `TPSERVE_KERNELS=avx-vnni`, `avx2` or
 //! `scalar` caps the choice (for comparing them and for debugging).
 
 use std::sync::OnceLock;
@@ -17,7 +17,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// AVX2's kernels, with AVX-VNNI's 256-bit `vpdpbusd` in the Q8_0/Q4_0/Q5_0 ones.
+    /// AVX2's kernels, and the 256-bit AVX-VNNI twins of the AVX-512 GEMM kernels over
+    /// repacked weights where a type has them (CPUs with AVX-VNNI but no AVX-512).
     AvxVnni,
     /// AVX2's kernels, and the AVX-512 (F, BW) + VNNI GEMM kernels over repacked weights
     /// where a type has them.
@@ -171,31 +172,29 @@ macro_rules! scalar_kernels {
 
 /// Safe wrappers around the AVX2 kernels. They are only reachable through [`select`], which
 /// hands them out only after [`avx2_available`] said yes; each checks the lengths the
-/// unsafe kernel relies on. `[$m]` is the kernels' module: `super::avx2`, or `super::avx2::vnni` (handed out only after
-/// [`avx_vnni_available`] too).
+/// unsafe kernel relies on.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_kernels {
-    ([$($m:tt)+], $variant:ident, $f:ident, $a:ty, $bytes_per_unit:expr, $pairs:expr) => {{
+    ($variant:ident, $f:ident, $a:ty, $bytes_per_unit:expr, $pairs:expr) => {{
         fn one(w: &[u8], a: &[$a]) -> f32 {
             assert_eq!(w.len(), a.len() * $bytes_per_unit, "weight row / activation length mismatch");
-            // SAFETY: only handed out by `select` after `avx2_available()` (and
-            // `avx_vnni_available()` for the vnni module); lengths checked above.
-            unsafe { $($m)+::$f::<1>(w, [a])[0] }
+            // SAFETY: only handed out by `select` after `avx2_available()`; lengths checked above.
+            unsafe { super::avx2::$f::<1>(w, [a])[0] }
         }
         fn rows4(w: &[u8], row_bytes: usize, a: [&[$a]; 4], out: &mut [[f32; 4]]) {
             check_rows4(w, row_bytes, $bytes_per_unit, &a, out);
             // SAFETY: as in `one`; `check_rows4` verified every length.
-            unsafe { super::avx2::rows4!([$($m)+], $f, $pairs, w, row_bytes, a, out) }
+            unsafe { super::avx2::rows4!($f, $pairs, w, row_bytes, a, out) }
         }
         Kernel::$variant(DotKernels { one, rows4, unpacked: None })
     }};
 }
 
-/// AVX2 (or AVX-VNNI, after `[$m]` as above) Q4_0/Q5_0 kernels with the decode-once prefill path.
+/// AVX2 Q4_0/Q5_0 kernels with the decode-once prefill path.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx2_unpacking_kernels {
-    ([$($m:tt)+], $f:ident, $k:ident, $bytes:expr) => {{
-        let Kernel::Q8_0(mut k) = avx2_kernels!([$($m)+], Q8_0, $f, BlockQ8_0, $bytes, false) else { unreachable!() };
+    ($f:ident, $k:ident, $bytes:expr) => {{
+        let Kernel::Q8_0(mut k) = avx2_kernels!(Q8_0, $f, BlockQ8_0, $bytes, false) else { unreachable!() };
         fn unpack(w: &[u8], out: &mut Vec<u8>) {
             assert_eq!(w.len() % $bytes, 0, "packed rows are whole blocks");
             // SAFETY: only handed out by `select` after `avx2_available()`; whole blocks checked.
@@ -203,9 +202,8 @@ macro_rules! avx2_unpacking_kernels {
         }
         fn rows4(w: &[u8], row_bytes: usize, a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]]) {
             check_rows4(w, row_bytes, super::avx2::UNPACKED_BYTES, &a, out);
-            // SAFETY: as in `unpack` (and the module's features, as in `avx2_kernels`);
-            // `check_rows4` verified every length.
-            unsafe { $($m)+::rows4_unpacked::<{ super::avx2::$k }>(w, row_bytes, a, out) }
+            // SAFETY: as in `unpack`; `check_rows4` verified every length.
+            unsafe { super::avx2::rows4_unpacked::<{ super::avx2::$k }>(w, row_bytes, a, out) }
         }
         k.unpacked = Some(Unpacked { bytes_per_block: super::avx2::UNPACKED_BYTES, unpack, rows4 });
         Kernel::Q8_0(k)
@@ -221,26 +219,17 @@ const K_PAIRS: bool = true;
 pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
     use super::blocks::*;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::AvxVnni && avx_vnni_available() {
-        match dtype {
-            GgmlDType::Q8_0 => return Some(avx2_kernels!([super::avx2::vnni], Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false)),
-            GgmlDType::Q4_0 => return Some(avx2_unpacking_kernels!([super::avx2::vnni], dot_q4_0, K_Q4_0_ID, Q4_0_BYTES)),
-            GgmlDType::Q5_0 => return Some(avx2_unpacking_kernels!([super::avx2::vnni], dot_q5_0, K_Q5_0_ID, Q5_0_BYTES)),
-            _ => {}
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_available() {
         return Some(match dtype {
-            GgmlDType::F32 => avx2_kernels!([super::avx2], F32, dot_f32, f32, 4, false),
-            GgmlDType::F16 => avx2_kernels!([super::avx2], F32, dot_f16, f32, 2, false),
-            GgmlDType::BF16 => avx2_kernels!([super::avx2], F32, dot_bf16, f32, 2, false),
-            GgmlDType::Q8_0 => avx2_kernels!([super::avx2], Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
-            GgmlDType::Q4_0 => avx2_unpacking_kernels!([super::avx2], dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
-            GgmlDType::Q5_0 => avx2_unpacking_kernels!([super::avx2], dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
-            GgmlDType::Q4_K => avx2_kernels!([super::avx2], Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
-            GgmlDType::Q5_K => avx2_kernels!([super::avx2], Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
-            GgmlDType::Q6_K => avx2_kernels!([super::avx2], Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
+            GgmlDType::F32 => avx2_kernels!(F32, dot_f32, f32, 4, false),
+            GgmlDType::F16 => avx2_kernels!(F32, dot_f16, f32, 2, false),
+            GgmlDType::BF16 => avx2_kernels!(F32, dot_bf16, f32, 2, false),
+            GgmlDType::Q8_0 => avx2_kernels!(Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
+            GgmlDType::Q4_0 => avx2_unpacking_kernels!(dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
+            GgmlDType::Q5_0 => avx2_unpacking_kernels!(dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
+            GgmlDType::Q4_K => avx2_kernels!(Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
+            GgmlDType::Q5_K => avx2_kernels!(Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
+            GgmlDType::Q6_K => avx2_kernels!(Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
             _ => return None,
         });
     }

@@ -16,7 +16,9 @@ use rayon::prelude::*;
 
 use super::act::{BlockQ8K, BlockQ8_0};
 use super::blocks::QK_K;
-use super::kernels::{activation_quantizers, active_isa, avx512_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K, QuantizeQ8_0};
+use super::kernels::{
+    activation_quantizers, active_isa, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K, QuantizeQ8_0,
+};
 use super::packed::{packable, Packed, GROUP};
 use super::{dequantize, is_supported, GgmlDType, QuantError};
 use tpserve_gguf::TensorBytes;
@@ -141,7 +143,12 @@ impl QMatrix {
 
     /// Whether matmuls on `isa` run on the repacked layout.
     fn packs_for(&self, isa: Isa) -> bool {
-        isa == Isa::Avx512Vnni && packable(self.dtype) && avx512_vnni_available()
+        let cpu = match isa {
+            Isa::Avx512Vnni => avx512_vnni_available(),
+            Isa::AvxVnni => avx_vnni_available(),
+            Isa::Scalar | Isa::Avx2 => false,
+        };
+        cpu && packable(self.dtype)
     }
 
     /// The repacked rows, made now if this is the first call.
@@ -160,9 +167,9 @@ impl QMatrix {
         }
     }
 
-    /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AVX-512 VNNI kernels
-    /// (the caller checked [`Self::packs_for`]).
-    fn matmul_packed(&self, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k: QuantizeQ8K) {
+    /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AVX-512 VNNI kernels,
+    /// or their 256-bit AVX-VNNI twins (the caller checked [`Self::packs_for`] for `isa`).
+    fn matmul_packed(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k: QuantizeQ8K) {
         let p = self.packed();
         let (rows, dtype) = (self.rows, self.dtype);
         if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
@@ -183,7 +190,11 @@ impl QMatrix {
                 // masked off: every write is in `out` and (see `OutPtr`) this task's own.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                    if isa == Isa::Avx512Vnni {
+                        super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                    } else {
+                        super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                    }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
@@ -197,7 +208,11 @@ impl QMatrix {
                 // SAFETY: as above, with `nb` sums per token.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
+                    if isa == Isa::Avx512Vnni {
+                        super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
+                    } else {
+                        super::avx_vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
+                    }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
@@ -226,7 +241,7 @@ impl QMatrix {
         }
         let (q8_0, q8_k) = activation_quantizers(isa);
         if self.packs_for(isa) {
-            return self.matmul_packed(x, n, out, q8_0, q8_k);
+            return self.matmul_packed(isa, x, n, out, q8_0, q8_k);
         }
         let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         match kernel {

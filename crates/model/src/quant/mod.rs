@@ -9,6 +9,8 @@
 //! - [`blocks`]: scalar reference dequantizers and simple quantizers for every supported type.
 //! - [`act`]: activation quantization to Q8_0 / Q8_K, bit-compatible with llama.cpp.
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
+//! - `packed`: weights repacked at load, 16 rows interleaved; `avx512` / `avx_vnni`: the GEMM
+//!   kernels over them (512-bit, and 256-bit for AVX-VNNI CPUs without AVX-512).
 //! - [`kernels`]: run-time choice between them (`TPSERVE_KERNELS=scalar` forces the fallback).
 //! - [`matrix`]: [`QMatrix`], the weight matrix type the model multiplies with.
 
@@ -21,6 +23,8 @@ pub mod matrix;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx_vnni;
 mod packed;
 mod scalar;
 

@@ -240,24 +240,29 @@ fn the_packed_layout_holds_every_row_of_the_file() {
 }
 
 #[test]
-fn the_avx512_vnni_gemm_gives_the_scalar_kernels_results_bit_for_bit() {
+fn the_vnni_gemm_kernels_give_the_scalar_kernels_results_bit_for_bit() {
     // Exact integer block sums and the scalar loop's float operations in its order: equal,
-    // not close, for every batch size (the kernel's 1..=8-token tiles and their remainders).
+    // not close, for every batch size (the kernels' token tiles and their remainders) and
+    // every way a group's 16 lanes can be cut off (the 256-bit kernels do them as two halves).
+    let packed: Vec<Isa> = available_isas().into_iter().filter(|&i| i >= Isa::AvxVnni).collect();
+    eprintln!("packed GEMM kernels run here: {packed:?}");
     if !avx512_vnni_available() {
-        eprintln!("no AVX-512 VNNI on this CPU: the packed kernels are not run here");
-        return;
+        eprintln!("no AVX-512 VNNI on this CPU: the 512-bit packed kernels are not run here");
     }
     let mut rng = StdRng::seed_from_u64(22);
     for dtype in TYPES.into_iter().filter(|&d| packable(d)) {
-        for (rows, blocks) in [(37, 3), (16, 20), (5, 1)] {
+        for (rows, blocks) in [(37, 3), (16, 20), (5, 1), (29, 2), (8, 1)] {
             let cols = blocks * dtype.block_size();
             let m = random_matrix(dtype, rows, cols, &mut rng);
-            for n in [1, 2, 3, 7, 8, 9, 16, 21] {
+            for n in [1, 2, 3, 4, 5, 7, 8, 9, 16, 21] {
                 let x = random_floats(&mut rng, n * cols);
-                let (mut a, mut b) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
-                m.matmul_with(Isa::Scalar, &x, n, &mut a);
-                m.matmul_with(Isa::Avx512Vnni, &x, n, &mut b);
-                assert_eq!(a, b, "{dtype} {rows}x{cols} n={n}");
+                let mut want = vec![f32::NAN; n * rows];
+                m.matmul_with(Isa::Scalar, &x, n, &mut want);
+                for &isa in &packed {
+                    let mut got = vec![f32::NAN; n * rows];
+                    m.matmul_with(isa, &x, n, &mut got);
+                    assert_eq!(want, got, "{dtype} {isa:?} {rows}x{cols} n={n}");
+                }
             }
         }
     }
