@@ -23,6 +23,8 @@ Systems:
       kv16    keys and values stored as f16,
       fa16    llama.cpp's CPU flash attention with an f16 cache: queries rounded to f16 and the
               value accumulator kept in f16 (kv16 included),
+      aq-but-T  aq on every matmul but those of tensor T (token_embd: the output projection,
+              ffn_down, attn_output, ...): which inputs' rounding matters,
       tpserve f32 + aq + gelu16 (what tpserve computes),
       llama   f32 + aq + gelu16 + fa16 (what llama.cpp computes).
 Cases: the prompts of `--reference` (`greedy.jsonl`: prompt, then llama.cpp's 48 greedy tokens)
@@ -148,7 +150,7 @@ def forward(m, ids, opts):
         return m.w[name].astype(ft, copy=False)
 
     def matmul(x, name):
-        if "aq" in opts:
+        if "aq" in opts and f"noaq:{name.split('.')[-1]}" not in opts:
             x = quant_q8_k(x) if m.types[name] in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K") else \
                 quant_q8_0(x) if m.types[name] not in ("F32", "F16", "BF16") else x
         return np.asarray(x, ft) @ W(name).T
@@ -264,11 +266,12 @@ def tokenize(args, text):
 
 
 def read_rows(path, cs, vocab):
-    flat = np.fromfile(path, dtype="<f4")
+    """The rows a system wrote, per case, mapped (not read: 1 MB a position)."""
+    flat = np.memmap(path, dtype="<f4", mode="r")
     rows, off = [], 0
     for c in cs:
         n = len(c["ids"]) - c["from"]
-        rows.append(flat[off * vocab:(off + n) * vocab].reshape(n, vocab).astype(np.float64))
+        rows.append(flat[off * vocab:(off + n) * vocab].reshape(n, vocab))
         off += n
     if off * vocab != flat.size:
         sys.exit(f"accuracy_vs_exact.py: {path} holds {flat.size / vocab} rows, expected {off}")
@@ -332,6 +335,7 @@ def compare(exact, got):
     top1_diff = {m: [0, 0] for m in MARGINS}
     diffs = []
     for e, g in zip(exact, got):
+        g = np.asarray(g, np.float64)
         srt = np.sort(e, axis=1)
         margin = srt[:, -1] - srt[:, -2]
         differ = e.argmax(axis=1) != g.argmax(axis=1)
@@ -344,7 +348,7 @@ def compare(exact, got):
     d = np.concatenate(diffs)
     return {
         **{f"top1_differs_margin_{m}": top1_diff[m] for m in MARGINS},
-        "top1_differs_all": int(sum(int((e.argmax(1) != g.argmax(1)).sum()) for e, g in zip(exact, got))),
+        "top1_differs_all": int(sum(int((e.argmax(1) != np.asarray(g).argmax(1)).sum()) for e, g in zip(exact, got))),
         "positions": int(sum(e.shape[0] for e in exact)),
         "dlogprob_mean": float(d.mean()), "dlogprob_p90": float(np.percentile(d, 90)), "dlogprob_max": float(d.max()),
     }
@@ -372,6 +376,9 @@ def main():
     ap.add_argument("--json-out")
     args = ap.parse_args()
     emul = [e for e in args.emulate.split(",") if e]
+    for e in emul:
+        if e.startswith("aq-but-"):
+            EMULATIONS[e] = {"aq", "noaq:" + e.removeprefix("aq-but-")}
     bad = [e for e in emul if e not in EMULATIONS]
     if bad:
         sys.exit(f"accuracy_vs_exact.py: unknown emulation {bad[0]!r}; known: {', '.join(EMULATIONS)}")
@@ -380,25 +387,29 @@ def main():
     m = Gemma3(args.model)
     cs = cases(args)
     print(f"{len(cs)} cases, {sum(len(c['ids']) - c['from'] for c in cs)} scored positions; weights read in {time.time() - t0:.0f} s", file=sys.stderr)
+    # Every system's rows are 1 MB a position: each is compared as soon as it exists and only
+    # the emulations of the real systems are kept (in f32) for the comparison with them.
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        systems = {"tpserve": run_tpserve(args, cs, m.vocab, tmp)}
+        real = {"tpserve": run_tpserve(args, cs, m.vocab, tmp)}
         if args.llama_python:
-            systems["llama.cpp"] = run_llama(args, cs, m.vocab, tmp)
+            real["llama.cpp"] = run_llama(args, cs, m.vocab, tmp)
         exact = []
         for i, c in enumerate(cs):
             t = time.time()
             exact.append(log_softmax(forward(m, c["ids"][:-1], set()))[c["from"] - 1:])
             print(f"exact {i + 1}/{len(cs)} {c['name']!r}: {time.time() - t:.1f} s", file=sys.stderr)
-        for name in emul:
-            systems[f"emulated {name}"] = [log_softmax(forward(m, c["ids"][:-1], EMULATIONS[name]))[c["from"] - 1:] for c in cs]
-            print(f"emulated {name} done", file=sys.stderr)
-        for name, rows in systems.items():
+        for name, rows in real.items():
             results[name] = compare(exact, rows)
-        # The real systems against their own emulations: what the emulation does not explain.
-        for real, emu in (("tpserve", "emulated tpserve"), ("llama.cpp", "emulated llama")):
-            if real in systems and emu in systems:
-                results[f"{real} vs {emu}"] = compare(systems[emu], systems[real])
+        for name in emul:
+            rows = [log_softmax(forward(m, c["ids"][:-1], EMULATIONS[name]))[c["from"] - 1:].astype(np.float32) for c in cs]
+            results[f"emulated {name}"] = compare(exact, rows)
+            # The real system against its emulation: what the emulation does not explain.
+            for sys_name, emu in (("tpserve", "tpserve"), ("llama.cpp", "llama")):
+                if name == emu and sys_name in real:
+                    results[f"{sys_name} vs emulated {emu}"] = compare([r.astype(np.float64) for r in rows], real[sys_name])
+            del rows
+            print(f"emulated {name} done", file=sys.stderr)
 
     hdr = f"{'system':<34} {'top-1 differs (margin>=0.1)':>28} {'(>=0.25)':>12} {'(all)':>8} {'|dlp| mean':>11} {'p90':>7} {'max':>7}"
     print(hdr)

@@ -1,8 +1,9 @@
 //! Causal attention over a sequence's KV cache: a tiled online-softmax ("flash") kernel
 //! that never materialises the T×T score matrix, grouped-query and sliding-window aware,
-//! reading keys and values through a paged block table, plus the naive reference it is
-//! tested against.
+//! reading keys and values (f16, see `kv_cache`) through a paged block table, plus the naive
+//! reference it is tested against.
 
+use half::f16;
 use rayon::prelude::*;
 use tpserve_types::kv::BlockId;
 
@@ -13,9 +14,9 @@ use crate::simd;
 #[derive(Debug, Clone, Copy)]
 pub struct KvView<'a> {
     /// The layer's whole key pool, `[rows, kv_dim]`; other sequences' blocks included.
-    pub k: &'a [f32],
+    pub k: &'a [f16],
     /// The value pool, laid out as `k`.
-    pub v: &'a [f32],
+    pub v: &'a [f16],
     /// The sequence's blocks in position order (`tpserve_types::kv`); entries for blocks a
     /// sliding window no longer reads may be `NO_BLOCK`.
     pub table: &'a [BlockId],
@@ -25,7 +26,7 @@ pub struct KvView<'a> {
 
 impl<'a> KvView<'a> {
     /// Keys and values stored in position order (position p is row p).
-    pub fn contiguous(k: &'a [f32], v: &'a [f32], kv_dim: usize) -> Self {
+    pub fn contiguous(k: &'a [f16], v: &'a [f16], kv_dim: usize) -> Self {
         Self { k, v, table: &[0], block_size: (k.len() / kv_dim.max(1)).max(1) }
     }
 }
@@ -108,8 +109,8 @@ pub fn flash_attention(q: &[f32], kv: KvView<'_>, shape: AttnShape, span: AttnSp
         let keys = span.keys_for(span.q_pos0 + i);
         let args = Attend { qs, k, v, table: kv.table, bs: kv.block_size, kv_dim, kv_off: g * hd, hd, hs, keys };
         #[cfg(target_arch = "x86_64")]
-        if simd::use_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        if simd::use_avx2() && is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
             return unsafe { attend_avx2(args, o) };
         }
         attend::<false>(args, o);
@@ -122,8 +123,8 @@ struct Attend<'a> {
     /// The task's query rows, `[hs, hd]`, already scaled.
     qs: &'a [f32],
     /// The layer's key and value pools ([`KvView::k`], [`KvView::v`]).
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [f16],
+    v: &'a [f16],
     /// The sequence's block table and block size.
     table: &'a [BlockId],
     bs: usize,
@@ -148,15 +149,15 @@ impl Attend<'_> {
     }
 }
 
-/// [`attend`] for AVX2+FMA: register-blocked kernels when the head dim is a multiple of 8
+/// [`attend`] for AVX2+FMA+F16C: register-blocked kernels when the head dim is a multiple of 8
 /// (every real model), else the portable loops compiled for AVX2.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA. `args` must be as [`flash_attention`] builds it after its
+/// The CPU must have AVX2, FMA and F16C. `args` must be as [`flash_attention`] builds it after its
 /// checks (every row of `args.keys` through the table inside `k` and `v`, `qs` holding
 /// `hs * hd` floats, `hs <= MAX_HEADS_PER_TASK`), and `o` must hold `hs * hd` floats.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
     if !args.hd.is_multiple_of(8) {
         return attend::<true>(args, o);
@@ -171,7 +172,7 @@ unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
     }
 }
 
-/// Register-blocked online-softmax attention for AVX2.
+/// Register-blocked online-softmax attention for AVX2 (F16C widens the cache's f16 rows).
 ///
 /// Scores: `KB` keys × `HS` heads at a time, each dot product one 256-bit accumulator running
 /// over the head dim in order; values: `DC` 8-wide column chunks of all heads' outputs stay in
@@ -184,16 +185,28 @@ unsafe fn attend_avx2(args: Attend<'_>, o: &mut [f32]) {
 mod blocked {
     use std::arch::x86_64::*;
 
+    use half::f16;
+
     use super::{Attend, MAX_HEADS_PER_TASK, TILE};
     use crate::simd::x86::hsum;
+
+    /// Eight f16 values at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX2, F16C; `p..p + 8` readable.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
 
     /// `scores[h][j] = q_h · k_{start + j}` for `j < n`, `h < hs` (HS is the padded head count).
     ///
     /// # Safety
-    /// AVX2 and FMA; `a.hd` a multiple of 8 and `a.hs <= HS`; `n <= TILE` and positions
+    /// AVX2, FMA, F16C; `a.hd` a multiple of 8 and `a.hs <= HS`; `n <= TILE` and positions
     /// `start..start + n` inside `a.keys`, so [`Attend::row`] stays in the pool; `a.qs` holds
     /// `a.hs * a.hd` floats.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn scores<const HS: usize, const KB: usize>(a: &Attend<'_>, start: usize, n: usize, scores: &mut [[f32; TILE]; MAX_HEADS_PER_TASK]) {
         let hs = a.hs.min(HS);
@@ -203,10 +216,10 @@ mod blocked {
         while j < n {
             let kb = if j + KB <= n { KB } else { 1 };
             let mut acc = [[_mm256_setzero_ps(); KB]; HS];
-            let rows: [*const f32; KB] = std::array::from_fn(|b| kp.add(a.row(start + j + b.min(kb - 1))));
+            let rows: [*const f16; KB] = std::array::from_fn(|b| kp.add(a.row(start + j + b.min(kb - 1))));
             let mut d = 0;
             while d < a.hd {
-                let kv: [__m256; KB] = std::array::from_fn(|b| if b < kb { _mm256_loadu_ps(rows[b].add(d)) } else { _mm256_setzero_ps() });
+                let kv: [__m256; KB] = std::array::from_fn(|b| if b < kb { load8(rows[b].add(d)) } else { _mm256_setzero_ps() });
                 for h in 0..hs {
                     let qv = _mm256_loadu_ps(qp.add(h * a.hd + d));
                     for b in 0..kb {
@@ -228,7 +241,7 @@ mod blocked {
     ///
     /// # Safety
     /// As [`scores`], with `o` holding `a.hs * a.hd` floats instead of the query condition.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn values<const HS: usize, const DC: usize>(a: &Attend<'_>, start: usize, n: usize, p: &[[f32; TILE]; MAX_HEADS_PER_TASK], o: &mut [f32]) {
         let hs = a.hs.min(HS);
@@ -245,7 +258,7 @@ mod blocked {
             }
             for j in 0..n {
                 let row = vp.add(a.row(start + j) + d);
-                let vv: [__m256; DC] = std::array::from_fn(|c| if c < dc { _mm256_loadu_ps(row.add(8 * c)) } else { _mm256_setzero_ps() });
+                let vv: [__m256; DC] = std::array::from_fn(|c| if c < dc { load8(row.add(8 * c)) } else { _mm256_setzero_ps() });
                 for h in 0..hs {
                     let pj = _mm256_broadcast_ss(&p[h][j]);
                     for c in 0..dc {
@@ -266,7 +279,7 @@ mod blocked {
     ///
     /// # Safety
     /// As [`super::attend_avx2`], plus `a.hd` a multiple of 8 and `a.hs <= HS`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend<const HS: usize, const KB: usize, const DC: usize>(a: Attend<'_>, o: &mut [f32]) {
         let (hd, hs) = (a.hd, a.hs);
         o.fill(0.0);
@@ -296,28 +309,38 @@ fn attend<const FMA: bool>(args: Attend<'_>, o: &mut [f32]) {
     let mut m = [f32::NEG_INFINITY; MAX_HEADS_PER_TASK];
     let mut l = [0f32; MAX_HEADS_PER_TASK];
     let mut scores = [[0f32; TILE]; MAX_HEADS_PER_TASK];
+    // One key or value row widened from f16.
+    let mut row = vec![0f32; hd];
     let mut start = keys.start;
     while start < keys.end {
         let end = (start + TILE).min(keys.end);
         let n = end - start;
         for j in 0..n {
-            let krow = &k[args.row(start + j)..][..hd];
+            widen(&k[args.row(start + j)..][..hd], &mut row);
             for h in 0..hs {
-                scores[h][j] = simd::dot_body::<FMA>(&qs[h * hd..(h + 1) * hd], krow);
+                scores[h][j] = simd::dot_body::<FMA>(&qs[h * hd..(h + 1) * hd], &row);
             }
         }
         for h in 0..hs {
             softmax_tile(&mut scores[h][..n], &mut m[h], &mut l[h], &mut o[h * hd..(h + 1) * hd]);
         }
         for j in 0..n {
-            let vrow = &v[args.row(start + j)..][..hd];
+            widen(&v[args.row(start + j)..][..hd], &mut row);
             for h in 0..hs {
-                simd::axpy_body::<FMA>(&mut o[h * hd..(h + 1) * hd], scores[h][j], vrow);
+                simd::axpy_body::<FMA>(&mut o[h * hd..(h + 1) * hd], scores[h][j], &row);
             }
         }
         start = end;
     }
     normalize(o, &l[..hs], hd);
+}
+
+/// `out = x` as f32 (exact: every f16 is an f32).
+#[inline(always)]
+fn widen(x: &[f16], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v.to_f32();
+    }
 }
 
 /// One tile of the online softmax for one head: turns the tile's scores `s` into weights
@@ -391,16 +414,26 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Random values in [-2, 2) that are exact f16s (the cache stores f16; the naive
+    /// reference then sees the very values the kernel reads).
+    fn random_f16s(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| f16::from_f32(rng.gen_range(-2.0f32..2.0)).to_f32()).collect()
+    }
+
+    fn f16s(x: &[f32]) -> Vec<f16> {
+        x.iter().map(|&v| f16::from_f32(v)).collect()
+    }
+
     fn check(shape: AttnShape, n_q: usize, n_k: usize, span: AttnSpan, seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
         let q = r(n_q * shape.n_heads * shape.head_dim);
-        let k = r(n_k * shape.n_kv_heads * shape.head_dim);
-        let v = r(n_k * shape.n_kv_heads * shape.head_dim);
+        let k = random_f16s(&mut rng, n_k * shape.n_kv_heads * shape.head_dim);
+        let v = random_f16s(&mut rng, n_k * shape.n_kv_heads * shape.head_dim);
         let mut got = vec![0f32; q.len()];
         let mut want = vec![0f32; q.len()];
         let kv_dim = shape.n_kv_heads * shape.head_dim;
-        flash_attention(&q, KvView::contiguous(&k, &v, kv_dim), shape, span, &mut got);
+        flash_attention(&q, KvView::contiguous(&f16s(&k), &f16s(&v), kv_dim), shape, span, &mut got);
         naive_attention(&q, &k, &v, shape, span, &mut want);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "element {i}: flash {a} vs naive {b} ({shape:?}, {span:?}, n_q {n_q}, n_k {n_k})");
@@ -442,16 +475,16 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(99);
             let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
             let q = r(n_q * 2 * head_dim);
-            let (k, v) = (r(n_k * head_dim), r(n_k * head_dim));
+            let (k, v) = (random_f16s(&mut rng, n_k * head_dim), random_f16s(&mut rng, n_k * head_dim));
             let span = AttnSpan { q_pos0: 160, window: Some(37) };
             let mut want = vec![0f32; q.len()];
             naive_attention(&q, &k, &v, shape, span, &mut want);
             let table: Vec<BlockId> = (0..n_k.div_ceil(bs)).map(|b| if b < 7 { tpserve_types::kv::NO_BLOCK } else { (19 - b) as BlockId }).collect();
-            let (mut pk, mut pv) = (vec![f32::NAN; 20 * bs * head_dim], vec![f32::NAN; 20 * bs * head_dim]);
+            let (mut pk, mut pv) = (vec![f16::NAN; 20 * bs * head_dim], vec![f16::NAN; 20 * bs * head_dim]);
             for p in 7 * bs..n_k {
                 let row = (table[p / bs] as usize * bs + p % bs) * head_dim;
-                pk[row..row + head_dim].copy_from_slice(&k[p * head_dim..(p + 1) * head_dim]);
-                pv[row..row + head_dim].copy_from_slice(&v[p * head_dim..(p + 1) * head_dim]);
+                pk[row..row + head_dim].copy_from_slice(&f16s(&k[p * head_dim..(p + 1) * head_dim]));
+                pv[row..row + head_dim].copy_from_slice(&f16s(&v[p * head_dim..(p + 1) * head_dim]));
             }
             let mut got = vec![0f32; q.len()];
             flash_attention(&q, KvView { k: &pk, v: &pv, table: &table, block_size: bs }, shape, span, &mut got);
@@ -470,7 +503,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut r = |n: usize| (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect::<Vec<_>>();
         let q = r(n_q * 4 * 64);
-        let (k, v) = (r(n_k * 64), r(n_k * 64));
+        let (k, v) = (f16s(&r(n_k * 64)), f16s(&r(n_k * 64)));
         let span = AttnSpan { q_pos0: n_k - n_q, window: Some(100) };
         let mut all = vec![0f32; q.len()];
         // Two threads and 23 queries: the prefill split (one task per KV group) for sure.

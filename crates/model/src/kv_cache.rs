@@ -3,55 +3,62 @@
 //! Each layer of the stage has `blocks * block_size` rows of keys and of values for its
 //! group; a position `p` of a sequence lives in row `table[p / block_size] * block_size +
 //! p % block_size`.
+//!
+//! Keys and values are stored as f16, as llama.cpp's default cache is: half the memory and
+//! half the bytes a decode step's attention reads (which is what it waits on), for a
+//! rounding that moves the default model's log-probabilities by 0.0007 nats on average
+//! (`bench/accuracy_vs_exact.py`, docs/PERFORMANCE.md). Rounding happens once, when a
+//! position is written, so every later read of it sees the same values.
 
+use half::f16;
 use tpserve_types::kv::{BlockId, KvLayout, NO_BLOCK};
 
 /// One layer's keys and values: `[blocks * block_size, kv_dim]` each.
 struct LayerPool {
     /// The KV group of the layout this layer belongs to (its window decides the group).
     group: usize,
-    k: ZeroedF32,
-    v: ZeroedF32,
+    k: ZeroedF16,
+    v: ZeroedF16,
 }
 
-/// Zeroed floats in pages of their own, mapped from the OS: untouched pages cost no memory,
-/// and dropping the buffer gives every page back at once. (A `vec![0.0; n]` comes from the
-/// allocator, which after a pool of the same size was freed serves it from its heap,
+/// Zeroed f16 values in pages of their own, mapped from the OS: untouched pages cost no
+/// memory, and dropping the buffer gives every page back at once. (A `vec![0; n]` comes from
+/// the allocator, which after a pool of the same size was freed serves it from its heap,
 /// zeroing, and so touching, every page: a worker that re-loads would grow by the whole
 /// pool each time.)
-struct ZeroedF32 {
+struct ZeroedF16 {
     map: Option<memmap2::MmapMut>,
     len: usize,
 }
 
-impl ZeroedF32 {
+impl ZeroedF16 {
     fn new(len: usize) -> Result<Self, String> {
         if len == 0 {
             return Ok(Self { map: None, len });
         }
-        let bytes = len.checked_mul(4).ok_or_else(|| format!("a KV pool of {len} floats is too large"))?;
+        let bytes = len.checked_mul(2).ok_or_else(|| format!("a KV pool of {len} values is too large"))?;
         let map = memmap2::MmapMut::map_anon(bytes).map_err(|e| format!("cannot reserve {bytes} bytes for the KV cache: {e}"))?;
         Ok(Self { map: Some(map), len })
     }
 }
 
-impl std::ops::Deref for ZeroedF32 {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl std::ops::Deref for ZeroedF16 {
+    type Target = [f16];
+    fn deref(&self) -> &[f16] {
         match &self.map {
-            // SAFETY: the map is page-aligned (so f32-aligned), `len * 4` bytes long, lives as
-            // long as `self`, and every bit pattern is a valid f32 (zero pages read 0.0).
-            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr().cast::<f32>(), self.len) },
+            // SAFETY: the map is page-aligned (so f16-aligned), `len * 2` bytes long, lives as
+            // long as `self`, and every bit pattern is a valid f16 (zero pages read 0.0).
+            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr().cast::<f16>(), self.len) },
             None => &[],
         }
     }
 }
 
-impl std::ops::DerefMut for ZeroedF32 {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl std::ops::DerefMut for ZeroedF16 {
+    fn deref_mut(&mut self) -> &mut [f16] {
         match &mut self.map {
             // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
-            Some(m) => unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr().cast::<f32>(), self.len) },
+            Some(m) => unsafe { std::slice::from_raw_parts_mut(m.as_mut_ptr().cast::<f16>(), self.len) },
             None => &mut [],
         }
     }
@@ -76,7 +83,7 @@ impl KvPool {
             .map(|l| {
                 let group = layout.group_of(l).ok_or_else(|| format!("layer {l} is in no KV group of the layout"))?;
                 let rows = layout.groups[group].blocks * bs;
-                Ok(LayerPool { group, k: ZeroedF32::new(rows * kv_dim)?, v: ZeroedF32::new(rows * kv_dim)? })
+                Ok(LayerPool { group, k: ZeroedF16::new(rows * kv_dim)?, v: ZeroedF16::new(rows * kv_dim)? })
             })
             .collect::<Result<_, String>>()?;
         Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, layers })
@@ -88,24 +95,26 @@ impl KvPool {
         &self.layout
     }
 
-    /// Bytes this pool reserves (keys and values, f32).
+    /// Bytes this pool reserves (keys and values, f16).
     pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(|l| ((l.k.len() + l.v.len()) * 4) as u64).sum()
+        self.layers.iter().map(|l| ((l.k.len() + l.v.len()) * 2) as u64).sum()
     }
 
     pub(crate) fn group(&self, il: usize) -> usize {
         self.layers[il].group
     }
 
-    /// Writes the keys and values of positions `pos0..` (rows of `k`, `v`) of local layer `il`.
+    /// Writes the keys and values of positions `pos0..` (rows of `k`, `v`) of local layer
+    /// `il`, rounded to f16 (to nearest, ties to even).
     pub(crate) fn write(&mut self, il: usize, table: &[BlockId], pos0: usize, k: &[f32], v: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
         let (bs, d) = (self.layout.block_size, self.kv_dim);
         let l = &mut self.layers[il];
         for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
             let p = pos0 + i;
             let row = (table[p / bs] as usize * bs + p % bs) * d;
-            l.k[row..row + d].copy_from_slice(kr);
-            l.v[row..row + d].copy_from_slice(vr);
+            l.k[row..row + d].convert_from_f32_slice(kr);
+            l.v[row..row + d].convert_from_f32_slice(vr);
         }
     }
 
