@@ -200,15 +200,17 @@ mod blocked {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// `scores[h][j] = q_h · k_{start + j}` for `j < n`, `h < hs` (HS is the padded head count).
+    /// `scores[h][j] = q_h · k_j` for the key rows at `offs[j]` (`j < n = offs.len()`), `h < hs`
+    /// (HS is the padded head count).
     ///
     /// # Safety
-    /// AVX2, FMA, F16C; `a.hd` a multiple of 8 and `a.hs <= HS`; `n <= TILE` and positions
-    /// `start..start + n` inside `a.keys`, so [`Attend::row`] stays in the pool; `a.qs` holds
-    /// `a.hs * a.hd` floats.
+    /// AVX2, FMA, F16C; `a.hd` a multiple of 8 and `a.hs <= HS`; `offs.len() <= TILE`, each
+    /// `offs[j]` [`Attend::row`] of a position inside `a.keys` (so inside the pool); `a.qs`
+    /// holds `a.hs * a.hd` floats.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn scores<const HS: usize, const KB: usize>(a: &Attend<'_>, start: usize, n: usize, scores: &mut [[f32; TILE]; MAX_HEADS_PER_TASK]) {
+    unsafe fn scores<const HS: usize, const KB: usize>(a: &Attend<'_>, offs: &[usize], scores: &mut [[f32; TILE]; MAX_HEADS_PER_TASK]) {
+        let n = offs.len();
         let hs = a.hs.min(HS);
         let qp = a.qs.as_ptr();
         let kp = a.k.as_ptr();
@@ -216,7 +218,7 @@ mod blocked {
         while j < n {
             let kb = if j + KB <= n { KB } else { 1 };
             let mut acc = [[_mm256_setzero_ps(); KB]; HS];
-            let rows: [*const f16; KB] = std::array::from_fn(|b| kp.add(a.row(start + j + b.min(kb - 1))));
+            let rows: [*const f16; KB] = std::array::from_fn(|b| kp.add(offs[j + b.min(kb - 1)]));
             let mut d = 0;
             while d < a.hd {
                 let kv: [__m256; KB] = std::array::from_fn(|b| if b < kb { load8(rows[b].add(d)) } else { _mm256_setzero_ps() });
@@ -237,13 +239,14 @@ mod blocked {
         }
     }
 
-    /// `o_h += Σ_j p[h][j] · v_{start + j}` for all heads, `DC` column chunks at a time.
+    /// `o_h += Σ_j p[h][j] · v_j` (the value rows at `offs[j]`) for all heads, `DC` column
+    /// chunks at a time.
     ///
     /// # Safety
     /// As [`scores`], with `o` holding `a.hs * a.hd` floats instead of the query condition.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn values<const HS: usize, const DC: usize>(a: &Attend<'_>, start: usize, n: usize, p: &[[f32; TILE]; MAX_HEADS_PER_TASK], o: &mut [f32]) {
+    unsafe fn values<const HS: usize, const DC: usize>(a: &Attend<'_>, offs: &[usize], p: &[[f32; TILE]; MAX_HEADS_PER_TASK], o: &mut [f32]) {
         let hs = a.hs.min(HS);
         let op = o.as_mut_ptr();
         let vp = a.v.as_ptr();
@@ -256,8 +259,8 @@ mod blocked {
                     acc[h][c] = _mm256_loadu_ps(op.add(h * a.hd + d + 8 * c));
                 }
             }
-            for j in 0..n {
-                let row = vp.add(a.row(start + j) + d);
+            for (j, &off) in offs.iter().enumerate() {
+                let row = vp.add(off + d);
                 let vv: [__m256; DC] = std::array::from_fn(|c| if c < dc { load8(row.add(8 * c)) } else { _mm256_setzero_ps() });
                 for h in 0..hs {
                     let pj = _mm256_broadcast_ss(&p[h][j]);
@@ -289,11 +292,18 @@ mod blocked {
         let mut start = a.keys.start;
         while start < a.keys.end {
             let n = (start + TILE).min(a.keys.end) - start;
-            scores::<HS, KB>(&a, start, n, &mut sc);
+            // The tile's rows through the block table, worked out once (a division each) for
+            // the scores and for every column pass of the values.
+            let mut offs = [0usize; TILE];
+            for (j, o) in offs[..n].iter_mut().enumerate() {
+                *o = a.row(start + j);
+            }
+            let offs = &offs[..n];
+            scores::<HS, KB>(&a, offs, &mut sc);
             for h in 0..hs {
                 super::softmax_tile(&mut sc[h][..n], &mut m[h], &mut l[h], &mut o[h * hd..(h + 1) * hd]);
             }
-            values::<HS, DC>(&a, start, n, &sc, o);
+            values::<HS, DC>(&a, offs, &sc, o);
             start += n;
         }
         super::normalize(o, &l[..hs], hd);
