@@ -159,17 +159,30 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Index of the largest value; ties go to the lowest index; NaN never wins.
+/// Index of the largest value; ties go to the lowest index; NaN never wins (0 when nothing
+/// is above -inf).
+///
+/// Two passes that vectorise: the maximum over 16 independent lanes, then the first 16-wide
+/// chunk that holds it. A compare-and-keep loop carries one dependency through every
+/// element, about 4 cycles each: 6 ms of a 32-sequence decode step over a 131,072-token
+/// vocabulary slice, against 0.6 ms.
 pub fn argmax(values: &[f32]) -> TokenId {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v); // `max` ignores NaN
         }
     }
-    best as TokenId
+    let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let chunk = values.chunks(LANES).position(|c| c.iter().any(|&v| v == max)).expect("the maximum is one of the values");
+    let first = chunk * LANES + values[chunk * LANES..].iter().position(|&v| v == max).expect("the chunk holds it");
+    first as TokenId
 }
 
 /// log(sum(exp(v))), computed stably.
@@ -427,6 +440,42 @@ mod tests {
     fn greedy_picks_the_argmax_and_breaks_ties_low() {
         let p = SamplingParams::default();
         assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &p, 0), 1);
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_value_ignoring_nan_at_every_length() {
+        // The compare-and-keep loop it replaces is the definition.
+        let reference = |v: &[f32]| {
+            let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
+            for (i, &x) in v.iter().enumerate() {
+                if x > best_v {
+                    (best, best_v) = (i as TokenId, x);
+                }
+            }
+            best
+        };
+        let mut seed = 1u64;
+        for len in [0, 1, 2, 15, 16, 17, 31, 33, 100, 1000] {
+            for trial in 0..20 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        seed = splitmix64(seed);
+                        match (seed % 23, trial % 4) {
+                            (0, _) => f32::NAN,
+                            (1, _) => f32::NEG_INFINITY,
+                            (2, 3) => f32::INFINITY,
+                            // Few distinct values: ties everywhere, across chunk borders.
+                            (r, 2) => (r % 3) as f32,
+                            _ => (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5,
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), reference(&v), "{v:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, 2.0, -0.0, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
     }
 
     #[test]
