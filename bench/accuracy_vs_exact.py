@@ -23,6 +23,8 @@ Systems:
       kv16    keys and values stored as f16,
       fa16    llama.cpp's CPU flash attention with an f16 cache: queries rounded to f16 and the
               value accumulator kept in f16 (kv16 included),
+      aq-kq32   aq, with the k-quant weights' inputs in blocks of 32 (a scale each, as Q8_0)
+              instead of Q8_K's one scale per 256,
       aq-but-T  aq on every matmul but those of tensor T (token_embd: the output projection,
               ffn_down, attn_output, ...): which inputs' rounding matters,
       tpserve f32 + aq + gelu16 (what tpserve computes),
@@ -151,8 +153,8 @@ def forward(m, ids, opts):
 
     def matmul(x, name):
         if "aq" in opts and f"noaq:{name.split('.')[-1]}" not in opts:
-            x = quant_q8_k(x) if m.types[name] in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K") else \
-                quant_q8_0(x) if m.types[name] not in ("F32", "F16", "BF16") else x
+            kquant = m.types[name] in ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K") and "kq32" not in opts
+            x = quant_q8_k(x) if kquant else quant_q8_0(x) if m.types[name] not in ("F32", "F16", "BF16") else x
         return np.asarray(x, ft) @ W(name).T
 
     def rms(x, name):
@@ -355,7 +357,7 @@ def compare(exact, got):
 
 
 EMULATIONS = {
-    "f32": {"f32"}, "aq": {"aq"}, "gelu16": {"gelu16"}, "kv16": {"kv16"}, "fa16": {"fa16"},
+    "f32": {"f32"}, "aq": {"aq"}, "aq-kq32": {"aq", "kq32"}, "gelu16": {"gelu16"}, "kv16": {"kv16"}, "fa16": {"fa16"},
     "tpserve": {"f32", "aq", "gelu16"}, "llama": {"f32", "aq", "gelu16", "fa16"},
 }
 
