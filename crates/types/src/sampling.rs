@@ -180,7 +180,7 @@ pub fn argmax(values: &[f32]) -> TokenId {
     if max == f32::NEG_INFINITY {
         return 0;
     }
-    let chunk = values.chunks(LANES).position(|c| c.iter().any(|&v| v == max)).expect("the maximum is one of the values");
+    let chunk = values.chunks(LANES).position(|c| c.contains(&max)).expect("the maximum is one of the values");
     let first = chunk * LANES + values[chunk * LANES..].iter().position(|&v| v == max).expect("the chunk holds it");
     first as TokenId
 }
