@@ -44,7 +44,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHARED = os.path.join(ROOT, "..", "shared", "data")
+DATA = os.path.join(ROOT, "tests", "data")
 MARGINS = (0.1, 0.25)
 
 
@@ -369,8 +369,8 @@ def main():
                     help="the tpserve binary (for `tpserve tokenize`)")
     ap.add_argument("--teacher-forced", help="the teacher_forced example binary (default: built with cargo)")
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python; without it llama.cpp is skipped")
-    ap.add_argument("--reference", default=os.path.join(SHARED, "reference", "greedy.jsonl"))
-    ap.add_argument("--wikitext", default=os.path.join(SHARED, "wikitext-2-raw-test.txt"))
+    ap.add_argument("--reference", default=os.path.join(DATA, "reference", "greedy.jsonl"))
+    ap.add_argument("--wikitext", default=os.path.join(DATA, "wikitext-2-raw-test.txt"))
     ap.add_argument("--windows", type=int, default=12, help="WikiText windows (default 12)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--score", type=int, default=48, help="scored tokens per window (default 48)")
