@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::act::{BlockQ8K, BlockQ8_0};
-use super::packed::layout;
+use super::packed::{code_offset, layout};
 use super::GgmlDType;
 
 /// 64 bytes from a 64-byte aligned address.
@@ -85,15 +85,6 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
 
 /// How far ahead of the codes in use [`prefetch`] asks for more.
 const PREFETCH_AHEAD: usize = 8192;
-
-/// What the format adds to its codes.
-fn code_offset(dtype: GgmlDType) -> i32 {
-    match dtype {
-        GgmlDType::Q8_0 => 128,
-        GgmlDType::Q4_0 => 8,
-        _ => 16,
-    }
-}
 
 /// `init` plus the exact integer dot products of 32 elements for 16 rows: `w[g]` holds
 /// elements `4g..4g+4` of each row (unsigned), `a[0..32]` one token's (signed), broadcast four

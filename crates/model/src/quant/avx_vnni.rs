@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::act::{BlockQ8K, BlockQ8_0};
-use super::packed::layout;
+use super::packed::{code_offset, layout};
 use super::GgmlDType;
 
 /// Rows of a packed group in one 256-bit register (one per lane).
@@ -106,15 +106,6 @@ unsafe fn decode(dtype: GgmlDType, codes: *const u8, h: usize) -> [__m256i; 8] {
         }
     }
     w
-}
-
-/// What the format adds to its codes.
-fn code_offset(dtype: GgmlDType) -> i32 {
-    match dtype {
-        GgmlDType::Q8_0 => 128,
-        GgmlDType::Q4_0 => 8,
-        _ => 16,
-    }
 }
 
 /// `init` plus the exact integer dot products of 32 elements for eight rows: `w[g]` holds
@@ -310,6 +301,24 @@ macro_rules! for_tokens {
 /// registers fit the sixteen ymm registers (eight, as `avx512` takes, spill).
 const TOKENS: usize = 4;
 
+/// Calls `f(h, half_lanes, t, n)` for each half `h` of a group with live lanes (`half_lanes`,
+/// its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t` in `0..tn`.
+#[inline(always)]
+fn for_tiles(tn: usize, lanes: u16, mut f: impl FnMut(usize, u8, usize, usize)) {
+    for h in 0..2 {
+        let half_lanes = (lanes >> (HALF * h)) as u8;
+        if half_lanes == 0 {
+            continue;
+        }
+        let mut t = 0;
+        while t < tn {
+            let n = (tn - t).min(TOKENS);
+            f(h, half_lanes, t, n);
+            t += n;
+        }
+    }
+}
+
 /// One group · tokens `t0..t0 + tn` (any `tn`, done [`TOKENS`] at a time for each half of
 /// the group): `out[(t - t0) * stride + l]` for the group's rows in `lanes`; `acts` and `sums`
 /// hold every token's `nb` blocks back to back. The arguments of `avx512::gemm_group`.
@@ -331,26 +340,17 @@ pub(super) unsafe fn gemm_group(
     stride: usize,
     lanes: u16,
 ) {
-    for h in 0..2 {
-        let half_lanes = (lanes >> (HALF * h)) as u8;
-        if half_lanes == 0 {
-            continue;
+    for_tiles(tn, lanes, |h, half_lanes, t, n| {
+        macro_rules! go {
+            ($t:literal) => {{
+                let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
+                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
+            }};
         }
-        let mut t = 0;
-        while t < tn {
-            let n = (tn - t).min(TOKENS);
-            macro_rules! go {
-                ($t:literal) => {{
-                    let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                    let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
-                    let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                    half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
-                }};
-            }
-            for_tokens!(n, go);
-            t += n;
-        }
-    }
+        for_tokens!(n, go)
+    });
 }
 
 /// [`gemm_group`] for Q4_K and Q6_K over Q8_K activations; `pairs` as [`half_dot_k`] wants,
@@ -372,24 +372,15 @@ pub(super) unsafe fn gemm_group_k(
     stride: usize,
     lanes: u16,
 ) {
-    for h in 0..2 {
-        let half_lanes = (lanes >> (HALF * h)) as u8;
-        if half_lanes == 0 {
-            continue;
+    for_tiles(tn, lanes, |h, half_lanes, t, n| {
+        macro_rules! go {
+            ($t:literal) => {{
+                let a: [*const BlockQ8K; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                let s: [*const i32; $t] = std::array::from_fn(|i| pairs.as_ptr().wrapping_add((t0 + t + i) * nb * 4));
+                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
+            }};
         }
-        let mut t = 0;
-        while t < tn {
-            let n = (tn - t).min(TOKENS);
-            macro_rules! go {
-                ($t:literal) => {{
-                    let a: [*const BlockQ8K; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                    let s: [*const i32; $t] = std::array::from_fn(|i| pairs.as_ptr().wrapping_add((t0 + t + i) * nb * 4));
-                    let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                    half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
-                }};
-            }
-            for_tokens!(n, go);
-            t += n;
-        }
-    }
+        for_tokens!(n, go)
+    });
 }
