@@ -17,17 +17,17 @@ Systems:
   - emulations (`--emulate`): the exact forward with one rounding of the real systems switched
     on at a time, which says which rounding moves the answer how far:
       f32     every operation in float32 (accumulation order and precision),
-      aq      activations quantized before each quantized matmul as llama.cpp and tpserve do
-              (Q8_0 blocks for Q8_0/Q5_0 weights, Q8_K for Q4_K/Q6_K),
+      aq      activations quantized before each quantized matmul as llama.cpp does (Q8_0
+              blocks for Q8_0/Q5_0 weights, Q8_K for Q4_K/Q6_K),
       gelu16  GELU through the f16 table (input and output rounded to f16),
       kv16    keys and values stored as f16,
       fa16    llama.cpp's CPU flash attention with an f16 cache: queries rounded to f16 and the
               value accumulator kept in f16 (kv16 included),
       aq-kq32   aq, with the k-quant weights' inputs in blocks of 32 (a scale each, as Q8_0)
-              instead of Q8_K's one scale per 256,
+              instead of Q8_K's one scale per 256 (what tpserve does since 2026-12-07),
       aq-but-T  aq on every matmul but those of tensor T (token_embd: the output projection,
               ffn_down, attn_output, ...): which inputs' rounding matters,
-      tpserve f32 + aq + gelu16 (what tpserve computes),
+      tpserve f32 + aq-kq32 + gelu16 + kv16 (what tpserve computes),
       llama   f32 + aq + gelu16 + fa16 (what llama.cpp computes).
 Cases: the prompts of `--reference` (`greedy.jsonl`: prompt, then llama.cpp's 48 greedy tokens)
 and `--windows` windows of WikiText-2 (`--prompt-tokens` of text, then the next `--score` tokens
@@ -358,7 +358,7 @@ def compare(exact, got):
 
 EMULATIONS = {
     "f32": {"f32"}, "aq": {"aq"}, "aq-kq32": {"aq", "kq32"}, "gelu16": {"gelu16"}, "kv16": {"kv16"}, "fa16": {"fa16"},
-    "tpserve": {"f32", "aq", "gelu16"}, "llama": {"f32", "aq", "gelu16", "fa16"},
+    "tpserve": {"f32", "aq", "kq32", "gelu16", "kv16"}, "llama": {"f32", "aq", "gelu16", "fa16"},
 }
 
 

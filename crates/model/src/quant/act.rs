@@ -1,9 +1,17 @@
-//! Activation quantization to Q8_0 / Q8_K blocks, bit-compatible with llama.cpp's
-//! `quantize_row_q8_0_ref` and `quantize_row_q8_K_ref`, done once per matmul input row.
+//! Activation quantization, done once per matmul input row: Q8_0 blocks (bit-compatible with
+//! llama.cpp's `quantize_row_q8_0_ref`) for the 32-element weight formats, and for the
+//! k-quants the same blocks of 32 gathered into super-blocks of 256 ([`BlockQ8K32`]).
+//!
+//! llama.cpp quantizes the k-quants' inputs to Q8_K: one scale per 256 values. An activation
+//! row has outliers, so one scale for 256 of them leaves the rest of the block few levels:
+//! measured against an exact float64 forward pass of the default model
+//! (`bench/accuracy_vs_exact.py`, docs/PERFORMANCE.md), a scale per 32 instead takes about a
+//! third off the whole model's error, which is nearly all activation rounding. The k-quant
+//! kernels pay for it with one float multiply-add per 32 values instead of per 256.
 
 use half::f16;
 
-use super::blocks::{nearest_int, QK_K};
+use super::blocks::QK_K;
 
 /// A Q8_0 activation block: 32 int8 values and their scale.
 ///
@@ -21,13 +29,16 @@ pub struct BlockQ8_0 {
     pub s: f32,
 }
 
-/// A Q8_K activation block: 256 int8 values, their f32 scale and the sums of each 16, which
-/// the k-quant kernels use to apply the weight mins without unpacking them per element.
+/// A k-quant activation super-block: 256 int8 values quantized as eight Q8_0 blocks (a scale
+/// per 32, exactly [`quantize_row_q8_0`]'s numbers), with the sums of each 16 that the k-quant
+/// kernels use to apply weight offsets and mins without unpacking them per element.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[repr(C)]
-pub struct BlockQ8K {
-    /// Scale, `x ≈ d · qs`.
-    pub d: f32,
+pub struct BlockQ8K32 {
+    /// Scale of each 32 values, rounded through f16 as Q8_0's: `x ≈ d[j] · qs[32j + i]`.
+    pub d: [f32; 8],
+    /// `d[j] · Σ qs[32j .. 32j+32]` (Q8_0's `s`).
+    pub s: [f32; 8],
     /// Quantized values.
     pub qs: [i8; QK_K],
     /// `bsums[j] = Σ qs[16j .. 16j+16]`.
@@ -39,9 +50,9 @@ impl BlockQ8_0 {
     pub const ZERO: Self = Self { d: 0.0, qs: [0; 32], s: 0.0 };
 }
 
-impl BlockQ8K {
+impl BlockQ8K32 {
     /// An all-zero block, for preallocating buffers.
-    pub const ZERO: Self = Self { d: 0.0, qs: [0; QK_K], bsums: [0; 16] };
+    pub const ZERO: Self = Self { d: [0.0; 8], s: [0.0; 8], qs: [0; QK_K], bsums: [0; 16] };
 }
 
 /// C's `roundf` (half away from zero) without a libm call; exact for all finite f32.
@@ -85,27 +96,27 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-/// Quantizes `x` (a multiple of 256 long) into `out` as llama.cpp's `quantize_row_q8_K_ref`:
-/// the signed value of largest magnitude `max` maps to -127 (`iscale = -127 / max`, the
-/// current llama.cpp constant), `q = min(127, nearest_int(iscale · x))`, `d = 1 / iscale`.
-pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
-    assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8_k: length mismatch");
+/// Quantizes `x` (a multiple of 256 long) into `out` (`x.len() / 256` super-blocks): each 32
+/// values as [`quantize_row_q8_0`], then the sums of each 16.
+pub fn quantize_row_q8_k32(x: &[f32], out: &mut [BlockQ8K32]) {
+    quantize_row_q8_k32_with(quantize_row_q8_0, x, out)
+}
+
+/// [`quantize_row_q8_k32`] with the Q8_0 quantizer given (a SIMD twin of
+/// [`quantize_row_q8_0`] gives the same blocks).
+pub(super) fn quantize_row_q8_k32_with(q8_0: fn(&[f32], &mut [BlockQ8_0]), x: &[f32], out: &mut [BlockQ8K32]) {
+    assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8_k32: length mismatch");
+    let mut blocks = [BlockQ8_0::ZERO; QK_K / 32];
     for (xb, yb) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-        let amax = abs_max(xb);
-        if amax == 0.0 || !amax.is_finite() {
-            *yb = BlockQ8K::ZERO;
-            continue;
-        }
-        // The first element reaching amax, with its sign (what the reference's `>` scan finds).
-        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-        let iscale = -127.0 / max;
-        for (q, &v) in yb.qs.iter_mut().zip(xb) {
-            *q = nearest_int(iscale * v).min(127) as i8;
+        q8_0(xb, &mut blocks);
+        for (j, b) in blocks.iter().enumerate() {
+            yb.d[j] = b.d;
+            yb.s[j] = b.s;
+            yb.qs[32 * j..32 * j + 32].copy_from_slice(&b.qs);
         }
         for (s, q) in yb.bsums.iter_mut().zip(yb.qs.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
-        yb.d = 1.0 / iscale;
     }
 }
 
@@ -114,9 +125,10 @@ pub fn dequantize_q8_0(blocks: &[BlockQ8_0]) -> Vec<f32> {
     blocks.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect()
 }
 
-/// Expands Q8_K blocks back to f32 (`d · q`); tests use it as the kernels' ground truth.
-pub fn dequantize_q8_k(blocks: &[BlockQ8K]) -> Vec<f32> {
-    blocks.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect()
+/// Expands k-quant activation super-blocks back to f32 (`d[j] · q`); tests use it as the
+/// kernels' ground truth.
+pub fn dequantize_q8_k32(blocks: &[BlockQ8K32]) -> Vec<f32> {
+    blocks.iter().flat_map(|b| b.qs.iter().enumerate().map(move |(i, &q)| b.d[i / 32] * q as f32)).collect()
 }
 
 #[cfg(test)]
@@ -140,33 +152,6 @@ mod tests {
             .collect()
     }
 
-    fn reference_q8_k(x: &[f32]) -> Vec<BlockQ8K> {
-        x.chunks(QK_K)
-            .map(|xb| {
-                let (mut max, mut amax) = (0f32, 0f32);
-                for &v in xb {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                if amax == 0.0 {
-                    return BlockQ8K::ZERO;
-                }
-                let iscale = -127.0 / max;
-                let mut b = BlockQ8K::ZERO;
-                for (q, v) in b.qs.iter_mut().zip(xb) {
-                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-                }
-                for j in 0..16 {
-                    b.bsums[j] = b.qs[16 * j..16 * j + 16].iter().map(|&q| q as i16).sum();
-                }
-                b.d = 1.0 / iscale;
-                b
-            })
-            .collect()
-    }
-
     fn random_row(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut x: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
@@ -186,11 +171,22 @@ mod tests {
     }
 
     #[test]
-    fn q8_k_activation_quantization_matches_the_llama_cpp_reference() {
+    fn k_quant_activations_are_q8_0_blocks_of_32_with_sums_of_16() {
         let x = random_row(4 * QK_K, 2);
-        let mut got = vec![BlockQ8K::ZERO; x.len() / QK_K];
-        quantize_row_q8_k(&x, &mut got);
-        assert_eq!(got, reference_q8_k(&x));
+        let mut got = vec![BlockQ8K32::ZERO; x.len() / QK_K];
+        quantize_row_q8_k32(&x, &mut got);
+        let blocks = reference_q8_0(&x);
+        for (sb, y) in got.iter().enumerate() {
+            for j in 0..8 {
+                let b = &blocks[8 * sb + j];
+                assert_eq!((y.d[j], y.s[j], &y.qs[32 * j..32 * j + 32]), (b.d, b.s, &b.qs[..]), "super-block {sb}, block {j}");
+            }
+            for k in 0..16 {
+                assert_eq!(y.bsums[k] as i32, y.qs[16 * k..16 * k + 16].iter().map(|&q| q as i32).sum::<i32>());
+            }
+        }
+        // The all-zero super-block quantizes to zeros.
+        assert_eq!(got[1], BlockQ8K32::ZERO);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{quantize_row_q8_k32_with, BlockQ8K32, BlockQ8_0};
 use super::blocks::{Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
 /// Unaligned 32-byte load. `lddqu` is as fast as `movdqu` and, unlike `_mm256_loadu_si256`,
@@ -413,132 +413,122 @@ unsafe fn k_scales(p: *const u8) -> (__m128i, __m128i) {
     (sc, mn)
 }
 
-/// Broadcasts i16 lane `k` of `v` to all 16 lanes of a 256-bit vector (`k < 8`: the shuffle
-/// reads within each 128-bit half, so `v` holds the same 8 lanes in both).
+/// Lane `j` of `v` in every lane.
 ///
 /// # Safety
 /// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn bcast16(v: __m256i, k: usize) -> __m256i {
-    let lo = (2 * k) as i16;
-    _mm256_shuffle_epi8(v, _mm256_set1_epi16(lo | ((lo + 1) << 8)))
+unsafe fn lane(v: __m256, j: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j as i32))
 }
 
-/// The min correction of Q4_K/Q5_K: `Σ mn_j · (bsums[2j] + bsums[2j+1])` as 4 i32 lanes
-/// zero-extended to 256 bits.
+/// Eight f32 at `p` (unaligned).
 ///
 /// # Safety
-/// AVX2, FMA, F16C (reads only through `y`).
+/// AVX2, FMA, F16C; `p..p + 8` readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn k_min_sums(mins: __m128i, y: &BlockQ8K) -> __m256i {
-    let bs = load256(y.bsums.as_ptr() as *const u8);
-    let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-    _mm256_zextsi128_si256(_mm_madd_epi16(mins, pairs))
+unsafe fn load_f32x8(p: *const f32) -> __m256 {
+    _mm256_loadu_ps(p)
 }
 
-/// Q4_K weights · `N` Q8_K activation rows: per super-block
-/// `d·d_a·Σ sc_j·(q·a)_j − dmin·d_a·Σ mn_j·Σa_j` over its 8 sub-blocks of 32, both sums in
-/// i32 (`Σa_j` from the activation's `bsums`).
+/// Eight i16 lanes as f32 lanes.
 ///
 /// # Safety
-/// AVX2, FMA, F16C; `w` is whole Q4_K blocks and every `a[t]` holds at least as many Q8_K
-/// blocks.
+/// AVX2, FMA, F16C (no memory is read).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
-    let nb = w.len() / Q4_K_BYTES;
+#[inline]
+unsafe fn i16_to_f32(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v))
+}
+
+/// Q4_K or Q5_K weights (`Q5`: with the fifth bit) · `N` k-quant activation rows: per piece
+/// `j` of 32 values, the eight i32 lanes of its integer dot product are scaled by
+/// `(d · sc_j) · d_a[j]` into the f32 accumulator; the mins `dmin · m_j · s_a[j]` go, eight
+/// pieces at once, into a second one that is subtracted at the end.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `w` is whole blocks of the format and every `a[t]` holds at least as many
+/// activation super-blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_k4<const Q5: bool, const N: usize>(w: &[u8], a: [&[BlockQ8K32]; N]) -> [f32; N] {
+    let bytes = if Q5 { Q5_K_BYTES } else { Q4_K_BYTES };
+    let nb = w.len() / bytes;
     let wp = w.as_ptr();
     let tab = f16_table();
     let ap = a.map(|r| r.as_ptr());
     let m4 = _mm256_set1_epi8(0xF);
+    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
+    let mut accm = [_mm256_setzero_ps(); N];
     for i in 0..nb {
-        let b = wp.add(i * Q4_K_BYTES);
-        let (d, dmin) = (f16_at(tab, b), f16_at(tab, b.add(2)));
+        let b = wp.add(i * bytes);
         let (sc, mins) = k_scales(b.add(4));
-        let scales = _mm256_broadcastsi128_si256(sc);
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for j in 0..4 {
-            let q4 = load256(b.add(16 + 32 * j));
-            let q4l = _mm256_and_si256(q4, m4);
-            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            let (sl, sh) = (bcast16(scales, 2 * j), bcast16(scales, 2 * j + 1));
-            for t in 0..N {
-                let q8 = (*ap[t].add(i)).qs.as_ptr().add(64 * j);
-                let q8l = load256(q8 as *const u8);
-                let q8h = load256(q8.add(32) as *const u8);
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, q8l));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, q8h));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
-        }
+        let wsc = _mm256_mul_ps(_mm256_set1_ps(f16_at(tab, b)), i16_to_f32(sc));
+        let wmn = _mm256_mul_ps(_mm256_set1_ps(f16_at(tab, b.add(2))), i16_to_f32(mins));
+        let mut f = [_mm256_setzero_ps(); N];
         for t in 0..N {
             let y = &*ap[t].add(i);
-            let m = k_min_sums(mins, y);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * y.d), _mm256_cvtepi32_ps(m), acc[t]);
+            f[t] = _mm256_mul_ps(wsc, load_f32x8(y.d.as_ptr()));
+            accm[t] = _mm256_fmadd_ps(wmn, load_f32x8(y.s.as_ptr()), accm[t]);
+        }
+        let hbits = if Q5 { load256(b.add(16)) } else { _mm256_setzero_si256() };
+        let qs = b.add(if Q5 { 48 } else { 16 });
+        for j in 0..4 {
+            let q = load256(qs.add(32 * j));
+            let mut ql = _mm256_and_si256(q, m4);
+            let mut qh = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if Q5 {
+                // Bit 2j (resp. 2j+1) of each qh byte is bit 4 of the low (resp. high) nibble.
+                let hl = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
+                let hh = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
+                ql = _mm256_or_si256(ql, _mm256_slli_epi16(hl, 4));
+                qh = _mm256_or_si256(qh, _mm256_slli_epi16(hh, 4));
+            }
+            for t in 0..N {
+                let q8 = (*ap[t].add(i)).qs.as_ptr().add(64 * j);
+                let pl = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ql, load256(q8 as *const u8)));
+                let ph = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(qh, load256(q8.add(32) as *const u8)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), lane(f[t], 2 * j), acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), lane(f[t], 2 * j + 1), acc[t]);
+            }
         }
     }
-    finish(acc)
+    let (dots, mins) = (finish(acc), finish(accm));
+    std::array::from_fn(|t| dots[t] - mins[t])
 }
 
-/// Q5_K weights · `N` Q8_K activation rows.
+/// Q4_K weights · `N` k-quant activation rows (see [`dot_k4`]).
 ///
 /// # Safety
-/// As [`dot_q4_k`], for Q5_K blocks.
+/// As [`dot_k4`], for Q4_K blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
-    let nb = w.len() / Q5_K_BYTES;
-    let wp = w.as_ptr();
-    let tab = f16_table();
-    let ap = a.map(|r| r.as_ptr());
-    let m4 = _mm256_set1_epi8(0xF);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for i in 0..nb {
-        let b = wp.add(i * Q5_K_BYTES);
-        let (d, dmin) = (f16_at(tab, b), f16_at(tab, b.add(2)));
-        let (sc, mins) = k_scales(b.add(4));
-        let scales = _mm256_broadcastsi128_si256(sc);
-        let hbits = load256(b.add(16));
-        let mut sumi = [_mm256_setzero_si256(); N];
-        for j in 0..4 {
-            let q5 = load256(b.add(48 + 32 * j));
-            // Bit 2j (resp. 2j+1) of each qh byte is bit 4 of the low (resp. high) nibble.
-            let hl = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32)), _mm256_set1_epi8(1));
-            let hh = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * j as i32 + 1)), _mm256_set1_epi8(1));
-            let q5l = _mm256_or_si256(_mm256_and_si256(q5, m4), _mm256_slli_epi16(hl, 4));
-            let q5h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q5, 4), m4), _mm256_slli_epi16(hh, 4));
-            let (sl, sh) = (bcast16(scales, 2 * j), bcast16(scales, 2 * j + 1));
-            for t in 0..N {
-                let q8 = (*ap[t].add(i)).qs.as_ptr().add(64 * j);
-                let q8l = load256(q8 as *const u8);
-                let q8h = load256(q8.add(32) as *const u8);
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q5l, q8l));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q5h, q8h));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
-        }
-        for t in 0..N {
-            let y = &*ap[t].add(i);
-            let m = k_min_sums(mins, y);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * y.d), _mm256_cvtepi32_ps(m), acc[t]);
-        }
-    }
-    finish(acc)
+pub(super) unsafe fn dot_q4_k<const N: usize>(w: &[u8], a: [&[BlockQ8K32]; N]) -> [f32; N] {
+    dot_k4::<false, N>(w, a)
 }
 
-/// Q6_K weights · `N` Q8_K activation rows.
+/// Q5_K weights · `N` k-quant activation rows (see [`dot_k4`]).
+///
+/// # Safety
+/// As [`dot_k4`], for Q5_K blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5_k<const N: usize>(w: &[u8], a: [&[BlockQ8K32]; N]) -> [f32; N] {
+    dot_k4::<true, N>(w, a)
+}
+
+/// Q6_K weights · `N` k-quant activation rows: per piece `j` of 32 values (two sub-blocks of
+/// 16 with their signed scales), the integer dot product scaled by `d · d_a[j]`.
 ///
 /// Unlike llama.cpp's AVX2 kernel, the `-32` offset is applied once per block through the
 /// activation sums (`Σ (q-32)·a = Σ q·a − 32·Σ a`, and `Σ a` per 16 is `bsums`), which saves
 /// a `maddubs` and a subtraction per 32 values per token.
 ///
 /// # Safety
-/// As [`dot_q4_k`], for Q6_K blocks.
+/// AVX2, FMA, F16C; `w` is whole Q6_K blocks and every `a[t]` holds at least as many
+/// activation super-blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K32]; N]) -> [f32; N] {
     let nb = w.len() / Q6_K_BYTES;
     let wp = w.as_ptr();
     let tab = f16_table();
@@ -548,14 +538,16 @@ pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> 
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..nb {
         let b = wp.add(i * Q6_K_BYTES);
-        let d = f16_at(tab, b.add(208));
+        let d = _mm256_set1_ps(f16_at(tab, b.add(208)));
         let sc8 = load128(b.add(192));
         let sc16 = _mm256_cvtepi8_epi16(sc8);
-        let mut sumi = [_mm256_setzero_si256(); N];
+        let mut f = [_mm256_setzero_ps(); N];
         for t in 0..N {
-            let bs = load256((*ap[t].add(i)).bsums.as_ptr() as *const u8);
-            sumi[t] = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
-            sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), sumi[t]);
+            let y = &*ap[t].add(i);
+            f[t] = _mm256_mul_ps(d, load_f32x8(y.d.as_ptr()));
+            // Lane j: sc[2j]·Σa over sub-block 2j + sc[2j+1]·Σa over 2j+1, times 32, taken off.
+            let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, load256(y.bsums.as_ptr() as *const u8)), 5);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(off), f[t], acc[t]);
         }
         for h in 0..2 {
             let ql1 = load256(b.add(64 * h));
@@ -578,13 +570,9 @@ pub(super) unsafe fn dot_q6_k<const N: usize>(w: &[u8], a: [&[BlockQ8K]; N]) -> 
                 for t in 0..N {
                     let q8 = load256((*ap[t].add(i)).qs.as_ptr().add(128 * h + 32 * k) as *const u8);
                     let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q6, q8));
-                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), lane(f[t], 4 * h + k), acc[t]);
                 }
             }
-        }
-        for t in 0..N {
-            let y = &*ap[t].add(i);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
         }
     }
     finish(acc)
@@ -748,47 +736,15 @@ pub(super) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-/// AVX2 twin of [`super::act::quantize_row_q8_k`], bit-identical to it for finite input.
+/// AVX2 twin of [`super::act::quantize_row_q8_k32`], bit-identical to it for finite input.
 ///
 /// # Safety
 /// AVX2, FMA, F16C; lengths are asserted (`x` is `256 * out.len()` floats).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
-    assert_eq!(x.len(), out.len() * 256, "quantize_row_q8_k: length mismatch");
-    for (xb, yb) in x.chunks_exact(256).zip(out.iter_mut()) {
-        let p = xb.as_ptr();
-        let amax = abs_max(p, 256);
-        if amax == 0.0 || !amax.is_finite() {
-            *yb = BlockQ8K::ZERO;
-            continue;
-        }
-        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
-        let iscale = -127.0 / max;
-        let vs = _mm256_set1_ps(iscale);
-        let top = _mm256_set1_epi32(127);
-        let ones = _mm256_set1_epi8(1);
-        let mut bsum_pairs = [_mm256_setzero_si256(); 8];
-        for (j, pairs) in bsum_pairs.iter_mut().enumerate() {
-            let q = |k: usize| {
-                let v = _mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(32 * j + 8 * k) as *const u8)), vs);
-                let r = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                _mm256_min_epi32(r, top)
-            };
-            let packed = pack_i8(q(0), q(1), q(2), q(3));
-            _mm256_storeu_si256(yb.qs.as_mut_ptr().add(32 * j) as *mut __m256i, packed);
-            // 1 (unsigned) · q (signed), summed in pairs.
-            *pairs = _mm256_maddubs_epi16(ones, packed);
-        }
-        for (j, &pairs) in bsum_pairs.iter().enumerate() {
-            // 16 i16 pair sums of 32 values -> two sums of 16.
-            let s32 = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-            let lo = _mm256_castsi256_si128(s32);
-            let hi = _mm256_extracti128_si256(s32, 1);
-            let lo = _mm_hadd_epi32(lo, lo);
-            let hi = _mm_hadd_epi32(hi, hi);
-            yb.bsums[2 * j] = (_mm_cvtsi128_si32(lo) + _mm_extract_epi32(lo, 1)) as i16;
-            yb.bsums[2 * j + 1] = (_mm_cvtsi128_si32(hi) + _mm_extract_epi32(hi, 1)) as i16;
-        }
-        yb.d = 1.0 / iscale;
+pub(super) unsafe fn quantize_row_q8_k32(x: &[f32], out: &mut [BlockQ8K32]) {
+    fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+        // SAFETY: reached only through the caller, which has AVX2, FMA and F16C.
+        unsafe { quantize_row_q8_0(x, out) }
     }
+    quantize_row_q8_k32_with(q8_0, x, out)
 }

@@ -10,19 +10,19 @@
 //! operations in the scalar reference's order, so these kernels give the scalar kernels'
 //! results bit for bit, for every batch size (batch invariance by construction).
 //!
-//! The k-quants work the same way per sub-block: Q4_K's eight sub-blocks of 32 give eight
-//! exact dot products, multiplied by the lanes' six-bit scales (`vpmulld`) and summed, and the
-//! mins come in as `Σ m_j · Σ_j a` through `vpdpwssd` on 16-bit pairs; Q6_K's sixteen
-//! sub-blocks of 16 start from `-32 · Σ a` and are multiplied by their signed scales. The float
-//! step is again the scalar kernel's: `acc += d_a · (d · sumi − dmin · summ)` (Q4_K),
-//! `acc += (d · d_a) · sumi` (Q6_K).
-//!
+//! The k-quants work the same way per piece of 32 values, each with its own activation
+//! scale (see `scalar`): Q4_K's eight sub-blocks of 32 give eight exact dot products, each
+//! added as `acc = fma(dot, (d · sc_j) · d_a[j], acc)` with the lanes' six-bit scales, and the
+//! mins come off at the end of the block as `Σ_j fma(dmin · m_j, s_a[j], ·)`; Q6_K's sixteen
+//! sub-blocks of 16 start from `-32 · Σ a`, are multiplied by their signed scales (`vpmulld`)
+//! and summed in pairs, and each pair is added as `acc = fma(sum, d · d_a[j], acc)`.
+
 //! Every kernel is `unsafe`: the caller must have checked the CPU features
 //! ([`super::kernels::avx512_vnni_available`]) and the lengths listed under `# Safety`.
 
 use std::arch::x86_64::*;
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::packed::{code_offset, layout};
 use super::GgmlDType;
 
@@ -227,23 +227,13 @@ unsafe fn bcast4(a: *const i8, o: usize) -> __m512i {
 }
 
 /// Q4_K or Q6_K: one group of 16 rows · `T` tokens (see the module documentation).
-/// `pairs[t][4 b + p]` is, for Q4_K, token `t`'s block `b` sums of sub-blocks `2p` and `2p + 1`
-/// as two i16 (low, high) in an i32.
 ///
 /// # Safety
 /// AVX-512F/BW/VNNI, F16C; `group` a group of [`super::packed::Packed`] of `dtype` (Q4_K or
-/// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks and, for
-/// Q4_K, every `pairs[t]` `4 nb` values; `out[t]..out[t] + 16` writable where `lanes` is set.
+/// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
+/// `out[t]..out[t] + 16` writable where `lanes` is set.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-unsafe fn group_dot_k<const T: usize>(
-    dtype: GgmlDType,
-    group: *const u8,
-    nb: usize,
-    acts: [*const BlockQ8K; T],
-    pairs: [*const i32; T],
-    out: [*mut f32; T],
-    lanes: __mmask16,
-) {
+unsafe fn group_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: __mmask16) {
     let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
     let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); T];
@@ -252,7 +242,6 @@ unsafe fn group_dot_k<const T: usize>(
         let meta = group.add(nb * code_bytes + b * meta_bytes);
         prefetch(codes, code_bytes);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(meta as *const __m256i));
-        let mut sumi = [_mm512_setzero_si512(); T];
         if dtype == GgmlDType::Q4_K {
             for sub in 0..8 {
                 let mut w = [_mm512_setzero_si512(); 8];
@@ -260,57 +249,60 @@ unsafe fn group_dot_k<const T: usize>(
                     let v = load512(codes.add(64 * (8 * (sub / 2) + g)));
                     *w = if sub % 2 == 0 { _mm512_and_si512(v, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(v), low) };
                 }
-                let sc = bytes_to_lanes::<false>(meta.add(64 + 16 * sub));
+                let wsc = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub))));
                 for t in 0..T {
-                    let a = (*acts[t].add(b)).qs.as_ptr().add(32 * sub);
-                    let dot = dot32::<T>(&w, _mm512_setzero_si512(), a);
-                    sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot, sc));
+                    let y = &*acts[t].add(b);
+                    let dot = dot32::<T>(&w, _mm512_setzero_si512(), y.qs.as_ptr().add(32 * sub));
+                    let f = _mm512_mul_ps(wsc, _mm512_set1_ps(y.d[sub]));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[t]);
                 }
             }
             let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(meta.add(32) as *const __m256i));
-            let mins: [__m512i; 4] = std::array::from_fn(|p| _mm512_cvtepu8_epi16(_mm256_loadu_si256(meta.add(192 + 32 * p) as *const __m256i)));
+            let m: [__m512; 8] = std::array::from_fn(|j| _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(192 + 16 * j)))));
             for t in 0..T {
-                let mut summ = _mm512_setzero_si512();
-                for (p, m) in mins.iter().enumerate() {
-                    summ = _mm512_dpwssd_epi32(summ, *m, _mm512_set1_epi32(*pairs[t].add(4 * b + p)));
-                }
                 let y = &*acts[t].add(b);
-                let inner = _mm512_sub_ps(_mm512_mul_ps(dw, _mm512_cvtepi32_ps(sumi[t])), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(summ)));
-                acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_set1_ps(y.d), inner));
+                let mut mins = _mm512_setzero_ps();
+                for (j, m) in m.iter().enumerate() {
+                    mins = _mm512_fmadd_ps(*m, _mm512_set1_ps(y.s[j]), mins);
+                }
+                acc[t] = _mm512_sub_ps(acc[t], mins);
             }
         } else {
             let two = _mm512_set1_epi8(0x30);
-            for sub in 0..16 {
-                let mut w = [_mm512_setzero_si512(); 4];
-                for (q, w) in w.iter_mut().enumerate() {
-                    let c = 4 * sub + q;
-                    let v = load512(codes.add(64 * (c % 32)));
-                    let nib = if c < 32 { _mm512_and_si512(v, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(v), low) };
-                    let h = load512(codes.add(64 * (32 + c % 16)));
-                    // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                    let h = match c / 16 {
-                        0 => _mm512_slli_epi16::<4>(h),
-                        1 => _mm512_slli_epi16::<2>(h),
-                        2 => h,
-                        _ => _mm512_srli_epi16::<2>(h),
-                    };
-                    *w = _mm512_or_si512(nib, _mm512_and_si512(h, two));
+            for j in 0..8 {
+                let mut sumi = [_mm512_setzero_si512(); T];
+                for sub in [2 * j, 2 * j + 1] {
+                    let mut w = [_mm512_setzero_si512(); 4];
+                    for (q, w) in w.iter_mut().enumerate() {
+                        let c = 4 * sub + q;
+                        let v = load512(codes.add(64 * (c % 32)));
+                        let nib = if c < 32 { _mm512_and_si512(v, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(v), low) };
+                        let h = load512(codes.add(64 * (32 + c % 16)));
+                        // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                        let h = match c / 16 {
+                            0 => _mm512_slli_epi16::<4>(h),
+                            1 => _mm512_slli_epi16::<2>(h),
+                            2 => h,
+                            _ => _mm512_srli_epi16::<2>(h),
+                        };
+                        *w = _mm512_or_si512(nib, _mm512_and_si512(h, two));
+                    }
+                    let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub));
+                    for t in 0..T {
+                        let y = &*acts[t].add(b);
+                        let a = y.qs.as_ptr();
+                        let mut i0 = _mm512_set1_epi32(-32 * y.bsums[sub] as i32);
+                        for (q, w) in w.iter().enumerate() {
+                            i0 = _mm512_dpbusd_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                        }
+                        sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(i0, sc));
+                    }
                 }
-                let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub));
                 for t in 0..T {
                     let y = &*acts[t].add(b);
-                    let a = y.qs.as_ptr();
-                    let mut i0 = _mm512_set1_epi32(-32 * y.bsums[sub] as i32);
-                    for (q, w) in w.iter().enumerate() {
-                        i0 = _mm512_dpbusd_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
-                    }
-                    sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(i0, sc));
+                    let f = _mm512_mul_ps(dw, _mm512_set1_ps(y.d[j]));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), f, acc[t]);
                 }
-            }
-            for t in 0..T {
-                let y = &*acts[t].add(b);
-                let d = _mm512_mul_ps(dw, _mm512_set1_ps(y.d));
-                acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(d, _mm512_cvtepi32_ps(sumi[t])));
             }
         }
     }
@@ -319,19 +311,17 @@ unsafe fn group_dot_k<const T: usize>(
     }
 }
 
-/// [`gemm_group`] for Q4_K and Q6_K over Q8_K activations; `pairs` as [`group_dot_k`]
-/// wants, `4 nb` per token (unused by Q6_K: may be empty).
+/// [`gemm_group`] for Q4_K and Q6_K over k-quant activations.
 ///
 /// # Safety
-/// As [`group_dot_k`]; `acts` at least `(t0 + tn) · nb` long, and `pairs` `4 ×` that for Q4_K.
+/// As [`group_dot_k`]; `acts` at least `(t0 + tn) · nb` long.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub(super) unsafe fn gemm_group_k(
     dtype: GgmlDType,
     group: &[u8],
     nb: usize,
-    acts: &[BlockQ8K],
-    pairs: &[i32],
+    acts: &[BlockQ8K32],
     (t0, tn): (usize, usize),
     out: *mut f32,
     stride: usize,
@@ -339,10 +329,9 @@ pub(super) unsafe fn gemm_group_k(
 ) {
     macro_rules! go {
         ($t:literal) => {{
-            let a: [*const BlockQ8K; $t] = std::array::from_fn(|t| acts.as_ptr().add((t0 + t) * nb));
-            let s: [*const i32; $t] = std::array::from_fn(|t| pairs.as_ptr().wrapping_add((t0 + t) * nb * 4));
+            let a: [*const BlockQ8K32; $t] = std::array::from_fn(|t| acts.as_ptr().add((t0 + t) * nb));
             let o: [*mut f32; $t] = std::array::from_fn(|t| out.add(t * stride));
-            group_dot_k::<$t>(dtype, group.as_ptr(), nb, a, s, o, lanes)
+            group_dot_k::<$t>(dtype, group.as_ptr(), nb, a, o, lanes)
         }};
     }
     for_tokens!(tn, go)

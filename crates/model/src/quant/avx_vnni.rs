@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::packed::{code_offset, layout};
 use super::GgmlDType;
 
@@ -191,25 +191,14 @@ unsafe fn half_dot<const T: usize>(
 }
 
 /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`).
-/// `pairs[t][4 b + p]` is, for Q4_K, token `t`'s block `b` sums of sub-blocks `2p` and `2p + 1`
-/// as two i16 (low, high) in an i32.
 ///
 /// # Safety
-/// AVX2, AVX-VNNI, F16C; `group` a group of [`super::packed::Packed`] of `dtype` (Q4_K or Q6_K)
-/// with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks and, for Q4_K,
-/// every `pairs[t]` `4 nb` values; `out[t].add(l)` writable for the lanes set.
+/// AVX2, AVX-VNNI, F16C, FMA; `group` a group of [`super::packed::Packed`] of `dtype` (Q4_K or
+/// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
+/// `out[t].add(l)` writable for the lanes set.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,avxvnni,f16c")]
-unsafe fn half_dot_k<const T: usize>(
-    dtype: GgmlDType,
-    group: *const u8,
-    nb: usize,
-    h: usize,
-    acts: [*const BlockQ8K; T],
-    pairs: [*const i32; T],
-    out: [*mut f32; T],
-    lanes: u8,
-) {
+#[target_feature(enable = "avx2,avxvnni,f16c,fma")]
+unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
     let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
     let low = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); T];
@@ -217,7 +206,6 @@ unsafe fn half_dot_k<const T: usize>(
         let codes = group.add(b * code_bytes + 32 * h);
         let meta = group.add(nb * code_bytes + b * meta_bytes);
         let dw = f16x8(meta.add(16 * h));
-        let mut sumi = [_mm256_setzero_si256(); T];
         if dtype == GgmlDType::Q4_K {
             for sub in 0..8 {
                 let mut w = [_mm256_setzero_si256(); 8];
@@ -225,57 +213,60 @@ unsafe fn half_dot_k<const T: usize>(
                     let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
                     *w = if sub % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
                 }
-                let sc = bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h));
+                let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
                 for t in 0..T {
-                    let a = (*acts[t].add(b)).qs.as_ptr().add(32 * sub);
-                    let dot = dot32::<T>(&w, _mm256_setzero_si256(), a);
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(dot, sc));
+                    let y = &*acts[t].add(b);
+                    let dot = dot32::<T>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
+                    let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub]));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[t]);
                 }
             }
             let dmin = f16x8(meta.add(32 + 16 * h));
-            let mins: [__m256i; 4] = std::array::from_fn(|p| _mm256_cvtepu8_epi16(_mm_loadu_si128(meta.add(192 + 32 * p + 16 * h) as *const __m128i)));
+            let m: [__m256; 8] = std::array::from_fn(|j| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(192 + 16 * j + HALF * h)))));
             for t in 0..T {
-                let mut summ = _mm256_setzero_si256();
-                for (p, m) in mins.iter().enumerate() {
-                    summ = _mm256_dpwssd_avx_epi32(summ, *m, _mm256_set1_epi32(*pairs[t].add(4 * b + p)));
-                }
                 let y = &*acts[t].add(b);
-                let inner = _mm256_sub_ps(_mm256_mul_ps(dw, _mm256_cvtepi32_ps(sumi[t])), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(summ)));
-                acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_set1_ps(y.d), inner));
+                let mut mins = _mm256_setzero_ps();
+                for (j, m) in m.iter().enumerate() {
+                    mins = _mm256_fmadd_ps(*m, _mm256_set1_ps(y.s[j]), mins);
+                }
+                acc[t] = _mm256_sub_ps(acc[t], mins);
             }
         } else {
             let two = _mm256_set1_epi8(0x30);
-            for sub in 0..16 {
-                let mut w = [_mm256_setzero_si256(); 4];
-                for (q, w) in w.iter_mut().enumerate() {
-                    let c = 4 * sub + q;
-                    let v = load256(codes.add(64 * (c % 32)));
-                    let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                    let hb = load256(codes.add(64 * (32 + c % 16)));
-                    // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                    let hb = match c / 16 {
-                        0 => _mm256_slli_epi16::<4>(hb),
-                        1 => _mm256_slli_epi16::<2>(hb),
-                        2 => hb,
-                        _ => _mm256_srli_epi16::<2>(hb),
-                    };
-                    *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
+            for j in 0..8 {
+                let mut sumi = [_mm256_setzero_si256(); T];
+                for sub in [2 * j, 2 * j + 1] {
+                    let mut w = [_mm256_setzero_si256(); 4];
+                    for (q, w) in w.iter_mut().enumerate() {
+                        let c = 4 * sub + q;
+                        let v = load256(codes.add(64 * (c % 32)));
+                        let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                        let hb = load256(codes.add(64 * (32 + c % 16)));
+                        // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                        let hb = match c / 16 {
+                            0 => _mm256_slli_epi16::<4>(hb),
+                            1 => _mm256_slli_epi16::<2>(hb),
+                            2 => hb,
+                            _ => _mm256_srli_epi16::<2>(hb),
+                        };
+                        *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
+                    }
+                    let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h));
+                    for t in 0..T {
+                        let y = &*acts[t].add(b);
+                        let a = y.qs.as_ptr();
+                        let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
+                        for (q, w) in w.iter().enumerate() {
+                            i0 = _mm256_dpbusd_avx_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                        }
+                        sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(i0, sc));
+                    }
                 }
-                let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h));
                 for t in 0..T {
                     let y = &*acts[t].add(b);
-                    let a = y.qs.as_ptr();
-                    let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
-                    for (q, w) in w.iter().enumerate() {
-                        i0 = _mm256_dpbusd_avx_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
-                    }
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(i0, sc));
+                    let f = _mm256_mul_ps(dw, _mm256_set1_ps(y.d[j]));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), f, acc[t]);
                 }
-            }
-            for t in 0..T {
-                let y = &*acts[t].add(b);
-                let d = _mm256_mul_ps(dw, _mm256_set1_ps(y.d));
-                acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(sumi[t])));
             }
         }
     }
@@ -353,20 +344,19 @@ pub(super) unsafe fn gemm_group(
     });
 }
 
-/// [`gemm_group`] for Q4_K and Q6_K over Q8_K activations; `pairs` as [`half_dot_k`] wants,
-/// `4 nb` per token (unused by Q6_K: may be empty). The arguments of `avx512::gemm_group_k`.
+/// [`gemm_group`] for Q4_K and Q6_K over k-quant activations. The arguments of
+/// `avx512::gemm_group_k`.
 ///
 /// # Safety
-/// As [`half_dot_k`]; `acts` at least `(t0 + tn) · nb` long, and `pairs` `4 ×` that for Q4_K;
-/// `out.add(t * stride + l)` writable for the lanes `l` set, for `t < tn`.
+/// As [`half_dot_k`] (and FMA); `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
+/// writable for the lanes `l` set, for `t < tn`.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,avxvnni,f16c")]
+#[target_feature(enable = "avx2,avxvnni,f16c,fma")]
 pub(super) unsafe fn gemm_group_k(
     dtype: GgmlDType,
     group: &[u8],
     nb: usize,
-    acts: &[BlockQ8K],
-    pairs: &[i32],
+    acts: &[BlockQ8K32],
     (t0, tn): (usize, usize),
     out: *mut f32,
     stride: usize,
@@ -375,10 +365,9 @@ pub(super) unsafe fn gemm_group_k(
     for_tiles(tn, lanes, |h, half_lanes, t, n| {
         macro_rules! go {
             ($t:literal) => {{
-                let a: [*const BlockQ8K; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                let s: [*const i32; $t] = std::array::from_fn(|i| pairs.as_ptr().wrapping_add((t0 + t + i) * nb * 4));
+                let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
                 let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
+                half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes)
             }};
         }
         for_tokens!(n, go)

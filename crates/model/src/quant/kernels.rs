@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::{scalar, GgmlDType};
 
 /// An instruction-set level the dot kernels are written for, in order: each later one is
@@ -151,8 +151,8 @@ pub(crate) enum Kernel {
     F32(DotKernels<f32>),
     /// Q8_0/Q4_0/Q5_0 weights: activations quantized to Q8_0.
     Q8_0(DotKernels<BlockQ8_0>),
-    /// k-quant weights: activations quantized to Q8_K.
-    Q8K(DotKernels<BlockQ8K>),
+    /// k-quant weights: activations quantized to [`BlockQ8K32`] (a scale per 32).
+    Q8K32(DotKernels<BlockQ8K32>),
 }
 
 /// Scalar kernels: the multi-row entry point is one-row calls.
@@ -227,9 +227,9 @@ pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
             GgmlDType::Q8_0 => avx2_kernels!(Q8_0, dot_q8_0, BlockQ8_0, Q8_0_BYTES, false),
             GgmlDType::Q4_0 => avx2_unpacking_kernels!(dot_q4_0, K_Q4_0_ID, Q4_0_BYTES),
             GgmlDType::Q5_0 => avx2_unpacking_kernels!(dot_q5_0, K_Q5_0_ID, Q5_0_BYTES),
-            GgmlDType::Q4_K => avx2_kernels!(Q8K, dot_q4_k, BlockQ8K, Q4_K_BYTES, K_PAIRS),
-            GgmlDType::Q5_K => avx2_kernels!(Q8K, dot_q5_k, BlockQ8K, Q5_K_BYTES, K_PAIRS),
-            GgmlDType::Q6_K => avx2_kernels!(Q8K, dot_q6_k, BlockQ8K, Q6_K_BYTES, K_PAIRS),
+            GgmlDType::Q4_K => avx2_kernels!(Q8K32, dot_q4_k, BlockQ8K32, Q4_K_BYTES, K_PAIRS),
+            GgmlDType::Q5_K => avx2_kernels!(Q8K32, dot_q5_k, BlockQ8K32, Q5_K_BYTES, K_PAIRS),
+            GgmlDType::Q6_K => avx2_kernels!(Q8K32, dot_q6_k, BlockQ8K32, Q6_K_BYTES, K_PAIRS),
             _ => return None,
         });
     }
@@ -241,32 +241,32 @@ pub(crate) fn select(dtype: GgmlDType, isa: Isa) -> Option<Kernel> {
         GgmlDType::Q8_0 => scalar_kernels!(Q8_0, scalar::dot_q8_0, BlockQ8_0),
         GgmlDType::Q4_0 => scalar_kernels!(Q8_0, scalar::dot_q4_0, BlockQ8_0),
         GgmlDType::Q5_0 => scalar_kernels!(Q8_0, scalar::dot_q5_0, BlockQ8_0),
-        GgmlDType::Q4_K => scalar_kernels!(Q8K, scalar::dot_q4_k, BlockQ8K),
-        GgmlDType::Q5_K => scalar_kernels!(Q8K, scalar::dot_q5_k, BlockQ8K),
-        GgmlDType::Q6_K => scalar_kernels!(Q8K, scalar::dot_q6_k, BlockQ8K),
+        GgmlDType::Q4_K => scalar_kernels!(Q8K32, scalar::dot_q4_k, BlockQ8K32),
+        GgmlDType::Q5_K => scalar_kernels!(Q8K32, scalar::dot_q5_k, BlockQ8K32),
+        GgmlDType::Q6_K => scalar_kernels!(Q8K32, scalar::dot_q6_k, BlockQ8K32),
         _ => return None,
     })
 }
 
 /// Quantizes one activation row to Q8_0 blocks.
 pub(crate) type QuantizeQ8_0 = fn(&[f32], &mut [BlockQ8_0]);
-/// Quantizes one activation row to Q8_K blocks.
-pub(crate) type QuantizeQ8K = fn(&[f32], &mut [BlockQ8K]);
+/// Quantizes one activation row to k-quant activation super-blocks.
+pub(crate) type QuantizeQ8K32 = fn(&[f32], &mut [BlockQ8K32]);
 
 /// The activation quantizers for `isa` (the AVX2 ones give bit-identical blocks).
-pub(crate) fn activation_quantizers(isa: Isa) -> (QuantizeQ8_0, QuantizeQ8K) {
+pub(crate) fn activation_quantizers(isa: Isa) -> (QuantizeQ8_0, QuantizeQ8K32) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2_available() {
         fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
             // SAFETY: only handed out after `avx2_available()`; the kernel checks lengths.
             unsafe { super::avx2::quantize_row_q8_0(x, out) }
         }
-        fn q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+        fn q8_k32(x: &[f32], out: &mut [BlockQ8K32]) {
             // SAFETY: as above.
-            unsafe { super::avx2::quantize_row_q8_k(x, out) }
+            unsafe { super::avx2::quantize_row_q8_k32(x, out) }
         }
-        return (q8_0, q8_k);
+        return (q8_0, q8_k32);
     }
     let _ = isa;
-    (super::act::quantize_row_q8_0, super::act::quantize_row_q8_k)
+    (super::act::quantize_row_q8_0, super::act::quantize_row_q8_k32)
 }

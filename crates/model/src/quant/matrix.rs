@@ -1,6 +1,6 @@
 //! [`QMatrix`]: a weight matrix in ggml blocks and its parallel quantized matmul.
 //!
-//! `matmul` quantizes the input rows once (Q8_0 or Q8_K as the weight type needs), then
+//! `matmul` quantizes the input rows once (Q8_0 blocks, gathered per 256 for k-quants), then
 //! splits the weight rows over the *current* rayon pool (the caller sizes it with
 //! `--threads` and runs us inside `pool.install`). Decode (n = 1) splits rows evenly over
 //! the threads (on the calling thread alone below 32 KiB of weights, eight tasks per thread
@@ -14,10 +14,10 @@ use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::blocks::QK_K;
 use super::kernels::{
-    activation_quantizers, active_isa, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K, QuantizeQ8_0,
+    activation_quantizers, active_isa, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K32, QuantizeQ8_0,
 };
 use super::packed::{packable, Packed, GROUP};
 use super::{dequantize, is_supported, GgmlDType, QuantError};
@@ -169,31 +169,24 @@ impl QMatrix {
 
     /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AVX-512 VNNI kernels,
     /// or their 256-bit AVX-VNNI twins (the caller checked [`Self::packs_for`] for `isa`).
-    fn matmul_packed(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k: QuantizeQ8K) {
+    fn matmul_packed(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k32: QuantizeQ8K32) {
         let p = self.packed();
         let (rows, dtype) = (self.rows, self.dtype);
         if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
             let nb = self.cols / QK_K;
-            let acts = quantize_rows(x, n, nb, BlockQ8K::ZERO, q8_k);
-            // Q4_K's mins: per block, the sums of sub-blocks (2p, 2p + 1) as two i16 in an i32.
-            let pairs: Vec<i32> = if dtype == GgmlDType::Q4_K {
-                let sum32 = |b: &BlockQ8K, j: usize| (b.bsums[2 * j] + b.bsums[2 * j + 1]) as u16 as i32;
-                acts.iter().flat_map(|b| (0..4).map(move |p| sum32(b, 2 * p) | (sum32(b, 2 * p + 1) << 16))).collect()
-            } else {
-                Vec::new()
-            };
+            let acts = quantize_rows(x, n, nb, BlockQ8K32::ZERO, q8_k32);
             run_packed(p, n, out, |g, (t0, tn), o, lanes| {
-                assert!(acts.len() >= (t0 + tn) * nb && (pairs.is_empty() || pairs.len() == 4 * acts.len()));
+                assert!(acts.len() >= (t0 + tn) * nb);
                 // SAFETY: `packs_for` checked the CPU; group g has `nb` blocks per row and the
-                // token rows `nb` blocks and `4 nb` pairs each (asserted); `o` is token t0's
+                // token rows `nb` blocks each (asserted); `o` is token t0's
                 // output at the group's first row, `rows` apart per token, lanes past `rows`
                 // masked off: every write is in `out` and (see `OutPtr`) this task's own.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     if isa == Isa::Avx512Vnni {
-                        super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                        super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
                     } else {
-                        super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, &pairs, (t0, tn), o, rows, lanes)
+                        super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
                     }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -239,9 +232,9 @@ impl QMatrix {
             out.fill(0.0);
             return;
         }
-        let (q8_0, q8_k) = activation_quantizers(isa);
+        let (q8_0, q8_k32) = activation_quantizers(isa);
         if self.packs_for(isa) {
-            return self.matmul_packed(isa, x, n, out, q8_0, q8_k);
+            return self.matmul_packed(isa, x, n, out, q8_0, q8_k32);
         }
         let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         match kernel {
@@ -250,8 +243,8 @@ impl QMatrix {
                 let acts = quantize_rows(x, n, self.cols / 32, BlockQ8_0::ZERO, q8_0);
                 self.run(&acts, self.cols / 32, n, &k, out)
             }
-            Kernel::Q8K(k) => {
-                let acts = quantize_rows(x, n, self.cols / QK_K, BlockQ8K::ZERO, q8_k);
+            Kernel::Q8K32(k) => {
+                let acts = quantize_rows(x, n, self.cols / QK_K, BlockQ8K32::ZERO, q8_k32);
                 self.run(&acts, self.cols / QK_K, n, &k, out)
             }
         }

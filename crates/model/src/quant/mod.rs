@@ -1,13 +1,14 @@
 //! Quantized weight formats (ggml block layouts) and the CPU kernels that multiply them.
 //!
-//! Weights stay in their GGUF block encoding; activations are quantized to 8 bits (Q8_0 or
-//! Q8_K blocks) right before each matmul, as llama.cpp does, and an integer dot product
-//! runs per block. Kernels are picked at run time from the CPU's features.
+//! Weights stay in their GGUF block encoding; activations are quantized to 8 bits in blocks
+//! of 32 with a scale each (Q8_0) right before each matmul, as llama.cpp does for the
+//! 32-element formats (for k-quants llama.cpp takes one scale per 256, Q8_K; we keep one per
+//! 32, which is closer to exact: see [`act`]), and an integer dot product runs per block. Kernels are picked at run time from the CPU's features.
 //!
 //! - [`GgmlDType`] (from `tpserve-gguf`): the type ids and block geometry; [`SUPPORTED`]:
 //!   the types these kernels compute with.
 //! - [`blocks`]: scalar reference dequantizers and simple quantizers for every supported type.
-//! - [`act`]: activation quantization to Q8_0 / Q8_K, bit-compatible with llama.cpp.
+//! - [`act`]: activation quantization (Q8_0 bit-compatible with llama.cpp's).
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
 //! - `packed`: weights repacked at load, 16 rows interleaved; `avx512` / `avx_vnni`: the GEMM
 //!   kernels over them (512-bit, and 256-bit for AVX-VNNI CPUs without AVX-512).

@@ -20,7 +20,7 @@
 //! - Q4_K codes (256 elements, sub-block `s` = chunks `8s..8s+8`): 32 nibble registers,
 //!   register `8c + g` holding chunk `g` of sub-block `2c` (low nibbles) and of `2c + 1` (high).
 //!   Meta: 16 f16 `d`, 16 f16 `dmin`, the 8 six-bit scales as bytes (sub-block `s`: 16 bytes,
-//!   lane order), the 8 mins as 4 pairs (pair `p`: `m[2p], m[2p+1]` per lane, 32 bytes).
+//!   lane order), then the 8 mins the same way.
 //! - Q6_K codes (6-bit, 64 chunks): 32 nibble registers (register `i`: chunk `i` low, `i + 32`
 //!   high), then 16 registers of the two high bits (register `i`: chunks `i, i + 16, i + 32,
 //!   i + 48` at bits 0-1, 2-3, 4-5, 6-7). Meta: 16 f16 `d`, the 16 signed scales (sub-block
@@ -169,7 +169,7 @@ impl Packed {
                         meta[32 + 2 * lane..32 + 2 * lane + 2].copy_from_slice(&blk[2..4]);
                         for j in 0..8 {
                             meta[64 + 16 * j + lane] = sc[j];
-                            meta[192 + 32 * (j / 2) + 2 * lane + j % 2] = mn[j];
+                            meta[192 + 16 * j + lane] = mn[j];
                         }
                     }
                     GgmlDType::Q6_K => {
@@ -246,7 +246,7 @@ impl Packed {
                         out[b * QK_K + e] = if self.dtype == GgmlDType::Q4_K {
                             let (sub, g, k) = (e / 32, (e % 32) / 4, e % 4);
                             let q = (codes[at(8 * (sub / 2) + g, k)] >> (4 * (sub % 2))) & 0xF;
-                            let (sc, mn) = (meta[64 + 16 * sub + lane], meta[192 + 32 * (sub / 2) + 2 * lane + sub % 2]);
+                            let (sc, mn) = (meta[64 + 16 * sub + lane], meta[192 + 16 * sub + lane]);
                             d * sc as f32 * q as f32 - f16_at(meta, 32 + 2 * lane) * mn as f32
                         } else {
                             let (c, k) = (e / 4, e % 4);

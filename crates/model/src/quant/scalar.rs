@@ -1,17 +1,24 @@
 //! Portable scalar dot kernels: one weight row (ggml blocks) · one activation row.
 //!
-//! Integer sums inside each block, one f32 multiply-add per block (or sub-block scale), as
-//! llama.cpp's generic kernels do; they are the fallback on CPUs without AVX2 and the
-//! reference the SIMD kernels are tested against.
+//! Integer sums inside each block of 32 activations, then float work per block; they are the
+//! fallback on CPUs without AVX2 and the reference the SIMD kernels are tested against (the
+//! VNNI GEMM kernels bit for bit: their float steps are these, in this order).
 //!
 //! Every block kernel takes `w` as exactly `a.len()` weight blocks (the row's encoded bytes)
 //! and `a` as the activation row quantized to the matching blocks (Q8_0 for the 32-element
-//! formats, Q8_K for k-quants); this is only debug-asserted, and a mismatch in release
-//! silently uses the shorter. `kernels` checks it before any call.
+//! formats, [`BlockQ8K32`] for k-quants); this is only debug-asserted, and a mismatch in
+//! release silently uses the shorter. `kernels` checks it before any call.
+//!
+//! The k-quant kernels take an activation scale per 32 values (llama.cpp's take one per 256),
+//! so each sub-block's integer dot product gets its own float multiply-add:
+//! `acc = fma(dot_j, (d · sc_j) · d_a[j], acc)` for the 32-value pieces `j` of a super-block,
+//! then for Q4_K/Q5_K the mins, `acc −= Σ_j fma(dmin · m_j, s_a[j], ·)` summed from zero
+//! (`s_a[j] = d_a[j] · Σ a` over the piece). `f32::mul_add` is IEEE's fused multiply-add,
+//! the FMA instruction of the SIMD kernels.
 
 use half::{bf16, f16};
 
-use super::act::{BlockQ8K, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::blocks::{f16_at, k_scales_mins, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
 /// Q8_0 weights · Q8_0 activations: `Σ_blocks d_w · d_a · Σ_j w_j · a_j`.
@@ -61,72 +68,78 @@ pub(super) fn dot_q5_0(w: &[u8], a: &[BlockQ8_0]) -> f32 {
     acc
 }
 
-/// Q4_K weights · Q8_K activations: `d·Σ sc_j·(q·a)_j − dmin·Σ mn_j·bsum_j` per super-block.
-pub(super) fn dot_q4_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+/// The float steps of a Q4_K/Q5_K super-block (module documentation): `dots[j]` the exact
+/// integer dot product of piece `j`'s codes with the activations, `sc`/`mn` the six-bit scales
+/// and mins.
+#[inline(always)]
+fn k_block_with_mins(acc: f32, d: f32, dmin: f32, sc: &[u8; 8], mn: &[u8; 8], dots: &[i32; 8], y: &BlockQ8K32) -> f32 {
+    let mut acc = acc;
+    for j in 0..8 {
+        acc = (dots[j] as f32).mul_add((d * sc[j] as f32) * y.d[j], acc);
+    }
+    let mut mins = 0f32;
+    for j in 0..8 {
+        mins = (dmin * mn[j] as f32).mul_add(y.s[j], mins);
+    }
+    acc - mins
+}
+
+/// Q4_K weights · k-quant activations: per piece of 32, `d · sc_j · (q·a)_j · d_a[j]`, less the
+/// mins `dmin · m_j · s_a[j]`.
+pub(super) fn dot_q4_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q4_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q4_K_BYTES).zip(a) {
         let (sc, mn) = k_scales_mins(&b[4..16]);
         let qs = &b[16..144];
-        let (mut sumi, mut summ) = (0i32, 0i32);
+        let mut dots = [0i32; 8];
         for c in 0..4 {
-            let (mut lo, mut hi) = (0i32, 0i32);
             for l in 0..32 {
-                lo += (qs[32 * c + l] & 0xF) as i32 * y.qs[64 * c + l] as i32;
-                hi += (qs[32 * c + l] >> 4) as i32 * y.qs[64 * c + 32 + l] as i32;
+                dots[2 * c] += (qs[32 * c + l] & 0xF) as i32 * y.qs[64 * c + l] as i32;
+                dots[2 * c + 1] += (qs[32 * c + l] >> 4) as i32 * y.qs[64 * c + 32 + l] as i32;
             }
-            sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
         }
-        for (&m, b) in mn.iter().zip(y.bsums.chunks_exact(2)) {
-            summ += m as i32 * (b[0] as i32 + b[1] as i32);
-        }
-        acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
+        acc = k_block_with_mins(acc, f16_at(b, 0), f16_at(b, 2), &sc, &mn, &dots, y);
     }
     acc
 }
 
-/// Q5_K weights · Q8_K activations: as [`dot_q4_k`] with a fifth bit per code from `qh`.
-pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+/// Q5_K weights · k-quant activations: as [`dot_q4_k`] with a fifth bit per code from `qh`.
+pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q5_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q5_K_BYTES).zip(a) {
         let (sc, mn) = k_scales_mins(&b[4..16]);
         let qh = &b[16..48];
         let qs = &b[48..176];
-        let (mut sumi, mut summ) = (0i32, 0i32);
+        let mut dots = [0i32; 8];
         for c in 0..4 {
-            let (mut lo, mut hi) = (0i32, 0i32);
             for l in 0..32 {
                 let h0 = ((qh[l] >> (2 * c)) & 1) << 4;
                 let h1 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                lo += ((qs[32 * c + l] & 0xF) | h0) as i32 * y.qs[64 * c + l] as i32;
-                hi += ((qs[32 * c + l] >> 4) | h1) as i32 * y.qs[64 * c + 32 + l] as i32;
+                dots[2 * c] += ((qs[32 * c + l] & 0xF) | h0) as i32 * y.qs[64 * c + l] as i32;
+                dots[2 * c + 1] += ((qs[32 * c + l] >> 4) | h1) as i32 * y.qs[64 * c + 32 + l] as i32;
             }
-            sumi += sc[2 * c] as i32 * lo + sc[2 * c + 1] as i32 * hi;
         }
-        for (&m, b) in mn.iter().zip(y.bsums.chunks_exact(2)) {
-            summ += m as i32 * (b[0] as i32 + b[1] as i32);
-        }
-        acc += y.d * (f16_at(b, 0) * sumi as f32 - f16_at(b, 2) * summ as f32);
+        acc = k_block_with_mins(acc, f16_at(b, 0), f16_at(b, 2), &sc, &mn, &dots, y);
     }
     acc
 }
 
-/// Q6_K weights · Q8_K activations: `d·Σ sc_j·((q − 32)·a)_j` per super-block (16
-/// sub-blocks of 16, signed 8-bit scales), times the activation scale.
-pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
+/// Q6_K weights · k-quant activations: per piece `j` of 32 (two sub-blocks of 16 with signed
+/// 8-bit scales), `acc = fma(Σ sc·((q − 32)·a), d · d_a[j], acc)`.
+pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q6_K_BYTES);
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(Q6_K_BYTES).zip(a) {
-        let mut sumi = 0i32;
+        // Sub-block k of 16 elements (element order) and its dot product.
+        let mut s = [0i32; 16];
         for h in 0..2 {
             let ql = &b[64 * h..64 * h + 64];
             let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-            let sc = &b[192 + 8 * h..192 + 8 * h + 8];
             let q8 = &y.qs[128 * h..128 * h + 128];
-            let mut s = [0i32; 8];
             for l in 0..32 {
-                let is = l / 16;
+                let is = 8 * h + l / 16;
                 let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
                 let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
                 let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
@@ -136,11 +149,12 @@ pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K]) -> f32 {
                 s[is + 4] += q3 * q8[l + 64] as i32;
                 s[is + 6] += q4 * q8[l + 96] as i32;
             }
-            for k in 0..8 {
-                sumi += sc[k] as i8 as i32 * s[k];
-            }
         }
-        acc += f16_at(b, 208) * y.d * sumi as f32;
+        let d = f16_at(b, 208);
+        for j in 0..8 {
+            let sumi = b[192 + 2 * j] as i8 as i32 * s[2 * j] + b[192 + 2 * j + 1] as i8 as i32 * s[2 * j + 1];
+            acc = (sumi as f32).mul_add(d * y.d[j], acc);
+        }
     }
     acc
 }

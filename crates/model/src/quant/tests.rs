@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::act::{dequantize_q8_0, dequantize_q8_k, quantize_row_q8_0, quantize_row_q8_k, BlockQ8K, BlockQ8_0};
+use super::act::{dequantize_q8_0, dequantize_q8_k32, quantize_row_q8_0, quantize_row_q8_k32, BlockQ8K32, BlockQ8_0};
 use super::kernels::{available_isas, avx512_vnni_available, select, Isa, Kernel};
 use super::packed::{packable, Packed};
 use super::*;
@@ -99,18 +99,18 @@ fn every_dot_kernel_equals_dequantize_then_dot_on_quantized_activations() {
                             assert_close(four[t], want, 1e-4, &what);
                         }
                     }
-                    Kernel::Q8K(k) => {
-                        let q: Vec<Vec<BlockQ8K>> = xs
+                    Kernel::Q8K32(k) => {
+                        let q: Vec<Vec<BlockQ8K32>> = xs
                             .iter()
                             .map(|x| {
-                                let mut b = vec![BlockQ8K::ZERO; cols / 256];
-                                quantize_row_q8_k(x, &mut b);
+                                let mut b = vec![BlockQ8K32::ZERO; cols / 256];
+                                quantize_row_q8_k32(x, &mut b);
                                 b
                             })
                             .collect();
                         let four = four_tokens(k, &w, [&q[0], &q[1], &q[2], &q[3]]);
                         for t in 0..4 {
-                            let want = dot_ref(&wf, &dequantize_q8_k(&q[t]));
+                            let want = dot_ref(&wf, &dequantize_q8_k32(&q[t]));
                             assert_close((k.one)(&w, &q[t]), want, 1e-4, &what);
                             assert_close(four[t], want, 1e-4, &what);
                         }
@@ -142,7 +142,7 @@ fn random_matrix(dtype: GgmlDType, rows: usize, cols: usize, rng: &mut StdRng) -
 }
 
 /// The activations a kernel of `dtype` really multiplies with: x itself for float weights,
-/// else x after Q8_0 / Q8_K quantization and back.
+/// else x after Q8_0 / k-quant activation quantization and back.
 fn effective_activations(dtype: GgmlDType, x: &[f32]) -> Vec<f32> {
     match dtype {
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => x.to_vec(),
@@ -152,9 +152,9 @@ fn effective_activations(dtype: GgmlDType, x: &[f32]) -> Vec<f32> {
             dequantize_q8_0(&b)
         }
         _ => {
-            let mut b = vec![BlockQ8K::ZERO; x.len() / 256];
-            quantize_row_q8_k(x, &mut b);
-            dequantize_q8_k(&b)
+            let mut b = vec![BlockQ8K32::ZERO; x.len() / 256];
+            quantize_row_q8_k32(x, &mut b);
+            dequantize_q8_k32(&b)
         }
     }
 }
@@ -381,14 +381,14 @@ fn simd_activation_quantizers_give_the_same_blocks_as_the_scalar_reference() {
     x[3] = 0.5 * 4.0 / 127.0;
     x[300..556].iter_mut().for_each(|v| *v = 0.0);
     for isa in isas() {
-        let (q8_0, q8_k) = super::kernels::activation_quantizers(isa);
+        let (q8_0, q8_k32) = super::kernels::activation_quantizers(isa);
         let (mut a, mut b) = (vec![BlockQ8_0::ZERO; x.len() / 32], vec![BlockQ8_0::ZERO; x.len() / 32]);
         q8_0(&x, &mut a);
         quantize_row_q8_0(&x, &mut b);
         assert_eq!(a, b, "{isa:?}");
-        let (mut a, mut b) = (vec![BlockQ8K::ZERO; x.len() / 256], vec![BlockQ8K::ZERO; x.len() / 256]);
-        q8_k(&x, &mut a);
-        quantize_row_q8_k(&x, &mut b);
+        let (mut a, mut b) = (vec![BlockQ8K32::ZERO; x.len() / 256], vec![BlockQ8K32::ZERO; x.len() / 256]);
+        q8_k32(&x, &mut a);
+        quantize_row_q8_k32(&x, &mut b);
         assert_eq!(a, b, "{isa:?}");
     }
 }
