@@ -415,6 +415,78 @@ fn a_tokens_result_is_bit_identical_whatever_batch_it_is_in_for_every_type() {
     }
 }
 
+/// A standard normal sample (Box-Muller).
+fn normal(rng: &mut StdRng) -> f64 {
+    let (u, v): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// `x` after llama.cpp's Q8_K activation quantization (`quantize_row_q8_K_ref`: one scale per
+/// 256, the signed extreme at -127) and back, in f64: what its k-quant kernels multiply with.
+fn q8_k_reference(x: &[f32]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(256) {
+        let max = b.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        if max == 0.0 {
+            out.extend(b.iter().map(|_| 0.0));
+            continue;
+        }
+        let iscale = -127.0 / max;
+        out.extend(b.iter().map(|&v| ((iscale * v).round_ties_even().min(127.0) / iscale) as f64));
+    }
+    out
+}
+
+/// The k-quant matmuls of the default model on its own weights (attention output in Q4_K,
+/// FFN down in Q4_K and Q6_K), for every kernel path of this CPU, against the exact product
+/// (dequantized weights, unquantized inputs, f64) on heavy-tailed inputs like the FFN down
+/// projection's (GELU(gate) · up, with outliers): with a scale per 32 inputs they must come
+/// out clearly closer to exact than with llama.cpp's Q8_K inputs (a scale per 256).
+#[test]
+fn k_quant_matmuls_on_the_default_models_weights_are_closer_to_exact_than_q8_k_inputs() {
+    let Some(path) = tpserve_fetch::testing::default_model() else { return };
+    let g = tpserve_gguf::Gguf::open(path).unwrap();
+    let ffn_down = |dtype: GgmlDType| (0..18).map(|l| format!("blk.{l}.ffn_down.weight")).find(|n| g.tensor_info(n).is_ok_and(|t| t.dtype == dtype)).unwrap();
+    let mut rng = StdRng::seed_from_u64(17);
+    let n = 4;
+    for (name, cols) in [("blk.0.attn_output.weight".to_string(), 1024), (ffn_down(GgmlDType::Q4_K), 2048), (ffn_down(GgmlDType::Q6_K), 2048)] {
+        let m = crate::weights::matrix(&g, &name, 640, cols).unwrap();
+        assert!(matches!(m.dtype(), GgmlDType::Q4_K | GgmlDType::Q6_K), "{name} is {}", m.dtype());
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| {
+                let (gate, up) = (normal(&mut rng) * 1.5, normal(&mut rng));
+                let gelu = 0.5 * gate * (1.0 + (0.797_884_6 * (gate + 0.044_715 * gate.powi(3))).tanh());
+                let outlier = if i % 97 == 0 { 25.0 } else { 1.0 };
+                (gelu * up * outlier) as f32
+            })
+            .collect();
+        let mut w = vec![0f32; 640 * cols];
+        for r in 0..640 {
+            m.dequantize_row(r, &mut w[r * cols..(r + 1) * cols]);
+        }
+        // Relative RMS distance of `out` from the exact product.
+        let exact: Vec<f64> = (0..n * 640).map(|i| dot_ref(&w[(i % 640) * cols..][..cols], &x[(i / 640) * cols..][..cols]).0).collect();
+        let rel = |out: &[f64]| {
+            let (e, s) = out.iter().zip(&exact).fold((0.0, 0.0), |(e, s), (o, x)| (e + (o - x) * (o - x), s + x * x));
+            (e / s).sqrt()
+        };
+        let q8_k: Vec<f64> = (0..n * 640)
+            .map(|i| {
+                let xq = q8_k_reference(&x[(i / 640) * cols..][..cols]);
+                w[(i % 640) * cols..][..cols].iter().zip(&xq).map(|(&a, b)| a as f64 * b).sum()
+            })
+            .collect();
+        let q8_k_err = rel(&q8_k);
+        for isa in isas() {
+            let mut out = vec![0f32; n * 640];
+            m.matmul_with(isa, &x, n, &mut out);
+            let err = rel(&out.iter().map(|&v| v as f64).collect::<Vec<_>>());
+            eprintln!("{name} ({}) {isa:?}: relative error {err:.5}, with Q8_K inputs {q8_k_err:.5}", m.dtype());
+            assert!(err < 0.8 * q8_k_err, "{name} {isa:?}: error {err} is not clearly below Q8_K's {q8_k_err}");
+        }
+    }
+}
+
 /// One weight row · four activation rows through the multi-row entry point.
 fn four_tokens<A>(k: &super::kernels::DotKernels<A>, w: &[u8], a: [&[A]; 4]) -> [f32; 4] {
     let mut out = [[0f32; 4]; 1];
