@@ -14,8 +14,8 @@
 //! scale (see `scalar`): Q4_K's eight sub-blocks of 32 give eight exact dot products, each
 //! added as `acc = fma(dot, (d · sc_j) · d_a[j], acc)` with the lanes' six-bit scales, and the
 //! mins come off at the end of the block as `Σ_j fma(dmin · m_j, s_a[j], ·)`; Q6_K's sixteen
-//! sub-blocks of 16 start from `-32 · Σ a`, are multiplied by their signed scales (`vpmulld`)
-//! and summed in pairs, and each pair is added as `acc = fma(sum, d · d_a[j], acc)`.
+//! sub-blocks of 16 start from `-32 · Σ a` and are each added as
+//! `acc = fma(dot, (d · sc_k) · d_a[k / 2], acc)` with their signed scales.
 
 //! Every kernel is `unsafe`: the caller must have checked the CPU features
 //! ([`super::kernels::avx512_vnni_available`]) and the lengths listed under `# Safety`.
@@ -269,39 +269,32 @@ unsafe fn group_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: us
             }
         } else {
             let two = _mm512_set1_epi8(0x30);
-            for j in 0..8 {
-                let mut sumi = [_mm512_setzero_si512(); T];
-                for sub in [2 * j, 2 * j + 1] {
-                    let mut w = [_mm512_setzero_si512(); 4];
-                    for (q, w) in w.iter_mut().enumerate() {
-                        let c = 4 * sub + q;
-                        let v = load512(codes.add(64 * (c % 32)));
-                        let nib = if c < 32 { _mm512_and_si512(v, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(v), low) };
-                        let h = load512(codes.add(64 * (32 + c % 16)));
-                        // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                        let h = match c / 16 {
-                            0 => _mm512_slli_epi16::<4>(h),
-                            1 => _mm512_slli_epi16::<2>(h),
-                            2 => h,
-                            _ => _mm512_srli_epi16::<2>(h),
-                        };
-                        *w = _mm512_or_si512(nib, _mm512_and_si512(h, two));
-                    }
-                    let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub));
-                    for t in 0..T {
-                        let y = &*acts[t].add(b);
-                        let a = y.qs.as_ptr();
-                        let mut i0 = _mm512_set1_epi32(-32 * y.bsums[sub] as i32);
-                        for (q, w) in w.iter().enumerate() {
-                            i0 = _mm512_dpbusd_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
-                        }
-                        sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(i0, sc));
-                    }
+            for sub in 0..16 {
+                let mut w = [_mm512_setzero_si512(); 4];
+                for (q, w) in w.iter_mut().enumerate() {
+                    let c = 4 * sub + q;
+                    let v = load512(codes.add(64 * (c % 32)));
+                    let nib = if c < 32 { _mm512_and_si512(v, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(v), low) };
+                    let h = load512(codes.add(64 * (32 + c % 16)));
+                    // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                    let h = match c / 16 {
+                        0 => _mm512_slli_epi16::<4>(h),
+                        1 => _mm512_slli_epi16::<2>(h),
+                        2 => h,
+                        _ => _mm512_srli_epi16::<2>(h),
+                    };
+                    *w = _mm512_or_si512(nib, _mm512_and_si512(h, two));
                 }
+                let wsc = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub))));
                 for t in 0..T {
                     let y = &*acts[t].add(b);
-                    let f = _mm512_mul_ps(dw, _mm512_set1_ps(y.d[j]));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), f, acc[t]);
+                    let a = y.qs.as_ptr();
+                    let mut i0 = _mm512_set1_epi32(-32 * y.bsums[sub] as i32);
+                    for (q, w) in w.iter().enumerate() {
+                        i0 = _mm512_dpbusd_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                    }
+                    let f = _mm512_mul_ps(wsc, _mm512_set1_ps(y.d[sub / 2]));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), f, acc[t]);
                 }
             }
         }

@@ -233,39 +233,32 @@ unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usi
             }
         } else {
             let two = _mm256_set1_epi8(0x30);
-            for j in 0..8 {
-                let mut sumi = [_mm256_setzero_si256(); T];
-                for sub in [2 * j, 2 * j + 1] {
-                    let mut w = [_mm256_setzero_si256(); 4];
-                    for (q, w) in w.iter_mut().enumerate() {
-                        let c = 4 * sub + q;
-                        let v = load256(codes.add(64 * (c % 32)));
-                        let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                        let hb = load256(codes.add(64 * (32 + c % 16)));
-                        // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                        let hb = match c / 16 {
-                            0 => _mm256_slli_epi16::<4>(hb),
-                            1 => _mm256_slli_epi16::<2>(hb),
-                            2 => hb,
-                            _ => _mm256_srli_epi16::<2>(hb),
-                        };
-                        *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
-                    }
-                    let sc = bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h));
-                    for t in 0..T {
-                        let y = &*acts[t].add(b);
-                        let a = y.qs.as_ptr();
-                        let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
-                        for (q, w) in w.iter().enumerate() {
-                            i0 = _mm256_dpbusd_avx_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
-                        }
-                        sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(i0, sc));
-                    }
+            for sub in 0..16 {
+                let mut w = [_mm256_setzero_si256(); 4];
+                for (q, w) in w.iter_mut().enumerate() {
+                    let c = 4 * sub + q;
+                    let v = load256(codes.add(64 * (c % 32)));
+                    let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                    let hb = load256(codes.add(64 * (32 + c % 16)));
+                    // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                    let hb = match c / 16 {
+                        0 => _mm256_slli_epi16::<4>(hb),
+                        1 => _mm256_slli_epi16::<2>(hb),
+                        2 => hb,
+                        _ => _mm256_srli_epi16::<2>(hb),
+                    };
+                    *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
                 }
+                let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
                 for t in 0..T {
                     let y = &*acts[t].add(b);
-                    let f = _mm256_mul_ps(dw, _mm256_set1_ps(y.d[j]));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), f, acc[t]);
+                    let a = y.qs.as_ptr();
+                    let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
+                    for (q, w) in w.iter().enumerate() {
+                        i0 = _mm256_dpbusd_avx_epi32(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                    }
+                    let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub / 2]));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f, acc[t]);
                 }
             }
         }

@@ -13,7 +13,7 @@
 //! so each sub-block's integer dot product gets its own float multiply-add:
 //! `acc = fma(dot_j, (d · sc_j) · d_a[j], acc)` for the 32-value pieces `j` of a super-block,
 //! then for Q4_K/Q5_K the mins, `acc −= Σ_j fma(dmin · m_j, s_a[j], ·)` summed from zero
-//! (`s_a[j] = d_a[j] · Σ a` over the piece). `f32::mul_add` is IEEE's fused multiply-add,
+//! (`s_a[j] = d_a[j] · Σ a` over the piece); Q6_K's sub-blocks of 16 each get theirs. `f32::mul_add` is IEEE's fused multiply-add,
 //! the FMA instruction of the SIMD kernels.
 
 use half::{bf16, f16};
@@ -77,10 +77,7 @@ fn k_block_with_mins(acc: f32, d: f32, dmin: f32, sc: &[u8; 8], mn: &[u8; 8], do
     for j in 0..8 {
         acc = (dots[j] as f32).mul_add((d * sc[j] as f32) * y.d[j], acc);
     }
-    let mut mins = 0f32;
-    for j in 0..8 {
-        mins = (dmin * mn[j] as f32).mul_add(y.s[j], mins);
-    }
+    let mins = mn.iter().zip(&y.s).fold(0f32, |m, (&mn, &s)| (dmin * mn as f32).mul_add(s, m));
     acc - mins
 }
 
@@ -126,8 +123,8 @@ pub(super) fn dot_q5_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
     acc
 }
 
-/// Q6_K weights · k-quant activations: per piece `j` of 32 (two sub-blocks of 16 with signed
-/// 8-bit scales), `acc = fma(Σ sc·((q − 32)·a), d · d_a[j], acc)`.
+/// Q6_K weights · k-quant activations: per sub-block `k` of 16 (signed 8-bit scale `sc_k`),
+/// `acc = fma(Σ (q − 32)·a, (d · sc_k) · d_a[k / 2], acc)`.
 pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
     debug_assert_eq!(w.len(), a.len() * Q6_K_BYTES);
     let mut acc = 0f32;
@@ -151,9 +148,8 @@ pub(super) fn dot_q6_k(w: &[u8], a: &[BlockQ8K32]) -> f32 {
             }
         }
         let d = f16_at(b, 208);
-        for j in 0..8 {
-            let sumi = b[192 + 2 * j] as i8 as i32 * s[2 * j] + b[192 + 2 * j + 1] as i8 as i32 * s[2 * j + 1];
-            acc = (sumi as f32).mul_add(d * y.d[j], acc);
+        for (k, &s) in s.iter().enumerate() {
+            acc = (s as f32).mul_add((d * b[192 + k] as i8 as f32) * y.d[k / 2], acc);
         }
     }
     acc
