@@ -99,16 +99,10 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 /// Quantizes `x` (a multiple of 256 long) into `out` (`x.len() / 256` super-blocks): each 32
 /// values as [`quantize_row_q8_0`], then the sums of each 16.
 pub fn quantize_row_q8_k32(x: &[f32], out: &mut [BlockQ8K32]) {
-    quantize_row_q8_k32_with(quantize_row_q8_0, x, out)
-}
-
-/// [`quantize_row_q8_k32`] with the Q8_0 quantizer given (a SIMD twin of
-/// [`quantize_row_q8_0`] gives the same blocks).
-pub(super) fn quantize_row_q8_k32_with(q8_0: fn(&[f32], &mut [BlockQ8_0]), x: &[f32], out: &mut [BlockQ8K32]) {
     assert_eq!(x.len(), out.len() * QK_K, "quantize_row_q8_k32: length mismatch");
     let mut blocks = [BlockQ8_0::ZERO; QK_K / 32];
     for (xb, yb) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
-        q8_0(xb, &mut blocks);
+        quantize_row_q8_0(xb, &mut blocks);
         for (j, b) in blocks.iter().enumerate() {
             yb.d[j] = b.d;
             yb.s[j] = b.s;

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::act::{quantize_row_q8_k32_with, BlockQ8K32, BlockQ8_0};
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::blocks::{Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q5_K_BYTES, Q6_K_BYTES, Q8_0_BYTES};
 
 /// Unaligned 32-byte load. `lddqu` is as fast as `movdqu` and, unlike `_mm256_loadu_si256`,
@@ -716,6 +716,20 @@ unsafe fn hsum_i8(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// One Q8_0 block of the 32 floats at `p`: its scale (rounded through f16) and its 32 codes.
+///
+/// # Safety
+/// AVX2, FMA, F16C; `p..p + 32` readable.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn quantize32(p: *const f32) -> (f32, __m256i) {
+    let amax = abs_max(p, 32);
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let q = |k: usize| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(8 * k) as *const u8)), id)));
+    (half::f16::from_f32(d).to_f32(), pack_i8(q(0), q(1), q(2), q(3)))
+}
+
 /// AVX2 twin of [`super::act::quantize_row_q8_0`], bit-identical to it for finite input.
 ///
 /// # Safety
@@ -724,27 +738,37 @@ unsafe fn hsum_i8(v: __m256i) -> i32 {
 pub(super) unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * 32, "quantize_row_q8_0: length mismatch");
     for (xb, yb) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let p = xb.as_ptr();
-        let amax = abs_max(p, 32);
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        yb.d = half::f16::from_f32(d).to_f32();
-        let q = |k: usize| _mm256_cvttps_epi32(round_away(_mm256_mul_ps(_mm256_castsi256_ps(load256(p.add(8 * k) as *const u8)), id)));
-        let packed = pack_i8(q(0), q(1), q(2), q(3));
+        let (d, packed) = quantize32(xb.as_ptr());
+        yb.d = d;
         _mm256_storeu_si256(yb.qs.as_mut_ptr() as *mut __m256i, packed);
         yb.s = yb.d * hsum_i8(packed) as f32;
     }
 }
 
-/// AVX2 twin of [`super::act::quantize_row_q8_k32`], bit-identical to it for finite input.
+/// AVX2 twin of [`super::act::quantize_row_q8_k32`], bit-identical to it for finite input:
+/// each 32 as [`quantize_row_q8_0`], written in place, with the sums of each 16 taken from
+/// the packed codes.
 ///
 /// # Safety
 /// AVX2, FMA, F16C; lengths are asserted (`x` is `256 * out.len()` floats).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize_row_q8_k32(x: &[f32], out: &mut [BlockQ8K32]) {
-    fn q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-        // SAFETY: reached only through the caller, which has AVX2, FMA and F16C.
-        unsafe { quantize_row_q8_0(x, out) }
+    assert_eq!(x.len(), out.len() * 256, "quantize_row_q8_k32: length mismatch");
+    let ones8 = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    for (xb, yb) in x.chunks_exact(256).zip(out.iter_mut()) {
+        for j in 0..8 {
+            let (d, packed) = quantize32(xb.as_ptr().add(32 * j));
+            _mm256_storeu_si256(yb.qs.as_mut_ptr().add(32 * j) as *mut __m256i, packed);
+            // Sums of 4 in i32 lanes: lanes 0-3 are the first 16 codes, 4-7 the next 16.
+            let s4 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, packed), ones16);
+            let h = _mm_hadd_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+            let h = _mm_hadd_epi32(h, h);
+            let (lo, hi) = (_mm_cvtsi128_si32(h), _mm_extract_epi32::<1>(h));
+            yb.bsums[2 * j] = lo as i16;
+            yb.bsums[2 * j + 1] = hi as i16;
+            yb.d[j] = d;
+            yb.s[j] = d * (lo + hi) as f32;
+        }
     }
-    quantize_row_q8_k32_with(q8_0, x, out)
 }
