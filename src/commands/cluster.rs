@@ -223,11 +223,12 @@ pub fn describe(c: &Cluster) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let plural = if l.threads == 1 { "" } else { "s" };
         s += &format!(
-            "  rank {} @ {}: {}; weights {:.1} MiB, KV cache {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
+            "  rank {} @ {}: {}; weights {:.1} MiB (+{:.1} MiB repacked), KV cache {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
             l.shard.rank,
             l.addr,
             l.shard,
             mib(l.shard.bytes),
+            mib(l.repacked_bytes),
             mib(l.kv_bytes),
             mib(l.peak_rss_bytes),
             l.threads

@@ -209,6 +209,8 @@ pub struct LoadedRank {
     pub threads: u32,
     /// Bytes the worker reserved for the KV cache.
     pub kv_bytes: u64,
+    /// Bytes of weights the worker repacked for its GEMM kernels, beside the mapped file.
+    pub repacked_bytes: u64,
 }
 
 /// What a cluster is loaded with: the plan, the model as the workers see it, the KV cache,
@@ -381,7 +383,7 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
                 if msg.done {
                     return msg
                         .shard
-                        .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.rss_bytes, msg.kv_bytes))
+                        .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.rss_bytes, msg.kv_bytes, msg.repacked_bytes))
                         .ok_or_else(|| Status::internal("the last load message has no shard"));
                 }
             }
@@ -396,9 +398,15 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
     let mut errors = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes)) => {
-                loaded.push(LoadedRank { addr: workers[rank].addr.clone(), shard, peak_rss_bytes, rss_bytes, threads: workers[rank].info.threads, kv_bytes })
-            }
+            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes, repacked_bytes)) => loaded.push(LoadedRank {
+                addr: workers[rank].addr.clone(),
+                shard,
+                peak_rss_bytes,
+                rss_bytes,
+                threads: workers[rank].info.threads,
+                kv_bytes,
+                repacked_bytes,
+            }),
             Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
         }
     }

@@ -310,14 +310,29 @@ impl Model {
         let embed = self.embed.as_ref().map(|e| e.weight());
         m.extend(embed);
         // A tied head is the embedding's own rows: count them once.
-        let head = self.head.as_ref().map(|(_, h)| h.weight());
-        m.extend(head.filter(|h| embed.is_none_or(|e| e.as_bytes().as_ptr() != h.as_bytes().as_ptr())));
+        m.extend(self.matmul_matrices().into_iter().filter(|h| embed.is_none_or(|e| e.as_bytes().as_ptr() != h.as_bytes().as_ptr())));
+        m
+    }
+
+    /// The matrices the forward pass multiplies with: the head and every layer's, not the
+    /// embedding (read a row per token). A tied head is its own `QMatrix` over the
+    /// embedding's bytes, with its own repacked copy.
+    fn matmul_matrices(&self) -> Vec<&crate::quant::QMatrix> {
+        let mut m = Vec::new();
+        m.extend(self.head.as_ref().map(|(_, h)| h.weight()));
         for l in &self.layers {
             m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()]);
             m.extend(l.o.parts());
             m.extend(l.down.parts());
         }
         m
+    }
+
+    /// Bytes of repacked weights this rank holds now (each repacked matrix's copy; 0 where
+    /// the kernels multiply the file's blocks as they are).
+    pub fn repacked_bytes(&self) -> usize {
+        let embed = self.embed.as_ref().map(|e| e.weight());
+        embed.into_iter().chain(self.matmul_matrices()).map(|m| m.packed_bytes()).sum()
     }
 
     /// Weight bytes this rank holds.
@@ -327,8 +342,9 @@ impl Model {
 
     /// Reads every page of this rank's weights once, so that the first request does not pay
     /// for page faults of the mapped file, calling `progress(bytes_done, bytes_total)` as it
-    /// goes. Only this shard's bytes are touched.
-    pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) {
+    /// goes, then repacks what the kernels multiply on a repacked layout. Only this shard's
+    /// bytes are touched. Returns the bytes repacking added ([`Self::repacked_bytes`]).
+    pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) -> usize {
         const PAGE: usize = 4096;
         const REPORT_EVERY: u64 = 8 << 20;
         let total = self.weight_bytes();
@@ -347,10 +363,11 @@ impl Model {
         }
         std::hint::black_box(sink);
         // Repack now what the kernels repack, so the first request does not pay for it.
-        for m in self.matrices() {
+        for m in self.matmul_matrices() {
             m.prepare();
         }
         progress(total, total);
+        self.repacked_bytes()
     }
 
     /// Floats of keys (or values) per position on this rank.

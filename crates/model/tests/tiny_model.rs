@@ -157,3 +157,24 @@ fn unknown_tensor_types_are_refused_by_name() {
     let err = Gguf::parse_bytes(&bytes).unwrap_err();
     assert!(matches!(err, GgufError::UnknownType { id: 99, .. }), "{err}");
 }
+
+#[test]
+fn prefault_repacks_what_the_forward_multiplies_so_a_request_repacks_nothing() {
+    // Every tensor Q8_0 (a repacked type) and the head tied to the embedding, as in Gemma 3:
+    // the embedding is read a row per token and must not be repacked; the head, its own
+    // matrix over the same bytes, must be, at load and not on the first request.
+    let model = load(&tiny_gguf(&TinySpec { dtypes: vec![tpserve_model::quant::GgmlDType::Q8_0], ..TinySpec::gemma3() })).unwrap();
+    let repacked = model.prefault(|_, _| {});
+    assert_eq!(repacked, model.repacked_bytes());
+    let kernels = tpserve_model::quant::kernel_name();
+    if repacked == 0 {
+        eprintln!("the {kernels} kernels read the file's blocks as they are: nothing to check here");
+        return;
+    }
+    // The layers' and the head's Q8_0 rows, padded to groups of 16 rows and 64-byte lines:
+    // the embedding's own copy would double the head's share.
+    let weights = model.weight_bytes() as usize;
+    assert!(repacked <= weights + weights / 8, "{repacked} bytes repacked for {weights} bytes of weights ({kernels})");
+    Seqs::new(&model, 1, 16).forward(&model, &[(0, &prompt(9), LogitsWanted::Last)]).unwrap();
+    assert_eq!(model.repacked_bytes(), repacked, "the forward pass repacked a matrix that prefault did not ({kernels})");
+}

@@ -252,6 +252,7 @@ fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
         peak_rss_bytes: peak_rss_bytes(),
         kv_bytes: 0,
         rss_bytes: rss_bytes(),
+        repacked_bytes: 0,
     }
 }
 
@@ -380,8 +381,15 @@ impl tpserve_proto::Worker for WorkerService {
                         peak_rss_bytes: peak_rss_bytes(),
                         kv_bytes: shard.kv_bytes(),
                         rss_bytes: rss_bytes(),
+                        repacked_bytes: shard.model().repacked_bytes() as u64,
                     };
-                    info!(rank = shard.shard().rank, weight_bytes = shard.model().weight_bytes(), "loaded");
+                    info!(
+                        rank = shard.shard().rank,
+                        weight_bytes = shard.model().weight_bytes(),
+                        repacked_bytes = shard.model().repacked_bytes(),
+                        kernels = tpserve_model::quant::kernel_name(),
+                        "loaded"
+                    );
                     this.inner.local.set(Some(shard));
                     let _ = tx.blocking_send(Ok(done));
                 }

@@ -156,6 +156,11 @@ impl QMatrix {
         self.packed.get_or_init(|| Packed::new(self.dtype, self.rows, self.cols / self.dtype.block_size(), |r| self.row(r)))
     }
 
+    /// Bytes of this matrix's repacked copy, 0 while it has none.
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.get().map_or(0, |p| p.nbytes())
+    }
+
     /// Repacks the weights now for the kernels this process runs, where they have a repacked
     /// layout (otherwise the first matmul would), and returns the bytes that adds (0 when
     /// none: the file's bytes are used as they are).
