@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use tpserve_comm::{Collective, CommError, Local};
 use tpserve_types::plan::{ModelShape, Plan, RankShard};
 
@@ -362,10 +364,11 @@ impl Model {
             }
         }
         std::hint::black_box(sink);
-        // Repack now what the kernels repack, so the first request does not pay for it.
-        for m in self.matmul_matrices() {
+        // Repack now what the kernels repack, so the first request does not pay for it; on
+        // the caller's pool, whose threads will read the copies.
+        self.matmul_matrices().par_iter().for_each(|m| {
             m.prepare();
-        }
+        });
         progress(total, total);
         self.repacked_bytes()
     }

@@ -36,7 +36,7 @@ impl LocalShard {
     pub fn load_whole(g: &Gguf, kv: &KvLayout, pool: Arc<rayon::ThreadPool>) -> Result<Self, ModelError> {
         let plan = Plan::new(model_shape(g)?, 1, 1).map_err(|e| ModelError::Plan(e.to_string()))?;
         let shard = pool.install(|| Shard::load(g, &plan.shard(0), Arc::new(Local), None, kv))?;
-        shard.model().prefault(|_, _| {});
+        pool.install(|| shard.model().prefault(|_, _| {}));
         let local = Self::new(pool);
         local.set(Some(shard));
         Ok(local)

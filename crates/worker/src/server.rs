@@ -326,8 +326,10 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
         .pool()
         .install(|| Shard::load(&g, &shard, tp_comm, pp_comm, &kv))
         .map_err(|e| Status::failed_precondition(format!("rank {rank} cannot load its shard: {e}")))?;
-    loaded.model().prefault(|done, total| {
-        let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
+    inner.local.pool().install(|| {
+        loaded.model().prefault(|done, total| {
+            let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
+        })
     });
     // No barrier here: ranks may finish reading at very different times (a cold disk), and
     // the coordinator sends no step before every rank has reported done.
