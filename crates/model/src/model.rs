@@ -366,9 +366,7 @@ impl Model {
         std::hint::black_box(sink);
         // Repack now what the kernels repack, so the first request does not pay for it; on
         // the caller's pool, whose threads will read the copies.
-        self.matmul_matrices().par_iter().for_each(|m| {
-            m.prepare();
-        });
+        self.matmul_matrices().par_iter().for_each(|m| m.prepare());
         progress(total, total);
         self.repacked_bytes()
     }

@@ -374,6 +374,7 @@ impl tpserve_proto::Worker for WorkerService {
             this.touch();
             match loaded {
                 Ok(shard) => {
+                    let repacked_bytes = shard.model().repacked_bytes();
                     let done = v1::LoadProgress {
                         phase: "ready".into(),
                         bytes_done: shard.shard().bytes,
@@ -383,12 +384,12 @@ impl tpserve_proto::Worker for WorkerService {
                         peak_rss_bytes: peak_rss_bytes(),
                         kv_bytes: shard.kv_bytes(),
                         rss_bytes: rss_bytes(),
-                        repacked_bytes: shard.model().repacked_bytes() as u64,
+                        repacked_bytes: repacked_bytes as u64,
                     };
                     info!(
                         rank = shard.shard().rank,
                         weight_bytes = shard.model().weight_bytes(),
-                        repacked_bytes = shard.model().repacked_bytes(),
+                        repacked_bytes,
                         kernels = tpserve_model::quant::kernel_name(),
                         "loaded"
                     );

@@ -162,13 +162,11 @@ impl QMatrix {
     }
 
     /// Repacks the weights now for the kernels this process runs, where they have a repacked
-    /// layout (otherwise the first matmul would), and returns the bytes that adds (0 when
-    /// none: the file's bytes are used as they are).
-    pub fn prepare(&self) -> usize {
+    /// layout (otherwise the first matmul would); [`Self::packed_bytes`] then says what that
+    /// added (0 when the file's bytes are used as they are).
+    pub fn prepare(&self) {
         if self.packs_for(active_isa()) && self.rows > 0 && self.cols > 0 {
-            self.packed().nbytes()
-        } else {
-            0
+            self.packed();
         }
     }
 
