@@ -14,8 +14,10 @@ use tpserve_coordinator::{cluster, Backend, Cluster, ClusterError, ClusterSpec, 
 
 use super::auth::random_token;
 use tpserve_model::config::ModelConfig;
+use tpserve_model::device::DeviceOps;
 use tpserve_model::model::model_shape;
 use tpserve_scheduler::SchedulerConfig;
+use tpserve_types::device::{CollectiveChoice, Device};
 use tpserve_types::kv::{KvLayout, KvSizing};
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
@@ -42,9 +44,29 @@ pub struct ParallelArgs {
     /// Seconds to keep trying to reach the workers at start-up (they may still be starting).
     #[arg(long, default_value_t = 30, env = "TPSERVE_CONNECT_TIMEOUT_SECS")]
     pub connect_timeout_secs: u64,
+    /// Where the workers this command starts compute: cpu, cuda (GPU 0) or cuda:N; a
+    /// comma-separated list gives rank i the i-th (e.g. cuda:0,cuda:1). GPUs need a binary
+    /// built with `--features cuda`.
+    #[arg(long, default_value = "cpu", value_delimiter = ',', env = "TPSERVE_DEVICE")]
+    pub device: Vec<Device>,
+    /// How ranks exchange activations: auto (NCCL when every rank has a GPU of its own, TCP
+    /// otherwise), tcp, or nccl (refused where it cannot work).
+    #[arg(long, default_value = "auto", env = "TPSERVE_COLLECTIVE")]
+    pub collective: CollectiveChoice,
 }
 
 impl ParallelArgs {
+    /// The device of world rank `rank` (`--device`: one for all, or one per rank), or why
+    /// the list does not fit the plan.
+    pub fn devices(&self, world: usize) -> Result<Vec<Device>> {
+        match self.device.as_slice() {
+            [] => Ok(vec![Device::Cpu; world]),
+            [one] => Ok(vec![*one; world]),
+            list if list.len() == world => Ok(list.to_vec()),
+            list => bail!("--device lists {} devices for {world} ranks: give one for all, or one per rank", list.len()),
+        }
+    }
+
     /// Checks tp and pp against the model: an impossible plan is refused here, with what
     /// would work, before any worker is started.
     pub fn plan(&self, loaded: &Loaded) -> Result<Plan> {
@@ -162,7 +184,7 @@ pub fn cluster_spec(
     plan: Plan,
     loaded: &Loaded,
     model_path: &str,
-    timeouts: Timeouts,
+    parallel: &ParallelArgs,
     kv: KvLayout,
     token: Option<ClusterToken>,
     tls: Option<Tls>,
@@ -173,9 +195,10 @@ pub fn cluster_spec(
         kv,
         model_path: model_path.into(),
         model_bytes: loaded.gguf.file_len() as u64,
-        timeouts,
+        timeouts: parallel.timeouts(),
         token,
         tls,
+        collective: parallel.collective,
     })
 }
 
@@ -288,14 +311,16 @@ impl LocalBackend {
     pub async fn start(loaded: &Loaded, plan: Plan, threads: Option<usize>, parallel: &ParallelArgs, kv: KvLayout) -> Result<Self> {
         if plan.world() == 1 {
             let pool = Arc::new(super::thread_pool(threads)?);
-            let shard = LocalShard::load_whole(&loaded.gguf, &kv, pool).context("cannot load the model weights")?;
+            let device = parallel.devices(1)?[0];
+            let ops = DeviceOps::open(device).with_context(|| format!("cannot use --device {device}"))?;
+            let shard = LocalShard::load_whole(&ops, &loaded.gguf, &kv, pool).context("cannot load the model weights")?;
             return Ok(Self::InProcess(InProcess { shard, context_len: loaded.config()?.context_len, kv }));
         }
         let threads = threads_per_worker(threads, plan.world())?;
         let model_path = worker_model_path(loaded.explicit.then_some(loaded.path.as_path()))?;
         let token = random_token();
-        let workers = LocalWorkers::spawn(plan.world(), threads, &model_path, &token).await?;
-        let spec = cluster_spec(plan, loaded, &model_path, parallel.timeouts(), kv, Some(token), None)?;
+        let workers = LocalWorkers::spawn(&parallel.devices(plan.world())?, threads, &model_path, &token).await?;
+        let spec = cluster_spec(plan, loaded, &model_path, parallel, kv, Some(token), None)?;
         match load_cluster(&workers.addrs, spec).await {
             Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),
             Err(e) => {

@@ -72,7 +72,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.join_listen.is_none() && args.workers.len() != world {
         bail!("--tp {} --pp {} needs {world} workers, --workers names {}", plan.tp, plan.pp, args.workers.len());
     }
-    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), token.clone(), tls.clone())?;
+    let spec = cluster_spec(plan, &loaded, &model_path, &args.parallel, kv.clone(), token.clone(), tls.clone())?;
     super::block_on(async {
         // The join service runs for the coordinator's whole life: workers that come back
         // register again, and spares wait for a lost rank. HTTP is up meanwhile (/ready 503).
@@ -112,9 +112,9 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let kv = kv_for(&loaded, &args.serving)?;
     // The workers started here accept only this process: a fresh random token.
     let token = random_token();
-    let spec = cluster_spec(plan, &loaded, &model_path, args.parallel.timeouts(), kv.clone(), Some(token.clone()), None)?;
+    let spec = cluster_spec(plan, &loaded, &model_path, &args.parallel, kv.clone(), Some(token.clone()), None)?;
     super::block_on(async {
-        let workers = LocalWorkers::spawn(spec.plan.world(), threads, &model_path, &token).await?;
+        let workers = LocalWorkers::spawn(&args.parallel.devices(spec.plan.world())?, threads, &model_path, &token).await?;
         let result = async {
             let load = load_cluster(&workers.addrs, spec);
             serve(load, kv, &loaded, &args.serve, &args.serving, true).await

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tpserve_types::device::Device;
 
 /// Worker processes started by this process on loopback; killed when dropped.
 pub struct LocalWorkers {
@@ -16,19 +17,20 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` `tpserve worker` processes on 127.0.0.1 with `threads` compute threads each,
+    /// Starts a `tpserve worker` process per device of `devices` (rank i on the i-th) on 127.0.0.1 with `threads` compute threads each,
     /// allowed to load `model` ("" = the cached default model) and accepting only callers
     /// with `token` (passed in their environment, never on a command line), and waits for
     /// each to say where it listens. They exit when this process's end of their standard
     /// input closes, so they never outlive it.
-    pub async fn spawn(n: usize, threads: usize, model: &str, token: &tpserve_worker::ClusterToken) -> Result<Self> {
+    pub async fn spawn(devices: &[Device], threads: usize, model: &str, token: &tpserve_worker::ClusterToken) -> Result<Self> {
+        let n = devices.len();
         let exe = std::env::current_exe().context("cannot find the tpserve executable to start workers")?;
         let mut children = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
-        for rank in 0..n {
+        for (rank, device) in devices.iter().enumerate() {
             // Workers inherit TPSERVE_COMM_SPIN_US and the rest of the environment.
             let mut child = Command::new(&exe)
-                .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin"])
+                .args(["worker", "--listen", "127.0.0.1:0", "--threads", &threads.to_string(), "--exit-with-stdin", "--device", &device.to_string()])
                 .args(if model.is_empty() { vec![] } else { vec!["--model", model] })
                 .env("TPSERVE_CLUSTER_TOKEN", std::str::from_utf8(token.as_bytes()).expect("a token is ASCII"))
                 .env_remove("TPSERVE_CLUSTER_TOKEN_FILE")

@@ -31,6 +31,10 @@ pub struct WorkerArgs {
     /// Compute threads (default: the number of available cores).
     #[arg(long, env = "TPSERVE_THREADS")]
     pub threads: Option<usize>,
+    /// Where the forward passes run: cpu, cuda (GPU 0) or cuda:N. A GPU needs a binary
+    /// built with `--features cuda`.
+    #[arg(long, default_value = "cpu", env = "TPSERVE_DEVICE")]
+    pub device: tpserve_types::device::Device,
     /// Microseconds a collective receive polls for a peer's data before it sleeps in the
     /// kernel (0: sleep at once, for machines with fewer cores than ranks' threads).
     #[arg(long, default_value_t = 100, env = "TPSERVE_COMM_SPIN_US")]
@@ -96,12 +100,14 @@ async fn serve(args: WorkerArgs, pool: Arc<rayon::ThreadPool>) -> Result<()> {
         model_dir: args.model_dir.clone().unwrap_or_else(tpserve_fetch::models_dir),
         model: args.model.clone().map(|m| std::path::absolute(&m).unwrap_or(m)),
         coordinator_timeout: Duration::from_secs(args.coordinator_timeout_secs),
+        device: args.device,
     };
-    let service = WorkerService::new(pool, comm, shutdown.clone(), cfg);
+    let service = WorkerService::new(pool, comm, shutdown.clone(), cfg).map_err(|e| anyhow::anyhow!("cannot use --device {}: {e}", args.device))?;
     let comm_addr = service.comm_addr()?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tpserve worker listening on {addr} (collective on {comm_addr})")?;
+        tracing::info!(device = %service.device(), "computing on");
         out.flush()?;
     }
     if let Some(coordinator) = args.join.clone() {

@@ -3,18 +3,29 @@
 //!
 //! The model code only sees the [`Collective`] trait, so the same layer types run on one
 //! process ([`Local`], world size 1), over TCP between CPUs ([`TcpCollective`]), or over NCCL
-//! between GPUs (to come, behind the same trait). [`wire`] holds the TCP collective's bytes
-//! (the authenticated hello, the frame header) as pure functions, for tests and the fuzzer.
+//! between GPUs (`nccl::Nccl`, feature `nccl`). GPU ranks also reach the device-memory calls
+//! of [`DeviceCollective`] through [`Collective::device`], so activations need not cross to
+//! the host. [`wire`] holds the TCP collective's bytes (the authenticated hello, the frame
+//! header) as pure functions, for tests and the fuzzer; [`watchdog`] holds the bounded wait
+//! every NCCL call goes through, as pure logic tested on the CPU.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod handshake;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
+pub mod watchdog;
 pub mod wire;
 
 pub use tcp::TcpCollective;
+
+/// Bytes in an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`): rank 0 makes one (`nccl::unique_id`)
+/// and the control plane carries it to every rank as plain bytes, so it is defined here, with
+/// or without the `nccl` feature.
+pub const NCCL_ID_BYTES: usize = 128;
 
 /// Why a collective failed. Every wait has a deadline, so a dead peer becomes an error.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +81,53 @@ pub enum CommError {
         /// Elements the peer sent.
         remote: usize,
     },
+    /// NCCL, or the CUDA stream it runs on, reported an error: a peer's process died or its
+    /// connection broke, a CUDA fault, a bad argument. The message names the NCCL or CUDA
+    /// error and what to check. An error NCCL or the stream reports during a call aborts the
+    /// communicator: every later call on it fails at once with this variant (saying so), and
+    /// only a reload (a new communicator) recovers. A failed copy or allocation around a call
+    /// is this variant too, without the abort.
+    #[error("NCCL {op} on rank {rank} failed: {message}")]
+    Device {
+        /// This process's rank in the NCCL group.
+        rank: usize,
+        /// What was running ("all_reduce", "send to rank 1", "init", ...).
+        op: String,
+        /// The NCCL or CUDA error, and what to do about it.
+        message: String,
+    },
+    /// A GPU collective did not finish before its deadline (NCCL cannot say which peer is
+    /// missing): a peer died, hangs, or is partitioned away, or never joined. The watchdog
+    /// aborted the communicator, as the TCP collective drops a silent peer; every later call
+    /// on it fails at once, and a reload makes a new one.
+    #[error("NCCL {op} on rank {rank} did not finish within {timeout:?}: a peer died, hangs, or is partitioned away; the communicator was aborted (reload to make a new one)")]
+    DeviceTimeout {
+        /// This process's rank in the NCCL group.
+        rank: usize,
+        /// What was running ("all_reduce", "recv from rank 0", "init", ...).
+        op: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+}
+
+/// Collectives on device memory (GPU ranks): buffers are CUDA device addresses on the stream
+/// the collective was made with, so activations stay on the GPU.
+///
+/// The same rules as [`Collective`] hold: all ranks call the same operations in the same
+/// order with the same lengths. The caller keeps each buffer (`len` f32 on the collective's
+/// device) alive and unused elsewhere until the call returns, and enqueues the kernels that
+/// write it on the collective's stream (the model's), which orders them before the call. A
+/// wrong address cannot touch host memory, but it can corrupt device memory or fault the GPU
+/// context, after which every call fails.
+pub trait DeviceCollective: Send + Sync {
+    /// Element-wise sum of the `len` f32 values at device address `buf` over all ranks,
+    /// written back in place on every rank.
+    fn all_reduce_sum_device(&self, buf: u64, len: usize) -> Result<(), CommError>;
+    /// Sends the `len` f32 values at device address `buf` to `peer`.
+    fn send_device(&self, buf: u64, len: usize, peer: usize) -> Result<(), CommError>;
+    /// Receives exactly `len` f32 values from `peer` into device address `buf`.
+    fn recv_device(&self, buf: u64, len: usize, peer: usize) -> Result<(), CommError>;
 }
 
 /// A group of ranks that compute together. All ranks must call the same collectives in the
@@ -91,6 +149,11 @@ pub trait Collective: Send + Sync {
     fn recv(&self, buf: &mut [f32], peer: usize) -> Result<(), CommError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&self) -> Result<(), CommError>;
+    /// The device-memory calls of this group, where its ranks are GPUs (NCCL); `None` for
+    /// host-only collectives (Local, TCP), whose callers copy to host slices instead.
+    fn device(&self) -> Option<&dyn DeviceCollective> {
+        None
+    }
 }
 
 /// Sums `parts` into `parts[0]` as a balanced binary tree ((p0 + p1) + (p2 + p3) for four).
@@ -112,7 +175,9 @@ pub fn tree_sum(parts: &mut [Vec<f32>]) {
 }
 
 /// A collective that counts the time its calls take, so a step can report how much of it
-/// was communication (waiting for peers included).
+/// was communication (waiting for peers included). Device calls count too: where the inner
+/// collective has a [`DeviceCollective`], [`Timed::device`](Collective::device) returns the
+/// `Timed` itself, which times each call to the inner one.
 pub struct Timed {
     inner: Arc<dyn Collective>,
     nanos: AtomicU64,
@@ -134,6 +199,34 @@ impl Timed {
         let out = f(self.inner.as_ref());
         self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         out
+    }
+
+    /// Times `f` on the inner collective's device calls; an error if it has none (a caller
+    /// that used this `Timed` as a [`DeviceCollective`] without asking [`Collective::device`]).
+    fn time_device(&self, op: &str, f: impl FnOnce(&dyn DeviceCollective) -> Result<(), CommError>) -> Result<(), CommError> {
+        self.time(|c| match c.device() {
+            Some(d) => f(d),
+            None => Err(CommError::Device {
+                rank: c.rank(),
+                op: op.to_string(),
+                message: "this group has no device path (a Local or TCP collective): copy to host and use the slice calls".into(),
+            }),
+        })
+    }
+}
+
+impl DeviceCollective for Timed {
+    fn all_reduce_sum_device(&self, buf: u64, len: usize) -> Result<(), CommError> {
+        if self.inner.world_size() == 1 {
+            return Ok(());
+        }
+        self.time_device("all_reduce", |d| d.all_reduce_sum_device(buf, len))
+    }
+    fn send_device(&self, buf: u64, len: usize, peer: usize) -> Result<(), CommError> {
+        self.time_device("send", |d| d.send_device(buf, len, peer))
+    }
+    fn recv_device(&self, buf: u64, len: usize, peer: usize) -> Result<(), CommError> {
+        self.time_device("recv", |d| d.recv_device(buf, len, peer))
     }
 }
 
@@ -164,6 +257,9 @@ impl Collective for Timed {
     }
     fn barrier(&self) -> Result<(), CommError> {
         self.time(|c| c.barrier())
+    }
+    fn device(&self) -> Option<&dyn DeviceCollective> {
+        self.inner.device().map(|_| self as &dyn DeviceCollective)
     }
 }
 
@@ -268,5 +364,76 @@ mod tests {
         t.all_reduce_sum(&mut [1.0]).unwrap();
         t.all_reduce_sum(&mut [1.0]).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
+    }
+
+    /// A two-rank group with a device path whose all-reduce takes 20 ms and counts its calls.
+    struct Gpu {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Collective for Gpu {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), CommError> {
+            Ok(())
+        }
+        fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> {
+            Ok(l.to_vec())
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
+            Ok(())
+        }
+        fn send(&self, _: &[f32], _: usize) -> Result<(), CommError> {
+            Ok(())
+        }
+        fn recv(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
+            Ok(())
+        }
+        fn barrier(&self) -> Result<(), CommError> {
+            Ok(())
+        }
+        fn device(&self) -> Option<&dyn DeviceCollective> {
+            Some(self)
+        }
+    }
+
+    impl DeviceCollective for Gpu {
+        fn all_reduce_sum_device(&self, buf: u64, len: usize) -> Result<(), CommError> {
+            assert_eq!((buf, len), (0xabc0, 7));
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        }
+        fn send_device(&self, _: u64, _: usize, peer: usize) -> Result<(), CommError> {
+            Err(CommError::BadRank { rank: peer, world: 2 })
+        }
+        fn recv_device(&self, _: u64, _: usize, _: usize) -> Result<(), CommError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn timed_forwards_device_calls_to_the_inner_collective_and_counts_their_time() {
+        let gpu = Arc::new(Gpu { calls: Default::default() });
+        let t = Timed::new(gpu.clone());
+        let d = t.device().expect("the inner collective has a device path");
+        d.all_reduce_sum_device(0xabc0, 7).unwrap();
+        assert_eq!(gpu.calls.load(Ordering::Relaxed), 1);
+        assert!(t.elapsed() >= Duration::from_millis(20), "{:?}", t.elapsed());
+        assert!(matches!(d.send_device(0xabc0, 7, 5), Err(CommError::BadRank { rank: 5, world: 2 })));
+    }
+
+    #[test]
+    fn timed_has_no_device_path_when_the_inner_collective_has_none() {
+        let t = Timed::new(Arc::new(Local));
+        assert!(t.device().is_none());
+        // Used as a DeviceCollective anyway, it says so instead of pretending to succeed.
+        let err = DeviceCollective::send_device(&t, 0, 1, 1).unwrap_err();
+        assert!(matches!(&err, CommError::Device { op, .. } if op == "send"), "{err}");
+        assert!(err.to_string().contains("no device path"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use tpserve_proto::auth::{AuthChannel, ClusterToken, SendToken};
 use tpserve_proto::tls::Tls;
 use tpserve_proto::v1;
 use tpserve_proto::WorkerClient;
+use tpserve_types::device::{choose_collective, nccl_communicators, nccl_ids_of, CollectiveChoice, CollectiveKind, Device, RankDevice};
 use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::{Plan, RankShard};
 use tpserve_types::step::{StepOutput, StepPlan};
@@ -211,6 +212,10 @@ pub struct LoadedRank {
     pub kv_bytes: u64,
     /// Bytes of weights the worker repacked for its GEMM kernels, beside the mapped file.
     pub repacked_bytes: u64,
+    /// The device the shard is on, in words ("cpu (avx2)", "cuda:0 (NVIDIA H200, …)").
+    pub device: String,
+    /// The collective its groups talk through ("tcp", "nccl").
+    pub collective: String,
 }
 
 /// What a cluster is loaded with: the plan, the model as the workers see it, the KV cache,
@@ -233,6 +238,9 @@ pub struct ClusterSpec {
     pub token: Option<ClusterToken>,
     /// TLS for every connection to a worker, when set.
     pub tls: Option<Tls>,
+    /// The collective asked for (`--collective`): chosen from the workers' devices at
+    /// every load ([`tpserve_types::device::choose_collective`]).
+    pub collective: CollectiveChoice,
 }
 
 /// The workers of a loaded plan, ready to step.
@@ -357,6 +365,7 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
         return Err(ClusterError::Plan(format!("tp = {} x pp = {} needs {} workers, {} were given", plan.tp, plan.pp, plan.world(), workers.len())));
     }
     let comm_addrs: Vec<String> = workers.iter().map(comm_addr).collect();
+    let (collective, nccl_ids) = collective_for(workers, spec).await?;
     // Different for every load, so no rank mistakes a connection of an earlier attempt
     // for one of this attempt's peers.
     let session = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
@@ -373,6 +382,16 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
             stage_timeout_ms: timeouts.step.as_millis() as u32,
             session,
             kv: Some(v1::KvLayout::from(&spec.kv)),
+            collective: collective.to_string(),
+            nccl_tp_id: Vec::new(),
+            nccl_pp_id: Vec::new(),
+        };
+        let req = match &nccl_ids {
+            Some(ids) => {
+                let (t, p) = nccl_ids_of(plan.tp, plan.pp, rank);
+                v1::LoadRequest { nccl_tp_id: ids[t].clone(), nccl_pp_id: p.map(|p| ids[p].clone()).unwrap_or_default(), ..req }
+            }
+            None => req,
         };
         let mut client = w.client.clone();
         let progress = &progress;
@@ -383,7 +402,7 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
                 if msg.done {
                     return msg
                         .shard
-                        .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.rss_bytes, msg.kv_bytes, msg.repacked_bytes))
+                        .map(|s| (s.to_rank_shard(), msg.peak_rss_bytes, msg.rss_bytes, msg.kv_bytes, msg.repacked_bytes, msg.device, msg.collective))
                         .ok_or_else(|| Status::internal("the last load message has no shard"));
                 }
             }
@@ -398,7 +417,7 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
     let mut errors = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes, repacked_bytes)) => loaded.push(LoadedRank {
+            Ok((shard, peak_rss_bytes, rss_bytes, kv_bytes, repacked_bytes, device, collective)) => loaded.push(LoadedRank {
                 addr: workers[rank].addr.clone(),
                 shard,
                 peak_rss_bytes,
@@ -406,6 +425,8 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
                 threads: workers[rank].info.threads,
                 kv_bytes,
                 repacked_bytes,
+                device,
+                collective,
             }),
             Err(s) => errors.push(format!("rank {rank} ({}): {}", workers[rank].addr, s.message())),
         }
@@ -420,6 +441,41 @@ async fn load_shards(workers: &[RemoteWorker], spec: &ClusterSpec, progress: imp
     }
     Ok(loaded)
 }
+
+/// The collective this load uses, from the workers' devices and `spec.collective` (a mix
+/// of CPU and GPU workers, or NCCL where it cannot work, is refused with what would), and
+/// with NCCL the communicators' unique ids, made by rank 0's worker.
+async fn collective_for(workers: &[RemoteWorker], spec: &ClusterSpec) -> Result<(CollectiveKind, Option<Vec<Vec<u8>>>), ClusterError> {
+    let ranks = workers
+        .iter()
+        .enumerate()
+        .map(|(rank, w)| {
+            let device = if w.info.device.is_empty() { Ok(Device::Cpu) } else { w.info.device.parse::<Device>() };
+            let device = device.map_err(|e| ClusterError::Plan(format!("rank {rank} ({}) reports {e}", w.addr)))?;
+            Ok(RankDevice { device, gpu_id: w.info.gpu_id.clone(), nccl: w.info.nccl })
+        })
+        .collect::<Result<Vec<_>, ClusterError>>()?;
+    let kind = choose_collective(&ranks, spec.collective).map_err(ClusterError::Plan)?;
+    if kind == CollectiveKind::Tcp {
+        return Ok((kind, None));
+    }
+    let count = nccl_communicators(spec.plan.tp, spec.plan.pp);
+    let rank0 = &workers[0];
+    let mut client = rank0.client.clone();
+    let ids = tokio::time::timeout(spec.timeouts.comm.max(Duration::from_secs(2)), client.nccl_ids(v1::NcclIdsRequest { count: count as u32 }))
+        .await
+        .map_err(|_| ClusterError::Load(format!("rank 0 ({}) did not make NCCL ids in time", rank0.addr)))?
+        .map_err(|s| ClusterError::Load(format!("rank 0 ({}) cannot make NCCL ids: {}", rank0.addr, s.message())))?
+        .into_inner()
+        .ids;
+    if ids.len() != count || ids.iter().any(|id| id.len() != NCCL_ID_BYTES) {
+        return Err(ClusterError::Load(format!("rank 0 ({}) sent {} NCCL ids for {count} communicators, or ids of the wrong size", rank0.addr, ids.len())));
+    }
+    Ok((kind, Some(ids)))
+}
+
+/// Bytes of an NCCL unique id (`ncclUniqueId`).
+const NCCL_ID_BYTES: usize = 128;
 
 impl Backend for Cluster {
     fn context_len(&self) -> usize {

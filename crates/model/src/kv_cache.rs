@@ -15,8 +15,6 @@ use tpserve_types::kv::{BlockId, KvLayout, NO_BLOCK};
 
 /// One layer's keys and values: `[blocks * block_size, kv_dim]` each.
 struct LayerPool {
-    /// The KV group of the layout this layer belongs to (its window decides the group).
-    group: usize,
     k: ZeroedF16,
     v: ZeroedF16,
 }
@@ -64,64 +62,56 @@ impl std::ops::DerefMut for ZeroedF16 {
     }
 }
 
-/// Keys and values of every layer of this stage, for every sequence.
-pub struct KvPool {
+/// The bookkeeping of a rank's KV cache, whatever memory holds it: the layout, which group
+/// each of the stage's layers belongs to, and the checks of block tables against the pools.
+#[derive(Debug, Clone)]
+pub struct KvBook {
     layout: KvLayout,
     kv_dim: usize,
-    layers: Vec<LayerPool>,
-    /// Next never-used block per group, for [`KvPool::grow`] (tests and one-off callers that
+    /// Per local layer: the KV group of the layout it belongs to (its window decides it).
+    groups: Vec<usize>,
+    /// Next never-used block per group, for [`KvBook::grow`] (tests and one-off callers that
     /// do not run a scheduler).
     bump: Vec<usize>,
 }
 
-impl KvPool {
-    /// A pool for model layers `layers` (this stage's), `kv_dim` floats per position. The
-    /// memory is zeroed lazily by the OS: pages are touched only when a block is first used.
+impl KvBook {
+    /// The book of model layers `layers` (this stage's), `kv_dim` floats per position.
     pub fn new(layout: &KvLayout, layers: std::ops::Range<usize>, kv_dim: usize) -> Result<Self, String> {
-        let bs = layout.block_size;
-        let layers = layers
-            .map(|l| {
-                let group = layout.group_of(l).ok_or_else(|| format!("layer {l} is in no KV group of the layout"))?;
-                let rows = layout.groups[group].blocks * bs;
-                Ok(LayerPool { group, k: ZeroedF16::new(rows * kv_dim)?, v: ZeroedF16::new(rows * kv_dim)? })
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, layers })
+        let groups = layers.map(|l| layout.group_of(l).ok_or_else(|| format!("layer {l} is in no KV group of the layout"))).collect::<Result<_, String>>()?;
+        Ok(Self { bump: vec![0; layout.groups.len()], layout: layout.clone(), kv_dim, groups })
     }
 
-    /// The layout this pool was sized by: the groups (and their block counts) that the
+    /// The layout the pools were sized by: the groups (and their block counts) that the
     /// block tables of [`crate::model::SeqChunk::tables`] index.
     pub fn layout(&self) -> &KvLayout {
         &self.layout
     }
 
-    /// Bytes this pool reserves (keys and values, f16).
-    pub fn bytes(&self) -> u64 {
-        self.layers.iter().map(|l| ((l.k.len() + l.v.len()) * 2) as u64).sum()
+    /// Floats of keys (or values) per position.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
     }
 
-    pub(crate) fn group(&self, il: usize) -> usize {
-        self.layers[il].group
+    /// Local layers (the stage's).
+    pub fn n_layers(&self) -> usize {
+        self.groups.len()
     }
 
-    /// Writes the keys and values of positions `pos0..` (rows of `k`, `v`) of local layer
-    /// `il`, rounded to f16 (to nearest, ties to even).
-    pub(crate) fn write(&mut self, il: usize, table: &[BlockId], pos0: usize, k: &[f32], v: &[f32]) {
-        use half::slice::HalfFloatSliceExt;
-        let (bs, d) = (self.layout.block_size, self.kv_dim);
-        let l = &mut self.layers[il];
-        for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
-            let p = pos0 + i;
-            let row = (table[p / bs] as usize * bs + p % bs) * d;
-            l.k[row..row + d].convert_from_f32_slice(kr);
-            l.v[row..row + d].convert_from_f32_slice(vr);
-        }
+    /// The KV group of local layer `il`.
+    pub fn group(&self, il: usize) -> usize {
+        self.groups[il]
     }
 
-    /// Local layer `il`'s keys and values as seen through `table`.
-    pub(crate) fn view<'a>(&'a self, il: usize, table: &'a [BlockId]) -> crate::attention::KvView<'a> {
-        let l = &self.layers[il];
-        crate::attention::KvView { k: &l.k, v: &l.v, table, block_size: self.layout.block_size }
+    /// Rows (positions) of local layer `il`'s pool: its group's blocks times the block size.
+    pub fn rows(&self, il: usize) -> usize {
+        self.layout.groups[self.groups[il]].blocks * self.layout.block_size
+    }
+
+    /// The pool row of position `p` of a sequence with block table `table`.
+    pub fn row(&self, table: &[BlockId], p: usize) -> usize {
+        let bs = self.layout.block_size;
+        table[p / bs] as usize * bs + p % bs
     }
 
     /// Checks that `tables` (one per group) can hold positions `0..end` of a sequence whose
@@ -131,7 +121,7 @@ impl KvPool {
             return Err(format!("{} block tables for {} KV groups", tables.len(), self.layout.groups.len()));
         }
         for (gi, (g, t)) in self.layout.groups.iter().zip(tables).enumerate() {
-            if !self.layers.iter().any(|l| l.group == gi) {
+            if !self.groups.contains(&gi) {
                 continue;
             }
             let need = self.layout.blocks_for(end);
@@ -162,5 +152,64 @@ impl KvPool {
             }
         }
         Ok(())
+    }
+}
+
+/// Keys and values of every layer of this stage, for every sequence, in host memory.
+pub struct KvPool {
+    book: KvBook,
+    layers: Vec<LayerPool>,
+}
+
+impl KvPool {
+    /// A pool for model layers `layers` (this stage's), `kv_dim` floats per position. The
+    /// memory is zeroed lazily by the OS: pages are touched only when a block is first used.
+    pub fn new(layout: &KvLayout, layers: std::ops::Range<usize>, kv_dim: usize) -> Result<Self, String> {
+        Self::with_book(KvBook::new(layout, layers, kv_dim)?)
+    }
+
+    /// The pool `book` describes.
+    pub fn with_book(book: KvBook) -> Result<Self, String> {
+        let layers = (0..book.n_layers())
+            .map(|il| {
+                let n = book.rows(il) * book.kv_dim();
+                Ok(LayerPool { k: ZeroedF16::new(n)?, v: ZeroedF16::new(n)? })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { book, layers })
+    }
+
+    /// Writes the keys and values of positions `pos0..` (rows of `k`, `v`) of local layer
+    /// `il`, rounded to f16 (to nearest, ties to even).
+    pub(crate) fn write(&mut self, il: usize, table: &[BlockId], pos0: usize, k: &[f32], v: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let d = self.book.kv_dim;
+        let l = &mut self.layers[il];
+        for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+            let row = self.book.row(table, pos0 + i) * d;
+            l.k[row..row + d].convert_from_f32_slice(kr);
+            l.v[row..row + d].convert_from_f32_slice(vr);
+        }
+    }
+
+    /// Local layer `il`'s keys and values as seen through `table`.
+    pub(crate) fn view<'a>(&'a self, il: usize, table: &'a [BlockId]) -> crate::attention::KvView<'a> {
+        let l = &self.layers[il];
+        crate::attention::KvView { k: &l.k, v: &l.v, table, block_size: self.book.layout.block_size }
+    }
+}
+
+impl crate::ops::KvMemory for KvPool {
+    fn book(&self) -> &KvBook {
+        &self.book
+    }
+
+    fn book_mut(&mut self) -> &mut KvBook {
+        &mut self.book
+    }
+
+    /// Bytes this pool reserves (keys and values, f16).
+    fn bytes(&self) -> u64 {
+        self.layers.iter().map(|l| ((l.k.len() + l.v.len()) * 2) as u64).sum()
     }
 }

@@ -7,15 +7,19 @@
 //! - [`quant`]: ggml block formats and our SIMD quantized matmul kernels.
 //! - [`layers`]: tensor-parallel layer types (column-, row-, vocab-parallel) and RMSNorm.
 //! - [`attention`]: tiled online-softmax attention over the paged KV cache ([`kv_cache`]).
-//! - [`model`]: the transformer forward pass.
+//! - [`model`]: the transformer forward pass, written once over [`ops`], the operation set
+//!   each device implements (the CPU; CUDA with the `cuda` feature).
+//! - [`device`]: a shard on the device a worker was started with.
 //! - [`simd`]: small f32 vector primitives.
 //! - [`testing`]: tiny random-weight models and sequences without a scheduler.
 
 pub mod attention;
 pub mod config;
+pub mod device;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod simd;
 pub mod testing;

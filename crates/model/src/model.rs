@@ -17,10 +17,10 @@ use tpserve_types::kv::{BlockId, KvLayout, KvSizing};
 
 use tracing::trace_span;
 
-use crate::attention::{flash_attention, AttnShape, AttnSpan};
-use crate::config::{Activation, ConfigError, ModelConfig, RopeStyle};
-use crate::kv_cache::KvPool;
+use crate::config::{ConfigError, ModelConfig};
+use crate::kv_cache::KvBook;
 use crate::layers::{ColumnParallel, RmsNorm, RowParallel, VocabParallel};
+use crate::ops::{AttnDims, Cpu, KvMemory, Matrix, Ops};
 use crate::quant::QuantError;
 use tpserve_gguf::{GgmlDType, Gguf, GgufError};
 
@@ -96,6 +96,16 @@ pub enum ModelError {
     /// positions (too few tables or blocks, or a block outside the pool).
     #[error("KV cache: {0}")]
     Kv(String),
+    /// The device failed (out of memory, a kernel that did not launch, a copy that failed),
+    /// or cannot be used (a CUDA device asked of a binary built without CUDA). Mid-pass, the
+    /// shard is unusable: load again.
+    #[error("device {device}: {message}")]
+    Device {
+        /// The device, e.g. `cuda:0`.
+        device: String,
+        /// What failed, as the device's library said it.
+        message: String,
+    },
 }
 
 pub use tpserve_types::step::LogitsWanted;
@@ -117,36 +127,39 @@ pub struct SeqChunk<'a> {
 
 /// One transformer block's weights on this rank (GGUF names `blk.{il}.*`): q/k/v and
 /// gate/up hold this rank's heads and FFN columns, o and down the matching input columns.
-struct Layer {
-    attn_norm: RmsNorm,
-    q: ColumnParallel,
-    k: ColumnParallel,
-    v: ColumnParallel,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    o: RowParallel,
-    post_attn_norm: Option<RmsNorm>,
-    ffn_norm: RmsNorm,
-    gate: ColumnParallel,
-    up: ColumnParallel,
-    down: RowParallel,
-    post_ffn_norm: Option<RmsNorm>,
+struct Layer<O: Ops> {
+    attn_norm: RmsNorm<O>,
+    q: ColumnParallel<O>,
+    k: ColumnParallel<O>,
+    v: ColumnParallel<O>,
+    q_norm: Option<RmsNorm<O>>,
+    k_norm: Option<RmsNorm<O>>,
+    o: RowParallel<O>,
+    post_attn_norm: Option<RmsNorm<O>>,
+    ffn_norm: RmsNorm<O>,
+    gate: ColumnParallel<O>,
+    up: ColumnParallel<O>,
+    down: RowParallel<O>,
+    post_ffn_norm: Option<RmsNorm<O>>,
 }
 
-/// A loaded model shard, ready to run forward passes.
-pub struct Model {
+/// A loaded model shard on the device of `O` (the CPU by default), ready to run forward
+/// passes.
+pub struct Model<O: Ops = Cpu> {
+    /// The device's operations.
+    ops: O,
     cfg: ModelConfig,
     shard: RankShard,
     /// The tensor-parallel group of this rank's stage.
     tp_comm: Arc<dyn Collective>,
     /// The ranks with this tensor-parallel rank in every stage (rank = stage), when pp > 1.
     pp_comm: Option<Arc<dyn Collective>>,
-    /// First stage only.
+    /// First stage only (host memory: read a row per token).
     embed: Option<VocabParallel>,
     /// Last stage only.
-    head: Option<(RmsNorm, VocabParallel)>,
+    head: Option<(RmsNorm<O>, VocabParallel<O::Mat>)>,
     /// This stage's layers.
-    layers: Vec<Layer>,
+    layers: Vec<Layer<O>>,
     /// Query heads on this rank.
     n_heads: usize,
     /// KV heads on this rank: its slice, or the one head its query heads share when the
@@ -187,17 +200,25 @@ pub fn model_shape(g: &Gguf) -> Result<ModelShape, ModelError> {
     })
 }
 
-impl Model {
-    /// Loads the whole model into this process (tp = 1, pp = 1).
+impl Model<Cpu> {
+    /// Loads the whole model into this process (tp = 1, pp = 1), on the CPU.
     pub fn load(g: &Gguf) -> Result<Self, ModelError> {
         let plan = Plan::new(model_shape(g)?, 1, 1).map_err(|e| ModelError::Plan(e.to_string()))?;
         Self::load_shard(g, &plan.shard(0), Arc::new(Local), None)
     }
 
-    /// Loads one rank's shard: its stage's layers, its heads, FFN columns and vocabulary rows
-    /// (only those bytes of the file are read). `tp_comm` connects the stage's
-    /// tensor-parallel ranks; `pp_comm` the stages (rank = stage), when there are several.
+    /// [`Model::load_on`] the CPU.
     pub fn load_shard(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>) -> Result<Self, ModelError> {
+        Self::load_on(Cpu, g, shard, tp_comm, pp_comm)
+    }
+}
+
+impl<O: Ops> Model<O> {
+    /// Loads one rank's shard onto the device of `ops`: its stage's layers, its heads, FFN
+    /// columns and vocabulary rows (only those bytes of the file are read). `tp_comm`
+    /// connects the stage's tensor-parallel ranks; `pp_comm` the stages (rank = stage), when
+    /// there are several.
+    pub fn load_on(ops: O, g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(g)?;
         let tp = shard.tp;
         tp.check_heads(cfg.n_heads, cfg.n_kv_heads).map_err(ModelError::Plan)?;
@@ -222,12 +243,8 @@ impl Model {
         let kv = tp.kv_heads(cfg.n_heads, cfg.n_kv_heads);
         let ffn_cols = tp.split(ffn);
         let parts = shard.reduce_parts;
-        let shard_err = |name: &str| {
-            let name = name.to_owned();
-            move |source| ModelError::Shard { name, source }
-        };
-        let norm = |name: &str, n: usize| -> Result<RmsNorm, ModelError> { Ok(RmsNorm::new(crate::weights::vector(g, name, n)?, cfg.rms_eps)) };
-        let opt_norm = |name: &str, n: usize| -> Result<Option<RmsNorm>, ModelError> {
+        let norm = |name: &str, n: usize| -> Result<RmsNorm<O>, ModelError> { RmsNorm::new(&ops, crate::weights::vector(g, name, n)?, cfg.rms_eps) };
+        let opt_norm = |name: &str, n: usize| -> Result<Option<RmsNorm<O>>, ModelError> {
             if g.tensors.contains_key(name) {
                 norm(name, n).map(Some)
             } else {
@@ -238,14 +255,14 @@ impl Model {
         let vocab_rows = tp.split(cfg.vocab);
         let embed = if shard.first_stage {
             let embd = crate::weights::matrix(g, "token_embd.weight", cfg.vocab, hidden)?;
-            Some(VocabParallel::new(&embd, vocab_rows.clone()).map_err(shard_err("token_embd.weight"))?)
+            Some(VocabParallel::new("token_embd.weight", &embd, vocab_rows.clone())?)
         } else {
             None
         };
         let head = if shard.last_stage {
             let name = if g.tensors.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
             let out = crate::weights::matrix(g, name, cfg.vocab, hidden)?;
-            let head = VocabParallel::new(&out, vocab_rows).map_err(shard_err(name))?;
+            let head = VocabParallel::new(name, &out, vocab_rows)?.to_device(&ops)?;
             Some((norm("output_norm.weight", hidden)?, head))
         } else {
             None
@@ -254,15 +271,15 @@ impl Model {
         let mut layers = Vec::with_capacity(shard.layers.len());
         for il in shard.layers.clone() {
             let n = |s: &str| format!("blk.{il}.{s}.weight");
-            let col = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<ColumnParallel, ModelError> {
+            let col = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<ColumnParallel<O>, ModelError> {
                 let name = n(s);
                 let m = crate::weights::matrix(g, &name, rows, cols)?;
-                ColumnParallel::new(&m, keep).map_err(shard_err(&name))
+                ColumnParallel::new(&ops, &name, &m, keep)
             };
-            let row = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<RowParallel, ModelError> {
+            let row = |s: &str, rows: usize, cols: usize, keep: std::ops::Range<usize>| -> Result<RowParallel<O>, ModelError> {
                 let name = n(s);
                 let m = crate::weights::matrix(g, &name, rows, cols)?;
-                RowParallel::new(&m, keep, parts).map_err(shard_err(&name))
+                RowParallel::new(&ops, &name, &m, keep, parts)
             };
             let (q_norm, k_norm) = if cfg.qk_norm { (Some(norm(&n("attn_q_norm"), hd)?), Some(norm(&n("attn_k_norm"), hd)?)) } else { (None, None) };
             layers.push(Layer {
@@ -283,6 +300,7 @@ impl Model {
         }
         let windows = shard.layers.clone().map(|il| cfg.window(il)).collect();
         Ok(Self {
+            ops,
             n_heads: heads.len(),
             n_kv_heads: kv.len(),
             cfg,
@@ -306,34 +324,40 @@ impl Model {
         self.head.as_ref().map_or(0..0, |(_, h)| h.vocab_range())
     }
 
+    /// The device this shard computes on, in words.
+    pub fn device(&self) -> String {
+        self.ops.describe()
+    }
+
     /// Every weight matrix this rank holds.
-    fn matrices(&self) -> Vec<&crate::quant::QMatrix> {
-        let mut m = Vec::new();
+    fn matrices(&self) -> Vec<&dyn Matrix> {
+        let mut m: Vec<&dyn Matrix> = Vec::new();
         let embed = self.embed.as_ref().map(|e| e.weight());
-        m.extend(embed);
-        // A tied head is the embedding's own rows: count them once.
-        m.extend(self.matmul_matrices().into_iter().filter(|h| embed.is_none_or(|e| e.as_bytes().as_ptr() != h.as_bytes().as_ptr())));
+        m.extend(embed.map(|e| e as &dyn Matrix));
+        // A tied head is the embedding's own rows (when both are in host memory): count them once.
+        let same = |h: &dyn Matrix| embed.is_some_and(|e| !h.host_bytes().is_empty() && e.as_bytes().as_ptr() == h.host_bytes().as_ptr());
+        m.extend(self.matmul_matrices().into_iter().filter(|h| !same(*h)));
         m
     }
 
     /// The matrices the forward pass multiplies with: the head and every layer's, not the
-    /// embedding (read a row per token). A tied head is its own `QMatrix` over the
+    /// embedding (read a row per token). A tied head is its own matrix over the
     /// embedding's bytes, with its own repacked copy.
-    fn matmul_matrices(&self) -> Vec<&crate::quant::QMatrix> {
-        let mut m = Vec::new();
-        m.extend(self.head.as_ref().map(|(_, h)| h.weight()));
+    fn matmul_matrices(&self) -> Vec<&dyn Matrix> {
+        let mut m: Vec<&dyn Matrix> = Vec::new();
+        m.extend(self.head.as_ref().map(|(_, h)| h.weight() as &dyn Matrix));
         for l in &self.layers {
-            m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()]);
-            m.extend(l.o.parts());
-            m.extend(l.down.parts());
+            m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()].map(|w| w as &dyn Matrix));
+            m.extend(l.o.parts().iter().map(|w| w as &dyn Matrix));
+            m.extend(l.down.parts().iter().map(|w| w as &dyn Matrix));
         }
         m
     }
 
     /// Bytes of repacked weights this rank holds now (each repacked matrix's copy; 0 where
-    /// the kernels multiply the file's blocks as they are).
+    /// the kernels read the blocks as they are).
     pub fn repacked_bytes(&self) -> usize {
-        let embed = self.embed.as_ref().map(|e| e.weight());
+        let embed = self.embed.as_ref().map(|e| e.weight() as &dyn Matrix);
         embed.into_iter().chain(self.matmul_matrices()).map(|m| m.packed_bytes()).sum()
     }
 
@@ -342,10 +366,11 @@ impl Model {
         self.matrices().iter().map(|m| m.nbytes() as u64).sum()
     }
 
-    /// Reads every page of this rank's weights once, so that the first request does not pay
-    /// for page faults of the mapped file, calling `progress(bytes_done, bytes_total)` as it
-    /// goes, then repacks what the kernels multiply on a repacked layout. Only this shard's
-    /// bytes are touched. Returns the bytes repacking added ([`Self::repacked_bytes`]).
+    /// Reads every page of this rank's weights in host memory once, so that the first
+    /// request does not pay for page faults of the mapped file, calling `progress(bytes_done,
+    /// bytes_total)` as it goes, then repacks what the kernels multiply on a repacked layout.
+    /// Only this shard's bytes are touched. Returns the bytes repacking added
+    /// ([`Self::repacked_bytes`]).
     pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) -> usize {
         const PAGE: usize = 4096;
         const REPORT_EVERY: u64 = 8 << 20;
@@ -353,7 +378,7 @@ impl Model {
         let (mut done, mut reported) = (0u64, 0u64);
         let mut sink = 0u8;
         for m in self.matrices() {
-            let bytes = m.as_bytes();
+            let bytes = m.host_bytes();
             for i in (0..bytes.len()).step_by(PAGE) {
                 sink ^= bytes[i];
                 done += PAGE.min(bytes.len() - i) as u64;
@@ -381,9 +406,10 @@ impl Model {
         self.cfg.kv_layout(sizing)
     }
 
-    /// The memory for `layout`'s blocks on this rank (this stage's layers).
-    pub fn kv_pool(&self, layout: &KvLayout) -> Result<KvPool, ModelError> {
-        KvPool::new(layout, self.shard.layers.clone(), self.kv_dim()).map_err(ModelError::Kv)
+    /// The memory for `layout`'s blocks on this rank (this stage's layers), on its device.
+    pub fn kv_pool(&self, layout: &KvLayout) -> Result<O::Kv, ModelError> {
+        let book = KvBook::new(layout, self.shard.layers.clone(), self.kv_dim()).map_err(ModelError::Kv)?;
+        self.ops.kv_memory(book)
     }
 
     /// Runs every sequence's new tokens through this stage, writing their keys and values
@@ -391,32 +417,31 @@ impl Model {
     /// vocab_range().len()]` on the last stage, nothing on the others (which hand their hidden
     /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
-    pub fn forward(&self, kv: &mut KvPool, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn forward(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         // Validate before touching any cache, so a bad request changes nothing.
-        self.check(kv, batch)?;
+        self.check(kv.book(), batch)?;
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if tokens.is_empty() {
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         }
-        let positions: Vec<usize> = batch.iter().flat_map(|s| s.pos..s.pos + s.tokens.len()).collect();
         let _span = trace_span!("forward", stage = self.shard.stage, tokens = tokens.len(), seqs = batch.len()).entered();
         let mut x = self.input(&tokens)?;
-        let ropes = Ropes::new(&self.cfg, &positions);
-        let mut s = Scratch::new(self, tokens.len());
+        let pass = self.ops.begin_pass(&self.cfg, kv, batch)?;
+        let mut s = Scratch::new(self, tokens.len())?;
         for (il, layer) in self.layers.iter().enumerate() {
             let _span = trace_span!("layer", layer = self.shard.layers.start + il).entered();
-            self.attention(il, layer, &mut x, kv, batch, &ropes, &mut s)?;
+            self.attention(il, layer, &mut x, kv, batch, &pass, &mut s)?;
             self.feed_forward(layer, &mut x, &mut s)?;
         }
         self.output(&x, batch)
     }
 
-    /// Why `batch` cannot run against `kv`, if it cannot.
-    fn check(&self, kv: &KvPool, batch: &[SeqChunk<'_>]) -> Result<(), ModelError> {
+    /// Why `batch` cannot run against the cache `book` describes, if it cannot.
+    fn check(&self, book: &KvBook, batch: &[SeqChunk<'_>]) -> Result<(), ModelError> {
         let cfg = &self.cfg;
         for s in batch {
             let end = s.pos + s.tokens.len();
-            kv.check(s.tables, s.pos, end).map_err(ModelError::Kv)?;
+            book.check(s.tables, s.pos, end).map_err(ModelError::Kv)?;
             if end > cfg.context_len {
                 return Err(ModelError::ContextOverflow { pos: end, max: cfg.context_len });
             }
@@ -432,20 +457,22 @@ impl Model {
 
     /// The residual stream entering this stage: the scaled embeddings on the first stage,
     /// the previous stage's hidden states on the others.
-    fn input(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+    fn input(&self, tokens: &[u32]) -> Result<O::Act, ModelError> {
         let _span = trace_span!("input").entered();
-        let mut x = vec![0f32; tokens.len() * self.cfg.hidden];
+        let hidden = self.cfg.hidden;
         match (&self.embed, &self.pp_comm) {
             (Some(embed), _) => {
+                let mut x = vec![0f32; tokens.len() * hidden];
                 embed.embed(tokens, &mut x, self.tp_comm.as_ref())?;
+                let mut x = self.ops.upload(x, hidden)?;
                 if self.cfg.embed_scale != 1.0 {
-                    crate::simd::scale(&mut x, self.cfg.embed_scale);
+                    self.ops.scale(&mut x, self.cfg.embed_scale)?;
                 }
+                Ok(x)
             }
-            (None, Some(pp)) => pp.recv(&mut x, self.shard.stage - 1)?,
-            (None, None) => unreachable!("load_shard gives a later stage its pipeline collective"),
+            (None, Some(pp)) => self.ops.recv(tokens.len(), hidden, pp.as_ref(), self.shard.stage - 1),
+            (None, None) => unreachable!("load_on gives a later stage its pipeline collective"),
         }
-        Ok(x)
     }
 
     /// `x += PostNorm(Attn(Norm(x)))` for local layer `il`: q/k/v projections of this
@@ -456,76 +483,65 @@ impl Model {
     fn attention(
         &self,
         il: usize,
-        layer: &Layer,
-        x: &mut [f32],
-        kv: &mut KvPool,
+        layer: &Layer<O>,
+        x: &mut O::Act,
+        kv: &mut O::Kv,
         batch: &[SeqChunk<'_>],
-        ropes: &Ropes,
-        s: &mut Scratch,
+        pass: &O::Pass,
+        s: &mut Scratch<O>,
     ) -> Result<(), ModelError> {
         let _span = trace_span!("attention").entered();
-        let cfg = &self.cfg;
+        let (ops, cfg) = (&self.ops, &self.cfg);
         let hd = cfg.head_dim;
-        let (n, q_dim, kv_dim) = (s.n, self.n_heads * hd, self.n_kv_heads * hd);
-        layer.attn_norm.forward(x, &mut s.h);
-        layer.q.forward(&s.h, n, &mut s.q);
-        layer.k.forward(&s.h, n, &mut s.k);
-        layer.v.forward(&s.h, n, &mut s.v);
+        let n = s.n;
+        layer.attn_norm.forward(ops, x, &mut s.h)?;
+        layer.q.forward(ops, &s.h, n, &mut s.q)?;
+        layer.k.forward(ops, &s.h, n, &mut s.k)?;
+        layer.v.forward(ops, &s.h, n, &mut s.v)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            qn.forward_inplace(&mut s.q);
-            kn.forward_inplace(&mut s.k);
+            qn.forward_inplace(ops, &mut s.q)?;
+            kn.forward_inplace(ops, &mut s.k)?;
         }
-        let rope = ropes.for_layer(cfg.layer_is_local[self.shard.layers.start + il]);
-        rope.apply(&mut s.q, hd, cfg.rope_style);
-        rope.apply(&mut s.k, hd, cfg.rope_style);
-        crate::simd::scale(&mut s.q, cfg.query_scale);
+        let local = cfg.layer_is_local[self.shard.layers.start + il];
+        ops.rope(pass, &mut s.q, hd, cfg.rope_style, local)?;
+        ops.rope(pass, &mut s.k, hd, cfg.rope_style, local)?;
+        ops.scale(&mut s.q, cfg.query_scale)?;
 
-        let shape = AttnShape { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: hd };
-        let group = kv.group(il);
-        let mut off = 0;
-        for seq in batch {
-            let t = seq.tokens.len();
-            let table = &seq.tables[group];
-            kv.write(il, table, seq.pos, &s.k[off * kv_dim..(off + t) * kv_dim], &s.v[off * kv_dim..(off + t) * kv_dim]);
-            let span = AttnSpan { q_pos0: seq.pos, window: self.windows[il] };
-            flash_attention(&s.q[off * q_dim..(off + t) * q_dim], kv.view(il, table), shape, span, &mut s.attn[off * q_dim..(off + t) * q_dim]);
-            off += t;
-        }
-        layer.o.forward(&s.attn, n, &mut s.h, self.tp_comm.as_ref())?;
+        let dims = AttnDims { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: hd, window: self.windows[il] };
+        ops.kv_write(pass, kv, il, batch, &s.k, &s.v)?;
+        ops.paged_attention(pass, kv, il, batch, dims, &s.q, &mut s.attn)?;
+        layer.o.forward(ops, &s.attn, n, &mut s.h, self.tp_comm.as_ref())?;
         if let Some(pn) = &layer.post_attn_norm {
-            pn.forward_inplace(&mut s.h);
+            pn.forward_inplace(ops, &mut s.h)?;
         }
-        crate::simd::add_inplace(x, &s.h);
-        Ok(())
+        ops.add(x, &s.h)
     }
 
     /// `x += PostNorm(FFN(Norm(x)))`: the gated FFN over this rank's columns, the down
     /// projection all-reduced over the stage.
-    fn feed_forward(&self, layer: &Layer, x: &mut [f32], s: &mut Scratch) -> Result<(), ModelError> {
+    fn feed_forward(&self, layer: &Layer<O>, x: &mut O::Act, s: &mut Scratch<O>) -> Result<(), ModelError> {
         let _span = trace_span!("ffn").entered();
+        let ops = &self.ops;
         let n = s.n;
-        layer.ffn_norm.forward(x, &mut s.h);
-        layer.gate.forward(&s.h, n, &mut s.gate);
-        layer.up.forward(&s.h, n, &mut s.up);
-        match self.cfg.activation {
-            Activation::GeluTanh => crate::simd::geglu(&mut s.gate, &s.up),
-            Activation::Silu => s.gate.iter_mut().zip(&s.up).for_each(|(g, u)| *g = silu(*g) * u),
-        }
-        layer.down.forward(&s.gate, n, &mut s.h, self.tp_comm.as_ref())?;
+        layer.ffn_norm.forward(ops, x, &mut s.h)?;
+        layer.gate.forward(ops, &s.h, n, &mut s.gate)?;
+        layer.up.forward(ops, &s.h, n, &mut s.up)?;
+        ops.gated(self.cfg.activation, &mut s.gate, &s.up)?;
+        layer.down.forward(ops, &s.gate, n, &mut s.h, self.tp_comm.as_ref())?;
         if let Some(pn) = &layer.post_ffn_norm {
-            pn.forward_inplace(&mut s.h);
+            pn.forward_inplace(ops, &mut s.h)?;
         }
-        crate::simd::add_inplace(x, &s.h);
-        Ok(())
+        ops.add(x, &s.h)
     }
 
     /// What leaves this stage: the hidden states to the next stage, or on the last stage
     /// the logits of the rows each sequence asked for (final norm, then this rank's slice
     /// of the output projection).
-    fn output(&self, x: &[f32], batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let ops = &self.ops;
         let Some((final_norm, head)) = &self.head else {
             let pp = self.pp_comm.as_ref().expect("a stage without the head has a next stage");
-            pp.send(x, self.shard.stage + 1)?;
+            ops.send(x, pp.as_ref(), self.shard.stage + 1)?;
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         };
         let _span = trace_span!("head").entered();
@@ -537,25 +553,20 @@ impl Model {
         };
         // Only the rows asked for go through the (vocabulary-wide) projection.
         let mut rows: Vec<usize> = Vec::new();
-        let mut off = 0;
-        for s in batch {
-            let t = s.tokens.len();
-            rows.extend(off + t - rows_of(s)..off + t);
-            off += t;
+        for (s, r) in batch.iter().zip(crate::ops::seq_rows(batch)) {
+            rows.extend(r.end - rows_of(s)..r.end);
         }
-        let mut sel = vec![0f32; rows.len() * hidden];
-        for (dst, &r) in sel.chunks_exact_mut(hidden).zip(&rows) {
-            dst.copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
-        }
-        final_norm.forward_inplace(&mut sel);
+        let mut sel = ops.gather_rows(x, hidden, &rows)?;
+        final_norm.forward_inplace(ops, &mut sel)?;
         let vocab_local = head.vocab_range().len();
-        let mut logits = vec![0f32; rows.len() * vocab_local];
+        let mut logits = ops.zeros(rows.len(), vocab_local)?;
         if !rows.is_empty() {
-            head.logits(&sel, rows.len(), &mut logits);
+            head.logits(ops, &sel, rows.len(), &mut logits)?;
         }
         if let Some(cap) = self.cfg.final_logit_softcap {
-            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+            ops.softcap(&mut logits, cap)?;
         }
+        let logits = ops.download(logits)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut next = 0;
         for s in batch {
@@ -568,118 +579,29 @@ impl Model {
 }
 
 /// The activations of one forward pass, allocated once and reused by every layer.
-struct Scratch {
+struct Scratch<O: Ops> {
     /// Tokens in the batch.
     n: usize,
     /// The normed input of a sublayer, then its output: `[n, hidden]`.
-    h: Vec<f32>,
+    h: O::Act,
     /// This rank's queries, `[n, n_heads * head_dim]`.
-    q: Vec<f32>,
+    q: O::Act,
     /// This rank's keys and values, `[n, n_kv_heads * head_dim]` each.
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: O::Act,
+    v: O::Act,
     /// Attention output of this rank's heads, `[n, n_heads * head_dim]`.
-    attn: Vec<f32>,
+    attn: O::Act,
     /// FFN gate (then the activated product) and up projections, `[n, this rank's FFN columns]`.
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    gate: O::Act,
+    up: O::Act,
 }
 
-impl Scratch {
-    fn new(m: &Model, n: usize) -> Self {
+impl<O: Ops> Scratch<O> {
+    fn new(m: &Model<O>, n: usize) -> Result<Self, ModelError> {
         let hd = m.cfg.head_dim;
         let ffn_local = m.layers.first().map_or(0, |l| l.gate.out_features());
         let (q_dim, kv_dim) = (m.n_heads * hd, m.n_kv_heads * hd);
-        Self {
-            n,
-            h: vec![0f32; n * m.cfg.hidden],
-            q: vec![0f32; n * q_dim],
-            k: vec![0f32; n * kv_dim],
-            v: vec![0f32; n * kv_dim],
-            attn: vec![0f32; n * q_dim],
-            gate: vec![0f32; n * ffn_local],
-            up: vec![0f32; n * ffn_local],
-        }
-    }
-}
-
-/// The RoPE tables of one forward pass: global layers' base, and the local layers' when it
-/// differs (Gemma 3).
-struct Ropes {
-    global: RopeTable,
-    local: Option<RopeTable>,
-}
-
-impl Ropes {
-    fn new(cfg: &ModelConfig, positions: &[usize]) -> Self {
-        let global = RopeTable::new(positions, cfg.rope_dims, cfg.rope_base_global);
-        let local = (cfg.rope_base_local != cfg.rope_base_global).then(|| RopeTable::new(positions, cfg.rope_dims, cfg.rope_base_local));
-        Self { global, local }
-    }
-
-    fn for_layer(&self, is_local: bool) -> &RopeTable {
-        match (&self.local, is_local) {
-            (Some(local), true) => local,
-            _ => &self.global,
-        }
-    }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// cos/sin of every (position, frequency) of one forward pass for one RoPE base.
-struct RopeTable {
-    /// `[n_positions, rope_dims / 2]` each: frequency i is `base^(-2i / rope_dims)`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    /// `rope_dims / 2`: rotated pairs per head.
-    half: usize,
-}
-
-impl RopeTable {
-    fn new(positions: &[usize], rope_dims: usize, base: f32) -> Self {
-        let half = rope_dims / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| (base as f64).powf(-2.0 * i as f64 / rope_dims as f64)).collect();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for f in &inv_freq {
-                let (s, c) = (p as f64 * f).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
-            }
-        }
-        Self { cos, sin, half }
-    }
-
-    /// Rotates every head of `x` (`[n_positions, n_heads * head_dim]`) in place.
-    fn apply(&self, x: &mut [f32], head_dim: usize, style: RopeStyle) {
-        let half = self.half;
-        let row_len = x.len() / (self.cos.len() / half.max(1)).max(1);
-        crate::simd::par_rows(x, row_len, |t, row| {
-            let cos = &self.cos[t * half..(t + 1) * half];
-            let sin = &self.sin[t * half..(t + 1) * half];
-            for head in row.chunks_exact_mut(head_dim) {
-                match style {
-                    RopeStyle::Neox => {
-                        let (a, b) = head[..2 * half].split_at_mut(half);
-                        for i in 0..half {
-                            let (x0, x1) = (a[i], b[i]);
-                            a[i] = x0 * cos[i] - x1 * sin[i];
-                            b[i] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
-                    RopeStyle::Interleaved => {
-                        for i in 0..half {
-                            let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-                            head[2 * i] = x0 * cos[i] - x1 * sin[i];
-                            head[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
-                }
-            }
-        });
+        let z = |cols: usize| m.ops.zeros(n, cols);
+        Ok(Self { n, h: z(m.cfg.hidden)?, q: z(q_dim)?, k: z(kv_dim)?, v: z(kv_dim)?, attn: z(q_dim)?, gate: z(ffn_local)?, up: z(ffn_local)? })
     }
 }

@@ -4,6 +4,8 @@
 //! `tokenize` tests read the tiny vocabulary with `tpserve-tokenizer`).
 
 use crate::config::Arch;
+use crate::model::{LogitsWanted, Model, ModelError, SeqChunk};
+use crate::ops::{Cpu, KvMemory, Ops};
 use crate::quant::{quantize, GgmlDType, SUPPORTED};
 use tpserve_gguf::{GgufWriter, Value};
 
@@ -200,14 +202,14 @@ pub fn tiny_gguf(spec: &TinySpec) -> Vec<u8> {
 /// Sequences run through a model without a scheduler (tests, one-off runs): each grows its
 /// block tables from a pool that never takes blocks back. Blocks of 4 positions, so that
 /// even short test prompts cross block boundaries.
-pub struct Seqs {
-    pool: crate::kv_cache::KvPool,
+pub struct Seqs<O: Ops = Cpu> {
+    pool: O::Kv,
     seqs: Vec<(Vec<Vec<tpserve_types::kv::BlockId>>, usize)>,
 }
 
-impl Seqs {
+impl<O: Ops> Seqs<O> {
     /// Room for `n` sequences of up to `max_len` positions each.
-    pub fn new(model: &crate::model::Model, n: usize, max_len: usize) -> Self {
+    pub fn new(model: &Model<O>, n: usize, max_len: usize) -> Self {
         let sizing = tpserve_types::kv::KvSizing { block_size: 4, tokens: n * (max_len + 4), max_seqs: n, max_chunk: max_len };
         let pool = model.kv_pool(&model.kv_layout(sizing)).expect("a layout of the model's own layers");
         Self { pool, seqs: vec![(Vec::new(), 0); n] }
@@ -220,18 +222,14 @@ impl Seqs {
 
     /// One forward pass over `(sequence, new tokens, logits wanted)`; a refused pass leaves
     /// every sequence where it was.
-    pub fn forward(
-        &mut self,
-        model: &crate::model::Model,
-        work: &[(usize, &[u32], crate::model::LogitsWanted)],
-    ) -> Result<Vec<Vec<f32>>, crate::model::ModelError> {
+    pub fn forward(&mut self, model: &Model<O>, work: &[(usize, &[u32], LogitsWanted)]) -> Result<Vec<Vec<f32>>, ModelError> {
         for &(i, tokens, _) in work {
             let (tables, pos) = &mut self.seqs[i];
             let end = (*pos + tokens.len()).min(model.config().context_len);
-            self.pool.grow(tables, end).map_err(crate::model::ModelError::Kv)?;
+            self.pool.book_mut().grow(tables, end).map_err(ModelError::Kv)?;
         }
-        let chunks: Vec<crate::model::SeqChunk<'_>> =
-            work.iter().map(|&(i, tokens, logits)| crate::model::SeqChunk { tokens, pos: self.seqs[i].1, tables: &self.seqs[i].0, logits }).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            work.iter().map(|&(i, tokens, logits)| SeqChunk { tokens, pos: self.seqs[i].1, tables: &self.seqs[i].0, logits }).collect();
         let out = model.forward(&mut self.pool, &chunks)?;
         for &(i, tokens, _) in work {
             self.seqs[i].1 += tokens.len();

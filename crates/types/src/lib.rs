@@ -1,7 +1,8 @@
 //! Plain types shared by every tpserve crate: token ids, sampling parameters and the sampler
 //! math ([`sampling`]), the parallelism plan ([`plan`]), the paged KV cache's layout
-//! ([`kv`]) and the step protocol as data ([`step`]). Pure: no I/O, no tensors, no async.
+//! ([`kv`]), the step protocol as data ([`step`]) and devices and collectives ([`device`]). Pure: no I/O, no tensors, no async.
 
+pub mod device;
 pub mod kv;
 pub mod plan;
 pub mod sampling;

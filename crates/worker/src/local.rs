@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tpserve_comm::Local;
 use tpserve_gguf::Gguf;
+use tpserve_model::device::DeviceOps;
 use tpserve_model::model::{model_shape, ModelError};
 use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::Plan;
@@ -31,12 +32,13 @@ impl LocalShard {
         Self { pool, shard: Arc::new(Mutex::new(None)) }
     }
 
-    /// The whole model in `g` as the single rank of tp = pp = 1, with the KV cache `kv`,
-    /// loaded on `pool` and its pages read in (as a worker does before its first step).
-    pub fn load_whole(g: &Gguf, kv: &KvLayout, pool: Arc<rayon::ThreadPool>) -> Result<Self, ModelError> {
+    /// The whole model in `g` as the single rank of tp = pp = 1 on `device`, with the KV
+    /// cache `kv`, loaded on `pool` and its pages read in (as a worker does before its first
+    /// step).
+    pub fn load_whole(device: &DeviceOps, g: &Gguf, kv: &KvLayout, pool: Arc<rayon::ThreadPool>) -> Result<Self, ModelError> {
         let plan = Plan::new(model_shape(g)?, 1, 1).map_err(|e| ModelError::Plan(e.to_string()))?;
-        let shard = pool.install(|| Shard::load(g, &plan.shard(0), Arc::new(Local), None, kv))?;
-        pool.install(|| shard.model().prefault(|_, _| {}));
+        let shard = pool.install(|| Shard::load(device, g, &plan.shard(0), Arc::new(Local), None, kv))?;
+        pool.install(|| shard.model().prefault(&mut |_, _| {}));
         let local = Self::new(pool);
         local.set(Some(shard));
         Ok(local)

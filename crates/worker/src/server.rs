@@ -12,9 +12,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tpserve_comm::{Collective, TcpCollective};
 use tpserve_gguf::Gguf;
+use tpserve_model::device::DeviceOps;
 use tpserve_model::model::model_shape;
 use tpserve_proto::auth::ClusterToken;
 use tpserve_proto::v1;
+use tpserve_types::device::{CollectiveKind, Device};
 use tpserve_types::plan::Plan;
 use tpserve_types::step::StepPlan;
 use tracing::{info, warn};
@@ -49,6 +51,8 @@ pub struct WorkerConfig {
     /// With a shard loaded, no call from a coordinator for this long means it is gone:
     /// the shard and every sequence are dropped, and a `--join` worker registers again.
     pub coordinator_timeout: Duration,
+    /// The device the worker computes on (`--device`).
+    pub device: Device,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +63,7 @@ impl Default for WorkerConfig {
             model_dir: tpserve_fetch::models_dir(),
             model: None,
             coordinator_timeout: Duration::from_secs(10),
+            device: Device::Cpu,
         }
     }
 }
@@ -72,6 +77,9 @@ pub struct WorkerService {
 struct Inner {
     /// The shard and the compute threads it runs on.
     local: LocalShard,
+    /// The device's operations, opened at start-up (a GPU that cannot be used is refused
+    /// before the worker serves anything).
+    device: DeviceOps,
     /// Where peers connect for the collective; kept across loads.
     comm_listener: StdListener,
     /// Notified by Shutdown.
@@ -84,19 +92,27 @@ struct Inner {
 }
 
 impl WorkerService {
-    /// A worker that computes on `pool` and accepts collective connections on `comm_listener`.
-    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, cfg: WorkerConfig) -> Self {
+    /// A worker that computes on `pool` and `cfg.device`, and accepts collective
+    /// connections on `comm_listener`; fails when the device cannot be opened.
+    pub fn new(pool: Arc<rayon::ThreadPool>, comm_listener: StdListener, shutdown: Arc<Notify>, cfg: WorkerConfig) -> Result<Self, String> {
         fix_mmap_threshold();
-        Self {
+        let device = DeviceOps::open(cfg.device).map_err(|e| e.to_string())?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 local: LocalShard::new(pool),
+                device,
                 comm_listener,
                 shutdown,
                 cfg,
                 last_contact: Mutex::new(Instant::now()),
                 coordinator_lost: Notify::new(),
             }),
-        }
+        })
+    }
+
+    /// The device in words ("cpu (avx2)", "cuda:0 (NVIDIA H200, …)").
+    pub fn device(&self) -> String {
+        self.inner.device.describe()
     }
 
     fn touch(&self) {
@@ -253,7 +269,20 @@ fn progress_msg(phase: &str, done: u64, total: u64) -> v1::LoadProgress {
         kv_bytes: 0,
         rss_bytes: rss_bytes(),
         repacked_bytes: 0,
+        device: String::new(),
+        collective: String::new(),
     }
+}
+
+/// `count` fresh NCCL unique ids (this worker is rank 0 of a load whose ranks talk NCCL).
+#[cfg(feature = "cuda")]
+fn make_nccl_ids(count: usize) -> Result<Vec<Vec<u8>>, Status> {
+    (0..count).map(|_| tpserve_comm::nccl::unique_id().map(|id| id.to_vec()).map_err(|e| Status::internal(format!("cannot make an NCCL id: {e}")))).collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn make_nccl_ids(_: usize) -> Result<Vec<Vec<u8>>, Status> {
+    Err(Status::failed_precondition("this worker was built without CUDA, so it cannot make NCCL ids: build it with `cargo build --release --features cuda`"))
 }
 
 /// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
@@ -320,14 +349,19 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let pp_comm: Option<Arc<dyn Collective>> =
         if pp > 1 { Some(Arc::new(world.subgroup(&pp_members).and_then(|g| g.with_io_timeout(stage_timeout)).map_err(comm_err)?)) } else { None };
 
+    let (tp_comm, pp_comm) = match collective_of(&req)? {
+        CollectiveKind::Tcp => (tp_comm, pp_comm),
+        CollectiveKind::Nccl => nccl_groups(inner, &req, &shard, timeout, stage_timeout)?,
+    };
+
     let _ = tx.blocking_send(Ok(progress_msg("loading", 0, shard.bytes)));
     let loaded = inner
         .local
         .pool()
-        .install(|| Shard::load(&g, &shard, tp_comm, pp_comm, &kv))
+        .install(|| Shard::load(&inner.device, &g, &shard, tp_comm, pp_comm, &kv))
         .map_err(|e| Status::failed_precondition(format!("rank {rank} cannot load its shard: {e}")))?;
     inner.local.pool().install(|| {
-        loaded.model().prefault(|done, total| {
+        loaded.model().prefault(&mut |done, total| {
             let _ = tx.blocking_send(Ok(progress_msg("loading", done, total)));
         })
     });
@@ -335,6 +369,69 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     // the coordinator sends no step before every rank has reported done.
     drop(world);
     Ok(loaded)
+}
+
+/// A rank's tensor-parallel group and, with pp > 1, its pipeline group.
+type Groups = (Arc<dyn Collective>, Option<Arc<dyn Collective>>);
+
+/// The collective a load asks for ("" is TCP, as before there was a choice).
+fn collective_of(req: &v1::LoadRequest) -> Result<CollectiveKind, Status> {
+    match req.collective.as_str() {
+        "" | "tcp" => Ok(CollectiveKind::Tcp),
+        "nccl" => Ok(CollectiveKind::Nccl),
+        other => Err(Status::invalid_argument(format!("collective {other:?}: expected tcp or nccl"))),
+    }
+}
+
+/// An NCCL unique id from a load request, checked for its length.
+#[cfg(feature = "cuda")]
+fn nccl_id(bytes: &[u8], what: &str) -> Result<[u8; tpserve_comm::NCCL_ID_BYTES], Status> {
+    bytes.try_into().map_err(|_| Status::invalid_argument(format!("the {what} NCCL id has {} bytes, not {}", bytes.len(), tpserve_comm::NCCL_ID_BYTES)))
+}
+
+/// This rank's tensor-parallel and pipeline groups as NCCL communicators on its GPU's
+/// stream, from the ids in the load request (made by rank 0's worker; see `NcclIds`). The
+/// tensor-parallel group first on every rank, so no two ranks wait on each other's second
+/// communicator. Every call on them is bounded by the watchdog (`tpserve_comm::watchdog`).
+#[cfg(feature = "cuda")]
+fn nccl_groups(
+    inner: &Inner,
+    req: &v1::LoadRequest,
+    shard: &tpserve_types::plan::RankShard,
+    timeout: Duration,
+    stage_timeout: Duration,
+) -> Result<Groups, Status> {
+    let DeviceOps::Cuda(cuda) = &inner.device else {
+        return Err(Status::failed_precondition(format!(
+            "the load asks for NCCL, but this worker computes on {}: start it with --device cuda[:N]",
+            inner.device.describe()
+        )));
+    };
+    let (tp, pp) = (req.tp as usize, req.pp as usize);
+    let fail = |e: tpserve_comm::CommError| Status::unavailable(format!("rank {} cannot make its NCCL communicators: {e}", shard.rank));
+    let tp_id = nccl_id(&req.nccl_tp_id, "tensor-parallel")?;
+    let tp_comm: Arc<dyn Collective> = Arc::new(tpserve_comm::nccl::Nccl::new(cuda.stream(), &tp_id, shard.tp.rank, tp, timeout).map_err(fail)?);
+    let pp_comm: Option<Arc<dyn Collective>> = if pp > 1 {
+        let pp_id = nccl_id(&req.nccl_pp_id, "pipeline")?;
+        Some(Arc::new(tpserve_comm::nccl::Nccl::new(cuda.stream(), &pp_id, shard.stage, pp, stage_timeout).map_err(fail)?))
+    } else {
+        None
+    };
+    Ok((tp_comm, pp_comm))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_groups(
+    _: &Inner,
+    _: &v1::LoadRequest,
+    shard: &tpserve_types::plan::RankShard,
+    _: Duration,
+    _: Duration,
+) -> Result<Groups, Status> {
+    Err(Status::failed_precondition(format!(
+        "the load asks for NCCL, but rank {}'s worker was built without CUDA: build it with `cargo build --release --features cuda`, or load with --collective tcp",
+        shard.rank
+    )))
 }
 
 /// Resolves `host:port` (names too) to its first socket address.
@@ -355,7 +452,19 @@ impl tpserve_proto::Worker for WorkerService {
             comm_addr: self.comm_addr().map(|a| a.to_string()).unwrap_or_default(),
             shard,
             peak_rss_bytes: peak_rss_bytes(),
+            device: self.inner.cfg.device.to_string(),
+            gpu_id: self.inner.device.gpu_id(),
+            nccl: DeviceOps::cuda_built(),
         }))
+    }
+
+    async fn nccl_ids(&self, req: Request<v1::NcclIdsRequest>) -> Result<Response<v1::NcclIdsResponse>, Status> {
+        self.touch();
+        let count = req.into_inner().count;
+        if count > 64 {
+            return Err(Status::invalid_argument(format!("{count} NCCL ids asked for; at most 64")));
+        }
+        Ok(Response::new(v1::NcclIdsResponse { ids: make_nccl_ids(count as usize)? }))
     }
 
     type LoadStream = ReceiverStream<Result<v1::LoadProgress, Status>>;
@@ -370,6 +479,7 @@ impl tpserve_proto::Worker for WorkerService {
             // Drop any previous shard first: its memory and its collective go.
             this.inner.local.set(None);
             release_freed_memory();
+            let req_collective = v1::LoadRequest { collective: req.collective.clone(), ..Default::default() };
             let loaded = load(&this.inner, req, &tx);
             this.touch();
             match loaded {
@@ -385,12 +495,14 @@ impl tpserve_proto::Worker for WorkerService {
                         kv_bytes: shard.kv_bytes(),
                         rss_bytes: rss_bytes(),
                         repacked_bytes: repacked_bytes as u64,
+                        device: shard.model().device(),
+                        collective: collective_of(&req_collective).map(|c| c.to_string()).unwrap_or_default(),
                     };
                     info!(
                         rank = shard.shard().rank,
                         weight_bytes = shard.model().weight_bytes(),
                         repacked_bytes,
-                        kernels = tpserve_model::quant::kernel_name(),
+                        device = %shard.model().device(),
                         "loaded"
                     );
                     this.inner.local.set(Some(shard));

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use tpserve_comm::{Collective, Timed};
 use tpserve_gguf::Gguf;
-use tpserve_model::kv_cache::KvPool;
-use tpserve_model::model::{Model, ModelError, SeqChunk};
+use tpserve_model::device::{DeviceOps, LoadedShard};
+use tpserve_model::model::{ModelError, SeqChunk};
 use tpserve_types::kv::{BlockId, KvLayout};
 use tpserve_types::plan::RankShard;
 use tpserve_types::sampling::Candidates;
@@ -72,11 +72,11 @@ struct SeqState {
 
 /// A loaded shard with its sequences.
 pub struct Shard {
-    model: Model,
+    /// The weights and the keys and values of every sequence (in the blocks the coordinator
+    /// assigns), on the worker's device.
+    model: Box<dyn LoadedShard>,
     /// Which part of the model this is (rank, stage, layers, heads), as the plan gave it.
     shard: RankShard,
-    /// Keys and values of every sequence, in the blocks the coordinator assigns.
-    kv: KvPool,
     /// The live sequences, by the coordinator's id.
     seqs: HashMap<SeqId, SeqState>,
     /// The collectives the model talks through, timed to report communication per step.
@@ -86,26 +86,32 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Loads `shard` of the model in `g` and reserves its part of the KV cache `kv`.
-    /// `tp_comm` joins the ranks of this stage; `pp_comm` this tensor-parallel rank of every
-    /// stage (rank = stage), when pp > 1.
-    pub fn load(g: &Gguf, shard: &RankShard, tp_comm: Arc<dyn Collective>, pp_comm: Option<Arc<dyn Collective>>, kv: &KvLayout) -> Result<Self, ModelError> {
+    /// Loads `shard` of the model in `g` onto `device` and reserves its part of the KV
+    /// cache `kv`. `tp_comm` joins the ranks of this stage; `pp_comm` this tensor-parallel
+    /// rank of every stage (rank = stage), when pp > 1.
+    pub fn load(
+        device: &DeviceOps,
+        g: &Gguf,
+        shard: &RankShard,
+        tp_comm: Arc<dyn Collective>,
+        pp_comm: Option<Arc<dyn Collective>>,
+        kv: &KvLayout,
+    ) -> Result<Self, ModelError> {
         let tp = Arc::new(Timed::new(tp_comm));
         let pp = pp_comm.map(|c| Arc::new(Timed::new(c)));
-        let model = Model::load_shard(g, shard, tp.clone(), pp.clone().map(|c| c as Arc<dyn Collective>))?;
-        let kv = model.kv_pool(kv)?;
+        let model = device.load(g, shard, tp.clone(), pp.clone().map(|c| c as Arc<dyn Collective>), kv)?;
         let comms = std::iter::once(tp).chain(pp).collect();
-        Ok(Self { model, shard: shard.clone(), kv, seqs: HashMap::new(), comms, broken: None })
+        Ok(Self { model, shard: shard.clone(), seqs: HashMap::new(), comms, broken: None })
     }
 
     /// Bytes reserved for the KV cache.
     pub fn kv_bytes(&self) -> u64 {
-        self.kv.bytes()
+        self.model.kv_bytes()
     }
 
-    /// The loaded model (weights, config, vocabulary slice).
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The loaded model (weights, config, vocabulary slice, KV memory), on its device.
+    pub fn model(&self) -> &dyn LoadedShard {
+        self.model.as_ref()
     }
 
     /// Which part of the model this rank holds, as the plan gave it.
@@ -146,7 +152,7 @@ impl Shard {
 
         // This step's blocks join the tables now, and come off again if the model refuses
         // the step.
-        let groups = self.kv.layout().groups.len();
+        let groups = self.model.kv_layout().groups.len();
         for w in &plan.seqs {
             let st = self.seqs.entry(w.seq_id).or_insert_with(|| SeqState {
                 tables: vec![Vec::new(); groups],
@@ -161,7 +167,7 @@ impl Shard {
         let seqs = &self.seqs;
         let chunks: Vec<SeqChunk<'_>> =
             plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
-        let logits = match self.model.forward(&mut self.kv, &chunks) {
+        let logits = match self.model.forward(&chunks) {
             Ok(l) => l,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
                 // Refused before any cache was touched: undo the tables.
@@ -231,7 +237,7 @@ impl Shard {
                 return Err(format!("sequence {} appears twice", w.seq_id));
             }
             let freed = plan.free.contains(&w.seq_id);
-            let groups = self.kv.layout().groups.len();
+            let groups = self.model.kv_layout().groups.len();
             if !(w.blocks.is_empty() || w.blocks.len() == groups) {
                 return Err(format!("sequence {} brings blocks for {} KV groups, the cache has {groups}", w.seq_id, w.blocks.len()));
             }
@@ -275,7 +281,7 @@ mod tests {
         let plan = Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap();
         let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
         let kv = cfg.kv_layout(tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
-        (Shard::load(&g, &plan.shard(0), Arc::new(Local), None, &kv).unwrap(), f)
+        (Shard::load(&tpserve_model::device::DeviceOps::Cpu(tpserve_model::ops::Cpu), &g, &plan.shard(0), Arc::new(Local), None, &kv).unwrap(), f)
     }
 
     /// Sequence `seq_id`'s blocks are `8 * seq_id ..`, four positions each, in both groups.
