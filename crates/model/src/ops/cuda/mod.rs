@@ -18,7 +18,6 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::quantized::{GgmlDType as CDType, QMatMul, QStorage, QTensor};
