@@ -53,6 +53,8 @@ enum ModelAction {
     Path,
     /// Print a model file's metadata and tensor directory.
     Info(ModelArgs),
+    /// Write a model of random weights (the GPU check's models: the real one cannot travel).
+    Synth(commands::synth::SynthArgs),
 }
 
 /// Which model to load and how many threads to compute with.
@@ -96,6 +98,7 @@ fn main() {
         Command::Model { action: ModelAction::Fetch { force } } => fetch::fetch_default(force).map_err(Into::into).and_then(|p| commands::print_path(&p)),
         Command::Model { action: ModelAction::Path } => fetch::fetch_default(false).map_err(Into::into).and_then(|p| commands::print_path(&p)),
         Command::Model { action: ModelAction::Info(args) } => commands::info(&args),
+        Command::Model { action: ModelAction::Synth(args) } => commands::synth::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
         Command::Worker(args) => commands::worker::run(args),

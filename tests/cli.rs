@@ -703,3 +703,58 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     assert!(out.stderr.contains("DEBUG"), "RUST_LOG=debug should log steps:\n{}", out.stderr);
     assert!(!out.stderr.contains('\x1b'), "ANSI escape codes in a log that is not a terminal:\n{:?}", out.stderr);
 }
+
+#[test]
+fn a_gpu_device_or_collective_that_cannot_work_is_a_clean_error_saying_what_would() {
+    let env = Env::gemma();
+    if !cfg!(feature = "cuda") {
+        env.run("generate", &["--device", "cuda", "--prompt", "hello"]).assert_clean_error(&["--device cuda:0", "built without CUDA", "--features cuda"]);
+    }
+    // Values clap refuses while parsing (its usage hint follows on stderr).
+    for (flag, value, says) in [("--device", "gpu", "cuda:N"), ("--collective", "ring", "auto, tcp or nccl")] {
+        let out = env.run("generate", &[flag, value, "--prompt", "hello"]);
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        assert!(out.stderr.starts_with(&format!("error: invalid value '{value}' for '{flag}")) && out.stderr.contains(says), "{}", out.stderr);
+    }
+    env.run("generate", &["--device", "cpu,cpu,cpu", "--tp", "1", "--prompt", "hello"]).assert_clean_error(&["3 devices for 1 ranks"]);
+    // NCCL between CPU workers: refused by the coordinator once it knows their devices.
+    let shardable = Env::with_model_bytes(&tiny_gguf(&TinySpec::gemma3_shardable()));
+    let out = shardable.run("generate", &["--tp", "2", "--collective", "nccl", "--prompt", "hello"]);
+    assert!(out.code.is_some_and(|c| c != 0) && !out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(out.stderr.contains("--collective nccl is impossible: the workers run on the CPU; use --collective tcp"), "{}", out.stderr);
+}
+
+#[test]
+fn a_synthesised_model_loads_and_splits_at_tp_2_with_the_tokens_of_tp_1() {
+    let env = Env::gemma();
+    let path = env.dir.path().join("synth.gguf");
+    let out = tpserve(env.dir.path(), &["model", "synth", "--out", path.to_str().unwrap(), "--seed", "5"], None);
+    out.assert_success();
+    let gen = |tp: &str| {
+        let out = tpserve(
+            env.dir.path(),
+            &[
+                "generate",
+                "--model",
+                path.to_str().unwrap(),
+                "--tp",
+                tp,
+                "--threads",
+                "1",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "6",
+                "--prompt",
+                "hello world",
+            ],
+            None,
+        );
+        out.assert_success();
+        ids(&serde_json::from_str::<Value>(out.stdout.trim()).unwrap()["output_ids"])
+    };
+    let one = gen("1");
+    assert_eq!(one.len(), 6);
+    assert_eq!(gen("2"), one);
+}

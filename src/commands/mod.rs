@@ -9,6 +9,7 @@ pub mod eval;
 pub mod generate;
 mod local_workers;
 pub mod serve;
+pub mod synth;
 pub mod tokenize;
 pub mod worker;
 

@@ -421,13 +421,7 @@ fn nccl_groups(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_groups(
-    _: &Inner,
-    _: &v1::LoadRequest,
-    shard: &tpserve_types::plan::RankShard,
-    _: Duration,
-    _: Duration,
-) -> Result<Groups, Status> {
+fn nccl_groups(_: &Inner, _: &v1::LoadRequest, shard: &tpserve_types::plan::RankShard, _: Duration, _: Duration) -> Result<Groups, Status> {
     Err(Status::failed_precondition(format!(
         "the load asks for NCCL, but rank {}'s worker was built without CUDA: build it with `cargo build --release --features cuda`, or load with --collective tcp",
         shard.rank
