@@ -44,20 +44,26 @@ pub struct ParallelArgs {
     /// Seconds to keep trying to reach the workers at start-up (they may still be starting).
     #[arg(long, default_value_t = 30, env = "TPSERVE_CONNECT_TIMEOUT_SECS")]
     pub connect_timeout_secs: u64,
-    /// Where the workers this command starts compute: cpu, cuda (GPU 0) or cuda:N; a
-    /// comma-separated list gives rank i the i-th (e.g. cuda:0,cuda:1). GPUs need a binary
-    /// built with `--features cuda`.
-    #[arg(long, default_value = "cpu", value_delimiter = ',', env = "TPSERVE_DEVICE")]
-    pub device: Vec<Device>,
     /// How ranks exchange activations: auto (NCCL when every rank has a GPU of its own, TCP
     /// otherwise), tcp, or nccl (refused where it cannot work).
     #[arg(long, default_value = "auto", env = "TPSERVE_COLLECTIVE")]
     pub collective: CollectiveChoice,
 }
 
-impl ParallelArgs {
-    /// The device of world rank `rank` (`--device`: one for all, or one per rank), or why
-    /// the list does not fit the plan.
+/// Where the ranks this command runs itself compute (`up`, `generate`, `eval`; the workers
+/// of `tpserve coordinator` say so with their own `--device`).
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where the forward passes run: cpu, cuda (GPU 0) or cuda:N; a comma-separated list
+    /// gives rank i the i-th (e.g. cuda:0,cuda:1). GPUs need a binary built with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu", value_delimiter = ',', env = "TPSERVE_DEVICE")]
+    pub device: Vec<Device>,
+}
+
+impl DeviceArgs {
+    /// Every world rank's device (`--device`: one for all, or one per rank), or why the
+    /// list does not fit the plan.
     pub fn devices(&self, world: usize) -> Result<Vec<Device>> {
         match self.device.as_slice() {
             [] => Ok(vec![Device::Cpu; world]),
@@ -66,7 +72,9 @@ impl ParallelArgs {
             list => bail!("--device lists {} devices for {world} ranks: give one for all, or one per rank", list.len()),
         }
     }
+}
 
+impl ParallelArgs {
     /// Checks tp and pp against the model: an impossible plan is refused here, with what
     /// would work, before any worker is started.
     pub fn plan(&self, loaded: &Loaded) -> Result<Plan> {
@@ -308,10 +316,10 @@ pub enum LocalBackend {
 impl LocalBackend {
     /// Loads `plan` with the KV cache `kv`: here, or on workers with `threads` threads each
     /// (default: the cores shared out).
-    pub async fn start(loaded: &Loaded, plan: Plan, threads: Option<usize>, parallel: &ParallelArgs, kv: KvLayout) -> Result<Self> {
+    pub async fn start(loaded: &Loaded, plan: Plan, threads: Option<usize>, parallel: &ParallelArgs, devices: &DeviceArgs, kv: KvLayout) -> Result<Self> {
         if plan.world() == 1 {
             let pool = Arc::new(super::thread_pool(threads)?);
-            let device = parallel.devices(1)?[0];
+            let device = devices.devices(1)?[0];
             let ops = DeviceOps::open(device).with_context(|| format!("cannot use --device {device}"))?;
             let shard = LocalShard::load_whole(&ops, &loaded.gguf, &kv, pool).context("cannot load the model weights")?;
             return Ok(Self::InProcess(InProcess { shard, context_len: loaded.config()?.context_len, kv }));
@@ -319,7 +327,7 @@ impl LocalBackend {
         let threads = threads_per_worker(threads, plan.world())?;
         let model_path = worker_model_path(loaded.explicit.then_some(loaded.path.as_path()))?;
         let token = random_token();
-        let workers = LocalWorkers::spawn(&parallel.devices(plan.world())?, threads, &model_path, &token).await?;
+        let workers = LocalWorkers::spawn(&devices.devices(plan.world())?, threads, &model_path, &token).await?;
         let spec = cluster_spec(plan, loaded, &model_path, parallel, kv, Some(token), None)?;
         match load_cluster(&workers.addrs, spec).await {
             Ok(c) => Ok(Self::Workers(Box::new((c, workers)))),

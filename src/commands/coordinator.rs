@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::auth::{random_token, AuthArgs};
-use super::cluster::{cluster_spec, describe_kv, load_cluster, worker_model_path, ParallelArgs, ServingArgs};
+use super::cluster::{cluster_spec, describe_kv, load_cluster, worker_model_path, DeviceArgs, ParallelArgs, ServingArgs};
 use super::local_workers::{threads_per_worker, LocalWorkers};
 use super::serve::{serve_http, serve_lines, ServeArgs};
 use super::Loaded;
@@ -43,6 +43,8 @@ pub struct CoordinatorArgs {
 pub struct UpArgs {
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     #[command(flatten)]
     pub serving: ServingArgs,
     #[command(flatten)]
@@ -114,7 +116,7 @@ pub fn run_up(args: UpArgs) -> Result<()> {
     let token = random_token();
     let spec = cluster_spec(plan, &loaded, &model_path, &args.parallel, kv.clone(), Some(token.clone()), None)?;
     super::block_on(async {
-        let workers = LocalWorkers::spawn(&args.parallel.devices(spec.plan.world())?, threads, &model_path, &token).await?;
+        let workers = LocalWorkers::spawn(&args.devices.devices(spec.plan.world())?, threads, &model_path, &token).await?;
         let result = async {
             let load = load_cluster(&workers.addrs, spec);
             serve(load, kv, &loaded, &args.serve, &args.serving, true).await

@@ -14,7 +14,7 @@ use tpserve_model::model::{LogitsWanted, Model};
 use tpserve_scheduler::SchedulerConfig;
 use tpserve_types::kv::KvSizing;
 
-use super::cluster::{LocalBackend, ParallelArgs};
+use super::cluster::{DeviceArgs, LocalBackend, ParallelArgs};
 use super::Loaded;
 use crate::ModelArgs;
 
@@ -53,6 +53,8 @@ pub struct PerplexityArgs {
     pub batch: usize,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -125,7 +127,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let pb = bar(windows.len());
     pb.set_prefix("perplexity");
     let nll = super::block_on(async {
-        let mut backend = LocalBackend::start(&loaded, plan, a.model.threads, &a.parallel, kv).await?;
+        let mut backend = LocalBackend::start(&loaded, plan, a.model.threads, &a.parallel, &a.devices, kv).await?;
         let mut stats = Nll::default();
         let mut missing = None;
         let r = {

@@ -12,7 +12,7 @@ use tpserve_tokenizer::chat::{ChatTemplate, Message};
 use tpserve_types::kv::KvSizing;
 use tpserve_types::SamplingParams;
 
-use super::cluster::{LocalBackend, ParallelArgs};
+use super::cluster::{DeviceArgs, LocalBackend, ParallelArgs};
 use super::Loaded;
 use crate::ModelArgs;
 
@@ -70,6 +70,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub parallel: ParallelArgs,
     #[command(flatten)]
+    pub devices: DeviceArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -105,7 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let kv = cfg.kv_layout(KvSizing { block_size: 16, tokens: args.batch * (per_seq + 16), max_seqs: args.batch, max_chunk: opts.token_budget });
     let json = args.json;
     let (outs, stats) = super::block_on(async {
-        let mut backend = LocalBackend::start(&loaded, plan, args.model.threads, &args.parallel, kv).await?;
+        let mut backend = LocalBackend::start(&loaded, plan, args.model.threads, &args.parallel, &args.devices, kv).await?;
         let out = stream(&mut backend, &loaded, &reqs, opts, json).await;
         backend.stop().await;
         out

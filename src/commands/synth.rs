@@ -10,15 +10,10 @@ use clap::{Args, ValueEnum};
 use tpserve_model::config::Arch;
 use tpserve_model::testing::{tiny_gguf, TinySpec};
 
-/// The shapes `synth` knows.
+/// The shapes `synth` knows (`--preset` says what they are).
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Preset {
-    /// The tests' tiny Gemma 3 that splits at tp 1, 2 and 4: 6 layers of 256, 4 heads of 256,
-    /// every weight type tpserve computes with in turn.
     Tiny,
-    /// A Llama-3.2-1B-shaped model (16 layers of 2048, FFN 8192, 32 query heads of 64 over 8
-    /// KV heads; about 1.0 B parameters without the embedding), weights in the types of the
-    /// default model (Q5_0, Q4_K, Q6_K, Q8_0) in turn.
     Llama1b,
 }
 
@@ -27,7 +22,11 @@ pub struct SynthArgs {
     /// Where to write the GGUF file.
     #[arg(long)]
     pub out: PathBuf,
-    /// The shape.
+    /// The shape: `tiny`, the tests' Gemma 3 that splits at tp 1, 2 and 4 (6 layers of
+    /// 256, 4 heads of 256, every weight type tpserve computes with in turn); or `llama1b`,
+    /// a Llama-3.2-1B shape (16 layers of 2048, FFN 8192, 32 query heads of 64 over 8 KV
+    /// heads; about 1.0 B parameters) in the default model's weight types (Q5_0, Q4_K,
+    /// Q6_K, Q8_0) in turn.
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
     /// Seed of the weights: the same seed writes the same file.
