@@ -290,9 +290,9 @@ fn a_coordinator_drives_workers_named_on_its_command_line_or_that_join_it() {
     c.args(["coordinator", "--stdin", "--tp", "2", "--workers", &format!("{a0},{a1}"), "--model"]).arg(&m);
     let mut coord = Proc::spawn(c);
     let plan = coord.wait_stderr("plan: tp = 2");
-    assert!(plan.contains("2 workers"), "{plan}");
+    assert!(plan.contains("2 workers, collective tcp"), "{plan}");
     let rank1 = coord.wait_stderr("rank 1 @");
-    assert!(rank1.contains("vocab") && rank1.contains("peak RSS"), "{rank1}");
+    assert!(rank1.contains(" on cpu (") && rank1.contains("vocab") && rank1.contains("peak RSS"), "{rank1}");
     coord.wait_stderr("ready:");
     assert_eq!(ids(&coord.ask(&req)), want);
     let (code, log) = coord.finish();

@@ -245,18 +245,21 @@ pub async fn load_cluster(addrs: &[String], spec: ClusterSpec) -> Result<Cluster
     Ok(cluster)
 }
 
-/// The plan as loaded: one line per rank with its slices, weights and peak memory.
+/// The plan as loaded: the collective, then one line per rank with its device, slices,
+/// weights and peak memory.
 pub fn describe(c: &Cluster) -> String {
     let p = c.plan();
     let n = p.world();
-    let mut s = format!("plan: tp = {}, pp = {} ({n} worker{})\n", p.tp, p.pp, if n == 1 { "" } else { "s" });
+    let collective = c.loaded.first().map_or("tcp", |l| if l.collective.is_empty() { "tcp" } else { l.collective.as_str() });
+    let mut s = format!("plan: tp = {}, pp = {} ({n} worker{}, collective {collective})\n", p.tp, p.pp, if n == 1 { "" } else { "s" });
     for l in &c.loaded {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let plural = if l.threads == 1 { "" } else { "s" };
         s += &format!(
-            "  rank {} @ {}: {}; weights {:.1} MiB (+{:.1} MiB repacked), KV cache {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
+            "  rank {} @ {} on {}: {}; weights {:.1} MiB (+{:.1} MiB repacked), KV cache {:.1} MiB, peak RSS {:.1} MiB, {} thread{plural}\n",
             l.shard.rank,
             l.addr,
+            l.device,
             l.shard,
             mib(l.shard.bytes),
             mib(l.repacked_bytes),
