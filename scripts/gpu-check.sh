@@ -5,7 +5,7 @@
 #
 #   On a machine with the toolchain (any x86-64 Linux; no GPU needed):
 #     CUDA_WHEELS_VERSION=13.0.88 scripts/cuda-check.sh build   # PTX a CUDA 13.0 driver can JIT
-#     scripts/gpu-check.sh pack                                 # strip into gpu-check/tpserve
+#     scripts/gpu-check.sh pack                                 # stripped, xz: gpu-check/tpserve.xz
 #   On the GPU machine, in the repository root:
 #     OUT=/some/dir scripts/gpu-check.sh run                    # results in $OUT/gpu-check.txt
 #
@@ -29,15 +29,21 @@ BIN=${TPSERVE_BIN:-gpu-check/tpserve}
 GPU=${GPU:-cuda:0}
 
 if [[ $mode == pack ]]; then
-  src=${2:-$HOME/.cache/tpserve-cuda-target/release/tpserve}
+  # The binary carries candle's kernels as PTX text: stripped it is still larger than what
+  # the lent machine receives (64 MiB), compressed it is not.
+  src=${2:-$HOME/.cache/tpserve-cuda-target/13.0.88/release/tpserve}
   mkdir -p gpu-check
   strip -o gpu-check/tpserve "$src"
-  ls -l gpu-check/tpserve
-  echo "carry gpu-check/ (it is ignored by git) with the working tree"
+  xz -T0 -9 -f gpu-check/tpserve
+  ls -l gpu-check/
+  echo "carry gpu-check/ (ignored by git) with the working tree"
   exit 0
 fi
 [[ $mode == run ]] || { echo "usage: $0 pack [binary] | run" >&2; exit 2; }
 
+if [[ ! -x $BIN && -f $BIN.xz ]]; then
+  xz -dkf "$BIN.xz" && chmod +x "$BIN"
+fi
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 RES=$OUT/gpu-check.txt

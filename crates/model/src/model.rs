@@ -556,13 +556,14 @@ impl<O: Ops> Model<O> {
         for (s, r) in batch.iter().zip(crate::ops::seq_rows(batch)) {
             rows.extend(r.end - rows_of(s)..r.end);
         }
+        if rows.is_empty() {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
         let mut sel = ops.gather_rows(x, hidden, &rows)?;
         final_norm.forward_inplace(ops, &mut sel)?;
         let vocab_local = head.vocab_range().len();
         let mut logits = ops.zeros(rows.len(), vocab_local)?;
-        if !rows.is_empty() {
-            head.logits(ops, &sel, rows.len(), &mut logits)?;
-        }
+        head.logits(ops, &sel, rows.len(), &mut logits)?;
         if let Some(cap) = self.cfg.final_logit_softcap {
             ops.softcap(&mut logits, cap)?;
         }
