@@ -108,7 +108,7 @@ serve_bench() { # model, device, extra up flags: tpserve up + a short bench; pri
   local port=18555 pid out
   "$BIN" up --model "$1" --device "$2" --tp 1 --port $port "${@:3}" >>"$OUT/log.txt" 2>&1 &
   pid=$!
-  for _ in $(seq 120); do curl -sf localhost:$port/health >/dev/null 2>&1 && break; kill -0 $pid 2>/dev/null || return 1; sleep 1; done
+  for _ in $(seq 120); do curl -sf localhost:$port/ready >/dev/null 2>&1 && break; kill -0 $pid 2>/dev/null || return 1; sleep 1; done
   out=$("$BIN" bench --base-url http://localhost:$port --max-concurrency 8 --num-requests 32 --input-len 256 --output-len 64 --ignore-eos --dataset-name random --tokenizer "$1" 2>&1)
   local rc=$?
   kill -INT $pid; wait $pid
