@@ -534,3 +534,27 @@ impl tpserve_proto::Worker for WorkerService {
         Ok(Response::new(v1::ShutdownResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_names_its_collective_or_is_refused_naming_the_value() {
+        let with = |c: &str| v1::LoadRequest { collective: c.into(), ..Default::default() };
+        assert_eq!(collective_of(&with("")).unwrap(), CollectiveKind::Tcp);
+        assert_eq!(collective_of(&with("tcp")).unwrap(), CollectiveKind::Tcp);
+        assert_eq!(collective_of(&with("nccl")).unwrap(), CollectiveKind::Nccl);
+        let e = collective_of(&with("mpi")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("\"mpi\""), "{}", e.message());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_worker_without_cuda_refuses_nccl_ids_and_nccl_loads_saying_how_to_build_one() {
+        let e = make_nccl_ids(2).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("--features cuda"), "{}", e.message());
+    }
+}
