@@ -140,3 +140,32 @@ fn no_crate_reaches_what_it_must_not_through_any_other_crate() {
         }
     }
 }
+
+#[test]
+fn the_default_build_reaches_no_cuda_crate() {
+    // `cargo metadata` resolves the default features: the CPU build. CUDA comes only with
+    // the `cuda` feature (candle-core's CUDA device, cudarc), so a CPU machine never needs it.
+    let meta = metadata();
+    let names: BTreeMap<&str, &str> = meta["packages"].as_array().unwrap().iter().map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap())).collect();
+    let nodes: BTreeMap<&str, Vec<&str>> = meta["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap(), n["deps"].as_array().unwrap().iter().map(|d| d["pkg"].as_str().unwrap()).collect()))
+        .collect();
+    let root = meta["resolve"]["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).find(|id| names[id] == "tpserve").unwrap();
+    let mut seen = BTreeSet::from([root]);
+    let mut todo = vec![root];
+    while let Some(id) = todo.pop() {
+        for &d in &nodes[id] {
+            if seen.insert(d) {
+                todo.push(d);
+            }
+        }
+    }
+    let cuda: Vec<&str> = seen.iter().map(|id| names[id]).filter(|n| ["candle-core", "candle-kernels", "cudarc", "cudaforge"].contains(n)).collect();
+    assert!(cuda.is_empty(), "the default build depends on {cuda:?}: put it behind the `cuda` feature");
+    // The feature itself must bring them (or this test would pass for the wrong reason).
+    let features = meta["packages"].as_array().unwrap().iter().find(|p| p["name"] == "tpserve-model").unwrap()["features"]["cuda"].clone();
+    assert!(features.to_string().contains("candle-core/cuda"), "tpserve-model's `cuda` feature: {features}");
+}
