@@ -8,6 +8,8 @@
 #     scripts/gpu-check.sh pack                                 # stripped, xz: gpu-check/tpserve.xz
 #   On the GPU machine, in the repository root:
 #     OUT=/some/dir scripts/gpu-check.sh run                    # results in $OUT/gpu-check.txt
+#   (with the device tool: run `scripts/gpu-check.sh run` with carry ["gpu-check"]; the
+#   stripped binary is 61 MB, 9.5 MB compressed)
 #
 # `run` checks, each against the CPU on the same machine and the same file:
 #   1. tiny Gemma 3 (every weight type tpserve computes with): greedy tokens on cuda:0 equal
