@@ -46,7 +46,8 @@ fi
 [[ $mode == run ]] || { echo "usage: $0 pack [binary] | run" >&2; exit 2; }
 
 if [[ ! -x $BIN && -f $BIN.xz ]]; then
-  xz -dkf "$BIN.xz" && chmod +x "$BIN"
+  # Python's lzma, not xz(1): the lent machine has Python for sure.
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN" && chmod +x "$BIN"
 fi
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
@@ -106,11 +107,14 @@ check "tiny gemma3 log-perplexity, $GPU within 1% of cpu" close_ppl "$W/tiny.ggu
 check "tiny gemma3 tp 2 on one GPU (TCP), tokens = cpu" same_ids "$W/tiny.gguf" 2
 check "tiny gemma3 tp 2 log-perplexity within 1% of cpu" close_ppl "$W/tiny.gguf" 2
 
+ready() { # port: the server answers /ready with 200 (loaded)
+  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$1/ready', timeout=2)" 2>/dev/null
+}
 serve_bench() { # model, device, extra up flags: tpserve up + a short bench; prints throughput
   local port=18555 pid out
   "$BIN" up --model "$1" --device "$2" --tp 1 --port $port "${@:3}" >>"$OUT/log.txt" 2>&1 &
   pid=$!
-  for _ in $(seq 120); do curl -sf localhost:$port/ready >/dev/null 2>&1 && break; kill -0 $pid 2>/dev/null || return 1; sleep 1; done
+  for _ in $(seq 120); do ready $port && break; kill -0 $pid 2>/dev/null || return 1; sleep 1; done
   out=$("$BIN" bench --base-url http://localhost:$port --max-concurrency 8 --num-requests 32 --input-len 256 --output-len 64 --ignore-eos --dataset-name random --tokenizer "$1" 2>&1)
   local rc=$?
   kill -INT $pid; wait $pid
