@@ -103,6 +103,11 @@ impl KvBook {
         self.groups[il]
     }
 
+    /// Whether a layer of this stage belongs to KV group `g`.
+    pub fn uses_group(&self, g: usize) -> bool {
+        self.groups.contains(&g)
+    }
+
     /// Rows (positions) of local layer `il`'s pool: its group's blocks times the block size.
     pub fn rows(&self, il: usize) -> usize {
         self.layout.groups[self.groups[il]].blocks * self.layout.block_size
@@ -121,7 +126,7 @@ impl KvBook {
             return Err(format!("{} block tables for {} KV groups", tables.len(), self.layout.groups.len()));
         }
         for (gi, (g, t)) in self.layout.groups.iter().zip(tables).enumerate() {
-            if !self.groups.contains(&gi) {
+            if !self.uses_group(gi) {
                 continue;
             }
             let need = self.layout.blocks_for(end);

@@ -433,7 +433,9 @@ impl<O: Ops> Model<O> {
             self.attention(il, layer, &mut x, kv, batch, &pass, &mut s)?;
             self.feed_forward(layer, &mut x, &mut s)?;
         }
-        self.output(&x, batch)
+        let out = self.output(&x, batch)?;
+        self.ops.end_pass()?;
+        Ok(out)
     }
 
     /// Why `batch` cannot run against the cache `book` describes, if it cannot.

@@ -136,6 +136,11 @@ pub trait Ops: Send + Sync + Sized + 'static {
     /// Prepares a forward pass over `batch`: the RoPE angles of every token's position, and
     /// whatever the device's attention reads per token.
     fn begin_pass(&self, cfg: &ModelConfig, kv: &Self::Kv, batch: &[SeqChunk<'_>]) -> Result<Self::Pass, ModelError>;
+    /// Waits until the device has finished the pass, so a failure is the step's that caused
+    /// it and the next step starts after this one's writes (the KV cache) on every device.
+    fn end_pass(&self) -> Result<(), ModelError> {
+        Ok(())
+    }
     /// Rotates every `head_dim`-long head of `x` (`[n, heads * head_dim]`) by its token's
     /// position, with the local layers' base when `local` (Gemma 3) and the global one else.
     fn rope(&self, pass: &Self::Pass, x: &mut Self::Act, head_dim: usize, style: RopeStyle, local: bool) -> Result<(), ModelError>;

@@ -52,10 +52,14 @@ pub struct Cuda {
 }
 
 impl Cuda {
-    /// Opens GPU `ordinal`: a context and a stream of its own.
+    /// Opens GPU `ordinal`: a context and one stream of its own, which every operation
+    /// (candle's and ours) and NCCL use, whichever thread issues them. (`Device::new_cuda`
+    /// would give the per-thread default stream: each rayon thread, and NCCL's own worker
+    /// thread under a non-blocking communicator, would then run on a different stream, and
+    /// nothing would order a collective after the matmul that wrote its buffer.)
     pub fn new(ordinal: usize) -> Result<Self, ModelError> {
         let err = |e: candle_core::Error| ModelError::Device { device: format!("cuda:{ordinal}"), message: e.to_string() };
-        let device = candle_core::Device::new_cuda(ordinal).map_err(err)?;
+        let device = candle_core::Device::new_cuda_with_stream(ordinal).map_err(err)?;
         let candle_core::Device::Cuda(dev) = &device else { unreachable!("new_cuda makes a CUDA device") };
         let dev = dev.clone();
         let ctx = dev.cuda_stream().context().clone();
@@ -359,8 +363,10 @@ impl Ops for Cuda {
                     table_off.push(tables.len() as i32);
                     // Blocks a window no longer reads may be NO_BLOCK: -1, never read.
                     tables.extend(t.iter().map(|&b| b as i32));
-                    // A group no layer of this stage uses has no tables to check: no slots.
-                    slots.extend((s.pos..s.pos + s.tokens.len()).map(|p| if t.is_empty() { -1 } else { book.row(t, p) as i32 }));
+                    // A group no layer of this stage uses is not checked (its tables may be
+                    // short): no slots, and no layer reads them.
+                    let used = book.uses_group(g) && !t.is_empty();
+                    slots.extend((s.pos..s.pos + s.tokens.len()).map(|p| if used { book.row(t, p) as i32 } else { -1 }));
                 }
                 Ok(GroupPass { tables: self.upload_i32(&tables)?, table_off: self.upload_i32(&table_off)?, slots: self.upload_i32(&slots)? })
             })
@@ -373,6 +379,10 @@ impl Ops for Cuda {
             base_global: cfg.rope_base_global,
             base_local: cfg.rope_base_local,
         })
+    }
+
+    fn end_pass(&self) -> Result<(), ModelError> {
+        self.stream().synchronize().map_err(|e| self.err(e))
     }
 
     fn rope(&self, pass: &CudaPass, x: &mut Tensor, head_dim: usize, style: RopeStyle, local: bool) -> Result<(), ModelError> {
