@@ -250,7 +250,7 @@ pub async fn load_cluster(addrs: &[String], spec: ClusterSpec) -> Result<Cluster
 pub fn describe(c: &Cluster) -> String {
     let p = c.plan();
     let n = p.world();
-    let collective = c.loaded.first().map_or("tcp", |l| if l.collective.is_empty() { "tcp" } else { l.collective.as_str() });
+    let collective = c.loaded.first().map_or("tcp", |l| l.collective.as_str());
     let mut s = format!("plan: tp = {}, pp = {} ({n} worker{}, collective {collective})\n", p.tp, p.pp, if n == 1 { "" } else { "s" });
     for l in &c.loaded {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;

@@ -286,7 +286,8 @@ fn make_nccl_ids(_: usize) -> Result<Vec<Vec<u8>>, Status> {
 }
 
 /// Loads the shard `req` describes, reporting progress on `tx`. Runs on a blocking thread.
-fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Status> {
+/// Returns the shard and the collective its groups talk through.
+fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<(Shard, CollectiveKind), Status> {
     let path = allowed_model(&inner.cfg, &req.model_path)?;
     let g = Gguf::open(&path).map_err(|e| Status::failed_precondition(format!("cannot open model {}: {e}", path.display())))?;
     if req.model_bytes != 0 && g.file_len() as u64 != req.model_bytes {
@@ -349,7 +350,8 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     let pp_comm: Option<Arc<dyn Collective>> =
         if pp > 1 { Some(Arc::new(world.subgroup(&pp_members).and_then(|g| g.with_io_timeout(stage_timeout)).map_err(comm_err)?)) } else { None };
 
-    let (tp_comm, pp_comm) = match collective_of(&req)? {
+    let collective = collective_of(&req)?;
+    let (tp_comm, pp_comm) = match collective {
         CollectiveKind::Tcp => (tp_comm, pp_comm),
         CollectiveKind::Nccl => nccl_groups(inner, &req, &shard, timeout, stage_timeout)?,
     };
@@ -368,7 +370,7 @@ fn load(inner: &Inner, req: v1::LoadRequest, tx: &Progress) -> Result<Shard, Sta
     // No barrier here: ranks may finish reading at very different times (a cold disk), and
     // the coordinator sends no step before every rank has reported done.
     drop(world);
-    Ok(loaded)
+    Ok((loaded, collective))
 }
 
 /// A rank's tensor-parallel group and, with pp > 1, its pipeline group.
@@ -473,11 +475,10 @@ impl tpserve_proto::Worker for WorkerService {
             // Drop any previous shard first: its memory and its collective go.
             this.inner.local.set(None);
             release_freed_memory();
-            let req_collective = v1::LoadRequest { collective: req.collective.clone(), ..Default::default() };
             let loaded = load(&this.inner, req, &tx);
             this.touch();
             match loaded {
-                Ok(shard) => {
+                Ok((shard, collective)) => {
                     let repacked_bytes = shard.model().repacked_bytes();
                     let done = v1::LoadProgress {
                         phase: "ready".into(),
@@ -490,7 +491,7 @@ impl tpserve_proto::Worker for WorkerService {
                         rss_bytes: rss_bytes(),
                         repacked_bytes: repacked_bytes as u64,
                         device: shard.model().device(),
-                        collective: collective_of(&req_collective).map(|c| c.to_string()).unwrap_or_default(),
+                        collective: collective.to_string(),
                     };
                     info!(
                         rank = shard.shard().rank,
