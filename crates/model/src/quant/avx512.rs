@@ -44,7 +44,7 @@ unsafe fn load512(p: *const u8) -> __m512i {
 /// aligned.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn decode(dtype: GgmlDType, codes: *const u8) -> [__m512i; 8] {
+pub(super) unsafe fn decode(dtype: GgmlDType, codes: *const u8) -> [__m512i; 8] {
     let mut w = [_mm512_setzero_si512(); 8];
     match dtype {
         GgmlDType::Q8_0 => {
@@ -77,7 +77,7 @@ unsafe fn decode(dtype: GgmlDType, codes: *const u8) -> [__m512i; 8] {
 /// L1 (`T0`) or 2 KiB ahead stalled the DRAM case below the row kernels' 15. A prefetch past
 /// the end of the buffer is harmless (it never faults), hence `wrapping_add`.
 #[inline(always)]
-unsafe fn prefetch(p: *const u8, bytes: usize) {
+pub(super) unsafe fn prefetch(p: *const u8, bytes: usize) {
     for l in 0..bytes / 64 {
         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH_AHEAD + 64 * l) as *const i8);
     }

@@ -23,6 +23,9 @@ pub enum Isa {
     /// AVX2's kernels, and the AVX-512 (F, BW) + VNNI GEMM kernels over repacked weights
     /// where a type has them.
     Avx512Vnni,
+    /// AVX-512 VNNI's kernels, and AMX-INT8 tile kernels (`quant::amx`) for the 32-element
+    /// formats at 16 tokens and more (prefill and batched decode).
+    Avx512Amx,
 }
 
 impl Isa {
@@ -33,6 +36,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::AvxVnni => "avx-vnni",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx512Amx => "avx512-amx",
         }
     }
 }
@@ -73,6 +77,19 @@ pub fn avx512_vnni_available() -> bool {
     }
 }
 
+/// Whether this CPU (and OS) can run the AMX-INT8 tile kernels (independent of
+/// `TPSERVE_KERNELS`); asks Linux for the tile permission on the first call.
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Every kernel set this CPU can run, the portable one first.
 pub fn available_isas() -> Vec<Isa> {
     let mut v = vec![Isa::Scalar];
@@ -84,6 +101,9 @@ pub fn available_isas() -> Vec<Isa> {
     }
     if avx512_vnni_available() {
         v.push(Isa::Avx512Vnni);
+    }
+    if amx_available() {
+        v.push(Isa::Avx512Amx);
     }
     v
 }
@@ -98,11 +118,11 @@ pub fn active_isa() -> Isa {
 
 /// The best of `available` (ascending) that is at most the level `cap` names.
 pub(crate) fn capped_isa(cap: &str, available: &[Isa]) -> Isa {
-    let cap = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni].into_iter().find(|i| i.name().eq_ignore_ascii_case(cap.trim()));
+    let cap = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Amx].into_iter().find(|i| i.name().eq_ignore_ascii_case(cap.trim()));
     available.iter().copied().filter(|&i| cap.is_none_or(|c| i <= c)).max().unwrap_or(Isa::Scalar)
 }
 
-/// "avx512-vnni", "avx-vnni", "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
+/// "avx512-amx", "avx512-vnni", "avx-vnni", "avx2" or "scalar": which matmul kernels this process runs, for the startup log.
 pub fn kernel_name() -> &'static str {
     active_isa().name()
 }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::act::{BlockQ8K32, BlockQ8_0};
 use super::blocks::QK_K;
 use super::kernels::{
-    activation_quantizers, active_isa, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K32, QuantizeQ8_0,
+    activation_quantizers, active_isa, amx_available, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K32, QuantizeQ8_0,
 };
 use super::packed::{packable, Packed, GROUP};
 use super::{dequantize, is_supported, GgmlDType, QuantError};
@@ -144,6 +144,7 @@ impl QMatrix {
     /// Whether matmuls on `isa` run on the repacked layout.
     fn packs_for(&self, isa: Isa) -> bool {
         let cpu = match isa {
+            Isa::Avx512Amx => amx_available(),
             Isa::Avx512Vnni => avx512_vnni_available(),
             Isa::AvxVnni => avx_vnni_available(),
             Isa::Scalar | Isa::Avx2 => false,
@@ -178,7 +179,7 @@ impl QMatrix {
         if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
             let nb = self.cols / QK_K;
             let acts = quantize_rows(x, n, nb, BlockQ8K32::ZERO, q8_k32);
-            run_packed(p, n, out, |g, (t0, tn), o, lanes| {
+            run_packed(p, n, TILE_TOKENS, out, |g, (t0, tn), o, lanes| {
                 assert!(acts.len() >= (t0 + tn) * nb);
                 // SAFETY: `packs_for` checked the CPU; group g has `nb` blocks per row and the
                 // token rows `nb` blocks each (asserted); `o` is token t0's
@@ -186,7 +187,7 @@ impl QMatrix {
                 // masked off: every write is in `out` and (see `OutPtr`) this task's own.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    if isa == Isa::Avx512Vnni {
+                    if isa >= Isa::Avx512Vnni {
                         super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
                     } else {
                         super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
@@ -197,21 +198,42 @@ impl QMatrix {
             });
         } else {
             let nb = self.cols / 32;
-            let acts = quantize_rows(x, n, nb, BlockQ8_0::ZERO, q8_0);
+            // AMX tiles take 16 tokens; the last tile's missing ones read zero blocks.
+            let amx = isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS;
+            let (tile, padded) = if amx { (AMX_TOKENS, n.next_multiple_of(AMX_TOKENS)) } else { (TILE_TOKENS, n) };
+            let mut acts = quantize_rows(x, n, nb, BlockQ8_0::ZERO, q8_0);
+            acts.resize(padded * nb, BlockQ8_0::ZERO);
             let sums: Vec<i32> = acts.iter().map(|b| b.qs.iter().map(|&q| q as i32).sum()).collect();
-            run_packed(p, n, out, |g, (t0, tn), o, lanes| {
+            #[cfg(target_arch = "x86_64")]
+            let tiles = amx.then(|| super::amx::TileActs::new(dtype, &acts, nb));
+            run_packed(p, n, tile, out, |g, (t0, tn), o, lanes| {
                 assert!(acts.len() >= (t0 + tn) * nb && sums.len() == acts.len());
-                // SAFETY: as above, with `nb` sums per token.
+                // SAFETY: as above, with `nb` sums per token; the AMX kernel reads a whole
+                // tile of tokens, which the padding above guarantees (asserted).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    if isa == Isa::Avx512Vnni {
-                        super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
-                    } else {
-                        super::avx_vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes)
+                    match &tiles {
+                        // A tile of at least 12 tokens: the tile product (a padded one costs
+                        // as much as a full one, about 12 tokens' worth of the VNNI kernel).
+                        Some(tiles) if 4 * tn >= 3 * AMX_TOKENS => {
+                            assert!(acts.len() >= (t0 + AMX_TOKENS) * nb);
+                            super::amx::gemm_group(dtype, p.group(g), nb, &acts, tiles, (t0, tn), o, rows, lanes)
+                        }
+                        // Fewer: the VNNI kernel, up to 8 tokens a call (the same numbers).
+                        Some(_) => {
+                            let mut t = 0;
+                            while t < tn {
+                                let k = (tn - t).min(TILE_TOKENS);
+                                super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0 + t, k), o.add(t * rows), rows, lanes);
+                                t += k;
+                            }
+                        }
+                        None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
+                        None => super::avx_vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
                     }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
+                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes} {amx}");
             });
         }
     }
@@ -328,7 +350,7 @@ impl QMatrix {
 /// [`QMatrix::run`] splits rows, each group multiplied with up to eight tokens per call of
 /// `kernel(group, (first token, tokens), output of its first row and token, live lanes)`
 /// while its codes stay in L1.
-fn run_packed(p: &Packed, n: usize, out: &mut [f32], kernel: impl Fn(usize, (usize, usize), *mut f32, u16) + Sync) {
+fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl Fn(usize, (usize, usize), *mut f32, u16) + Sync) {
     let (rows, groups) = (p.rows(), p.groups());
     assert_eq!(out.len(), n * rows, "packed matmul: output is not n x rows");
     let threads = rayon::current_num_threads();
@@ -341,7 +363,7 @@ fn run_packed(p: &Packed, n: usize, out: &mut [f32], kernel: impl Fn(usize, (usi
             let lanes = if live == GROUP { u16::MAX } else { (1u16 << live) - 1 };
             let mut t = 0;
             while t < n {
-                let tn = (n - t).min(TILE_TOKENS);
+                let tn = (n - t).min(tile);
                 // SAFETY: t < n and r0 < rows, so the index is in `out` (asserted length).
                 kernel(g, (t, tn), unsafe { out_ptr.at(t * rows + r0) }, lanes);
                 t += tn;
@@ -372,6 +394,16 @@ fn run_packed(p: &Packed, n: usize, out: &mut [f32], kernel: impl Fn(usize, (usi
 const TILE_TOKENS: usize = super::avx512::TOKENS;
 #[cfg(not(target_arch = "x86_64"))]
 const TILE_TOKENS: usize = 1;
+
+/// Tokens per AMX tile.
+#[cfg(target_arch = "x86_64")]
+const AMX_TOKENS: usize = super::amx::TOKENS;
+#[cfg(not(target_arch = "x86_64"))]
+const AMX_TOKENS: usize = 16;
+
+/// The fewest tokens a matmul runs on AMX tiles with; below, the AVX-512 VNNI kernels (one
+/// tile product costs the same at 1 token as at 16).
+const AMX_MIN_TOKENS: usize = 16;
 
 /// The output of a prefill matmul, written by parallel tasks whose rows interleave in memory.
 ///

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::act::{dequantize_q8_0, dequantize_q8_k32, quantize_row_q8_0, quantize_row_q8_k32, BlockQ8K32, BlockQ8_0};
-use super::kernels::{available_isas, avx512_vnni_available, select, Isa, Kernel};
+use super::kernels::{amx_available, available_isas, avx512_vnni_available, select, Isa, Kernel};
 use super::packed::{packable, Packed};
 use super::*;
 
@@ -249,12 +249,16 @@ fn the_vnni_gemm_kernels_give_the_scalar_kernels_results_bit_for_bit() {
     if !avx512_vnni_available() {
         eprintln!("no AVX-512 VNNI on this CPU: the 512-bit packed kernels are not run here");
     }
+    if !amx_available() {
+        eprintln!("no AMX-INT8 here (CPU, or the OS's permission): the AMX tile kernels are not run here");
+    }
     let mut rng = StdRng::seed_from_u64(22);
     for dtype in TYPES.into_iter().filter(|&d| packable(d)) {
         for (rows, blocks) in [(37, 3), (16, 20), (5, 1), (29, 2), (8, 1)] {
             let cols = blocks * dtype.block_size();
             let m = random_matrix(dtype, rows, cols, &mut rng);
-            for n in [1, 2, 3, 4, 5, 7, 8, 9, 16, 21] {
+            // 16, 32: whole AMX tiles; 33, 44, 47: a last tile run by the VNNI kernel, a padded one.
+            for n in [1, 2, 3, 4, 5, 7, 8, 9, 16, 21, 32, 33, 44, 47] {
                 let x = random_floats(&mut rng, n * cols);
                 let mut want = vec![f32::NAN; n * rows];
                 m.matmul_with(Isa::Scalar, &x, n, &mut want);
@@ -352,12 +356,13 @@ fn kernel_name_reports_the_kernels_this_process_runs() {
 #[test]
 fn a_kernel_cap_picks_the_best_level_at_most_it() {
     use super::kernels::capped_isa;
-    let all = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
-    assert_eq!(capped_isa("", &all), Isa::Avx512Vnni);
+    let all = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Avx512Amx];
+    assert_eq!(capped_isa("", &all), Isa::Avx512Amx);
+    assert_eq!(capped_isa("avx512-vnni", &all), Isa::Avx512Vnni, "a cap below AMX turns the tiles off");
     assert_eq!(capped_isa("AVX-VNNI", &all), Isa::AvxVnni);
     assert_eq!(capped_isa("avx2", &all), Isa::Avx2);
     assert_eq!(capped_isa("scalar", &all), Isa::Scalar);
-    assert_eq!(capped_isa("sse9", &all), Isa::Avx512Vnni, "an unknown name caps nothing");
+    assert_eq!(capped_isa("sse9", &all), Isa::Avx512Amx, "an unknown name caps nothing");
     // An AVX-512 CPU without AVX-VNNI (Ice Lake, Zen 4): a cap of avx-vnni gives AVX2.
     let no_vex_vnni = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
     assert_eq!(capped_isa("avx-vnni", &no_vex_vnni), Isa::Avx2);
