@@ -118,6 +118,14 @@ unsafe fn ensure_config() {
     }
 }
 
+/// How many blocks ahead of their results' scaling the tile products are issued: the
+/// scaling reads the tile's stored rows, which reach the cache tens of cycles later.
+const ISSUE_AHEAD: usize = 2;
+
+/// How many blocks ahead of their results' scaling Q4_0/Q5_0 codes are widened: two more
+/// than [`ISSUE_AHEAD`], as a tile load of bytes just stored waits for them the same way.
+const DECODE_AHEAD: usize = ISSUE_AHEAD + 2;
+
 /// 64-byte aligned scratch for one tile's bytes.
 #[repr(C, align(64))]
 struct Tile([u8; 1024]);
@@ -209,20 +217,26 @@ pub(super) unsafe fn gemm_group(
     let init = tiles.init.as_ptr().add(t0 * nb);
     let da = tiles.scales.as_ptr().add(t0 * nb);
     // Scratch written before it is read (tile stores, decoded codes): not zeroed per call.
-    let mut c = [MaybeUninit::<Tile>::uninit(), MaybeUninit::<Tile>::uninit()];
-    let mut codes = [MaybeUninit::<Tile>::uninit(), MaybeUninit::<Tile>::uninit()];
+    let mut c = [const { MaybeUninit::<Tile>::uninit() }; ISSUE_AHEAD + 1];
+    // Q4_0/Q5_0 codes widened to bytes ahead of their tile load (see DECODE_AHEAD).
+    let mut codes = [const { MaybeUninit::<Tile>::uninit() }; DECODE_AHEAD + 1];
+    let codes: *mut Tile = codes.as_mut_ptr().cast();
+    let codes_at = |b: usize| codes.add(b % (DECODE_AHEAD + 1)) as *mut u8;
+    let widen = dtype != GgmlDType::Q8_0;
+    let decode_block = |b: usize| {
+        let dst = codes_at(b);
+        for (g, w) in decode(dtype, group.add(b * code_bytes)).iter().enumerate() {
+            _mm512_store_si512(dst.add(64 * g) as *mut __m512i, *w);
+        }
+    };
+    if widen {
+        (0..nb.min(DECODE_AHEAD)).for_each(decode_block);
+    }
     // Block b's tile product into C buffer b % 2, on tile set b % 2.
-    let issue = |b: usize, c: *mut u8, codes: *mut u8| {
+    let issue = |b: usize, c: *mut u8| {
         let src = group.add(b * code_bytes);
         prefetch(src, code_bytes);
-        let wb = if dtype == GgmlDType::Q8_0 {
-            src
-        } else {
-            for (g, w) in decode(dtype, src).iter().enumerate() {
-                _mm512_store_si512(codes.add(64 * g) as *mut __m512i, *w);
-            }
-            codes as *const u8
-        };
+        let wb = if widen { codes_at(b) as *const u8 } else { src };
         let a = tiles.codes.as_ptr().add(t0 / TOKENS * nb + b) as *const u8;
         if b.is_multiple_of(2) {
             asm!(
@@ -247,16 +261,18 @@ pub(super) unsafe fn gemm_group(
         }
     };
     let mut acc = [_mm512_setzero_ps(); TOKENS];
-    if nb > 0 {
-        issue(0, c[0].as_mut_ptr().cast(), codes[0].as_mut_ptr().cast());
+    for b in 0..nb.min(ISSUE_AHEAD) {
+        issue(b, c[b].as_mut_ptr().cast());
     }
     for b in 0..nb {
-        // The next block's product runs while this one's results are scaled.
-        if b + 1 < nb {
-            let k = (b + 1) % 2;
-            issue(b + 1, c[k].as_mut_ptr().cast(), codes[k].as_mut_ptr().cast());
+        if widen && b + DECODE_AHEAD < nb {
+            decode_block(b + DECODE_AHEAD);
         }
-        let cb: *const u8 = c[b % 2].as_ptr().cast();
+        // Later blocks' products run while this one's results are scaled.
+        if b + ISSUE_AHEAD < nb {
+            issue(b + ISSUE_AHEAD, c[(b + ISSUE_AHEAD) % (ISSUE_AHEAD + 1)].as_mut_ptr().cast());
+        }
+        let cb: *const u8 = c[b % (ISSUE_AHEAD + 1)].as_ptr().cast();
         let dab = da.add(b * TOKENS);
         let cib = init.add(b * TOKENS);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * meta_bytes) as *const __m256i));
