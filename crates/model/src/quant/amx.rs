@@ -261,8 +261,8 @@ pub(super) unsafe fn gemm_group(
         }
     };
     let mut acc = [_mm512_setzero_ps(); TOKENS];
-    for b in 0..nb.min(ISSUE_AHEAD) {
-        issue(b, c[b].as_mut_ptr().cast());
+    for (b, c) in c.iter_mut().enumerate().take(nb.min(ISSUE_AHEAD)) {
+        issue(b, c.as_mut_ptr().cast());
     }
     for b in 0..nb {
         if widen && b + DECODE_AHEAD < nb {
