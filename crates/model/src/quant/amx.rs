@@ -27,7 +27,7 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::act::BlockQ8_0;
+use super::act::{BlockQ8K32, BlockQ8_0};
 use super::avx512::{decode, prefetch};
 use super::packed::{code_offset, layout};
 use super::GgmlDType;
@@ -73,7 +73,7 @@ fn request_permission() -> bool {
     }
 }
 
-/// The tile configuration (palette 1), two sets so that one block's product runs while the
+/// The tile configuration (palette 1), two sets so that one piece's product runs while the
 /// previous one's results are scaled: tmm0 / tmm3 = C, 16 tokens × 16 i32; tmm1 / tmm4 = A,
 /// 16 tokens × 32 bytes; tmm2 / tmm5 = B, 8 K-quads × 64 bytes (16 rows × 4 codes).
 #[repr(C, align(64))]
@@ -118,11 +118,11 @@ unsafe fn ensure_config() {
     }
 }
 
-/// How many blocks ahead of their results' scaling the tile products are issued: the
+/// How many pieces ahead of their results' scaling the tile products are issued: the
 /// scaling reads the tile's stored rows, which reach the cache tens of cycles later.
 const ISSUE_AHEAD: usize = 2;
 
-/// How many blocks ahead of their results' scaling Q4_0/Q5_0 codes are widened: two more
+/// How many pieces ahead of their results' scaling the weight codes are widened: two more
 /// than [`ISSUE_AHEAD`], as a tile load of bytes just stored waits for them the same way.
 const DECODE_AHEAD: usize = ISSUE_AHEAD + 2;
 
@@ -130,127 +130,129 @@ const DECODE_AHEAD: usize = ISSUE_AHEAD + 2;
 #[repr(C, align(64))]
 struct Tile([u8; 1024]);
 
-/// One row of a C tile: 16 i32, 64-byte aligned.
+/// One cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub(super) struct CRow(pub [i32; 16]);
+struct Line([u8; 64]);
 
 /// The activations' side of every tile product of one matmul, worked out once per matmul
-/// instead of once per group of rows: for token tile `k` and block `b`, the C tile's starting
-/// value (row `t`: `-offset · Σ a` of token `16k + t`, in every lane) and the 16 tokens'
-/// activation scales.
+/// instead of once per group of rows. A *piece* is what one tile product covers: a block of
+/// 32 (Q8_0, Q4_0, Q5_0) or a sub-block of 32 (Q4_K). For token tile
+/// `k` and piece `p`: the 16 tokens' codes back to back (64-byte aligned, so a tile load
+/// reads whole lines), the integer each dot product starts from, the activation scale.
 pub(super) struct TileActs {
-    nb: usize,
-    /// `[tile][block]`: the 16 tokens' 32 codes back to back (512 bytes, 64-byte aligned, so
-    /// a tile load reads eight whole lines instead of 16 rows split across lines).
-    codes: Vec<[CRow; 8]>,
-    /// `[tile][block][token]`: `-offset · Σ a`, added to each dot product.
+    /// Pieces per token row.
+    pieces: usize,
+    /// Bytes of one token's piece: 32.
+    piece_bytes: usize,
+    /// `[tile][piece]`, `16 · piece_bytes` bytes each.
+    codes: Vec<Line>,
+    /// `[tile][piece][token]`: `-offset · Σ a`; empty for Q4_K (its offsets are the mins).
     init: Vec<i32>,
-    /// `[tile][block][token]`.
+    /// `[tile][piece][token]`.
     scales: Vec<f32>,
+    /// Q4_K: `[tile][block][j][token]`, the scaled sums `s[j]` the mins are taken off with.
+    sums: Vec<f32>,
 }
 
 impl TileActs {
     /// For `acts` (`tiles · 16` tokens of `nb` blocks each, zero blocks past the real ones)
-    /// multiplied with weights of `dtype`.
+    /// multiplied with weights of `dtype` (Q8_0, Q4_0, Q5_0).
     pub(super) fn new(dtype: GgmlDType, acts: &[BlockQ8_0], nb: usize) -> Self {
+        let offset = code_offset(dtype);
+        Self::build(acts, nb, 1, 32, |a, _| (0, Some(-offset * a.qs.iter().map(|&q| q as i32).sum::<i32>()), a.d), |_, _| None)
+    }
+
+    /// For k-quant activations `acts` (as in [`Self::new`]) multiplied with Q4_K.
+    pub(super) fn new_q4_k(acts: &[BlockQ8K32], nb: usize) -> Self {
+        Self::build(acts, nb, 8, 32, |a, j| (32 * j, None, a.d[j]), |a, j| Some(a.s[j]))
+    }
+
+    /// `piece(block, j)` says where piece `j` of a token's block starts in its codes, the
+    /// integer its dot product starts from (None: Q4_K) and its scale; `sum(block, j)` the
+    /// Q4_K sums (None for the others).
+    fn build<B: Codes>(
+        acts: &[B],
+        nb: usize,
+        per_block: usize,
+        piece_bytes: usize,
+        piece: impl Fn(&B, usize) -> (usize, Option<i32>, f32),
+        sum: impl Fn(&B, usize) -> Option<f32>,
+    ) -> Self {
         assert!(nb > 0 && acts.len().is_multiple_of(nb * TOKENS), "whole tiles of {TOKENS} tokens");
         let tiles = acts.len() / (nb * TOKENS);
-        let offset = code_offset(dtype);
-        let mut init = Vec::with_capacity(tiles * nb * TOKENS);
-        let mut scales = Vec::with_capacity(tiles * nb * TOKENS);
-        let mut codes = vec![[CRow([0; 16]); 8]; tiles * nb];
+        let pieces = nb * per_block;
+        let tile_bytes = TOKENS * piece_bytes;
+        let mut codes = vec![Line([0; 64]); tiles * pieces * tile_bytes / 64];
+        let (mut init, mut scales, mut sums) = (Vec::new(), Vec::with_capacity(tiles * pieces * TOKENS), Vec::new());
         for k in 0..tiles {
             for b in 0..nb {
-                let bytes: &mut [u8; 512] = bytemuck_512(&mut codes[k * nb + b]);
-                for t in 0..TOKENS {
-                    let a = &acts[(k * TOKENS + t) * nb + b];
-                    for (o, &q) in bytes[32 * t..32 * (t + 1)].iter_mut().zip(&a.qs) {
-                        *o = q as u8;
+                let token = |t: usize| &acts[(k * TOKENS + t) * nb + b];
+                for j in 0..per_block {
+                    let at = (k * pieces + b * per_block + j) * tile_bytes;
+                    for t in 0..TOKENS {
+                        let (from, start, d) = piece(token(t), j);
+                        for (i, &v) in token(t).codes()[from..from + piece_bytes].iter().enumerate() {
+                            let o = at + t * piece_bytes + i;
+                            codes[o / 64].0[o % 64] = v as u8;
+                        }
+                        init.extend(start);
+                        scales.push(d);
                     }
-                    let sum: i32 = a.qs.iter().map(|&q| q as i32).sum();
-                    init.push(-offset * sum);
-                    scales.push(a.d);
+                }
+                for j in 0..per_block {
+                    sums.extend((0..TOKENS).filter_map(|t| sum(token(t), j)));
                 }
             }
         }
-        Self { nb, codes, init, scales }
+        Self { pieces, piece_bytes, codes, init, scales, sums }
     }
 }
 
-/// The 512 bytes of eight C rows.
-fn bytemuck_512(rows: &mut [CRow; 8]) -> &mut [u8; 512] {
-    // SAFETY: `[CRow; 8]` is 512 bytes of plain integers with no padding (`CRow` is 64
-    // bytes, `repr(C)`), and every byte pattern is a valid u8.
-    unsafe { &mut *(rows as *mut [CRow; 8] as *mut [u8; 512]) }
+/// The 8-bit codes of an activation block.
+trait Codes {
+    fn codes(&self) -> &[i8];
 }
 
-/// One group of 16 rows · tokens `t0..t0 + tn` (`t0` a multiple of [`TOKENS`], `tn` ≤
-/// [`TOKENS`]): `out[t * stride + l]` for the lanes set in `lanes`, bit-identical to
-/// [`super::avx512::gemm_group`].
+impl Codes for BlockQ8_0 {
+    fn codes(&self) -> &[i8] {
+        &self.qs
+    }
+}
+
+impl Codes for BlockQ8K32 {
+    fn codes(&self) -> &[i8] {
+        &self.qs
+    }
+}
+
+/// The tile products of one call, issued [`ISSUE_AHEAD`] pieces before `scale(p, c)` reads
+/// piece `p`'s 16 × 16 dot products at `c` (row `t` = token `t`, lane = weight row), with
+/// the weight side of piece `p` given by `weights(p, scratch)` [`DECODE_AHEAD`] pieces ahead
+/// (the codes in place, or widened into `scratch`, 512 bytes) and the activation side at `a_at(p)`.
 ///
 /// # Safety
-/// [`available`] said yes; `group` a packed group of `dtype` (Q8_0, Q4_0 or Q5_0) with `nb`
-/// blocks per row; `acts` at least `(t0 + TOKENS) · nb` long (the tile reads 16 tokens: pad
-/// with zero blocks) and `tiles` made from them for `dtype`; `out.add(t * stride)` writable
-/// for the lanes set, `t < tn`.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-pub(super) unsafe fn gemm_group(
-    dtype: GgmlDType,
-    group: &[u8],
-    nb: usize,
-    acts: &[BlockQ8_0],
-    tiles: &TileActs,
-    (t0, tn): (usize, usize),
-    out: *mut f32,
-    stride: usize,
-    lanes: u16,
-) {
-    debug_assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && acts.len() >= (t0 + TOKENS) * nb);
-    debug_assert!(tiles.nb == nb && tiles.init.len() >= (t0 + TOKENS) * nb);
-    ensure_config();
-    let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
-    let group = group.as_ptr();
-    let scales = group.add(nb * code_bytes);
-    // This token tile's activation terms, block by block.
-    let init = tiles.init.as_ptr().add(t0 * nb);
-    let da = tiles.scales.as_ptr().add(t0 * nb);
-    // Scratch written before it is read (tile stores, decoded codes): not zeroed per call.
+/// AMX configured ([`ensure_config`]); the pointers the closures return are tiles of the
+/// configured shapes (A: 16 × 32 bytes, B: 8 × 64 bytes).
+#[inline(always)]
+unsafe fn pipeline(pieces: usize, weights: impl Fn(usize, *mut u8) -> *const u8, a_at: impl Fn(usize) -> *const u8, mut scale: impl FnMut(usize, *const u8)) {
+    // Scratch written before it is read (tile stores, widened codes): not zeroed per call.
     let mut c = [const { MaybeUninit::<Tile>::uninit() }; ISSUE_AHEAD + 1];
-    // Q4_0/Q5_0 codes widened to bytes ahead of their tile load (see DECODE_AHEAD).
-    let mut codes = [const { MaybeUninit::<Tile>::uninit() }; DECODE_AHEAD + 1];
-    let codes: *mut Tile = codes.as_mut_ptr().cast();
-    let codes_at = |b: usize| codes.add(b % (DECODE_AHEAD + 1)) as *mut u8;
-    let widen = dtype != GgmlDType::Q8_0;
-    let decode_block = |b: usize| {
-        let dst = codes_at(b);
-        for (g, w) in decode(dtype, group.add(b * code_bytes)).iter().enumerate() {
-            _mm512_store_si512(dst.add(64 * g) as *mut __m512i, *w);
-        }
-    };
-    if widen {
-        (0..nb.min(DECODE_AHEAD)).for_each(decode_block);
-    }
-    // Block b's tile product into C buffer b % 2, on tile set b % 2.
-    let issue = |b: usize, c: *mut u8| {
-        let src = group.add(b * code_bytes);
-        prefetch(src, code_bytes);
-        // And into L1 two blocks ahead: a tile load from L2 stalls the tile unit (the
-        // 262k-row head: 1.35 -> 1.5x the VNNI kernel at 16-32 tokens).
-        for l in 0..code_bytes / 64 {
-            _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(2 * code_bytes + 64 * l) as *const i8);
-        }
-        let wb = if widen { codes_at(b) as *const u8 } else { src };
-        let a = tiles.codes.as_ptr().add(t0 / TOKENS * nb + b) as *const u8;
-        if b.is_multiple_of(2) {
+    let mut scratch = [const { MaybeUninit::<Tile>::uninit() }; DECODE_AHEAD + 1];
+    let mut w = [std::ptr::null::<u8>(); DECODE_AHEAD + 1];
+    let c: *mut Tile = c.as_mut_ptr().cast();
+    let scratch: *mut Tile = scratch.as_mut_ptr().cast();
+    let prepare = |w: &mut [*const u8], p: usize| w[p % (DECODE_AHEAD + 1)] = weights(p, scratch.add(p % (DECODE_AHEAD + 1)).cast());
+    let issue = |p: usize, w: *const u8| {
+        let (a, c) = (a_at(p), c.add(p % (ISSUE_AHEAD + 1)) as *mut u8);
+        if p.is_multiple_of(2) {
             asm!(
                 "tilezero tmm0",
                 "tileloadd tmm1, [{a} + {sa}*1]",
                 "tileloadd tmm2, [{w} + {s64}*1]",
                 "tdpbsud tmm0, tmm1, tmm2",
                 "tilestored [{c} + {s64}*1], tmm0",
-                a = in(reg) a, sa = in(reg) 32usize, w = in(reg) wb, s64 = in(reg) 64usize, c = in(reg) c,
+                a = in(reg) a, sa = in(reg) 32usize, w = in(reg) w, s64 = in(reg) 64usize, c = in(reg) c,
                 options(nostack),
             );
         } else {
@@ -260,29 +262,116 @@ pub(super) unsafe fn gemm_group(
                 "tileloadd tmm5, [{w} + {s64}*1]",
                 "tdpbsud tmm3, tmm4, tmm5",
                 "tilestored [{c} + {s64}*1], tmm3",
-                a = in(reg) a, sa = in(reg) 32usize, w = in(reg) wb, s64 = in(reg) 64usize, c = in(reg) c,
+                a = in(reg) a, sa = in(reg) 32usize, w = in(reg) w, s64 = in(reg) 64usize, c = in(reg) c,
                 options(nostack),
             );
         }
     };
-    let mut acc = [_mm512_setzero_ps(); TOKENS];
-    for (b, c) in c.iter_mut().enumerate().take(nb.min(ISSUE_AHEAD)) {
-        issue(b, c.as_mut_ptr().cast());
+    (0..pieces.min(DECODE_AHEAD)).for_each(|p| prepare(&mut w, p));
+    for p in 0..pieces.min(ISSUE_AHEAD) {
+        issue(p, w[p % (DECODE_AHEAD + 1)]);
     }
-    for b in 0..nb {
-        if widen && b + DECODE_AHEAD < nb {
-            decode_block(b + DECODE_AHEAD);
+    for p in 0..pieces {
+        if p + DECODE_AHEAD < pieces {
+            prepare(&mut w, p + DECODE_AHEAD);
         }
-        // Later blocks' products run while this one's results are scaled.
-        if b + ISSUE_AHEAD < nb {
-            issue(b + ISSUE_AHEAD, c[(b + ISSUE_AHEAD) % (ISSUE_AHEAD + 1)].as_mut_ptr().cast());
+        // Later pieces' products run while this one's results are scaled.
+        if p + ISSUE_AHEAD < pieces {
+            issue(p + ISSUE_AHEAD, w[(p + ISSUE_AHEAD) % (DECODE_AHEAD + 1)]);
         }
-        let cb: *const u8 = c[b % (ISSUE_AHEAD + 1)].as_ptr().cast();
-        let dab = da.add(b * TOKENS);
-        let cib = init.add(b * TOKENS);
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * meta_bytes) as *const __m256i));
-        // Written out token by token so that the accumulators stay in registers.
-        macro_rules! scale {
+        scale(p, c.add(p % (ISSUE_AHEAD + 1)) as *const u8);
+    }
+}
+
+/// Asks for `bytes` at `src` into L2 [`prefetch`]'s distance ahead and into L1 two pieces
+/// ahead: a tile load from L2 stalls the tile unit (the 262k-row Q8_0 head: 1.35 -> 1.5x the
+/// VNNI kernel at 16-32 tokens with the L1 prefetch).
+///
+/// # Safety
+/// SSE (every x86-64); prefetches never fault.
+#[inline(always)]
+unsafe fn prefetch_codes(src: *const u8, bytes: usize) {
+    prefetch(src, bytes);
+    for l in 0..bytes / 64 {
+        _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(2 * bytes + 64 * l) as *const i8);
+    }
+}
+
+/// Stores `w` (registers of 64 bytes) at `dst`, returning it.
+///
+/// # Safety
+/// AVX-512F; `dst` 64-byte aligned and writable for `64 · w.len()` bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_codes(w: &[__m512i], dst: *mut u8) -> *const u8 {
+    for (g, w) in w.iter().enumerate() {
+        _mm512_store_si512(dst.add(64 * g) as *mut __m512i, *w);
+    }
+    dst
+}
+
+/// Writes one group's 16 rows of `acc` for the first `tn` tokens.
+///
+/// # Safety
+/// `out.add(t * stride)` writable for the lanes set, `t < tn`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_out(acc: &[__m512; TOKENS], tn: usize, out: *mut f32, stride: usize, lanes: u16) {
+    for (t, acc) in acc.iter().enumerate().take(tn) {
+        _mm512_mask_storeu_ps(out.add(t * stride), lanes, *acc);
+    }
+}
+
+/// One group of 16 rows · tokens `t0..t0 + tn` (`t0` a multiple of [`TOKENS`], `tn` ≤
+/// [`TOKENS`]): `out[t * stride + l]` for the lanes set in `lanes`, bit-identical to
+/// [`super::avx512::gemm_group`].
+///
+/// # Safety
+/// [`available`] said yes; `group` a packed group of `dtype` (Q8_0, Q4_0 or Q5_0) with `nb`
+/// blocks per row; `tiles` made by [`TileActs::new`] for `dtype` from activations of `nb`
+/// blocks per token, at least `t0 + TOKENS` tokens; `out.add(t * stride)` writable for the
+/// lanes set, `t < tn`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(super) unsafe fn gemm_group(
+    dtype: GgmlDType,
+    group: &[u8],
+    nb: usize,
+    tiles: &TileActs,
+    (t0, tn): (usize, usize),
+    out: *mut f32,
+    stride: usize,
+    lanes: u16,
+) {
+    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == nb && tiles.piece_bytes == 32);
+    assert!(tiles.init.len() >= (t0 + TOKENS) * nb && tiles.scales.len() == tiles.init.len());
+    ensure_config();
+    let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
+    let group = group.as_ptr();
+    let scales = group.add(nb * code_bytes);
+    let tile = t0 / TOKENS;
+    let init = tiles.init.as_ptr().add(t0 * nb);
+    let da = tiles.scales.as_ptr().add(t0 * nb);
+    let a_codes = tiles.codes.as_ptr().add(tile * nb * 8) as *const u8;
+    let mut acc = [_mm512_setzero_ps(); TOKENS];
+    let weights = |b: usize, scratch: *mut u8| {
+        let src = group.add(b * code_bytes);
+        prefetch_codes(src, code_bytes);
+        if dtype == GgmlDType::Q8_0 {
+            src
+        } else {
+            store_codes(&decode(dtype, src), scratch)
+        }
+    };
+    pipeline(
+        nb,
+        weights,
+        |b| a_codes.add(512 * b),
+        |b, cb| {
+            let (dab, cib) = (da.add(b * TOKENS), init.add(b * TOKENS));
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * meta_bytes) as *const __m256i));
+            // Written out token by token so that the accumulators stay in registers.
+            macro_rules! scale {
             ($($t:literal)*) => {$({
                 let raw = _mm512_load_si512(cb.add(64 * $t) as *const __m512i);
                 let dot = _mm512_add_epi32(raw, _mm512_set1_epi32(*cib.add($t)));
@@ -290,9 +379,89 @@ pub(super) unsafe fn gemm_group(
                 acc[$t] = _mm512_add_ps(acc[$t], _mm512_mul_ps(d, _mm512_cvtepi32_ps(dot)));
             })*};
         }
-        scale!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-    }
-    for (t, acc) in acc.iter().enumerate().take(tn) {
-        _mm512_mask_storeu_ps(out.add(t * stride), lanes, *acc);
-    }
+            scale!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        },
+    );
+    store_out(&acc, tn, out, stride, lanes);
+}
+
+/// [`gemm_group`] for Q4_K over k-quant activations, bit-identical to
+/// [`super::avx512::gemm_group_k`]: per sub-block of 32, `acc = fma(dot, (d · sc) · d_a, acc)`,
+/// and the mins taken off at the end of each block. (Q6_K stays on the VNNI kernel: its
+/// sub-blocks of 16 make a tile product cost as much for half the work, 0.9x measured.)
+///
+/// # Safety
+/// As [`gemm_group`], with `tiles` made by [`TileActs::new_q4_k`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(super) unsafe fn gemm_group_q4_k(group: &[u8], nb: usize, tiles: &TileActs, (t0, tn): (usize, usize), out: *mut f32, stride: usize, lanes: u16) {
+    let pieces = nb * 8;
+    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == pieces && tiles.piece_bytes == 32);
+    assert!(tiles.scales.len() >= (t0 + TOKENS) * pieces && tiles.sums.len() == tiles.scales.len());
+    ensure_config();
+    let (code_bytes, meta_bytes) = layout(GgmlDType::Q4_K).expect("a packed type");
+    let group = group.as_ptr();
+    let da = tiles.scales.as_ptr().add(t0 * pieces);
+    let sums = tiles.sums.as_ptr().add(t0 * pieces);
+    let a_codes = tiles.codes.as_ptr().add(t0 / TOKENS * pieces * 8) as *const u8;
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); TOKENS];
+    let mut dw = _mm512_setzero_ps();
+    let weights = |p: usize, scratch: *mut u8| {
+        let (b, sub) = (p / 8, p % 8);
+        let codes = group.add(b * code_bytes);
+        if sub == 0 {
+            prefetch_codes(codes, code_bytes);
+        }
+        let w: [__m512i; 8] = std::array::from_fn(|g| {
+            let v = _mm512_load_si512(codes.add(64 * (8 * (sub / 2) + g)) as *const __m512i);
+            if sub % 2 == 0 {
+                _mm512_and_si512(v, low)
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
+            }
+        });
+        store_codes(&w, scratch)
+    };
+    pipeline(
+        pieces,
+        weights,
+        |p| a_codes.add(512 * p),
+        |p, cb| {
+            let (b, sub) = (p / 8, p % 8);
+            let meta = group.add(nb * code_bytes + b * meta_bytes);
+            if sub == 0 {
+                dw = _mm512_cvtph_ps(_mm256_loadu_si256(meta as *const __m256i));
+            }
+            let v = _mm_loadu_si128(meta.add(64 + 16 * sub) as *const __m128i);
+            let wsc = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)));
+            let dap = da.add(p * TOKENS);
+            macro_rules! scale {
+                ($($t:literal)*) => {$({
+                    let dot = _mm512_load_si512(cb.add(64 * $t) as *const __m512i);
+                    let f = _mm512_mul_ps(wsc, _mm512_set1_ps(*dap.add($t)));
+                    acc[$t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[$t]);
+                })*};
+            }
+            scale!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            if sub == 7 {
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(meta.add(32) as *const __m256i));
+                let m: [__m512; 8] = std::array::from_fn(|j| {
+                    let v = _mm_loadu_si128(meta.add(192 + 16 * j) as *const __m128i);
+                    _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)))
+                });
+                let sb = sums.add(b * 8 * TOKENS);
+                macro_rules! mins {
+                    ($($t:literal)*) => {$({
+                        let mut mins = _mm512_setzero_ps();
+                        for (j, m) in m.iter().enumerate() {
+                            mins = _mm512_fmadd_ps(*m, _mm512_set1_ps(*sb.add(j * TOKENS + $t)), mins);
+                        }
+                        acc[$t] = _mm512_sub_ps(acc[$t], mins);
+                    })*};
+                }
+                mins!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            }
+        },
+    );
+    store_out(&acc, tn, out, stride, lanes);
 }

@@ -178,8 +178,14 @@ impl QMatrix {
         let (rows, dtype) = (self.rows, self.dtype);
         if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
             let nb = self.cols / QK_K;
-            let acts = quantize_rows(x, n, nb, BlockQ8K32::ZERO, q8_k32);
-            run_packed(p, n, TILE_TOKENS, out, |g, (t0, tn), o, lanes| {
+            // Q4_K on AMX tiles (Q6_K's sub-blocks of 16 do not pay: see `amx`).
+            let amx = isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS && dtype == GgmlDType::Q4_K;
+            let (tile, padded) = if amx { (AMX_TOKENS, n.next_multiple_of(AMX_TOKENS)) } else { (TILE_TOKENS, n) };
+            let mut acts = quantize_rows(x, n, nb, BlockQ8K32::ZERO, q8_k32);
+            acts.resize(padded * nb, BlockQ8K32::ZERO);
+            #[cfg(target_arch = "x86_64")]
+            let tiles = amx.then(|| super::amx::TileActs::new_q4_k(&acts, nb));
+            run_packed(p, n, tile, out, |g, (t0, tn), o, lanes| {
                 assert!(acts.len() >= (t0 + tn) * nb);
                 // SAFETY: `packs_for` checked the CPU; group g has `nb` blocks per row and the
                 // token rows `nb` blocks each (asserted); `o` is token t0's
@@ -187,14 +193,22 @@ impl QMatrix {
                 // masked off: every write is in `out` and (see `OutPtr`) this task's own.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    if isa >= Isa::Avx512Vnni {
-                        super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
-                    } else {
-                        super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes)
+                    match &tiles {
+                        Some(tiles) if 4 * tn >= 3 * AMX_TOKENS => super::amx::gemm_group_q4_k(p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
+                        Some(_) => {
+                            let mut t = 0;
+                            while t < tn {
+                                let k = (tn - t).min(TILE_TOKENS);
+                                super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0 + t, k), o.add(t * rows), rows, lanes);
+                                t += k;
+                            }
+                        }
+                        None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
+                        None => super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
                     }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes}");
+                unreachable!("packed kernels need x86-64 {g} {t0} {tn} {o:?} {lanes} {amx}");
             });
         } else {
             let nb = self.cols / 32;
@@ -217,7 +231,7 @@ impl QMatrix {
                         // as much as a full one, about 12 tokens' worth of the VNNI kernel).
                         Some(tiles) if 4 * tn >= 3 * AMX_TOKENS => {
                             assert!(acts.len() >= (t0 + AMX_TOKENS) * nb);
-                            super::amx::gemm_group(dtype, p.group(g), nb, &acts, tiles, (t0, tn), o, rows, lanes)
+                            super::amx::gemm_group(dtype, p.group(g), nb, tiles, (t0, tn), o, rows, lanes)
                         }
                         // Fewer: the VNNI kernel, up to 8 tokens a call (the same numbers).
                         Some(_) => {
