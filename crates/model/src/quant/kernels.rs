@@ -1,8 +1,10 @@
-//! Run-time kernel selection, detected once per process: AVX-512 VNNI (GEMM kernels over
+//! Run-time kernel selection, detected once per process: AMX-INT8 tiles for the matmuls of
+//! 12 tokens or more in the formats that have them, on top of AVX-512 VNNI (GEMM kernels over
 //! repacked weights for the formats the default model uses, AVX2 for the rest) when the CPU
-//! has it, else AVX-VNNI (the same GEMM kernels at 256 bits, AVX2 for the rest) when it has
-//! that, else AVX2, else the portable scalar kernels; `TPSERVE_KERNELS=avx-vnni`, `avx2` or
-//! `scalar` caps the choice (for comparing them and for debugging).
+//! and the OS allow AMX; else AVX-512 VNNI; else AVX-VNNI (the same GEMM kernels at 256 bits,
+//! AVX2 for the rest) when it has that, else AVX2, else the portable scalar kernels;
+//! `TPSERVE_KERNELS=avx512-vnni`, `avx-vnni`, `avx2` or `scalar` caps the choice (for
+//! comparing them and for debugging).
 
 use std::sync::OnceLock;
 
@@ -109,7 +111,7 @@ pub fn available_isas() -> Vec<Isa> {
 }
 
 /// The kernels this process uses: the best the CPU supports, or at most what the environment
-/// variable `TPSERVE_KERNELS` names (`scalar`, `avx2`, `avx-vnni`; for testing and for
+/// variable `TPSERVE_KERNELS` names (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`; for testing and for
 /// debugging; another value is ignored).
 pub fn active_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
