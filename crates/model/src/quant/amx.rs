@@ -180,6 +180,7 @@ impl TileActs {
         sum: impl Fn(&B, usize) -> Option<f32>,
     ) -> Self {
         assert!(nb > 0 && acts.len().is_multiple_of(nb * TOKENS), "whole tiles of {TOKENS} tokens");
+        assert!(64 % piece_bytes == 0, "a token's piece within one line");
         let tiles = acts.len() / (nb * TOKENS);
         let pieces = nb * per_block;
         let tile_bytes = TOKENS * piece_bytes;
@@ -192,9 +193,10 @@ impl TileActs {
                     let at = (k * pieces + b * per_block + j) * tile_bytes;
                     for t in 0..TOKENS {
                         let (from, start, d) = piece(token(t), j);
-                        for (i, &v) in token(t).codes()[from..from + piece_bytes].iter().enumerate() {
-                            let o = at + t * piece_bytes + i;
-                            codes[o / 64].0[o % 64] = v as u8;
+                        let o = at + t * piece_bytes;
+                        let dst = &mut codes[o / 64].0[o % 64..o % 64 + piece_bytes];
+                        for (d, &v) in dst.iter_mut().zip(&token(t).codes()[from..from + piece_bytes]) {
+                            *d = v as u8;
                         }
                         init.extend(start);
                         scales.push(d);
