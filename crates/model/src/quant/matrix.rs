@@ -370,18 +370,22 @@ fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl F
     let threads = rayon::current_num_threads();
     let group_bytes = p.blocks() * p.block_bytes();
     let out_ptr = OutPtr(out.as_mut_ptr());
+    let call = |g: usize, (t, tn): (usize, usize)| {
+        let r0 = g * GROUP;
+        let live = (rows - r0).min(GROUP);
+        let lanes = if live == GROUP { u16::MAX } else { (1u16 << live) - 1 };
+        // SAFETY: t < n and r0 < rows, so the index is in `out` (asserted length).
+        kernel(g, (t, tn), unsafe { out_ptr.at(t * rows + r0) }, lanes);
+    };
+    let tiles = || (0..n).step_by(tile).map(|t| (t, (n - t).min(tile)));
     let task = |g0: usize, g1: usize| {
-        for g in g0..g1 {
-            let r0 = g * GROUP;
-            let live = (rows - r0).min(GROUP);
-            let lanes = if live == GROUP { u16::MAX } else { (1u16 << live) - 1 };
-            let mut t = 0;
-            while t < n {
-                let tn = (n - t).min(tile);
-                // SAFETY: t < n and r0 < rows, so the index is in `out` (asserted length).
-                kernel(g, (t, tn), unsafe { out_ptr.at(t * rows + r0) }, lanes);
-                t += tn;
-            }
+        if tile > TILE_TOKENS {
+            // AMX tiles: the task's groups for one token tile at a time, so that the tile's
+            // activations stay in L1 while the task's few groups of codes (about
+            // PREFILL_CHUNK_BYTES) do too; a tile load from L2 stalls.
+            tiles().for_each(|t| (g0..g1).for_each(|g| call(g, t)));
+        } else {
+            (g0..g1).for_each(|g| tiles().for_each(|t| call(g, t)));
         }
     };
     let bytes = groups * group_bytes;
