@@ -377,15 +377,19 @@ fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl F
         // SAFETY: t < n and r0 < rows, so the index is in `out` (asserted length).
         kernel(g, (t, tn), unsafe { out_ptr.at(t * rows + r0) }, lanes);
     };
-    let tiles = || (0..n).step_by(tile).map(|t| (t, (n - t).min(tile)));
+    let tiles = |from: usize, to: usize| (from..to).step_by(tile).map(move |t| (t, (to - t).min(tile)));
     let task = |g0: usize, g1: usize| {
         if tile > TILE_TOKENS {
-            // AMX tiles: the task's groups for one token tile at a time, so that the tile's
-            // activations stay in L1 while the task's few groups of codes (about
-            // PREFILL_CHUNK_BYTES) do too; a tile load from L2 stalls.
-            tiles().for_each(|t| (g0..g1).for_each(|g| call(g, t)));
+            // AMX tiles: the task's groups (about PREFILL_CHUNK_BYTES of codes) for two token
+            // tiles at a time, so that both the codes and the tiles' activations stay in L1
+            // (a tile load from L2 stalls). All tokens per group instead: 1.26x the VNNI
+            // kernel at 512 tokens, not 1.48x; one tile at a time over the groups: the
+            // 262k-row head at 32 tokens 1.02x, not 1.45x.
+            for t0 in (0..n).step_by(2 * tile) {
+                (g0..g1).for_each(|g| tiles(t0, (t0 + 2 * tile).min(n)).for_each(|t| call(g, t)));
+            }
         } else {
-            (g0..g1).for_each(|g| tiles().for_each(|t| call(g, t)));
+            (g0..g1).for_each(|g| tiles(0, n).for_each(|t| call(g, t)));
         }
     };
     let bytes = groups * group_bytes;
