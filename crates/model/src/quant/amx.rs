@@ -1,20 +1,27 @@
-//! AMX GEMM kernels for the 32-element formats (Q8_0, Q4_0, Q5_0) over weights repacked by
-//! [`super::packed`]: 16 rows × 16 tokens per call, on Intel CPUs with AMX-INT8 (Sapphire
-//! Rapids and later).
+//! AMX GEMM kernels over weights repacked by [`super::packed`]: 16 rows × 16 tokens per
+//! call, for Q8_0, Q4_0, Q5_0 and Q4_K, on Intel CPUs with AMX-INT8 (Sapphire Rapids and
+//! later).
 //!
 //! The packed layout already is AMX's: a block's eight 64-byte code registers hold, in
 //! register `g`, elements `4g..4g+4` of each of the 16 rows — the "VNNI" layout of a tile `B`
-//! with 8 rows of K-quads and 16 columns. So per block one `tdpbsud` (signed activations in
-//! tile `A`, 16 tokens × 32 bytes read in place from the quantized activations; unsigned
-//! codes in tile `B`) gives the exact integer dot products of 16 tokens × 16 rows, where the
-//! AVX-512 VNNI kernel needs eight `vpdpbusd` per token. Q4_0/Q5_0 codes are first widened to
-//! bytes as the VNNI kernel does ([`super::avx512::decode`]) and stored for the tile load.
+//! with 8 rows of K-quads and 16 columns. So one `tdpbsud` per *piece* of 32 values (a block;
+//! a Q4_K sub-block) gives the exact integer dot products of 16 tokens × 16 rows, where the
+//! AVX-512 VNNI kernel needs eight `vpdpbusd` per token. Tile `A` holds the signed activation
+//! codes, laid out once per matmul ([`TileActs`]); Q4_0/Q5_0/Q4_K codes are first widened to
+//! bytes as the VNNI kernel does and stored for the tile load (Q8_0's are loaded in place).
 //!
 //! After the tile product, everything is the VNNI kernel's per-lane arithmetic in its order:
 //! the codes' offset comes off exactly as `offset · Σ a` (integers), then
-//! `acc += (d_w · d_a) · dot` per token. So these kernels give the scalar kernels' results bit
-//! for bit and are batch-invariant like them: a token's result is the same whether its tile
-//! was full or padded, and whichever kernel ran it.
+//! `acc += (d_w · d_a) · dot` per token (Q4_K: `acc = fma(dot, (d · sc) · d_a, acc)` and the
+//! mins per block). So these kernels give the scalar kernels' results bit for bit and are
+//! batch-invariant like them: a token's result is the same whether its tile was full or
+//! padded, and whichever kernel ran it.
+//!
+//! What bounds them is latency, not the tile unit: a tile load of bytes just stored, or a
+//! vector load of a tile just stored, waits about 50 cycles, and a tile load from L2 stalls.
+//! So [`pipeline`] issues each piece's product two pieces before its results are scaled,
+//! widens codes four pieces ahead, and prefetches codes into L1; the caller walks a task's
+//! groups over two token tiles at a time so that both sides stay in L1.
 //!
 //! The tiles need the kernel's permission (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked
 //! once by [`available`]) and a tile configuration in each thread that runs them
