@@ -331,42 +331,15 @@ mod tests {
 
     #[test]
     fn timed_counts_only_time_spent_in_collective_calls() {
-        struct Slow;
-        impl Collective for Slow {
-            fn rank(&self) -> usize {
-                0
-            }
-            fn world_size(&self) -> usize {
-                2
-            }
-            fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), CommError> {
-                std::thread::sleep(Duration::from_millis(20));
-                Ok(())
-            }
-            fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> {
-                Ok(l.to_vec())
-            }
-            fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
-                Ok(())
-            }
-            fn send(&self, _: &[f32], _: usize) -> Result<(), CommError> {
-                Ok(())
-            }
-            fn recv(&self, _: &mut [f32], _: usize) -> Result<(), CommError> {
-                Ok(())
-            }
-            fn barrier(&self) -> Result<(), CommError> {
-                Ok(())
-            }
-        }
-        let t = Timed::new(Arc::new(Slow));
+        let t = Timed::new(Arc::new(Gpu { calls: Default::default() }));
         assert_eq!(t.elapsed(), Duration::ZERO);
         t.all_reduce_sum(&mut [1.0]).unwrap();
         t.all_reduce_sum(&mut [1.0]).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
     }
 
-    /// A two-rank group with a device path whose all-reduce takes 20 ms and counts its calls.
+    /// A two-rank group whose all-reduces (host and device) take 20 ms, with a device path
+    /// that counts its all-reduce calls.
     struct Gpu {
         calls: std::sync::atomic::AtomicUsize,
     }
@@ -379,6 +352,7 @@ mod tests {
             2
         }
         fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), CommError> {
+            std::thread::sleep(Duration::from_millis(20));
             Ok(())
         }
         fn all_gather(&self, l: &[f32]) -> Result<Vec<f32>, CommError> {

@@ -13,7 +13,7 @@ use tpserve_proto::auth::{AuthChannel, ClusterToken, SendToken};
 use tpserve_proto::tls::Tls;
 use tpserve_proto::v1;
 use tpserve_proto::WorkerClient;
-use tpserve_types::device::{choose_collective, nccl_communicators, nccl_ids_of, CollectiveChoice, CollectiveKind, Device, RankDevice};
+use tpserve_types::device::{choose_collective, nccl_communicators, nccl_ids_of, CollectiveChoice, CollectiveKind, Device, RankDevice, NCCL_ID_BYTES};
 use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::{Plan, RankShard};
 use tpserve_types::step::{StepOutput, StepPlan};
@@ -473,9 +473,6 @@ async fn collective_for(workers: &[RemoteWorker], spec: &ClusterSpec) -> Result<
     }
     Ok((kind, Some(ids)))
 }
-
-/// Bytes of an NCCL unique id (`ncclUniqueId`).
-const NCCL_ID_BYTES: usize = 128;
 
 impl Backend for Cluster {
     fn context_len(&self) -> usize {

@@ -122,6 +122,10 @@ pub fn choose_collective(ranks: &[RankDevice], choice: CollectiveChoice) -> Resu
     }
 }
 
+/// Bytes of an NCCL unique id (`ncclUniqueId`), as the control plane carries it. The same as
+/// `tpserve_comm::NCCL_ID_BYTES` (the worker, which sees both crates, checks it when it builds).
+pub const NCCL_ID_BYTES: usize = 128;
+
 /// How many NCCL communicators a load of tp × pp ranks makes: one per stage's
 /// tensor-parallel group, and one per pipeline group (a tensor-parallel rank of every stage)
 /// when pp > 1. Rank 0's worker makes that many ids; [`nccl_ids_of`] says which are whose.

@@ -385,6 +385,10 @@ fn collective_of(req: &v1::LoadRequest) -> Result<CollectiveKind, Status> {
     }
 }
 
+// The coordinator checks the ids it forwards against tpserve-types' size and NCCL takes
+// tpserve-comm's: the two must agree.
+const _: () = assert!(tpserve_comm::NCCL_ID_BYTES == tpserve_types::device::NCCL_ID_BYTES);
+
 /// An NCCL unique id from a load request, checked for its length.
 #[cfg(feature = "cuda")]
 fn nccl_id(bytes: &[u8], what: &str) -> Result<[u8; tpserve_comm::NCCL_ID_BYTES], Status> {

@@ -137,6 +137,10 @@ const DECODE_AHEAD: usize = ISSUE_AHEAD + 2;
 #[repr(C, align(64))]
 struct Tile([u8; 1024]);
 
+/// Bytes of activation codes per token in one tile product (a block of 32, or a Q4_K
+/// sub-block of 32): tile A's row.
+const PIECE: usize = 32;
+
 /// One cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -150,9 +154,7 @@ struct Line([u8; 64]);
 pub(super) struct TileActs {
     /// Pieces per token row.
     pieces: usize,
-    /// Bytes of one token's piece: 32.
-    piece_bytes: usize,
-    /// `[tile][piece]`, `16 · piece_bytes` bytes each.
+    /// `[tile][piece]`, `16 · PIECE` bytes each.
     codes: Vec<Line>,
     /// `[tile][piece][token]`: `-offset · Σ a`; empty for Q4_K (its offsets are the mins).
     init: Vec<i32>,
@@ -164,45 +166,45 @@ pub(super) struct TileActs {
 
 impl TileActs {
     /// For `acts` (`tiles · 16` tokens of `nb` blocks each, zero blocks past the real ones)
-    /// multiplied with weights of `dtype` (Q8_0, Q4_0, Q5_0).
-    pub(super) fn new(dtype: GgmlDType, acts: &[BlockQ8_0], nb: usize) -> Self {
+    /// multiplied with weights of `dtype` (Q8_0, Q4_0, Q5_0); `sums[i]` is `Σ acts[i].qs`.
+    pub(super) fn new(dtype: GgmlDType, acts: &[BlockQ8_0], sums: &[i32], nb: usize) -> Self {
+        assert_eq!(acts.len(), sums.len(), "a sum per activation block");
         let offset = code_offset(dtype);
-        Self::build(acts, nb, 1, 32, |a, _| (0, Some(-offset * a.qs.iter().map(|&q| q as i32).sum::<i32>()), a.d), |_, _| None)
+        Self::build(acts, nb, 1, |i, a, _| (0, Some(-offset * sums[i]), a.d), |_, _| None)
     }
 
     /// For k-quant activations `acts` (as in [`Self::new`]) multiplied with Q4_K.
     pub(super) fn new_q4_k(acts: &[BlockQ8K32], nb: usize) -> Self {
-        Self::build(acts, nb, 8, 32, |a, j| (32 * j, None, a.d[j]), |a, j| Some(a.s[j]))
+        Self::build(acts, nb, 8, |_, a, j| (PIECE * j, None, a.d[j]), |a, j| Some(a.s[j]))
     }
 
-    /// `piece(block, j)` says where piece `j` of a token's block starts in its codes, the
+    /// `piece(i, block, j)` (block `i` of `acts`) says where piece `j` of it starts in its codes, the
     /// integer its dot product starts from (None: Q4_K) and its scale; `sum(block, j)` the
     /// Q4_K sums (None for the others).
     fn build<B: Codes>(
         acts: &[B],
         nb: usize,
         per_block: usize,
-        piece_bytes: usize,
-        piece: impl Fn(&B, usize) -> (usize, Option<i32>, f32),
+        piece: impl Fn(usize, &B, usize) -> (usize, Option<i32>, f32),
         sum: impl Fn(&B, usize) -> Option<f32>,
     ) -> Self {
         assert!(nb > 0 && acts.len().is_multiple_of(nb * TOKENS), "whole tiles of {TOKENS} tokens");
-        assert!(64 % piece_bytes == 0, "a token's piece within one line");
         let tiles = acts.len() / (nb * TOKENS);
         let pieces = nb * per_block;
-        let tile_bytes = TOKENS * piece_bytes;
+        let tile_bytes = TOKENS * PIECE;
         let mut codes = vec![Line([0; 64]); tiles * pieces * tile_bytes / 64];
         let (mut init, mut scales, mut sums) = (Vec::new(), Vec::with_capacity(tiles * pieces * TOKENS), Vec::new());
         for k in 0..tiles {
             for b in 0..nb {
-                let token = |t: usize| &acts[(k * TOKENS + t) * nb + b];
+                let index = |t: usize| (k * TOKENS + t) * nb + b;
+                let token = |t: usize| &acts[index(t)];
                 for j in 0..per_block {
                     let at = (k * pieces + b * per_block + j) * tile_bytes;
                     for t in 0..TOKENS {
-                        let (from, start, d) = piece(token(t), j);
-                        let o = at + t * piece_bytes;
-                        let dst = &mut codes[o / 64].0[o % 64..o % 64 + piece_bytes];
-                        for (d, &v) in dst.iter_mut().zip(&token(t).codes()[from..from + piece_bytes]) {
+                        let (from, start, d) = piece(index(t), token(t), j);
+                        let o = at + t * PIECE;
+                        let dst = &mut codes[o / 64].0[o % 64..o % 64 + PIECE];
+                        for (d, &v) in dst.iter_mut().zip(&token(t).codes()[from..from + PIECE]) {
                             *d = v as u8;
                         }
                         init.extend(start);
@@ -214,7 +216,7 @@ impl TileActs {
                 }
             }
         }
-        Self { pieces, piece_bytes, codes, init, scales, sums }
+        Self { pieces, codes, init, scales, sums }
     }
 }
 
@@ -352,7 +354,7 @@ pub(super) unsafe fn gemm_group(
     stride: usize,
     lanes: u16,
 ) {
-    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == nb && tiles.piece_bytes == 32);
+    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == nb);
     assert!(tiles.init.len() >= (t0 + TOKENS) * nb && tiles.scales.len() == tiles.init.len());
     ensure_config();
     let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
@@ -361,7 +363,7 @@ pub(super) unsafe fn gemm_group(
     let tile = t0 / TOKENS;
     let init = tiles.init.as_ptr().add(t0 * nb);
     let da = tiles.scales.as_ptr().add(t0 * nb);
-    let a_codes = tiles.codes.as_ptr().add(tile * nb * 8) as *const u8;
+    let a_codes = tiles.codes.as_ptr().add(tile * nb * (TOKENS * PIECE / 64)) as *const u8;
     let mut acc = [_mm512_setzero_ps(); TOKENS];
     let weights = |b: usize, scratch: *mut u8| {
         let src = group.add(b * code_bytes);
@@ -375,7 +377,7 @@ pub(super) unsafe fn gemm_group(
     pipeline(
         nb,
         weights,
-        |b| a_codes.add(512 * b),
+        |b| a_codes.add(TOKENS * PIECE * b),
         |b, cb| {
             let (dab, cib) = (da.add(b * TOKENS), init.add(b * TOKENS));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * meta_bytes) as *const __m256i));
@@ -404,14 +406,14 @@ pub(super) unsafe fn gemm_group(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub(super) unsafe fn gemm_group_q4_k(group: &[u8], nb: usize, tiles: &TileActs, (t0, tn): (usize, usize), out: *mut f32, stride: usize, lanes: u16) {
     let pieces = nb * 8;
-    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == pieces && tiles.piece_bytes == 32);
+    assert!(t0.is_multiple_of(TOKENS) && tn <= TOKENS && tiles.pieces == pieces);
     assert!(tiles.scales.len() >= (t0 + TOKENS) * pieces && tiles.sums.len() == tiles.scales.len());
     ensure_config();
     let (code_bytes, meta_bytes) = layout(GgmlDType::Q4_K).expect("a packed type");
     let group = group.as_ptr();
     let da = tiles.scales.as_ptr().add(t0 * pieces);
     let sums = tiles.sums.as_ptr().add(t0 * pieces);
-    let a_codes = tiles.codes.as_ptr().add(t0 / TOKENS * pieces * 8) as *const u8;
+    let a_codes = tiles.codes.as_ptr().add(t0 / TOKENS * pieces * (TOKENS * PIECE / 64)) as *const u8;
     let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); TOKENS];
     let mut dw = _mm512_setzero_ps();
@@ -434,7 +436,7 @@ pub(super) unsafe fn gemm_group_q4_k(group: &[u8], nb: usize, tiles: &TileActs, 
     pipeline(
         pieces,
         weights,
-        |p| a_codes.add(512 * p),
+        |p| a_codes.add(TOKENS * PIECE * p),
         |p, cb| {
             let (b, sub) = (p / 8, p % 8);
             let meta = group.add(nb * code_bytes + b * meta_bytes);

@@ -1,5 +1,5 @@
 //! Run-time kernel selection, detected once per process: AMX-INT8 tiles for the matmuls of
-//! 12 tokens or more in the formats that have them, on top of AVX-512 VNNI (GEMM kernels over
+//! 16 tokens or more in the formats that have them, on top of AVX-512 VNNI (GEMM kernels over
 //! repacked weights for the formats the default model uses, AVX2 for the rest) when the CPU
 //! and the OS allow AMX; else AVX-512 VNNI; else AVX-VNNI (the same GEMM kernels at 256 bits,
 //! AVX2 for the rest) when it has that, else AVX2, else the portable scalar kernels;
@@ -25,8 +25,8 @@ pub enum Isa {
     /// AVX2's kernels, and the AVX-512 (F, BW) + VNNI GEMM kernels over repacked weights
     /// where a type has them.
     Avx512Vnni,
-    /// AVX-512 VNNI's kernels, and AMX-INT8 tile kernels (`quant::amx`) for the 32-element
-    /// formats at 16 tokens and more (prefill and batched decode).
+    /// AVX-512 VNNI's kernels, and AMX-INT8 tile kernels (`quant::amx`) for Q8_0, Q4_0, Q5_0
+    /// and Q4_K matmuls of 16 tokens and more (prefill and batched decode).
     Avx512Amx,
 }
 

@@ -179,8 +179,7 @@ impl QMatrix {
         if matches!(dtype, GgmlDType::Q4_K | GgmlDType::Q6_K) {
             let nb = self.cols / QK_K;
             // Q4_K on AMX tiles (Q6_K's sub-blocks of 16 do not pay: see `amx`).
-            let amx = isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS && dtype == GgmlDType::Q4_K;
-            let (tile, padded) = if amx { (AMX_TOKENS, n.next_multiple_of(AMX_TOKENS)) } else { (TILE_TOKENS, n) };
+            let (amx, tile, padded) = amx_plan(isa, n, dtype == GgmlDType::Q4_K);
             let mut acts = quantize_rows(x, n, nb, BlockQ8K32::ZERO, q8_k32);
             acts.resize(padded * nb, BlockQ8K32::ZERO);
             #[cfg(target_arch = "x86_64")]
@@ -194,15 +193,8 @@ impl QMatrix {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match &tiles {
-                        Some(tiles) if 4 * tn >= 3 * AMX_TOKENS => super::amx::gemm_group_q4_k(p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
-                        Some(_) => {
-                            let mut t = 0;
-                            while t < tn {
-                                let k = (tn - t).min(TILE_TOKENS);
-                                super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0 + t, k), o.add(t * rows), rows, lanes);
-                                t += k;
-                            }
-                        }
+                        Some(tiles) if worth_a_tile(tn) => super::amx::gemm_group_q4_k(p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
+                        Some(_) => in_vnni_calls((t0, tn), o, rows, |ts, o| super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, ts, o, rows, lanes)),
                         None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
                         None => super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
                     }
@@ -212,36 +204,21 @@ impl QMatrix {
             });
         } else {
             let nb = self.cols / 32;
-            // AMX tiles take 16 tokens; the last tile's missing ones read zero blocks.
-            let amx = isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS;
-            let (tile, padded) = if amx { (AMX_TOKENS, n.next_multiple_of(AMX_TOKENS)) } else { (TILE_TOKENS, n) };
+            let (amx, tile, padded) = amx_plan(isa, n, true);
             let mut acts = quantize_rows(x, n, nb, BlockQ8_0::ZERO, q8_0);
             acts.resize(padded * nb, BlockQ8_0::ZERO);
             let sums: Vec<i32> = acts.iter().map(|b| b.qs.iter().map(|&q| q as i32).sum()).collect();
             #[cfg(target_arch = "x86_64")]
-            let tiles = amx.then(|| super::amx::TileActs::new(dtype, &acts, nb));
+            let tiles = amx.then(|| super::amx::TileActs::new(dtype, &acts, &sums, nb));
             run_packed(p, n, tile, out, |g, (t0, tn), o, lanes| {
                 assert!(acts.len() >= (t0 + tn) * nb && sums.len() == acts.len());
                 // SAFETY: as above, with `nb` sums per token; the AMX kernel reads a whole
-                // tile of tokens, which the padding above guarantees (asserted).
+                // tile of tokens from `tiles`, made from the padded activations (it asserts so).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match &tiles {
-                        // A tile of at least 12 tokens: the tile product (a padded one costs
-                        // as much as a full one, about 12 tokens' worth of the VNNI kernel).
-                        Some(tiles) if 4 * tn >= 3 * AMX_TOKENS => {
-                            assert!(acts.len() >= (t0 + AMX_TOKENS) * nb);
-                            super::amx::gemm_group(dtype, p.group(g), nb, tiles, (t0, tn), o, rows, lanes)
-                        }
-                        // Fewer: the VNNI kernel, up to 8 tokens a call (the same numbers).
-                        Some(_) => {
-                            let mut t = 0;
-                            while t < tn {
-                                let k = (tn - t).min(TILE_TOKENS);
-                                super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0 + t, k), o.add(t * rows), rows, lanes);
-                                t += k;
-                            }
-                        }
+                        Some(tiles) if worth_a_tile(tn) => super::amx::gemm_group(dtype, p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
+                        Some(_) => in_vnni_calls((t0, tn), o, rows, |ts, o| super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, ts, o, rows, lanes)),
                         None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
                         None => super::avx_vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
                     }
@@ -361,7 +338,7 @@ impl QMatrix {
 }
 
 /// The group loop of the packed kernels: groups of 16 rows split over the current pool as
-/// [`QMatrix::run`] splits rows, each group multiplied with up to eight tokens per call of
+/// [`QMatrix::run`] splits rows, each group multiplied with up to `tile` tokens per call of
 /// `kernel(group, (first token, tokens), output of its first row and token, live lanes)`
 /// while its codes stay in L1.
 fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl Fn(usize, (usize, usize), *mut f32, u16) + Sync) {
@@ -426,6 +403,36 @@ const AMX_TOKENS: usize = 16;
 /// The fewest tokens a matmul runs on AMX tiles with; below, the AVX-512 VNNI kernels (one
 /// tile product costs the same at 1 token as at 16).
 const AMX_MIN_TOKENS: usize = 16;
+
+/// Whether a matmul of `n` tokens on `isa` runs on AMX tiles (`eligible`: its weight type
+/// has tile kernels), with the token tile `run_packed` cuts and how many tokens the
+/// activations are padded to with zero blocks (tiles read 16 tokens).
+fn amx_plan(isa: Isa, n: usize, eligible: bool) -> (bool, usize, usize) {
+    if eligible && isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS {
+        (true, AMX_TOKENS, n.next_multiple_of(AMX_TOKENS))
+    } else {
+        (false, TILE_TOKENS, n)
+    }
+}
+
+/// Whether a tile of `tn` tokens goes to the tile kernel: a padded tile costs as much as a
+/// full one, about 12 tokens' worth of the VNNI kernel; fewer go to the VNNI kernel, which
+/// gives the same numbers.
+fn worth_a_tile(tn: usize) -> bool {
+    4 * tn >= 3 * AMX_TOKENS
+}
+
+/// `kernel((first token, tokens), output)` over tokens `t0..t0 + tn` in calls of at most
+/// [`TILE_TOKENS`], each with its tokens' output (`rows` apart per token) from `o`.
+///
+/// # Safety
+/// `o` points at token `t0`'s output of a group, with `tn` tokens' outputs after it.
+#[cfg(target_arch = "x86_64")]
+unsafe fn in_vnni_calls((t0, tn): (usize, usize), o: *mut f32, rows: usize, mut kernel: impl FnMut((usize, usize), *mut f32)) {
+    for t in (0..tn).step_by(TILE_TOKENS) {
+        kernel((t0 + t, (tn - t).min(TILE_TOKENS)), o.add(t * rows));
+    }
+}
 
 /// The output of a prefill matmul, written by parallel tasks whose rows interleave in memory.
 ///

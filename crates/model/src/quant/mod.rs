@@ -12,7 +12,7 @@
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
 //! - `packed`: weights repacked at load, 16 rows interleaved; `avx512` / `avx_vnni`: the GEMM
 //!   kernels over them (512-bit, and 256-bit for AVX-VNNI CPUs without AVX-512); `amx`: AMX
-//!   tile kernels over the same layout, for 12 tokens and more.
+//!   tile kernels over the same layout, for matmuls of 16 tokens and more.
 //! - [`kernels`]: run-time choice between them (`TPSERVE_KERNELS=scalar` forces the fallback).
 //! - [`matrix`]: [`QMatrix`], the weight matrix type the model multiplies with.
 
