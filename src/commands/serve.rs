@@ -172,7 +172,7 @@ pub async fn serve_lines<B: Backend>(backend: &mut B, tok: &Tokenizer) -> Result
             // still here (they drop their shards after --coordinator-timeout-secs without a
             // call). A failure marks the cluster failed; the next request recovers it.
             _ = tokio::time::sleep(KEEPALIVE) => {
-                let _ = backend.step(&tpserve_types::step::StepPlan { step: 0, seqs: Vec::new(), free: Vec::new() }).await;
+                let _ = backend.step(&tpserve_types::step::StepPlan::default()).await;
                 continue;
             }
         };

@@ -258,7 +258,28 @@ pub struct Cluster {
     /// Per rank: resolves once the rank has answered the last step submitted to it. The next
     /// step's call to that rank waits for it, so every rank runs its steps in submission order
     /// while several are in flight (a pipeline's stages each busy with a batch of its own).
-    turns: Vec<Option<oneshot::Receiver<()>>>,
+    /// The steps in flight take their second half's turns on the ranks before the last stage
+    /// ([`HeadRows`](tpserve_types::step::HeadRows)) when their first half is answered. A new one on every (re)load.
+    turns: Turns,
+}
+
+/// Per rank, the receiver of the last call's "answered" (see [`Cluster::turns`]).
+type Turns = Arc<std::sync::Mutex<Vec<Option<oneshot::Receiver<()>>>>>;
+
+fn new_turns(world: usize) -> Turns {
+    Arc::new(std::sync::Mutex::new((0..world).map(|_| None).collect()))
+}
+
+/// The next turn on each of `ranks`, after the call taken before it on that rank.
+fn take_turns(turns: &Turns, ranks: &[usize]) -> Vec<Turn> {
+    let mut slots = turns.lock().expect("no code panics holding the turns");
+    ranks
+        .iter()
+        .map(|&r| {
+            let (done, next) = oneshot::channel();
+            Turn { after: slots[r].replace(next), done }
+        })
+        .collect()
 }
 
 impl Cluster {
@@ -267,7 +288,7 @@ impl Cluster {
     /// Fails, naming every rank that failed, unless all load.
     pub async fn load(workers: Vec<RemoteWorker>, spec: ClusterSpec, progress: impl Fn(usize, &LoadProgress) + Sync) -> Result<Cluster, ClusterError> {
         let loaded = load_shards(&workers, &spec, progress).await?;
-        let turns = workers.iter().map(|_| None).collect();
+        let turns = new_turns(workers.len());
         Ok(Cluster { workers: workers.into(), spec, joins: None, failed: None, loaded, turns })
     }
 
@@ -303,7 +324,7 @@ impl Cluster {
         }
         info!(waited_ms = t.elapsed().as_millis() as u64, "every rank answers again: reloading the plan on all of them");
         let loaded = load_shards(&workers, &self.spec, |_, _| {}).await?;
-        self.turns = workers.iter().map(|_| None).collect();
+        self.turns = new_turns(workers.len());
         self.workers = workers.into();
         self.loaded = loaded;
         self.failed = None;
@@ -523,40 +544,66 @@ impl Backend for Cluster {
 
 impl Cluster {
     /// Sends `plan` to every rank, each rank's call after that rank answered the step
-    /// submitted before it, and checks every answer. The future owns what it needs: several
-    /// may be in flight. Its error says whether the cluster failed ([`Backend::step_failed`]).
+    /// submitted before it, and checks every answer. With pp > 1, once the last stage has
+    /// answered, the wanted rows' final hidden states go to the ranks before it that hold
+    /// rows of the output projection ([`HeadRows`](tpserve_types::step::HeadRows), each rank's call again in its turn), and
+    /// their answers join the reply. The future owns what it needs: several may be in
+    /// flight. Its error says whether the cluster failed ([`Backend::step_failed`]).
     fn send(&mut self, plan: &StepPlan) -> impl std::future::Future<Output = Result<StepReply, ClusterError>> + Send + 'static {
         let req = v1::StepRequest::from(plan);
-        let request_bytes = req.encoded_len() * self.workers.len();
+        let mut request_bytes = req.encoded_len() * self.workers.len();
         let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
-        let turns: Vec<Turn> = self
-            .turns
-            .iter_mut()
-            .map(|slot| {
-                let (done, next) = oneshot::channel();
-                Turn { after: slot.replace(next), done }
-            })
-            .collect();
-        let (workers, timeouts) = (self.workers.clone(), self.spec.timeouts);
+        let all: Vec<usize> = (0..self.workers.len()).collect();
+        let turns = take_turns(&self.turns, &all);
+        let (workers, timeouts, all_turns) = (self.workers.clone(), self.spec.timeouts, self.turns.clone());
+        let (plan_ref, step) = (&self.spec.plan, plan.step);
+        let reporter = (plan_ref.pp - 1) * plan_ref.tp;
+        let head_ranks: Vec<usize> = plan_ref.shards().into_iter().filter(|s| !s.last_stage && !s.vocab.is_empty()).map(|s| s.rank).collect();
         async move {
-            let (answers, mut errors) = fan_out(&workers, timeouts, req, turns).instrument(span.clone()).await;
-            if !errors.is_empty() {
-                errors.sort_by_key(|(r, _)| *r);
-                // Every rank refused the step the same way: the request was bad, the cluster is fine.
-                if errors.len() == workers.len() && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
-                    return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
+            let (mut outputs, mut response_bytes) = gather(&workers, &all, timeouts, req, turns).instrument(span.clone()).await?;
+            let hidden = std::mem::take(&mut outputs[reporter].hidden);
+            if !hidden.is_empty() && !head_ranks.is_empty() {
+                let req = v1::StepRequest { step, head: Some(v1::HeadRows { of_step: step, hidden }), ..Default::default() };
+                request_bytes += req.encoded_len() * head_ranks.len();
+                let turns = take_turns(&all_turns, &head_ranks);
+                let (heads, bytes) = gather(&workers, &head_ranks, timeouts, req, turns).instrument(span.clone()).await?;
+                response_bytes += bytes;
+                for h in heads {
+                    let o = &mut outputs[h.rank];
+                    o.seqs = h.seqs;
+                    o.compute_us += h.compute_us;
                 }
-                let why = diagnose(&workers, &errors);
-                warn!(parent: &span, error = %why, "step failed");
-                return Err(ClusterError::WorkerLost(why));
             }
-            let (outputs, response_bytes) = outputs(&workers, answers)?;
             for o in &outputs {
                 debug!(parent: &span, rank = o.rank, compute_us = o.compute_us, comm_us = o.comm_us, "rank step");
             }
             Ok(StepReply { outputs, request_bytes, response_bytes })
         }
     }
+}
+
+/// [`fan_out`] `req` to `ranks` and checks every answer: their outputs in `ranks` order and
+/// their encoded size, or why the step failed (naming the rank that explains it; a step
+/// every rank refused leaves the cluster as it was).
+async fn gather(
+    workers: &[RemoteWorker],
+    ranks: &[usize],
+    timeouts: Timeouts,
+    req: v1::StepRequest,
+    turns: Vec<Turn>,
+) -> Result<(Vec<StepOutput>, usize), ClusterError> {
+    let (answers, mut errors) = fan_out(workers, ranks, timeouts, req, turns).await;
+    if !errors.is_empty() {
+        errors.sort_by_key(|(r, _)| *r);
+        // Every rank refused the step the same way: the request was bad, the cluster is fine.
+        if errors.len() == ranks.len() && errors.iter().all(|(_, s)| s.code() == Code::InvalidArgument) {
+            return Err(ClusterError::Rejected(errors[0].1.message().to_string()));
+        }
+        let why = diagnose(workers, &errors);
+        warn!(error = %why, "step failed");
+        return Err(ClusterError::WorkerLost(why));
+    }
+    outputs(workers, ranks, answers)
 }
 
 /// One rank's place in the order of steps: its call waits for `after` (the rank answered the
@@ -567,22 +614,31 @@ struct Turn {
     done: oneshot::Sender<()>,
 }
 
-/// Sends `req` to every rank at once (each rank's call after its [`Turn`]) and gathers
-/// every answer. A step without sequences (the idle probe) must be answered within
+/// Sends `req` to every rank of `ranks` at once (each rank's call after its [`Turn`]) and
+/// gathers every answer (in `ranks` order; errors by world rank). A step without sequences (the idle probe) must be answered within
 /// [`Timeouts::probe`]. While the step runs, ranks that have not answered are asked for
 /// their health every [`Timeouts::health`]: one that misses [`HEALTH_MISSES`] in a row is
 /// stopped or cut off, and the step fails at once, naming it. Once a rank has failed, the
 /// others get one collective deadline (plus a margin) to report what they saw; a rank that
 /// has not answered by then counts as failed too.
-async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequest, turns: Vec<Turn>) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
-    let world = workers.len();
-    let deadline = if req.seqs.is_empty() { timeouts.probe } else { timeouts.step };
-    let mut pending: FuturesUnordered<_> = workers
+async fn fan_out(
+    workers: &[RemoteWorker],
+    ranks: &[usize],
+    timeouts: Timeouts,
+    req: v1::StepRequest,
+    turns: Vec<Turn>,
+) -> (Vec<v1::StepResponse>, Vec<(usize, Status)>) {
+    let world = ranks.len();
+    // A step with work (sequences, or head rows to project) gets the step deadline and
+    // health checks; the idle probe must be answered at once.
+    let works = !req.seqs.is_empty() || req.head.is_some();
+    let deadline = if works { timeouts.step } else { timeouts.probe };
+    let mut pending: FuturesUnordered<_> = ranks
         .iter()
         .zip(turns)
         .enumerate()
-        .map(|(rank, (w, turn))| {
-            let mut c = w.client.clone();
+        .map(|(i, (&rank, turn))| {
+            let mut c = workers[rank].client.clone();
             let mut r = Request::new(req.clone());
             r.set_timeout(deadline);
             async move {
@@ -597,7 +653,7 @@ async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequ
                     .map(|r| r.into_inner());
                 let _ = turn.done.send(());
                 debug!(rank, rpc_us = t.elapsed().as_micros() as u64, "step rpc");
-                (rank, r)
+                (i, r)
             }
         })
         .collect();
@@ -615,11 +671,12 @@ async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequ
         let next = tokio::select! {
             n = pending.next() => n,
             _ = tokio::time::sleep_until(until) => break,
-            _ = health.tick(), if !req.seqs.is_empty() => {
-                let waiting: Vec<usize> = (0..world).filter(|&r| answers[r].is_none() && !errors.iter().any(|(e, _)| *e == r)).collect();
+            _ = health.tick(), if works => {
+                let waiting: Vec<usize> = (0..world).filter(|&i| answers[i].is_none() && !errors.iter().any(|(e, _)| *e == ranks[i])).map(|i| ranks[i]).collect();
                 for (rank, ok) in health_of(workers, timeouts.health, &waiting).await {
-                    misses[rank] = if ok { 0 } else { misses[rank] + 1 };
-                    if misses[rank] >= HEALTH_MISSES {
+                    let i = ranks.iter().position(|&r| r == rank).expect("asked only ranks of this call");
+                    misses[i] = if ok { 0 } else { misses[i] + 1 };
+                    if misses[i] >= HEALTH_MISSES {
                         let gone = timeouts.health * (HEALTH_MISSES + 1);
                         errors.push((rank, Status::unavailable(format!("stopped answering health checks for {gone:?} while a step was running; is it stopped or partitioned?"))));
                         lost = Some(rank);
@@ -629,16 +686,16 @@ async fn fan_out(workers: &[RemoteWorker], timeouts: Timeouts, req: v1::StepRequ
                 continue;
             }
         };
-        let Some((rank, r)) = next else { break };
+        let Some((i, r)) = next else { break };
         match r {
-            Ok(a) => answers[rank] = Some(a),
+            Ok(a) => answers[i] = Some(a),
             Err(s) => {
                 grace.get_or_insert_with(|| tokio::time::Instant::now() + waited);
-                errors.push((rank, s));
+                errors.push((ranks[i], s));
             }
         }
     }
-    for (rank, a) in answers.iter().enumerate() {
+    for (&rank, a) in ranks.iter().zip(&answers) {
         if a.is_none() && !errors.iter().any(|(r, _)| *r == rank) {
             let status = match lost {
                 // Waiting in the collective for the lost rank: a victim, not a culprit.
@@ -667,12 +724,12 @@ async fn health_of(workers: &[RemoteWorker], every: Duration, ranks: &[usize]) -
     futures::future::join_all(calls).await
 }
 
-/// Every rank's answer checked and converted, in rank order, with their encoded size;
+/// The answers of `ranks` checked and converted, in that order, with their encoded size;
 /// a malformed one fails the cluster.
-fn outputs(workers: &[RemoteWorker], answers: Vec<v1::StepResponse>) -> Result<(Vec<StepOutput>, usize), ClusterError> {
+fn outputs(workers: &[RemoteWorker], ranks: &[usize], answers: Vec<v1::StepResponse>) -> Result<(Vec<StepOutput>, usize), ClusterError> {
     let mut outputs = Vec::with_capacity(answers.len());
     let mut response_bytes = 0;
-    for (rank, a) in answers.into_iter().enumerate() {
+    for (&rank, a) in ranks.iter().zip(answers) {
         response_bytes += a.encoded_len();
         let Some(out) = StepOutput::try_from(a).ok().filter(|o| o.rank == rank) else {
             let why = format!("worker rank {rank} ({}) sent a malformed step answer", workers[rank].addr);

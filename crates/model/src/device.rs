@@ -12,7 +12,7 @@ use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::RankShard;
 
 use crate::config::ModelConfig;
-use crate::model::{Model, ModelError, SeqChunk};
+use crate::model::{Model, ModelError, SeqChunk, StageOutput};
 use crate::ops::{Cpu, KvMemory, Ops};
 
 /// A device's operation set, opened.
@@ -83,11 +83,15 @@ impl DeviceOps {
 
 /// A loaded shard and its KV memory on some device: what a worker steps.
 pub trait LoadedShard: Send + Sync {
-    /// [`Model::forward`] against this shard's KV memory.
-    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// [`Model::forward_stage`] against this shard's KV memory.
+    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError>;
+    /// [`Model::head_logits`]: this rank's slice of the output projection for final hidden
+    /// states the last stage reported.
+    fn head_logits(&mut self, hidden: &[f32]) -> Result<Vec<f32>, ModelError>;
     /// The whole model's hyper-parameters.
     fn config(&self) -> &ModelConfig;
-    /// The vocabulary ids whose logits this rank returns (empty before the last stage).
+    /// The vocabulary ids whose logits this rank returns (empty on a rank without rows of
+    /// the output projection).
     fn vocab_range(&self) -> Range<usize>;
     /// Bytes reserved for the KV cache.
     fn kv_bytes(&self) -> u64;
@@ -124,8 +128,11 @@ impl<O: Ops> OnDevice<O> {
 }
 
 impl<O: Ops> LoadedShard for OnDevice<O> {
-    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.model.forward(&mut self.kv, batch)
+    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
+        self.model.forward_stage(&mut self.kv, batch)
+    }
+    fn head_logits(&mut self, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
+        self.model.head_logits(hidden)
     }
     fn config(&self) -> &ModelConfig {
         self.model.config()

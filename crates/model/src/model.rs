@@ -156,8 +156,11 @@ pub struct Model<O: Ops = Cpu> {
     pp_comm: Option<Arc<dyn Collective>>,
     /// First stage only (host memory: read a row per token).
     embed: Option<VocabParallel>,
-    /// Last stage only.
-    head: Option<(RmsNorm<O>, VocabParallel<O::Mat>)>,
+    /// Last stage only: the norm before the output projection.
+    final_norm: Option<RmsNorm<O>>,
+    /// This rank's rows of the output projection (`shard.vocab`): on the last stage's ranks,
+    /// and with pp > 1 on every stage's (see `tpserve_types::plan`).
+    head: Option<VocabParallel<O::Mat>>,
     /// This stage's layers.
     layers: Vec<Layer<O>>,
     /// Query heads on this rank.
@@ -252,21 +255,23 @@ impl<O: Ops> Model<O> {
             }
         };
 
-        let vocab_rows = tp.split(cfg.vocab);
         let embed = if shard.first_stage {
             let embd = crate::weights::matrix(g, "token_embd.weight", cfg.vocab, hidden)?;
-            Some(VocabParallel::new("token_embd.weight", &embd, vocab_rows.clone())?)
+            Some(VocabParallel::new("token_embd.weight", &embd, tp.split(cfg.vocab))?)
         } else {
             None
         };
-        let head = if shard.last_stage {
+        if shard.vocab.end > cfg.vocab {
+            return Err(ModelError::Plan(format!("vocabulary rows {:?} of a {}-row vocabulary", shard.vocab, cfg.vocab)));
+        }
+        let head = if shard.vocab.is_empty() {
+            None
+        } else {
             let name = if g.tensors.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
             let out = crate::weights::matrix(g, name, cfg.vocab, hidden)?;
-            let head = VocabParallel::new(name, &out, vocab_rows)?.to_device(&ops)?;
-            Some((norm("output_norm.weight", hidden)?, head))
-        } else {
-            None
+            Some(VocabParallel::new(name, &out, shard.vocab.clone())?.to_device(&ops)?)
         };
+        let final_norm = if shard.last_stage { Some(norm("output_norm.weight", hidden)?) } else { None };
 
         let mut layers = Vec::with_capacity(shard.layers.len());
         for il in shard.layers.clone() {
@@ -308,6 +313,7 @@ impl<O: Ops> Model<O> {
             tp_comm,
             pp_comm: if single_stage { None } else { pp_comm },
             embed,
+            final_norm,
             head,
             layers,
             windows,
@@ -319,9 +325,10 @@ impl<O: Ops> Model<O> {
         &self.cfg
     }
 
-    /// The vocabulary ids whose logits this rank returns (empty before the last stage).
+    /// The vocabulary ids whose logits this rank returns (empty on a rank without rows of
+    /// the output projection).
     pub fn vocab_range(&self) -> std::ops::Range<usize> {
-        self.head.as_ref().map_or(0..0, |(_, h)| h.vocab_range())
+        self.head.as_ref().map_or(0..0, |h| h.vocab_range())
     }
 
     /// The device this shard computes on, in words.
@@ -345,7 +352,7 @@ impl<O: Ops> Model<O> {
     /// embedding's bytes, with its own repacked copy.
     fn matmul_matrices(&self) -> Vec<&dyn Matrix> {
         let mut m: Vec<&dyn Matrix> = Vec::new();
-        m.extend(self.head.as_ref().map(|(_, h)| h.weight() as &dyn Matrix));
+        m.extend(self.head.as_ref().map(|h| h.weight() as &dyn Matrix));
         for l in &self.layers {
             m.extend([l.q.weight(), l.k.weight(), l.v.weight(), l.gate.weight(), l.up.weight()].map(|w| w as &dyn Matrix));
             m.extend(l.o.parts().iter().map(|w| w as &dyn Matrix));
@@ -418,11 +425,18 @@ impl<O: Ops> Model<O> {
     /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
     pub fn forward(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_stage(kv, batch).map(|o| o.logits)
+    }
+
+    /// [`Model::forward`], and on the first tensor-parallel rank of the last of several
+    /// stages also the final hidden states of the wanted rows, which the other stages' slices
+    /// of the output projection need ([`Model::head_logits`]).
+    pub fn forward_stage(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
         // Validate before touching any cache, so a bad request changes nothing.
         self.check(kv.book(), batch)?;
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if tokens.is_empty() {
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
+            return Ok(StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() });
         }
         let _span = trace_span!("forward", stage = self.shard.stage, tokens = tokens.len(), seqs = batch.len()).entered();
         let mut x = self.input(&tokens)?;
@@ -538,13 +552,14 @@ impl<O: Ops> Model<O> {
 
     /// What leaves this stage: the hidden states to the next stage, or on the last stage
     /// the logits of the rows each sequence asked for (final norm, then this rank's slice
-    /// of the output projection).
-    fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// of the output projection) and, with several stages, those rows' normed hidden states.
+    fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
         let ops = &self.ops;
-        let Some((final_norm, head)) = &self.head else {
-            let pp = self.pp_comm.as_ref().expect("a stage without the head has a next stage");
+        let nothing = || StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() };
+        let Some(final_norm) = &self.final_norm else {
+            let pp = self.pp_comm.as_ref().expect("a stage before the last has a next stage");
             ops.send(x, pp.as_ref(), self.shard.stage + 1)?;
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
+            return Ok(nothing());
         };
         let _span = trace_span!("head").entered();
         let hidden = self.cfg.hidden;
@@ -559,17 +574,22 @@ impl<O: Ops> Model<O> {
             rows.extend(r.end - rows_of(s)..r.end);
         }
         if rows.is_empty() {
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
+            return Ok(nothing());
         }
         let mut sel = ops.gather_rows(x, hidden, &rows)?;
         final_norm.forward_inplace(ops, &mut sel)?;
-        let vocab_local = head.vocab_range().len();
-        let mut logits = ops.zeros(rows.len(), vocab_local)?;
-        head.logits(ops, &sel, rows.len(), &mut logits)?;
-        if let Some(cap) = self.cfg.final_logit_softcap {
-            ops.softcap(&mut logits, cap)?;
+        // The other stages' slices of the head need the rows too: one rank of the stage
+        // reports them (all hold the same after the all-reduce).
+        let mut hidden_out = Vec::new();
+        if !self.shard.first_stage && self.shard.tp.rank == 0 {
+            hidden_out = ops.download(sel)?;
+            sel = ops.upload(hidden_out.clone(), hidden)?;
         }
-        let logits = ops.download(logits)?;
+        let logits = match &self.head {
+            Some(head) => self.project(head, &sel, rows.len())?,
+            None => Vec::new(),
+        };
+        let vocab_local = self.vocab_range().len();
         let mut out = Vec::with_capacity(batch.len());
         let mut next = 0;
         for s in batch {
@@ -577,8 +597,45 @@ impl<O: Ops> Model<O> {
             out.push(logits[next * vocab_local..(next + r) * vocab_local].to_vec());
             next += r;
         }
-        Ok(out)
+        Ok(StageOutput { logits: out, hidden: hidden_out })
     }
+
+    /// This rank's logits (`[rows, vocab_range().len()]`) for final hidden states another
+    /// stage computed (`[rows, hidden]`, after the final norm, as [`StageOutput::hidden`]
+    /// reported them): with pp > 1, every stage's slice of the output projection.
+    pub fn head_logits(&self, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let width = self.cfg.hidden;
+        let head = self.head.as_ref().ok_or_else(|| ModelError::Plan(format!("rank {} holds no rows of the output projection", self.shard.rank)))?;
+        if hidden.is_empty() || !hidden.len().is_multiple_of(width) {
+            return Err(ModelError::Plan(format!("{} hidden values are not whole rows of {width}", hidden.len())));
+        }
+        let _span = trace_span!("head", rows = hidden.len() / width).entered();
+        let x = self.ops.upload(hidden.to_vec(), width)?;
+        self.project(head, &x, hidden.len() / width)
+    }
+
+    /// `rows` normed hidden states through this rank's slice of the output projection (and
+    /// the model's final soft-cap), downloaded.
+    fn project(&self, head: &VocabParallel<O::Mat>, x: &O::Act, rows: usize) -> Result<Vec<f32>, ModelError> {
+        let ops = &self.ops;
+        let mut logits = ops.zeros(rows, head.vocab_range().len())?;
+        head.logits(ops, x, rows, &mut logits)?;
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            ops.softcap(&mut logits, cap)?;
+        }
+        ops.download(logits)
+    }
+}
+
+/// What one stage's forward pass gives back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageOutput {
+    /// Per sequence, its wanted rows' logits over this rank's vocabulary slice (`[rows,
+    /// vocab_range().len()]`; empty before the last stage and on a rank without a slice).
+    pub logits: Vec<Vec<f32>>,
+    /// On the first tensor-parallel rank of the last of several stages: the wanted rows'
+    /// final hidden states (`[rows, hidden]`, after the final norm), in batch order; else empty.
+    pub hidden: Vec<f32>,
 }
 
 /// The activations of one forward pass, allocated once and reused by every layer.

@@ -6,7 +6,7 @@
 use tpserve_types::kv::{KvGroup, KvLayout};
 use tpserve_types::plan::{RankShard, TpRank};
 use tpserve_types::sampling::{Candidates, LogitBias, Penalties, MAX_LOGIT_BIAS};
-use tpserve_types::step::{LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput, StepPlan};
+use tpserve_types::step::{HeadRows, LogitsWanted, SeqOutput, SeqStart, SeqWork, StepOutput, StepPlan};
 use tpserve_types::SamplingParams;
 
 pub mod auth;
@@ -45,7 +45,12 @@ fn wire(field: &'static str, reason: impl Into<String>) -> WireError {
 
 impl From<&StepPlan> for v1::StepRequest {
     fn from(p: &StepPlan) -> Self {
-        v1::StepRequest { step: p.step, seqs: p.seqs.iter().map(Into::into).collect(), free: p.free.clone() }
+        v1::StepRequest {
+            step: p.step,
+            seqs: p.seqs.iter().map(Into::into).collect(),
+            free: p.free.clone(),
+            head: p.head.as_ref().map(|h| v1::HeadRows { of_step: h.of_step, hidden: h.hidden.clone() }),
+        }
     }
 }
 
@@ -73,7 +78,11 @@ impl TryFrom<v1::StepRequest> for StepPlan {
     type Error = WireError;
     fn try_from(r: v1::StepRequest) -> Result<Self, WireError> {
         let seqs = r.seqs.into_iter().map(SeqWork::try_from).collect::<Result<Vec<_>, _>>()?;
-        Ok(StepPlan { step: r.step, seqs, free: r.free })
+        if r.head.is_some() && !(seqs.is_empty() && r.free.is_empty()) {
+            return Err(wire("StepRequest.head", "a step with head rows has no sequences and frees none"));
+        }
+        let head = r.head.map(|h| HeadRows { of_step: h.of_step, hidden: h.hidden });
+        Ok(StepPlan { step: r.step, seqs, free: r.free, head })
     }
 }
 
@@ -175,6 +184,7 @@ impl From<&StepOutput> for v1::StepResponse {
             seqs: o.seqs.iter().map(|s| v1::SeqCandidates { seq_id: s.seq_id, rows: s.rows.iter().map(Into::into).collect() }).collect(),
             compute_us: o.compute_us,
             comm_us: o.comm_us,
+            hidden: o.hidden.clone(),
         }
     }
 }
@@ -187,7 +197,7 @@ impl TryFrom<v1::StepResponse> for StepOutput {
             .into_iter()
             .map(|s| Ok(SeqOutput { seq_id: s.seq_id, rows: s.rows.into_iter().map(Candidates::try_from).collect::<Result<_, _>>()? }))
             .collect::<Result<_, WireError>>()?;
-        Ok(StepOutput { rank: r.rank as usize, seqs, compute_us: r.compute_us, comm_us: r.comm_us })
+        Ok(StepOutput { rank: r.rank as usize, seqs, compute_us: r.compute_us, comm_us: r.comm_us, hidden: r.hidden })
     }
 }
 
@@ -311,8 +321,11 @@ mod tests {
                 },
             ],
             free: vec![3],
+            head: None,
         };
         assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
+        let head = StepPlan { step: 8, head: Some(HeadRows { of_step: 7, hidden: vec![0.25, -1.5] }), ..Default::default() };
+        assert_eq!(StepPlan::try_from(v1::StepRequest::from(&head)).unwrap(), head);
         let out = StepOutput {
             rank: 1,
             seqs: vec![SeqOutput {
@@ -328,6 +341,7 @@ mod tests {
             }],
             compute_us: 10,
             comm_us: 3,
+            hidden: vec![1.0, f32::MIN_POSITIVE],
         };
         assert_eq!(StepOutput::try_from(v1::StepResponse::from(&out)).unwrap(), out);
     }
@@ -345,5 +359,7 @@ mod tests {
         assert_eq!(SeqStart::try_from(start).unwrap_err().field, "SeqStart.logit_bias");
         let bad = v1::Candidates { ids: vec![1, 2], logits: vec![0.5], ..Default::default() };
         assert_eq!(Candidates::try_from(bad).unwrap_err().field, "Candidates.logits");
+        let bad = v1::StepRequest { free: vec![1], head: Some(v1::HeadRows { of_step: 1, hidden: vec![0.0] }), ..Default::default() };
+        assert_eq!(StepPlan::try_from(bad).unwrap_err().field, "StepRequest.head");
     }
 }

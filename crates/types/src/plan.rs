@@ -133,11 +133,14 @@ pub struct RankShard {
     pub kv_heads: Range<usize>,
     /// FFN intermediate columns it holds.
     pub ffn: Range<usize>,
-    /// Vocabulary rows of the embedding (first stage) and output projection (last stage).
+    /// Vocabulary rows of the output projection this rank computes logits for: its stage's
+    /// range (every stage has one when pp > 1; see the module doc), split by tp. May be
+    /// empty. (The first stage's embedding is always split by tp over the whole vocabulary.)
     pub vocab: Range<usize>,
     /// It embeds the tokens (stage 0).
     pub first_stage: bool,
-    /// It computes logits and answers with candidates (the last stage).
+    /// It ends the forward pass: the final norm, and with pp > 1 the final hidden states
+    /// of the wanted rows for the other stages' slices of the output projection.
     pub last_stage: bool,
     /// Fixed parts of each row-parallel input this rank computes separately (see the module doc).
     pub reduce_parts: usize,
@@ -154,6 +157,9 @@ pub struct Plan {
     pub pp: usize,
     /// Layer range of each stage: contiguous, non-empty, covering every layer in order.
     pub stages: Vec<Range<usize>>,
+    /// Vocabulary rows of the output projection of each stage: contiguous, in stage order,
+    /// covering the vocabulary (the whole of it on the one stage when pp = 1).
+    pub stage_vocab: Vec<Range<usize>>,
     /// The model the plan was checked against.
     pub shape: ModelShape,
 }
@@ -193,7 +199,8 @@ impl ModelShape {
 
 impl Plan {
     /// Checks (tp, pp) against the model and balances the stages by the work a token costs
-    /// them (see [`balance`]).
+    /// them: the layers split by their bytes ([`balance`]), the output projection's rows
+    /// then given where they even the stages out ([`spread_head`]).
     pub fn new(shape: ModelShape, tp: usize, pp: usize) -> Result<Plan, PlanError> {
         let err = |reason: String| PlanError { tp, pp, reason };
         if let Err(why) = shape.check_tp(tp) {
@@ -214,9 +221,11 @@ impl Plan {
         }
         // A token's embedding is one row looked up: no work. The output projection is a
         // matmul like the layers' (in a small model with a large vocabulary, most of the
-        // work: Gemma 3 270M's is 63% of a token's multiply-adds).
-        let stages = balance(&shape.layer_bytes, pp, 0, shape.head_bytes);
-        Ok(Plan { tp, pp, stages, shape })
+        // work: Gemma 3 270M's is 63% of a token's multiply-adds), spread over the stages.
+        let stages = balance(&shape.layer_bytes, pp, 0, 0);
+        let stage_bytes: Vec<u64> = stages.iter().map(|r| shape.layer_bytes[r.clone()].iter().sum()).collect();
+        let stage_vocab = spread_head(&stage_bytes, shape.head_bytes, shape.vocab);
+        Ok(Plan { tp, pp, stages, stage_vocab, shape })
     }
 
     /// Ranks in the plan: tp × pp.
@@ -237,8 +246,10 @@ impl Plan {
         if first_stage {
             bytes += s.embed_bytes / self.tp as u64;
         }
-        if last_stage && !(first_stage && s.tied_embeddings) {
-            bytes += s.head_bytes / self.tp as u64;
+        let (base, mine) = (self.stage_vocab[stage].start, tp.split(self.stage_vocab[stage].len()));
+        let vocab = base + mine.start..base + mine.end;
+        if !(first_stage && s.tied_embeddings) {
+            bytes += (s.head_bytes as u128 * vocab.len() as u128 / s.vocab.max(1) as u128) as u64;
         }
         RankShard {
             rank,
@@ -248,7 +259,7 @@ impl Plan {
             heads: tp.heads(s.n_heads),
             kv_heads: tp.kv_heads(s.n_heads, s.n_kv_heads),
             ffn: tp.split(s.ffn),
-            vocab: tp.split(s.vocab),
+            vocab,
             first_stage,
             last_stage,
             reduce_parts,
@@ -317,6 +328,42 @@ fn balance(layer_bytes: &[u64], pp: usize, first_extra: u64, last_extra: u64) ->
     fits(lo).expect("the total always fits")
 }
 
+/// Splits `vocab` output-projection rows (`head_bytes` in all) into one contiguous range per
+/// stage, so that each stage's layers (`stage_bytes`) and head rows weigh as evenly as they
+/// can: water-filling, the lightest stages topped up first. Ranges are cut at multiples of
+/// 64 rows (the kernels' row groups stay whole); the last stage takes what rounding leaves.
+fn spread_head(stage_bytes: &[u64], head_bytes: u64, vocab: usize) -> Vec<Range<usize>> {
+    let pp = stage_bytes.len();
+    if pp == 1 {
+        return std::iter::once(0..vocab).collect();
+    }
+    // The level every stage is filled to: the largest `level` with Σ max(0, level - s) ≤ head.
+    let fill = |level: u64| -> u64 { stage_bytes.iter().map(|&s| level.saturating_sub(s)).sum() };
+    let (mut lo, mut hi) = (0u64, stage_bytes.iter().max().copied().unwrap_or(0) + head_bytes);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fill(mid) <= head_bytes {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let total = fill(lo).max(1);
+    let mut ranges = Vec::with_capacity(pp);
+    let mut start = 0;
+    for (stage, &s) in stage_bytes.iter().enumerate() {
+        let end = if stage + 1 == pp {
+            vocab
+        } else {
+            let share = vocab as u128 * lo.saturating_sub(s) as u128 / total as u128;
+            (start + (share as usize / 64) * 64).min(vocab)
+        };
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
+}
+
 impl fmt::Display for RankShard {
     /// What the rank holds: `stage 0 layers 0..18, tp rank 1: heads 2..4 (kv 0..1), ...`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -336,7 +383,7 @@ impl fmt::Display for RankShard {
             self.vocab.start,
             self.vocab.end,
             if self.first_stage { " +embed" } else { "" },
-            if self.last_stage { " +lm_head" } else { "" },
+            if self.vocab.is_empty() { "" } else { " +lm_head" },
         )
     }
 }
@@ -381,7 +428,7 @@ mod tests {
             let plan = Plan::new(gemma(), tp, pp).unwrap();
             let shards = plan.shards();
             assert_eq!(shards.len(), tp * pp);
-            let mut next_layer = 0;
+            let (mut next_layer, mut next_row) = (0, 0);
             for stage in 0..pp {
                 let group: Vec<_> = shards.iter().filter(|s| s.stage == stage).collect();
                 assert_eq!(group.len(), tp);
@@ -389,17 +436,16 @@ mod tests {
                 assert_eq!(group[0].layers.start, next_layer);
                 assert!(!group[0].layers.is_empty());
                 next_layer = group[0].layers.end;
-                let mut v = 0;
                 let mut f = 0;
                 for s in &group {
-                    assert_eq!(s.vocab.start, v);
+                    assert_eq!(s.vocab.start, next_row);
                     assert_eq!(s.ffn.start, f);
-                    v = s.vocab.end;
+                    next_row = s.vocab.end;
                     f = s.ffn.end;
                 }
-                assert_eq!((v, f), (262144, 2048));
+                assert_eq!(f, 2048);
             }
-            assert_eq!(next_layer, 18);
+            assert_eq!((next_layer, next_row), (18, 262144));
         }
     }
 
@@ -410,21 +456,33 @@ mod tests {
         let two = Plan::new(gemma(), 2, 1).unwrap().shard(1).bytes;
         assert_eq!(two, one / 2);
         let pp = Plan::new(gemma(), 1, 2).unwrap();
-        assert_eq!(pp.shard(0).bytes + pp.shard(1).bytes, one + 178_000_000, "each end stage holds its own copy");
+        let (first, last) = (pp.shard(0), pp.shard(1));
+        let last_head = 178_000_000 * last.vocab.len() as u64 / 262144;
+        assert_eq!(first.bytes + last.bytes, one + last_head, "the last stage holds its head rows, the first its whole table");
     }
 
     #[test]
-    fn stages_balance_work_the_output_projection_on_the_last_and_no_embedding_work_on_the_first() {
-        // The head weighs 44 layers: the last stage gets one layer and the head; the
-        // embedding the first stage holds costs a lookup per token, nothing to balance.
+    fn stages_balance_work_the_output_projection_spread_over_every_stage() {
+        // Equal layers split evenly, and so does the head: each stage computes half the logits.
         let plan = Plan::new(gemma(), 1, 2).unwrap();
-        assert_eq!(plan.stages, vec![0..17, 17..18]);
-        let plan = Plan::new(ModelShape { head_bytes: 36_000_000, ..gemma() }, 1, 2).unwrap();
-        assert_eq!(plan.stages, vec![0..14, 14..18], "14 layers against 4 and a head of 9");
-        let shape = ModelShape { embed_bytes: 0, head_bytes: 40_000_000, ..gemma() };
+        assert_eq!(plan.stages, vec![0..9, 9..18]);
+        assert_eq!(plan.stage_vocab, vec![0..131072, 131072..262144]);
+        // Layers that cannot split evenly: the lighter stage takes more of the head, so
+        // the stages weigh the same (in 64-row steps).
+        let plan = Plan::new(gemma(), 1, 4).unwrap();
+        assert_eq!(plan.stages.iter().map(|r| r.len()).max(), Some(5), "{:?}", plan.stages);
+        let work: Vec<f64> = (0..4).map(|s| plan.stages[s].len() as f64 * 4e6 + 178e6 * plan.stage_vocab[s].len() as f64 / 262144.0).collect();
+        assert!(work.iter().all(|w| (w - work[0]).abs() < 0.01 * work[0]), "{work:?}");
+        assert!(plan.stage_vocab[0].len() < plan.stage_vocab[3].len() && plan.stage_vocab.iter().all(|r| r.start % 64 == 0), "{:?}", plan.stage_vocab);
+        // A head lighter than the layers' imbalance goes to the light stages only.
+        let shape = ModelShape { layer_bytes: [vec![10_000_000; 9], vec![1_000_000; 9]].concat(), head_bytes: 9_000_000, ..gemma() };
         let plan = Plan::new(shape, 1, 2).unwrap();
-        // The head weighs 10 layers: the last stage gets few layers.
-        assert_eq!(plan.stages, vec![0..14, 14..18]);
+        assert!(plan.stage_vocab[1].len() > plan.stage_vocab[0].len(), "{:?} {:?}", plan.stages, plan.stage_vocab);
+        // Within a stage, tp splits the stage's rows.
+        let plan = Plan::new(gemma(), 2, 2).unwrap();
+        let rows: Vec<_> = plan.shards().iter().map(|s| s.vocab.clone()).collect();
+        assert_eq!(rows, [0..65536, 65536..131072, 131072..196608, 196608..262144]);
+        assert_eq!(Plan::new(gemma(), 2, 1).unwrap().shard(1).vocab, 131072..262144);
     }
 
     #[test]

@@ -83,6 +83,23 @@ pub struct StepPlan {
     pub seqs: Vec<SeqWork>,
     /// Sequences to forget before the step runs (their blocks go back to the scheduler).
     pub free: Vec<SeqId>,
+    /// Set (with no sequences and nothing to free) on the second half of a step when pp > 1,
+    /// sent only to the ranks before the last stage: their slices of the output projection
+    /// for the rows that step wanted (see [`HeadRows`]).
+    pub head: Option<HeadRows>,
+}
+
+/// The final hidden states (after the final norm) of the rows step `of_step` wanted logits
+/// for, in the order the step's answers list them, as the last stage reported them in
+/// [`StepOutput::hidden`]. With pp > 1 every stage holds a slice of the output projection
+/// (`tpserve_types::plan`): a rank before the last stage answers `of_step`'s rows from these,
+/// with what it kept from `of_step` itself (the sequences' sampling and penalty state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadRows {
+    /// The step whose rows these are.
+    pub of_step: u64,
+    /// `[rows, hidden]`, row-major.
+    pub hidden: Vec<f32>,
 }
 
 /// One sequence's answer from one last-stage rank: a report per wanted row.
@@ -100,15 +117,22 @@ pub struct SeqOutput {
 pub struct StepOutput {
     /// The answering rank's world rank.
     pub rank: usize,
-    /// Empty on ranks before the last stage.
+    /// Empty on ranks without a slice of the output projection, and on ranks before the last
+    /// stage except in their answer to a [`HeadRows`] step.
     pub seqs: Vec<SeqOutput>,
     /// Microseconds the step took on the rank, collectives included.
     pub compute_us: u64,
     /// Microseconds of `compute_us` spent in collectives (waiting for peers included).
     pub comm_us: u64,
+    /// With pp > 1, on the last stage's first tensor-parallel rank: the final hidden states
+    /// of the wanted rows (`[rows, hidden]`), for the other stages' slices of the output
+    /// projection ([`HeadRows`]); empty otherwise.
+    pub hidden: Vec<f32>,
 }
 
-/// Merges the answers of every last-stage rank (each holding a disjoint vocabulary slice)
+/// Merges the answers of every rank holding a slice of the output projection (each slice
+/// disjoint: the last stage's ranks, and with pp > 1 every other stage's answering the step's
+/// [`HeadRows`])
 /// into one report per sequence and row, as one rank holding the whole vocabulary would
 /// give. `k_for(seq_id)` is how many candidates to keep for each sequence. Fails when the
 /// ranks disagree about which sequences or rows they answered, which would mean they ran

@@ -2,7 +2,7 @@
 //! worker that runs a [`StepPlan`] without knowing about the network, so it is tested (and
 //! used in-process at tp = 1) without gRPC.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use tpserve_model::model::{ModelError, SeqChunk};
 use tpserve_types::kv::{BlockId, KvLayout};
 use tpserve_types::plan::RankShard;
 use tpserve_types::sampling::Candidates;
-use tpserve_types::step::{LogitsWanted, SeqId, SeqOutput, SeqStart, StepOutput, StepPlan};
+use tpserve_types::step::{HeadRows, LogitsWanted, SeqId, SeqOutput, SeqStart, StepOutput, StepPlan};
 use tpserve_types::TokenId;
 
 /// Why a step was refused or failed.
@@ -70,6 +70,43 @@ struct SeqState {
     counts: HashMap<TokenId, u32>,
 }
 
+/// A wanted row's report from this rank's slice of the vocabulary: the sequence's penalties
+/// and logit bias applied to `row` (logits of ids `vocab_start..`), then its candidates.
+fn report(
+    row: &mut [f32],
+    vocab_start: TokenId,
+    start: &SeqStart,
+    counts: &HashMap<TokenId, u32>,
+    sample_step: u64,
+    logprobs: usize,
+    target: Option<TokenId>,
+) -> Candidates {
+    start.penalties.apply(row, vocab_start, counts);
+    start.logit_bias.apply(row, vocab_start);
+    let c = Candidates::from_logits(row, vocab_start, &start.sampling, sample_step, logprobs);
+    match target {
+        Some(t) => c.with_target(row, vocab_start, t),
+        None => c,
+    }
+}
+
+/// What a rank before the last stage keeps from a step, with pp > 1, about one sequence
+/// whose rows it projects once the last stage's hidden states come ([`HeadRows`]): the
+/// sequence's state as of that step, which a later step may change or free.
+struct PendingRows {
+    seq_id: SeqId,
+    rows: usize,
+    start: SeqStart,
+    counts: HashMap<TokenId, u32>,
+    sample_step: u64,
+    logprobs: usize,
+    targets: Vec<TokenId>,
+}
+
+/// Steps whose rows are kept for their [`HeadRows`] at most: the coordinator keeps pp
+/// steps in flight, and sends a step's rows before the step after the next.
+const MAX_PENDING_HEADS: usize = 16;
+
 /// A loaded shard with its sequences.
 pub struct Shard {
     /// The weights and the keys and values of every sequence (in the blocks the coordinator
@@ -83,6 +120,9 @@ pub struct Shard {
     comms: Vec<Arc<Timed>>,
     /// Set when a step failed part-way.
     broken: Option<String>,
+    /// Before the last stage, with rows of the output projection: by step, the rows that
+    /// step wanted, until its [`HeadRows`] come.
+    pending_heads: BTreeMap<u64, Vec<PendingRows>>,
 }
 
 impl Shard {
@@ -101,7 +141,7 @@ impl Shard {
         let pp = pp_comm.map(|c| Arc::new(Timed::new(c)));
         let model = device.load(g, shard, tp.clone(), pp.clone().map(|c| c as Arc<dyn Collective>), kv)?;
         let comms = std::iter::once(tp).chain(pp).collect();
-        Ok(Self { model, shard: shard.clone(), seqs: HashMap::new(), comms, broken: None })
+        Ok(Self { model, shard: shard.clone(), seqs: HashMap::new(), comms, broken: None, pending_heads: BTreeMap::new() })
     }
 
     /// Bytes reserved for the KV cache.
@@ -136,11 +176,15 @@ impl Shard {
 
     /// Runs one step: frees the finished sequences, then one batched forward pass over every
     /// sequence's new tokens, and (on the last stage) reports candidates for the wanted rows.
-    /// A step that is refused changes nothing.
+    /// A step that is refused changes nothing. A step with [`HeadRows`] instead projects an
+    /// earlier step's rows through this rank's slice of the output projection.
     pub fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, StepError> {
         let rank = self.shard.rank;
         if let Some(reason) = &self.broken {
             return Err(StepError::Broken { rank, reason: reason.clone() });
+        }
+        if let Some(head) = &plan.head {
+            return self.head(plan, head);
         }
         let t0 = Instant::now();
         let comm0 = self.comm_time();
@@ -167,8 +211,8 @@ impl Shard {
         let seqs = &self.seqs;
         let chunks: Vec<SeqChunk<'_>> =
             plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
-        let logits = match self.model.forward(&chunks) {
-            Ok(l) => l,
+        let out = match self.model.forward(&chunks) {
+            Ok(o) => o,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
                 // Refused before any cache was touched: undo the tables.
                 for w in &plan.seqs {
@@ -200,33 +244,86 @@ impl Shard {
             }
         }
 
-        let vocab_start = self.model.vocab_range().start as TokenId;
+        let vocab = self.model.vocab_range();
         let mut seqs = Vec::new();
-        if self.shard.last_stage {
-            let width = self.model.vocab_range().len();
-            for (w, l) in plan.seqs.iter().zip(logits) {
-                if w.logits == LogitsWanted::None {
-                    continue;
-                }
+        let wanted = plan.seqs.iter().filter(|w| w.logits != LogitsWanted::None);
+        if self.shard.last_stage && !vocab.is_empty() {
+            for (w, mut l) in plan.seqs.iter().zip(out.logits).filter(|(w, _)| w.logits != LogitsWanted::None) {
                 let st = &self.seqs[&w.seq_id];
-                let mut l = l;
                 let rows = l
-                    .chunks_exact_mut(width)
+                    .chunks_exact_mut(vocab.len())
                     .enumerate()
-                    .map(|(i, row)| {
-                        st.start.penalties.apply(row, vocab_start, &st.counts);
-                        st.start.logit_bias.apply(row, vocab_start);
-                        let c = Candidates::from_logits(row, vocab_start, &st.start.sampling, w.sample_step, w.logprobs);
-                        match w.targets.get(i) {
-                            Some(&t) => c.with_target(row, vocab_start, t),
-                            None => c,
-                        }
-                    })
+                    .map(|(i, row)| report(row, vocab.start as TokenId, &st.start, &st.counts, w.sample_step, w.logprobs, w.targets.get(i).copied()))
                     .collect();
                 seqs.push(SeqOutput { seq_id: w.seq_id, rows });
             }
+        } else if !self.shard.last_stage && !vocab.is_empty() {
+            let keep: Vec<PendingRows> = wanted
+                .map(|w| {
+                    let st = &self.seqs[&w.seq_id];
+                    PendingRows {
+                        seq_id: w.seq_id,
+                        rows: if w.logits == LogitsWanted::All { w.tokens.len() } else { 1 },
+                        start: st.start.clone(),
+                        counts: st.counts.clone(),
+                        sample_step: w.sample_step,
+                        logprobs: w.logprobs,
+                        targets: w.targets.clone(),
+                    }
+                })
+                .collect();
+            if !keep.is_empty() {
+                self.pending_heads.insert(plan.step, keep);
+                while self.pending_heads.len() > MAX_PENDING_HEADS {
+                    self.pending_heads.pop_first();
+                }
+            }
         }
-        Ok(StepOutput { rank, seqs, compute_us: t0.elapsed().as_micros() as u64, comm_us: (self.comm_time() - comm0).as_micros() as u64 })
+        let (compute_us, comm_us) = (t0.elapsed().as_micros() as u64, (self.comm_time() - comm0).as_micros() as u64);
+        Ok(StepOutput { rank, seqs, compute_us, comm_us, hidden: out.hidden })
+    }
+
+    /// The second half of step `head.of_step` on a rank before the last stage (pp > 1): its
+    /// wanted rows' final hidden states through this rank's slice of the output projection,
+    /// reported with the sequences' state as that step left it. Rows kept from steps before
+    /// it are dropped (their answers are no longer awaited).
+    fn head(&mut self, plan: &StepPlan, head: &HeadRows) -> Result<StepOutput, StepError> {
+        let (rank, t0) = (self.shard.rank, Instant::now());
+        let invalid = |reason: String| StepError::Invalid { step: plan.step, reason };
+        if !plan.seqs.is_empty() || !plan.free.is_empty() {
+            return Err(invalid("a step with head rows has no sequences and frees none".into()));
+        }
+        if self.shard.last_stage || self.model.vocab_range().is_empty() {
+            return Err(invalid(format!("rank {rank} projects no rows from another stage's hidden states")));
+        }
+        let Some(kept) = self.pending_heads.remove(&head.of_step) else {
+            return Err(invalid(format!("step {} left no rows to project on rank {rank}", head.of_step)));
+        };
+        self.pending_heads = self.pending_heads.split_off(&head.of_step);
+        let (rows, width) = (kept.iter().map(|p| p.rows).sum::<usize>(), self.model.config().hidden);
+        if head.hidden.len() != rows * width {
+            return Err(invalid(format!("step {} wanted {rows} rows of {width}, the head rows hold {} values", head.of_step, head.hidden.len())));
+        }
+        let logits = self.model.head_logits(&head.hidden).map_err(|source| {
+            self.broken = Some(source.to_string());
+            self.seqs.clear();
+            StepError::Failed { step: plan.step, rank, source }
+        })?;
+        let vocab = self.model.vocab_range();
+        let mut rows = logits.chunks_exact(vocab.len());
+        let seqs = kept
+            .iter()
+            .map(|p| SeqOutput {
+                seq_id: p.seq_id,
+                rows: (0..p.rows)
+                    .map(|i| {
+                        let mut row = rows.next().expect("checked: one row of logits per wanted row").to_vec();
+                        report(&mut row, vocab.start as TokenId, &p.start, &p.counts, p.sample_step, p.logprobs, p.targets.get(i).copied())
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(StepOutput { rank, seqs, compute_us: t0.elapsed().as_micros() as u64, comm_us: 0, hidden: Vec::new() })
     }
 
     /// Why `plan` cannot run against the sequences this shard holds, if it cannot.
@@ -307,7 +404,122 @@ mod tests {
     }
 
     fn step(s: &mut Shard, seqs: Vec<SeqWork>, free: Vec<SeqId>) -> Result<StepOutput, StepError> {
-        s.step(&StepPlan { step: 0, seqs, free })
+        s.step(&StepPlan { step: 0, seqs, free, head: None })
+    }
+
+    /// Stage `rank` of a tiny Gemma split into two pipeline stages (TCP between them), and
+    /// the whole model in one shard, with the same KV layout.
+    fn two_stages() -> (Vec<Shard>, Shard, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
+        let g = Gguf::open(f.path()).unwrap();
+        let plan = Plan::new(model_shape(&g).unwrap(), 1, 2).unwrap();
+        let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
+        let kv = cfg.kv_layout(tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
+        let cpu = tpserve_model::device::DeviceOps::Cpu(tpserve_model::ops::Cpu);
+        let listeners: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let stages = std::thread::scope(|sc| {
+            let handles: Vec<_> = listeners
+                .iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (g, plan, kv, addrs, cpu) = (&g, &plan, &kv, &addrs, &cpu);
+                    sc.spawn(move || {
+                        let pp = tpserve_comm::TcpCollective::connect(rank, l, addrs, std::time::Duration::from_secs(10)).unwrap();
+                        Shard::load(cpu, g, &plan.shard(rank), Arc::new(Local), Some(Arc::new(pp)), kv).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        let whole = Shard::load(&cpu, &g, &Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap().shard(0), Arc::new(Local), None, &kv).unwrap();
+        (stages, whole, f)
+    }
+
+    /// Runs `plan` on both stages at once, then its head rows on stage 0 as the coordinator
+    /// does; the merged report, and what stage 0 answered to the head rows.
+    fn pipelined(stages: &mut [Shard], plan: &StepPlan) -> (String, Result<StepOutput, StepError>) {
+        let (first, last) = stages.split_at_mut(1);
+        let (a, b) = std::thread::scope(|sc| {
+            let a = sc.spawn(|| first[0].step(plan).unwrap());
+            let b = last[0].step(plan).unwrap();
+            (a.join().unwrap(), b)
+        });
+        assert!(a.seqs.is_empty() && a.hidden.is_empty(), "stage 0 answers nothing before the head rows come");
+        let head = StepPlan { step: plan.step + 100, head: Some(HeadRows { of_step: plan.step, hidden: b.hidden.clone() }), ..Default::default() };
+        let h = first[0].step(&head);
+        let parts = [b, h.as_ref().cloned().unwrap_or_default()];
+        (merged(&parts), h)
+    }
+
+    /// Rank answers merged as the coordinator merges them (3 candidates for sequence 1,
+    /// which wants log-probabilities, 1 for the others), written out: every float exactly,
+    /// and a NaN (no Gumbel draw when greedy) equal to itself.
+    fn merged(parts: &[StepOutput]) -> String {
+        format!("{:?}", tpserve_types::step::merge_outputs(parts, |id| if id == 1 { 3 } else { 1 }).unwrap())
+    }
+
+    #[test]
+    fn a_stage_before_the_last_projects_its_vocabulary_slice_from_the_last_stages_hidden_states() {
+        let (mut stages, mut whole, _f) = two_stages();
+        assert!(stages[0].model().vocab_range().start == 0 && stages[0].model().vocab_range().end == stages[1].model().vocab_range().start);
+        let penalised =
+            |w: SeqWork| SeqWork { start: w.start.map(|s| SeqStart { penalties: Penalties { presence: 1.5, frequency: 0.5 }, ..s }), logprobs: 3, ..w };
+        let steps = [
+            StepPlan {
+                step: 1,
+                seqs: vec![penalised(work(1, vec![2, 300, 301], 0)), SeqWork { logits: LogitsWanted::All, ..work(2, vec![2, 7, 9], 0) }],
+                ..Default::default()
+            },
+            StepPlan { step: 2, seqs: vec![penalised(work(1, vec![301], 3)), work(3, vec![2, 5], 0)], free: vec![2], ..Default::default() },
+        ];
+        for plan in &steps {
+            let (two, _) = pipelined(&mut stages, plan);
+            let alone = merged(&[whole.step(plan).unwrap()]);
+            assert_eq!(two, alone, "step {}: two stages report what one does", plan.step);
+        }
+
+        // Head rows are answered once, for a step that wanted rows, and must be whole.
+        let plan = StepPlan { step: 3, seqs: vec![work(1, vec![7], 4)], ..Default::default() };
+        let (_, h) = pipelined(&mut stages, &plan);
+        assert!(h.is_ok());
+        whole.step(&plan).unwrap();
+        let again = StepPlan { step: 9, head: Some(HeadRows { of_step: 3, hidden: vec![0.0; 640] }), ..Default::default() };
+        let e = stages[0].step(&again).unwrap_err();
+        assert!(matches!(e, StepError::Invalid { .. }) && e.to_string().contains("left no rows"), "{e}");
+        let plan = StepPlan { step: 4, seqs: vec![work(1, vec![8], 5)], ..Default::default() };
+        let width = stages[0].model().config().hidden;
+        let torn = StepPlan { step: 9, head: Some(HeadRows { of_step: 4, hidden: vec![0.5; width + 1] }), ..Default::default() };
+        let (first, last) = stages.split_at_mut(1);
+        std::thread::scope(|sc| {
+            sc.spawn(|| last[0].step(&plan).unwrap());
+            first[0].step(&plan).unwrap();
+        });
+        whole.step(&plan).unwrap();
+        let e = stages[0].step(&torn).unwrap_err();
+        assert!(e.to_string().contains("wanted 1 rows"), "{e}");
+        let e = stages[1].step(&torn).unwrap_err();
+        assert!(e.to_string().contains("projects no rows"), "{e}");
+        assert!(stages.iter().all(|s| s.broken().is_none()));
+
+        // In flight, stage 0 runs the next step before the head rows of this one come: a
+        // sequence that step frees (or feeds) is still reported as this step left it.
+        let (k, next) = (
+            StepPlan { step: 5, seqs: vec![penalised(work(1, vec![9], 6))], ..Default::default() },
+            StepPlan { step: 6, seqs: vec![work(4, vec![2, 3], 0)], free: vec![1], ..Default::default() },
+        );
+        let mut hidden = Vec::new();
+        for plan in [&k, &next] {
+            let (first, last) = stages.split_at_mut(1);
+            let b = std::thread::scope(|sc| {
+                sc.spawn(|| first[0].step(plan).unwrap());
+                last[0].step(plan).unwrap()
+            });
+            hidden.push(b);
+        }
+        let h = stages[0].step(&StepPlan { step: 7, head: Some(HeadRows { of_step: 5, hidden: hidden[0].hidden.clone() }), ..Default::default() }).unwrap();
+        assert_eq!(merged(&[hidden.remove(0), h]), merged(&[whole.step(&k).unwrap()]));
     }
 
     #[test]

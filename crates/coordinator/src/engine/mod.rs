@@ -296,7 +296,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         if !self.in_flight.is_empty() {
             return Ok(());
         }
-        let plan = StepPlan { step: self.step_no, seqs: Vec::new(), free: Vec::new() };
+        let plan = StepPlan { step: self.step_no, ..Default::default() };
         self.step_no += 1;
         match self.backend.step(&plan).await {
             Ok(_) => {
@@ -389,7 +389,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
         let started = Instant::now();
         self.mark_scheduled(&batch, started);
-        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone() };
+        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone(), head: None };
         self.step_no += 1;
         Some((batch, plan, started))
     }

@@ -177,7 +177,7 @@ impl Fake {
                 .collect();
             seqs.push(SeqOutput { seq_id: w.seq_id, rows });
         }
-        Ok(StepReply { outputs: vec![StepOutput { rank: 0, seqs, compute_us: 10, comm_us: 0 }], request_bytes: 0, response_bytes: 0 })
+        Ok(StepReply { outputs: vec![StepOutput { rank: 0, seqs, compute_us: 10, comm_us: 0, hidden: Vec::new() }], request_bytes: 0, response_bytes: 0 })
     }
 }
 
