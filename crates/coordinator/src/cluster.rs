@@ -16,7 +16,7 @@ use tpserve_proto::WorkerClient;
 use tpserve_types::device::{choose_collective, nccl_communicators, nccl_ids_of, CollectiveChoice, CollectiveKind, Device, RankDevice, NCCL_ID_BYTES};
 use tpserve_types::kv::KvLayout;
 use tpserve_types::plan::{Plan, RankShard};
-use tpserve_types::step::{StepOutput, StepPlan};
+use tpserve_types::step::{LogitsWanted, StepOutput, StepPlan};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{Backend, Pending, StepReply};
@@ -258,7 +258,7 @@ pub struct Cluster {
     /// Per rank: resolves once the rank has answered the last step submitted to it. The next
     /// step's call to that rank waits for it, so every rank runs its steps in submission order
     /// while several are in flight (a pipeline's stages each busy with a batch of its own).
-    /// The steps in flight take their second half's turns on the ranks before the last stage
+    /// The steps in flight take their second half's turns on the ranks with vocabulary slices
     /// ([`HeadRows`](tpserve_types::step::HeadRows)) when their first half is answered. A new one on every (re)load.
     turns: Turns,
 }
@@ -545,8 +545,8 @@ impl Backend for Cluster {
 impl Cluster {
     /// Sends `plan` to every rank, each rank's call after that rank answered the step
     /// submitted before it, and checks every answer. With pp > 1, once the last stage has
-    /// answered, the wanted rows' final hidden states go to the ranks before it that hold
-    /// rows of the output projection ([`HeadRows`](tpserve_types::step::HeadRows), each rank's call again in its turn), and
+    /// answered, the wanted rows' final hidden states go to every rank that holds rows of
+    /// the output projection ([`HeadRows`](tpserve_types::step::HeadRows), each rank's call again in its turn), and
     /// their answers join the reply. The future owns what it needs: several may be in
     /// flight. Its error says whether the cluster failed ([`Backend::step_failed`]).
     fn send(&mut self, plan: &StepPlan) -> impl std::future::Future<Output = Result<StepReply, ClusterError>> + Send + 'static {
@@ -558,11 +558,19 @@ impl Cluster {
         let (workers, timeouts, all_turns) = (self.workers.clone(), self.spec.timeouts, self.turns.clone());
         let (plan_ref, step) = (&self.spec.plan, plan.step);
         let reporter = (plan_ref.pp - 1) * plan_ref.tp;
-        let head_ranks: Vec<usize> = plan_ref.shards().into_iter().filter(|s| !s.last_stage && !s.vocab.is_empty()).map(|s| s.rank).collect();
+        let wants_rows = plan.seqs.iter().any(|w| w.logits != LogitsWanted::None);
+        // With pp > 1 every rank with a vocabulary slice (the last stage's too) projects the
+        // step's rows in its second half, all at once.
+        let head_ranks: Vec<usize> =
+            if plan_ref.pp > 1 { plan_ref.shards().into_iter().filter(|s| !s.vocab.is_empty()).map(|s| s.rank).collect() } else { Vec::new() };
         async move {
             let (mut outputs, mut response_bytes) = gather(&workers, &all, timeouts, req, turns).instrument(span.clone()).await?;
             let hidden = std::mem::take(&mut outputs[reporter].hidden);
-            if !hidden.is_empty() && !head_ranks.is_empty() {
+            if wants_rows && !head_ranks.is_empty() {
+                if hidden.is_empty() {
+                    let why = format!("worker rank {reporter} ({}) reported no hidden states for the stages' vocabulary slices", workers[reporter].addr);
+                    return Err(ClusterError::Protocol(why));
+                }
                 let req = v1::StepRequest { step, head: Some(v1::HeadRows { of_step: step, hidden }), ..Default::default() };
                 request_bytes += req.encoded_len() * head_ranks.len();
                 let turns = take_turns(&all_turns, &head_ranks);
