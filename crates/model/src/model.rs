@@ -421,16 +421,16 @@ impl<O: Ops> Model<O> {
 
     /// Runs every sequence's new tokens through this stage, writing their keys and values
     /// into `kv`, and returns per sequence the logits it asked for: `[rows,
-    /// vocab_range().len()]` with one stage, nothing with several (see
-    /// [`Model::forward_stage`]). Every rank of every stage is called with the same batch.
+    /// vocab_range().len()]` on the last stage, nothing on the others (which hand their hidden
+    /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
     pub fn forward(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         self.forward_stage(kv, batch).map(|o| o.logits)
     }
 
-    /// [`Model::forward`]; but the last of several stages gives no logits: its first
-    /// tensor-parallel rank reports the final hidden states of the wanted rows instead, which
-    /// every stage's slice of the output projection then projects ([`Model::head_logits`]).
+    /// [`Model::forward`], and on the first tensor-parallel rank of the last of several
+    /// stages also the final hidden states of the wanted rows, which the other stages' slices
+    /// of the output projection need ([`Model::head_logits`]).
     pub fn forward_stage(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
         // Validate before touching any cache, so a bad request changes nothing.
         self.check(kv.book(), batch)?;
@@ -550,10 +550,9 @@ impl<O: Ops> Model<O> {
         ops.add(x, &s.h)
     }
 
-    /// What leaves this stage: the hidden states to the next stage; or on the last stage the
-    /// final norm of the rows each sequence asked for, then with one stage their logits over
-    /// this rank's vocabulary slice, with several those rows themselves (every stage's
-    /// slice projects them once the coordinator sends them back, [`Model::head_logits`]).
+    /// What leaves this stage: the hidden states to the next stage, or on the last stage
+    /// the logits of the rows each sequence asked for (final norm, then this rank's slice
+    /// of the output projection) and, with several stages, those rows' normed hidden states.
     fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
         let ops = &self.ops;
         let nothing = || StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() };
@@ -579,12 +578,12 @@ impl<O: Ops> Model<O> {
         }
         let mut sel = ops.gather_rows(x, hidden, &rows)?;
         final_norm.forward_inplace(ops, &mut sel)?;
-        if !self.shard.first_stage {
-            // Every stage's slice (this one's too) projects the rows in the step's second
-            // half, all at once: one rank of the stage reports them (all hold the same after
-            // the all-reduce).
-            let hidden_out = if self.shard.tp.rank == 0 { ops.download(sel)? } else { Vec::new() };
-            return Ok(StageOutput { hidden: hidden_out, ..nothing() });
+        // The other stages' slices of the head need the rows too: one rank of the stage
+        // reports them (all hold the same after the all-reduce).
+        let mut hidden_out = Vec::new();
+        if !self.shard.first_stage && self.shard.tp.rank == 0 {
+            hidden_out = ops.download(sel)?;
+            sel = ops.upload(hidden_out.clone(), hidden)?;
         }
         let logits = match &self.head {
             Some(head) => self.project(head, &sel, rows.len())?,
@@ -598,7 +597,7 @@ impl<O: Ops> Model<O> {
             out.push(logits[next * vocab_local..(next + r) * vocab_local].to_vec());
             next += r;
         }
-        Ok(StageOutput { logits: out, hidden: Vec::new() })
+        Ok(StageOutput { logits: out, hidden: hidden_out })
     }
 
     /// This rank's logits (`[rows, vocab_range().len()]`) for final hidden states another
@@ -632,7 +631,7 @@ impl<O: Ops> Model<O> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageOutput {
     /// Per sequence, its wanted rows' logits over this rank's vocabulary slice (`[rows,
-    /// vocab_range().len()]`; with one stage only, and only on a rank with a slice).
+    /// vocab_range().len()]`; empty before the last stage and on a rank without a slice).
     pub logits: Vec<Vec<f32>>,
     /// On the first tensor-parallel rank of the last of several stages: the wanted rows'
     /// final hidden states (`[rows, hidden]`, after the final norm), in batch order; else empty.

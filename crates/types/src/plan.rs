@@ -140,7 +140,7 @@ pub struct RankShard {
     /// It embeds the tokens (stage 0).
     pub first_stage: bool,
     /// It ends the forward pass: the final norm, and with pp > 1 the final hidden states
-    /// of the wanted rows for every stage's slice of the output projection.
+    /// of the wanted rows for the other stages' slices of the output projection.
     pub last_stage: bool,
     /// Fixed parts of each row-parallel input this rank computes separately (see the module doc).
     pub reduce_parts: usize,

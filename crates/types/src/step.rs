@@ -84,17 +84,16 @@ pub struct StepPlan {
     /// Sequences to forget before the step runs (their blocks go back to the scheduler).
     pub free: Vec<SeqId>,
     /// Set (with no sequences and nothing to free) on the second half of a step when pp > 1,
-    /// sent only to the ranks with a slice of the output projection: their logits for the
-    /// rows that step wanted (see [`HeadRows`]).
+    /// sent only to the ranks before the last stage: their slices of the output projection
+    /// for the rows that step wanted (see [`HeadRows`]).
     pub head: Option<HeadRows>,
 }
 
 /// The final hidden states (after the final norm) of the rows step `of_step` wanted logits
 /// for, in the order the step's answers list them, as the last stage reported them in
 /// [`StepOutput::hidden`]. With pp > 1 every stage holds a slice of the output projection
-/// (`tpserve_types::plan`), and every stage's ranks answer `of_step`'s rows from these, all at
-/// once, with what they kept from `of_step` itself (the sequences' sampling and penalty
-/// state).
+/// (`tpserve_types::plan`): a rank before the last stage answers `of_step`'s rows from these,
+/// with what it kept from `of_step` itself (the sequences' sampling and penalty state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadRows {
     /// The step whose rows these are.
@@ -118,15 +117,15 @@ pub struct SeqOutput {
 pub struct StepOutput {
     /// The answering rank's world rank.
     pub rank: usize,
-    /// Empty on ranks without a slice of the output projection, and with pp > 1 except in
-    /// the answer to a [`HeadRows`] step.
+    /// Empty on ranks without a slice of the output projection, and on ranks before the last
+    /// stage except in their answer to a [`HeadRows`] step.
     pub seqs: Vec<SeqOutput>,
     /// Microseconds the step took on the rank, collectives included.
     pub compute_us: u64,
     /// Microseconds of `compute_us` spent in collectives (waiting for peers included).
     pub comm_us: u64,
     /// With pp > 1, on the last stage's first tensor-parallel rank: the final hidden states
-    /// of the wanted rows (`[rows, hidden]`), for every stage's slice of the output
+    /// of the wanted rows (`[rows, hidden]`), for the other stages' slices of the output
     /// projection ([`HeadRows`]); empty otherwise.
     pub hidden: Vec<f32>,
 }
@@ -194,7 +193,7 @@ mod tests {
     fn ranks_that_answer_different_sequences_are_an_error() {
         let e = merge_outputs(&[out(0, vec![(1, vec![1.0], 0)]), out(1, vec![(2, vec![1.0], 1)])], |_| 1).unwrap_err();
         assert!(e.contains("different sequences"), "{e}");
-        // Ranks that answer nothing (no vocabulary slice; pp > 1 before the head rows) are skipped.
+        // Ranks before the last stage answer nothing and are skipped.
         assert_eq!(merge_outputs(&[StepOutput::default(), out(1, vec![(2, vec![1.0], 1)])], |_| 1).unwrap().len(), 1);
     }
 }
