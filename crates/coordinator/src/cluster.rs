@@ -258,7 +258,7 @@ pub struct Cluster {
     /// Per rank: resolves once the rank has answered the last step submitted to it. The next
     /// step's call to that rank waits for it, so every rank runs its steps in submission order
     /// while several are in flight (a pipeline's stages each busy with a batch of its own).
-    /// The steps in flight take their second half's turns on the ranks before the last stage
+    /// The steps in flight take their second half's turns on the ranks with vocabulary slices
     /// ([`HeadRows`](tpserve_types::step::HeadRows)) when their first half is answered. A new one on every (re)load.
     turns: Turns,
 }
@@ -546,23 +546,27 @@ impl Cluster {
     /// Sends `plan` to every rank, each rank's call after that rank answered the step
     /// submitted before it, and checks every answer. With pp > 1, once the last stage has
     /// answered, the wanted rows' final hidden states go to the ranks before it that hold
-    /// rows of the output projection ([`HeadRows`](tpserve_types::step::HeadRows), each rank's call again in its turn), and
+    /// rows of the output projection, and for a step the engine sends alone
+    /// ([`StepPlan::slice_later`]) to the last stage's too ([`HeadRows`](tpserve_types::step::HeadRows), each rank's call again in its turn), and
     /// their answers join the reply. The future owns what it needs: several may be in
     /// flight. Its error says whether the cluster failed ([`Backend::step_failed`]).
     fn send(&mut self, plan: &StepPlan) -> impl std::future::Future<Output = Result<StepReply, ClusterError>> + Send + 'static {
-        let req = v1::StepRequest::from(plan);
+        let mut req = v1::StepRequest::from(plan);
+        let (plan_ref, step) = (&self.spec.plan, plan.step);
+        let wants_rows = plan.seqs.iter().any(|w| w.logits != LogitsWanted::None);
+        // A step the engine sends alone has nothing to overlap with: every stage's slice of
+        // the output projection (the last stage's too) projects its rows in the second half,
+        // all at once. Under load the last stage projects its own slice inside the step, which
+        // spares every step a call (measured faster: docs/PERFORMANCE.md).
+        req.slice_later = plan.slice_later && wants_rows && plan_ref.pp > 1;
+        let head_ranks: Vec<usize> =
+            plan_ref.shards().into_iter().filter(|s| !s.vocab.is_empty() && plan_ref.pp > 1 && (req.slice_later || !s.last_stage)).map(|s| s.rank).collect();
         let mut request_bytes = req.encoded_len() * self.workers.len();
         let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
         let all: Vec<usize> = (0..self.workers.len()).collect();
         let turns = take_turns(&self.turns, &all);
         let (workers, timeouts, all_turns) = (self.workers.clone(), self.spec.timeouts, self.turns.clone());
-        let (plan_ref, step) = (&self.spec.plan, plan.step);
         let reporter = (plan_ref.pp - 1) * plan_ref.tp;
-        let wants_rows = plan.seqs.iter().any(|w| w.logits != LogitsWanted::None);
-        // The last stage projects its own slice inside the step (measured: faster under load
-        // than projecting it with the others in the second half); with pp > 1 the earlier
-        // stages' slices project the step's rows in its second half.
-        let head_ranks: Vec<usize> = plan_ref.shards().into_iter().filter(|s| !s.last_stage && !s.vocab.is_empty()).map(|s| s.rank).collect();
         async move {
             let (mut outputs, mut response_bytes) = gather(&workers, &all, timeouts, req, turns).instrument(span.clone()).await?;
             let hidden = std::mem::take(&mut outputs[reporter].hidden);

@@ -84,7 +84,7 @@ impl DeviceOps {
 /// A loaded shard and its KV memory on some device: what a worker steps.
 pub trait LoadedShard: Send + Sync {
     /// [`Model::forward_stage`] against this shard's KV memory.
-    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError>;
+    fn forward(&mut self, batch: &[SeqChunk<'_>], slice_later: bool) -> Result<StageOutput, ModelError>;
     /// [`Model::head_logits`]: this rank's slice of the output projection for final hidden
     /// states the last stage reported.
     fn head_logits(&mut self, hidden: &[f32]) -> Result<Vec<f32>, ModelError>;
@@ -128,8 +128,8 @@ impl<O: Ops> OnDevice<O> {
 }
 
 impl<O: Ops> LoadedShard for OnDevice<O> {
-    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
-        self.model.forward_stage(&mut self.kv, batch)
+    fn forward(&mut self, batch: &[SeqChunk<'_>], slice_later: bool) -> Result<StageOutput, ModelError> {
+        self.model.forward_stage(&mut self.kv, batch, slice_later)
     }
     fn head_logits(&mut self, hidden: &[f32]) -> Result<Vec<f32>, ModelError> {
         self.model.head_logits(hidden)

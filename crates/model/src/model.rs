@@ -425,13 +425,14 @@ impl<O: Ops> Model<O> {
     /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
     pub fn forward(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_stage(kv, batch).map(|o| o.logits)
+        self.forward_stage(kv, batch, false).map(|o| o.logits)
     }
 
     /// [`Model::forward`], and on the first tensor-parallel rank of the last of several
     /// stages also the final hidden states of the wanted rows, which the other stages' slices
-    /// of the output projection need ([`Model::head_logits`]).
-    pub fn forward_stage(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
+    /// of the output projection need ([`Model::head_logits`]). With `slice_later` the last of
+    /// several stages leaves its own slice to [`Model::head_logits`] too (no logits now).
+    pub fn forward_stage(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>], slice_later: bool) -> Result<StageOutput, ModelError> {
         // Validate before touching any cache, so a bad request changes nothing.
         self.check(kv.book(), batch)?;
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
@@ -447,7 +448,7 @@ impl<O: Ops> Model<O> {
             self.attention(il, layer, &mut x, kv, batch, &pass, &mut s)?;
             self.feed_forward(layer, &mut x, &mut s)?;
         }
-        let out = self.output(&x, batch)?;
+        let out = self.output(&x, batch, slice_later)?;
         self.ops.end_pass()?;
         Ok(out)
     }
@@ -553,7 +554,7 @@ impl<O: Ops> Model<O> {
     /// What leaves this stage: the hidden states to the next stage, or on the last stage
     /// the logits of the rows each sequence asked for (final norm, then this rank's slice
     /// of the output projection) and, with several stages, those rows' normed hidden states.
-    fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>]) -> Result<StageOutput, ModelError> {
+    fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>], slice_later: bool) -> Result<StageOutput, ModelError> {
         let ops = &self.ops;
         let nothing = || StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() };
         let Some(final_norm) = &self.final_norm else {
@@ -583,7 +584,12 @@ impl<O: Ops> Model<O> {
         let mut hidden_out = Vec::new();
         if !self.shard.first_stage && self.shard.tp.rank == 0 {
             hidden_out = ops.download(sel)?;
+            if slice_later {
+                return Ok(StageOutput { hidden: hidden_out, ..nothing() });
+            }
             sel = ops.upload(hidden_out.clone(), hidden)?;
+        } else if !self.shard.first_stage && slice_later {
+            return Ok(nothing());
         }
         let logits = match &self.head {
             Some(head) => self.project(head, &sel, rows.len())?,

@@ -50,6 +50,7 @@ impl From<&StepPlan> for v1::StepRequest {
             seqs: p.seqs.iter().map(Into::into).collect(),
             free: p.free.clone(),
             head: p.head.as_ref().map(|h| v1::HeadRows { of_step: h.of_step, hidden: h.hidden.clone() }),
+            slice_later: p.slice_later,
         }
     }
 }
@@ -82,7 +83,7 @@ impl TryFrom<v1::StepRequest> for StepPlan {
             return Err(wire("StepRequest.head", "a step with head rows has no sequences and frees none"));
         }
         let head = r.head.map(|h| HeadRows { of_step: h.of_step, hidden: h.hidden });
-        Ok(StepPlan { step: r.step, seqs, free: r.free, head })
+        Ok(StepPlan { step: r.step, seqs, free: r.free, head, slice_later: r.slice_later })
     }
 }
 
@@ -322,6 +323,7 @@ mod tests {
             ],
             free: vec![3],
             head: None,
+            slice_later: true,
         };
         assert_eq!(StepPlan::try_from(v1::StepRequest::from(&plan)).unwrap(), plan);
         let head = StepPlan { step: 8, head: Some(HeadRows { of_step: 7, hidden: vec![0.25, -1.5] }), ..Default::default() };

@@ -84,15 +84,24 @@ pub struct StepPlan {
     /// Sequences to forget before the step runs (their blocks go back to the scheduler).
     pub free: Vec<SeqId>,
     /// Set (with no sequences and nothing to free) on the second half of a step when pp > 1,
-    /// sent only to the ranks before the last stage: their slices of the output projection
+    /// sent only to the ranks with a slice of the output projection before the last stage
+    /// (and the last stage's too after a step with `slice_later`): their slices
     /// for the rows that step wanted (see [`HeadRows`]).
     pub head: Option<HeadRows>,
+    /// With pp > 1: the last stage leaves its own slice of the output projection to the
+    /// step's second half as well, so that every stage's slice projects the rows at once.
+    /// The engine sets it on a step it sends alone, with no other in flight and none after
+    /// it (a single client's: nothing else would keep the stages busy meanwhile); under load
+    /// the last stage projects its slice inside the step, which spares each step one call
+    /// (measured faster, docs/PERFORMANCE.md).
+    pub slice_later: bool,
 }
 
 /// The final hidden states (after the final norm) of the rows step `of_step` wanted logits
 /// for, in the order the step's answers list them, as the last stage reported them in
 /// [`StepOutput::hidden`]. With pp > 1 every stage holds a slice of the output projection
-/// (`tpserve_types::plan`): a rank before the last stage answers `of_step`'s rows from these,
+/// (`tpserve_types::plan`): a rank before the last stage (or after [`StepPlan::slice_later`],
+/// any) answers `of_step`'s rows from these,
 /// with what it kept from `of_step` itself (the sequences' sampling and penalty state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadRows {

@@ -90,7 +90,7 @@ fn report(
     }
 }
 
-/// What a rank before the last stage keeps from a step, with pp > 1, about one sequence
+/// What a rank with a vocabulary slice keeps from a step, with pp > 1, about one sequence
 /// whose rows it projects once the last stage's hidden states come ([`HeadRows`]): the
 /// sequence's state as of that step, which a later step may change or free.
 struct PendingRows {
@@ -211,7 +211,9 @@ impl Shard {
         let seqs = &self.seqs;
         let chunks: Vec<SeqChunk<'_>> =
             plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
-        let out = match self.model.forward(&chunks) {
+        // With several stages, the last one projects its slice now, or with the others later.
+        let slice_later = plan.slice_later && !self.shard.first_stage;
+        let out = match self.model.forward(&chunks, slice_later) {
             Ok(o) => o,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
                 // Refused before any cache was touched: undo the tables.
@@ -247,7 +249,7 @@ impl Shard {
         let vocab = self.model.vocab_range();
         let mut seqs = Vec::new();
         let wanted = plan.seqs.iter().filter(|w| w.logits != LogitsWanted::None);
-        if self.shard.last_stage && !vocab.is_empty() {
+        if self.shard.last_stage && !slice_later && !vocab.is_empty() {
             for (w, mut l) in plan.seqs.iter().zip(out.logits).filter(|(w, _)| w.logits != LogitsWanted::None) {
                 let st = &self.seqs[&w.seq_id];
                 let rows = l
@@ -257,7 +259,7 @@ impl Shard {
                     .collect();
                 seqs.push(SeqOutput { seq_id: w.seq_id, rows });
             }
-        } else if !self.shard.last_stage && !vocab.is_empty() {
+        } else if !vocab.is_empty() {
             let keep: Vec<PendingRows> = wanted
                 .map(|w| {
                     let st = &self.seqs[&w.seq_id];
@@ -283,7 +285,8 @@ impl Shard {
         Ok(StepOutput { rank, seqs, compute_us, comm_us, hidden: out.hidden })
     }
 
-    /// The second half of step `head.of_step` on a rank before the last stage (pp > 1): its
+    /// The second half of step `head.of_step` on a rank with a vocabulary slice (pp > 1; on the
+    /// last stage only after a step with [`StepPlan::slice_later`]): its
     /// wanted rows' final hidden states through this rank's slice of the output projection,
     /// reported with the sequences' state as that step left it. Rows kept from steps before
     /// it are dropped (their answers are no longer awaited).
@@ -293,8 +296,8 @@ impl Shard {
         if !plan.seqs.is_empty() || !plan.free.is_empty() {
             return Err(invalid("a step with head rows has no sequences and frees none".into()));
         }
-        if self.shard.last_stage || self.model.vocab_range().is_empty() {
-            return Err(invalid(format!("rank {rank} projects no rows from another stage's hidden states")));
+        if (self.shard.first_stage && self.shard.last_stage) || self.model.vocab_range().is_empty() {
+            return Err(invalid(format!("rank {rank} projects no rows in a step of their own (one stage, or no vocabulary slice)")));
         }
         let Some(kept) = self.pending_heads.remove(&head.of_step) else {
             return Err(invalid(format!("step {} left no rows to project on rank {rank}", head.of_step)));
@@ -404,7 +407,7 @@ mod tests {
     }
 
     fn step(s: &mut Shard, seqs: Vec<SeqWork>, free: Vec<SeqId>) -> Result<StepOutput, StepError> {
-        s.step(&StepPlan { step: 0, seqs, free, head: None })
+        s.step(&StepPlan { step: 0, seqs, free, ..Default::default() })
     }
 
     /// Stage `rank` of a tiny Gemma split into two pipeline stages (TCP between them), and
@@ -437,8 +440,9 @@ mod tests {
         (stages, whole, f)
     }
 
-    /// Runs `plan` on both stages at once, then its head rows on stage 0 as the coordinator
-    /// does; the merged report, and what stage 0 answered to the head rows.
+    /// Runs `plan` on both stages at once, then its head rows on stage 0 (and with
+    /// `slice_later` on stage 1 too) as the coordinator does; the merged report, and what
+    /// stage 0 answered to the head rows.
     fn pipelined(stages: &mut [Shard], plan: &StepPlan) -> (String, Result<StepOutput, StepError>) {
         let (first, last) = stages.split_at_mut(1);
         let (a, b) = std::thread::scope(|sc| {
@@ -449,7 +453,13 @@ mod tests {
         assert!(a.seqs.is_empty() && a.hidden.is_empty(), "stage 0 answers nothing before the head rows come");
         let head = StepPlan { step: plan.step + 100, head: Some(HeadRows { of_step: plan.step, hidden: b.hidden.clone() }), ..Default::default() };
         let h = first[0].step(&head);
-        let parts = [b, h.as_ref().cloned().unwrap_or_default()];
+        let mut parts = vec![h.as_ref().cloned().unwrap_or_default()];
+        if plan.slice_later {
+            assert!(b.seqs.is_empty(), "the last stage projects its slice later too");
+            parts.push(last[0].step(&head).unwrap());
+        } else {
+            parts.push(b);
+        }
         (merged(&parts), h)
     }
 
@@ -461,7 +471,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_before_the_last_projects_its_vocabulary_slice_from_the_last_stages_hidden_states() {
+    fn stages_project_their_vocabulary_slices_from_the_last_stages_hidden_states() {
         let (mut stages, mut whole, _f) = two_stages();
         assert!(stages[0].model().vocab_range().start == 0 && stages[0].model().vocab_range().end == stages[1].model().vocab_range().start);
         let penalised =
@@ -472,7 +482,7 @@ mod tests {
                 seqs: vec![penalised(work(1, vec![2, 300, 301], 0)), SeqWork { logits: LogitsWanted::All, ..work(2, vec![2, 7, 9], 0) }],
                 ..Default::default()
             },
-            StepPlan { step: 2, seqs: vec![penalised(work(1, vec![301], 3)), work(3, vec![2, 5], 0)], free: vec![2], ..Default::default() },
+            StepPlan { step: 2, seqs: vec![penalised(work(1, vec![301], 3)), work(3, vec![2, 5], 0)], free: vec![2], slice_later: true, ..Default::default() },
         ];
         for plan in &steps {
             let (two, _) = pipelined(&mut stages, plan);
@@ -500,6 +510,8 @@ mod tests {
         let e = stages[0].step(&torn).unwrap_err();
         assert!(e.to_string().contains("wanted 1 rows"), "{e}");
         let e = stages[1].step(&torn).unwrap_err();
+        assert!(e.to_string().contains("left no rows"), "the last stage projected step 4's rows itself: {e}");
+        let e = whole.step(&torn).unwrap_err();
         assert!(e.to_string().contains("projects no rows"), "{e}");
         assert!(stages.iter().all(|s| s.broken().is_none()));
 

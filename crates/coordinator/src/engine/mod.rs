@@ -338,9 +338,16 @@ impl<'t, B: Backend> Engine<'t, B> {
                 }
             }
         } else {
-            while self.in_flight.len() < depth {
-                let share = (self.sched.n_running() + self.sched.n_waiting()).div_ceil(depth);
-                let Some((batch, plan, started)) = self.form(share) else { break };
+            let share = |e: &Self| (e.sched.n_running() + e.sched.n_waiting()).div_ceil(depth);
+            let mut next = if self.in_flight.len() < depth { self.form(share(self)) } else { None };
+            while let Some((batch, mut plan, started)) = next.take() {
+                // The step after this one is formed first: a step that goes alone (nothing in
+                // flight, nothing after it) has no other batch to overlap with, so every
+                // stage's slice of the output projection projects its rows at once.
+                if self.in_flight.len() + 1 < depth {
+                    next = self.form(share(self));
+                }
+                plan.slice_later = self.in_flight.is_empty() && next.is_none();
                 let pending: Pending = match self.backend.submit(&plan) {
                     Some(p) => p,
                     // A backend that cannot pipeline runs it now: the order is kept.
@@ -389,7 +396,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
         let started = Instant::now();
         self.mark_scheduled(&batch, started);
-        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone(), head: None };
+        let plan = StepPlan { step: self.step_no, seqs: batch.seqs.iter().map(|s| self.work(s)).collect(), free: batch.free.clone(), ..Default::default() };
         self.step_no += 1;
         Some((batch, plan, started))
     }

@@ -425,6 +425,12 @@ async fn a_pipeline_keeps_several_steps_in_flight_each_with_its_share_and_tokens
     assert_eq!(most, 2, "two steps were in flight at once");
     assert!(plans.iter().all(|p| p.seqs.len() <= 3), "each step takes at most its share (6 requests / 2)");
     assert!(plans.len() > serial_plans.len(), "the sequences are split over more, smaller steps");
+    // A step goes alone (every vocabulary slice projects at once) only when nothing is in
+    // flight and nothing follows it: never one step at a time, never while two are sent.
+    assert!(serial_plans.iter().all(|p| !p.slice_later));
+    assert!(!plans[0].slice_later && !plans[1].slice_later, "the first two steps go together");
+    assert!(plans.iter().filter(|p| p.slice_later).all(|p| p.seqs.len() <= 1), "alone means at most one sequence left with work");
+    assert!(plans.last().is_some_and(|p| p.slice_later), "the longest request finishes alone");
     let (tight, preempted, _, _) = run(2, 48).await;
     assert!(preempted > 0, "the small cache preempted sequences");
     assert_eq!(tight, serial, "an answer for a sequence preempted in flight is not used");
