@@ -31,7 +31,7 @@ fn text(dir: &TempDir) -> std::path::PathBuf {
 }
 
 #[test]
-fn perplexity_at_tp2_equals_tp1_on_a_tiny_model() {
+fn perplexity_at_tp2_pp2_and_tp2_by_pp2_equals_tp1_on_a_tiny_model() {
     let dir = TempDir::new().unwrap();
     let m = tiny(&dir, "gemma.gguf", &TinySpec::gemma3_shardable());
     let f = text(&dir);
@@ -44,17 +44,26 @@ fn perplexity_at_tp2_equals_tp1_on_a_tiny_model() {
     let (p1, p2) = (one["ppl"].as_f64().unwrap(), two["ppl"].as_f64().unwrap());
     assert!(p1 > 1.0 && p1.is_finite() && one["ppl_stderr"].as_f64().unwrap() > 0.0, "{one}");
     assert!(rel(p1, p2) < 5e-5, "tp = 1 {p1} vs tp = 2 {p2}");
+    // With pp > 1 every stage projects its slice of the vocabulary from the last stage's
+    // hidden states: every position's log-likelihood takes that path.
+    for split in [&["--pp", "2"][..], &["--tp", "2", "--pp", "2"]] {
+        let args = [&["perplexity", "--file", f, "--ctx", "64", "--chunks", "6", "--threads", "1"][..], split].concat();
+        let p = eval(&args, &m)["ppl"].as_f64().unwrap();
+        assert!(rel(p1, p) < 5e-5, "tp = 1 {p1} vs {split:?} {p}");
+    }
 }
 
 #[test]
-fn perplexity_at_tp2_equals_tp1_on_the_default_model() {
+fn perplexity_at_tp2_and_pp2_equals_tp1_on_the_default_model() {
     let Some(m) = default_model() else { return };
     let f = tpserve_fetch::testing::data_dir().join("wikitext-2-raw-test.txt");
     let f = f.to_str().unwrap();
     let one = eval(&["perplexity", "--file", f, "--chunks", "2"], &m);
     let two = eval(&["perplexity", "--file", f, "--chunks", "2", "--tp", "2"], &m);
+    let pp = eval(&["perplexity", "--file", f, "--chunks", "2", "--pp", "2"], &m)["ppl"].as_f64().unwrap();
     let (p1, p2) = (one["ppl"].as_f64().unwrap(), two["ppl"].as_f64().unwrap());
-    println!("WikiText-2, 2 windows of 512: ppl tp=1 {p1}, tp=2 {p2}");
+    println!("WikiText-2, 2 windows of 512: ppl tp=1 {p1}, tp=2 {p2}, pp=2 {pp}");
+    assert!(rel(p1, pp) < 5e-5, "tp = 1 {p1} vs pp = 2 {pp}");
     assert_eq!(one["tokens"], 2 * 255);
     // A small, sane perplexity for a real model on real text, the same at tp = 2.
     assert!((5.0..60.0).contains(&p1), "{one}");
