@@ -103,9 +103,11 @@ struct PendingRows {
     targets: Vec<TokenId>,
 }
 
-/// Steps whose rows are kept for their [`HeadRows`] at most: the coordinator keeps pp
-/// steps in flight, and sends a step's rows before the step after the next.
-const MAX_PENDING_HEADS: usize = 16;
+/// Steps whose rows are kept for their [`HeadRows`] at most. The coordinator keeps pp steps
+/// in flight (a plan has at most as many stages as layers) and answers them oldest first,
+/// and a step's rows drop every older step's, so only rows the coordinator gave up on (a
+/// failed cluster, which reloads) could ever pile up; this bounds them anyway.
+const MAX_PENDING_HEADS: usize = 1024;
 
 /// A loaded shard with its sequences.
 pub struct Shard {
