@@ -553,7 +553,8 @@ impl Cluster {
     fn send(&mut self, plan: &StepPlan) -> impl std::future::Future<Output = Result<StepReply, ClusterError>> + Send + 'static {
         let mut req = v1::StepRequest::from(plan);
         let (plan_ref, step) = (&self.spec.plan, plan.step);
-        let wants_rows = plan.seqs.iter().any(|w| w.logits != LogitsWanted::None);
+        let wanted_seqs = plan.seqs.iter().filter(|w| w.logits != LogitsWanted::None).count();
+        let wants_rows = wanted_seqs > 0;
         // A step the engine sends alone has nothing to overlap with: every stage's slice of
         // the output projection (the last stage's too) projects its rows in the second half,
         // all at once. Under load the last stage projects its own slice inside the step, which
@@ -578,9 +579,25 @@ impl Cluster {
                 let req = v1::StepRequest { step, head: Some(v1::HeadRows { of_step: step, hidden }), ..Default::default() };
                 request_bytes += req.encoded_len() * head_ranks.len();
                 let turns = take_turns(&all_turns, &head_ranks);
-                let (heads, bytes) = gather(&workers, &head_ranks, timeouts, req, turns).instrument(span.clone()).await?;
+                // The step's first half already changed every rank's caches: a refusal of its
+                // second half is no bad request but ranks that disagree (the cluster reloads).
+                let (heads, bytes) = gather(&workers, &head_ranks, timeouts, req, turns).instrument(span.clone()).await.map_err(|e| match e {
+                    ClusterError::Rejected(why) => ClusterError::Protocol(format!("the ranks refused step {step}'s head rows: {why}")),
+                    e => e,
+                })?;
                 response_bytes += bytes;
                 for h in heads {
+                    // Every slice answers every sequence that wanted rows: one that did not (a
+                    // worker that ignored the head rows) would leave its tokens out unnoticed.
+                    if h.seqs.len() != wanted_seqs {
+                        let why = format!(
+                            "worker rank {} ({}) answered step {step}'s head rows for {} sequences, {wanted_seqs} wanted them",
+                            h.rank,
+                            workers[h.rank].addr,
+                            h.seqs.len()
+                        );
+                        return Err(ClusterError::Protocol(why));
+                    }
                     let o = &mut outputs[h.rank];
                     o.seqs = h.seqs;
                     o.compute_us += h.compute_us;
