@@ -106,7 +106,7 @@ pub async fn connect(addr: &str, timeout: Duration, token: Option<&ClusterToken>
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let mut client = WorkerClient::with_interceptor(channel, SendToken::new(token)).max_decoding_message_size(64 << 20);
+    let mut client = WorkerClient::with_interceptor(channel, SendToken::new(token)).max_decoding_message_size(tpserve_proto::MAX_MESSAGE_BYTES);
     let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
     let info = tokio::time::timeout(left, client.info(v1::InfoRequest {}))
         .await

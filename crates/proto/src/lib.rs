@@ -17,6 +17,13 @@ pub mod v1 {
     tonic::include_proto!("tpserve.v1");
 }
 
+/// The largest gRPC message the coordinator and the workers decode. Step answers and head
+/// rows carry the final hidden states of a step's wanted rows when pp > 1: with every
+/// position wanting logits (perplexity, prompt log-probabilities) that is the step's tokens ×
+/// hidden × 4 bytes, 128 MiB for 8192 tokens of a 4096-wide model. A worker decodes a
+/// request only after its cluster token was checked.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
 pub use v1::coordinator_client::CoordinatorClient;
 pub use v1::coordinator_server::{Coordinator, CoordinatorServer};
 pub use v1::worker_client::WorkerClient;

@@ -57,7 +57,7 @@ pub async fn serve(
         }
         conn
     });
-    let server = tpserve_proto::WorkerServer::new(service).max_decoding_message_size(64 << 20);
+    let server = tpserve_proto::WorkerServer::new(service).max_decoding_message_size(tpserve_proto::MAX_MESSAGE_BYTES);
     let served = builder.add_service(InterceptedService::new(server, CheckToken::new(admit))).serve_with_incoming_shutdown(incoming, stop).await;
     watch.abort();
     served.map_err(|e| e.to_string())
