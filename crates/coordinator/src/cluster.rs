@@ -261,6 +261,9 @@ pub struct Cluster {
     /// The steps in flight take their second half's turns on the ranks with vocabulary slices
     /// ([`HeadRows`](tpserve_types::step::HeadRows)) when their first half is answered. A new one on every (re)load.
     turns: Turns,
+    /// With pp > 1, the ranks with a vocabulary slice and whether each is on the last stage:
+    /// those a step's head rows go to.
+    slices: Vec<(usize, bool)>,
 }
 
 /// Per rank, the receiver of the last call's "answered" (see [`Cluster::turns`]).
@@ -289,7 +292,12 @@ impl Cluster {
     pub async fn load(workers: Vec<RemoteWorker>, spec: ClusterSpec, progress: impl Fn(usize, &LoadProgress) + Sync) -> Result<Cluster, ClusterError> {
         let loaded = load_shards(&workers, &spec, progress).await?;
         let turns = new_turns(workers.len());
-        Ok(Cluster { workers: workers.into(), spec, joins: None, failed: None, loaded, turns })
+        let slices = if spec.plan.pp > 1 {
+            spec.plan.shards().into_iter().filter(|s| !s.vocab.is_empty()).map(|s| (s.rank, s.last_stage)).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Cluster { workers: workers.into(), spec, joins: None, failed: None, loaded, turns, slices })
     }
 
     /// Takes replacements for lost ranks from `joins` (workers that `--join`ed as spares).
@@ -560,8 +568,7 @@ impl Cluster {
         // all at once. Under load the last stage projects its own slice inside the step, which
         // spares every step a call (measured faster: docs/PERFORMANCE.md).
         req.slice_later = plan.slice_later && wants_rows && plan_ref.pp > 1;
-        let head_ranks: Vec<usize> =
-            plan_ref.shards().into_iter().filter(|s| !s.vocab.is_empty() && plan_ref.pp > 1 && (req.slice_later || !s.last_stage)).map(|s| s.rank).collect();
+        let head_ranks: Vec<usize> = self.slices.iter().filter(|&&(_, last)| req.slice_later || !last).map(|&(rank, _)| rank).collect();
         let mut request_bytes = req.encoded_len() * self.workers.len();
         let span = info_span!("step", step = plan.step, seqs = plan.seqs.len());
         let all: Vec<usize> = (0..self.workers.len()).collect();

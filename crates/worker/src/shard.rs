@@ -250,7 +250,6 @@ impl Shard {
 
         let vocab = self.model.vocab_range();
         let mut seqs = Vec::new();
-        let wanted = plan.seqs.iter().filter(|w| w.logits != LogitsWanted::None);
         if self.shard.last_stage && !slice_later && !vocab.is_empty() {
             for (w, mut l) in plan.seqs.iter().zip(out.logits).filter(|(w, _)| w.logits != LogitsWanted::None) {
                 let st = &self.seqs[&w.seq_id];
@@ -262,7 +261,10 @@ impl Shard {
                 seqs.push(SeqOutput { seq_id: w.seq_id, rows });
             }
         } else if !vocab.is_empty() {
-            let keep: Vec<PendingRows> = wanted
+            let keep: Vec<PendingRows> = plan
+                .seqs
+                .iter()
+                .filter(|w| w.logits != LogitsWanted::None)
                 .map(|w| {
                     let st = &self.seqs[&w.seq_id];
                     PendingRows {
@@ -376,14 +378,26 @@ mod tests {
     use tpserve_types::step::SeqWork;
     use tpserve_types::SamplingParams;
 
-    fn shard() -> (Shard, tempfile::NamedTempFile) {
+    /// A tiny Gemma in a file (kept while the shards live), opened, and the KV layout the
+    /// tests use.
+    fn tiny() -> (tempfile::NamedTempFile, Gguf, KvLayout) {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
         let g = Gguf::open(f.path()).unwrap();
-        let plan = Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap();
         let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
         let kv = cfg.kv_layout(tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
-        (Shard::load(&tpserve_model::device::DeviceOps::Cpu(tpserve_model::ops::Cpu), &g, &plan.shard(0), Arc::new(Local), None, &kv).unwrap(), f)
+        (f, g, kv)
+    }
+
+    /// The whole of `g` in one shard.
+    fn whole(g: &Gguf, kv: &KvLayout) -> Shard {
+        let plan = Plan::new(model_shape(g).unwrap(), 1, 1).unwrap();
+        Shard::load(&tpserve_model::device::DeviceOps::Cpu(tpserve_model::ops::Cpu), g, &plan.shard(0), Arc::new(Local), None, kv).unwrap()
+    }
+
+    fn shard() -> (Shard, tempfile::NamedTempFile) {
+        let (f, g, kv) = tiny();
+        (whole(&g, &kv), f)
     }
 
     /// Sequence `seq_id`'s blocks are `8 * seq_id ..`, four positions each, in both groups.
@@ -415,12 +429,8 @@ mod tests {
     /// Stage `rank` of a tiny Gemma split into two pipeline stages (TCP between them), and
     /// the whole model in one shard, with the same KV layout.
     fn two_stages() -> (Vec<Shard>, Shard, tempfile::NamedTempFile) {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), tiny_gguf(&TinySpec::gemma3())).unwrap();
-        let g = Gguf::open(f.path()).unwrap();
+        let (f, g, kv) = tiny();
         let plan = Plan::new(model_shape(&g).unwrap(), 1, 2).unwrap();
-        let cfg = tpserve_model::config::ModelConfig::from_gguf(&g).unwrap();
-        let kv = cfg.kv_layout(tpserve_types::kv::KvSizing { block_size: 4, tokens: 400, max_seqs: 16, max_chunk: 8 });
         let cpu = tpserve_model::device::DeviceOps::Cpu(tpserve_model::ops::Cpu);
         let listeners: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -438,27 +448,31 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
         });
-        let whole = Shard::load(&cpu, &g, &Plan::new(model_shape(&g).unwrap(), 1, 1).unwrap().shard(0), Arc::new(Local), None, &kv).unwrap();
-        (stages, whole, f)
+        (stages, whole(&g, &kv), f)
+    }
+
+    /// Runs `plan` on both stages at once (they talk through the collective): their answers.
+    fn both(stages: &mut [Shard], plan: &StepPlan) -> (StepOutput, StepOutput) {
+        let (first, last) = stages.split_at_mut(1);
+        std::thread::scope(|sc| {
+            let a = sc.spawn(|| first[0].step(plan).unwrap());
+            let b = last[0].step(plan).unwrap();
+            (a.join().unwrap(), b)
+        })
     }
 
     /// Runs `plan` on both stages at once, then its head rows on stage 0 (and with
     /// `slice_later` on stage 1 too) as the coordinator does; the merged report, and what
     /// stage 0 answered to the head rows.
     fn pipelined(stages: &mut [Shard], plan: &StepPlan) -> (String, Result<StepOutput, StepError>) {
-        let (first, last) = stages.split_at_mut(1);
-        let (a, b) = std::thread::scope(|sc| {
-            let a = sc.spawn(|| first[0].step(plan).unwrap());
-            let b = last[0].step(plan).unwrap();
-            (a.join().unwrap(), b)
-        });
+        let (a, b) = both(stages, plan);
         assert!(a.seqs.is_empty() && a.hidden.is_empty(), "stage 0 answers nothing before the head rows come");
         let head = StepPlan { step: plan.step + 100, head: Some(HeadRows { of_step: plan.step, hidden: b.hidden.clone() }), ..Default::default() };
-        let h = first[0].step(&head);
+        let h = stages[0].step(&head);
         let mut parts = vec![h.as_ref().cloned().unwrap_or_default()];
         if plan.slice_later {
             assert!(b.seqs.is_empty(), "the last stage projects its slice later too");
-            parts.push(last[0].step(&head).unwrap());
+            parts.push(stages[1].step(&head).unwrap());
         } else {
             parts.push(b);
         }
@@ -503,11 +517,7 @@ mod tests {
         let plan = StepPlan { step: 4, seqs: vec![work(1, vec![8], 5)], ..Default::default() };
         let width = stages[0].model().config().hidden;
         let torn = StepPlan { step: 9, head: Some(HeadRows { of_step: 4, hidden: vec![0.5; width + 1] }), ..Default::default() };
-        let (first, last) = stages.split_at_mut(1);
-        std::thread::scope(|sc| {
-            sc.spawn(|| last[0].step(&plan).unwrap());
-            first[0].step(&plan).unwrap();
-        });
+        both(&mut stages, &plan);
         whole.step(&plan).unwrap();
         let e = stages[0].step(&torn).unwrap_err();
         assert!(e.to_string().contains("wanted 1 rows"), "{e}");
@@ -523,17 +533,10 @@ mod tests {
             StepPlan { step: 5, seqs: vec![penalised(work(1, vec![9], 6))], ..Default::default() },
             StepPlan { step: 6, seqs: vec![work(4, vec![2, 3], 0)], free: vec![1], ..Default::default() },
         );
-        let mut hidden = Vec::new();
-        for plan in [&k, &next] {
-            let (first, last) = stages.split_at_mut(1);
-            let b = std::thread::scope(|sc| {
-                sc.spawn(|| first[0].step(plan).unwrap());
-                last[0].step(plan).unwrap()
-            });
-            hidden.push(b);
-        }
-        let h = stages[0].step(&StepPlan { step: 7, head: Some(HeadRows { of_step: 5, hidden: hidden[0].hidden.clone() }), ..Default::default() }).unwrap();
-        assert_eq!(merged(&[hidden.remove(0), h]), merged(&[whole.step(&k).unwrap()]));
+        let (_, last_k) = both(&mut stages, &k);
+        both(&mut stages, &next);
+        let h = stages[0].step(&StepPlan { step: 7, head: Some(HeadRows { of_step: 5, hidden: last_k.hidden.clone() }), ..Default::default() }).unwrap();
+        assert_eq!(merged(&[last_k, h]), merged(&[whole.step(&k).unwrap()]));
     }
 
     #[test]
