@@ -10,7 +10,8 @@
 //! - [`blocks`]: scalar reference dequantizers and simple quantizers for every supported type.
 //! - [`act`]: activation quantization (Q8_0 bit-compatible with llama.cpp's).
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
-//! - `packed`: weights repacked at load, 16 rows interleaved; `avx512` / `avx_vnni`: the GEMM
+//! - `packed`: weights repacked at load, 16 rows interleaved (in memory from `arena`: 2 MiB
+//!   chunks on transparent huge pages); `avx512` / `avx_vnni`: the GEMM
 //!   kernels over them (512-bit, and 256-bit for AVX-VNNI CPUs without AVX-512); `amx`: AMX
 //!   tile kernels over the same layout, for matmuls of 16 tokens and more.
 //! - [`kernels`]: run-time choice between them (`TPSERVE_KERNELS=scalar` forces the fallback).
@@ -23,6 +24,7 @@ pub mod matrix;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod arena;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -29,16 +29,12 @@
 //! The result is about as many bytes as the file's rows (2.8% more for Q4_K and 4.6% for Q6_K,
 //! whose scales are stored unpacked; rows padded to whole groups and 64-byte lines).
 
+use super::arena::Region;
 use super::blocks::{k_scales_mins, QK_K};
 use super::GgmlDType;
 
 /// Rows per interleaved group: the f32 lanes of a 512-bit register.
 pub(crate) const GROUP: usize = 16;
-
-/// One cache line, so every 64-byte code chunk is an aligned load.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
 
 /// A matrix in the interleaved layout of the module documentation.
 pub(crate) struct Packed {
@@ -54,7 +50,8 @@ pub(crate) struct Packed {
     meta_bytes: usize,
     /// Bytes from one group to the next (a whole number of lines).
     group_bytes: usize,
-    data: Vec<Line>,
+    /// `groups · group_bytes`, 64-byte aligned (on huge pages where the system allows).
+    data: Region,
 }
 
 /// What the packed codes of a 32-element format (Q8_0, Q4_0, Q5_0) add to the value they
@@ -120,9 +117,8 @@ impl Packed {
         let (code_bytes, meta_bytes) = layout(dtype).unwrap_or_else(|| panic!("not packable: {dtype}"));
         let group_bytes = (nb * (code_bytes + meta_bytes)).div_ceil(64) * 64;
         let groups = rows.div_ceil(GROUP);
-        let mut data = vec![Line([0; 64]); groups * group_bytes / 64];
-        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly the vector's elements.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64) };
+        let mut data = Region::new(groups * group_bytes);
+        let bytes = data.as_mut_slice();
         let type_size = dtype.type_size();
         for r in 0..rows {
             let (grp, lane) = (r / GROUP, r % GROUP);
@@ -215,12 +211,11 @@ impl Packed {
 
     /// Bytes this layout holds (what repacking adds to the process).
     pub(crate) fn nbytes(&self) -> usize {
-        self.data.len() * 64
+        self.data.len()
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: as in `new`.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.data.len() * 64) }
+        self.data.as_slice()
     }
 
     /// Group `grp`'s bytes: `nb · code_bytes` of codes from a 64-byte boundary, then
