@@ -210,7 +210,8 @@ pub struct LoadedRank {
     pub threads: u32,
     /// Bytes the worker reserved for the KV cache.
     pub kv_bytes: u64,
-    /// Bytes of weights the worker repacked for its GEMM kernels, beside the mapped file.
+    /// Bytes of weights the worker repacked for its GEMM kernels (or copied onto huge pages
+    /// for its row kernels), beside the mapped file.
     pub repacked_bytes: u64,
     /// The device the shard is on, in words ("cpu (avx2)", "cuda:0 (NVIDIA H200, …)").
     pub device: String,

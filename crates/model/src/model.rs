@@ -361,8 +361,8 @@ impl<O: Ops> Model<O> {
         m
     }
 
-    /// Bytes of repacked weights this rank holds now (each repacked matrix's copy; 0 where
-    /// the kernels read the blocks as they are).
+    /// Bytes of repacked weights this rank holds now: each matrix's repacked copy, or its
+    /// copy on huge pages for the row kernels (see `QMatrix::prepare`); 0 before `prefault`.
     pub fn repacked_bytes(&self) -> usize {
         let embed = self.embed.as_ref().map(|e| e.weight() as &dyn Matrix);
         embed.into_iter().chain(self.matmul_matrices()).map(|m| m.packed_bytes()).sum()
@@ -375,7 +375,8 @@ impl<O: Ops> Model<O> {
 
     /// Reads every page of this rank's weights in host memory once, so that the first
     /// request does not pay for page faults of the mapped file, calling `progress(bytes_done,
-    /// bytes_total)` as it goes, then repacks what the kernels multiply on a repacked layout.
+    /// bytes_total)` as it goes, then repacks what the kernels multiply on a repacked layout
+    /// (and copies the rest onto huge pages: `QMatrix::prepare`).
     /// Only this shard's bytes are touched. Returns the bytes repacking added
     /// ([`Self::repacked_bytes`]).
     pub fn prefault(&self, mut progress: impl FnMut(u64, u64)) -> usize {

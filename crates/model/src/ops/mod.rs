@@ -42,7 +42,8 @@ pub trait Matrix: Send + Sync {
     fn packed_bytes(&self) -> usize {
         0
     }
-    /// Makes now whatever the kernels would otherwise make on first use (a repacked copy).
+    /// Makes now whatever the kernels would otherwise make on first use (a repacked copy, or
+    /// a copy on huge pages).
     fn prepare(&self) {}
     /// The encoded bytes where they are in host memory (the mapped file), to read their
     /// pages ahead of the first request; empty for a copy in device memory.

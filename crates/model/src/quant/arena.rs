@@ -1,4 +1,4 @@
-//! Memory for the repacked weights: zeroed, 64-byte aligned regions carved from 2 MiB-aligned
+//! Memory for the repacked weights (and the row kernels' copies): zeroed, 64-byte aligned regions carved from 2 MiB-aligned
 //! chunks that the kernel is asked to back with transparent huge pages.
 //!
 //! A decode step streams every weight byte once. On 4 KiB pages that is a TLB miss every

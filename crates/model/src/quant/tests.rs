@@ -240,6 +240,44 @@ fn the_packed_layout_holds_every_row_of_the_file() {
 }
 
 #[test]
+fn row_kernels_on_the_resident_copy_give_the_files_results_bit_for_bit() {
+    // `prepare` for the row kernels copies the rows onto huge pages and every later matmul,
+    // row lookup and slice reads the copy: it must hold the same rows in the same order.
+    let row_isas: Vec<Isa> = isas().into_iter().filter(|&i| i < Isa::AvxVnni).collect();
+    let mut rng = StdRng::seed_from_u64(23);
+    for dtype in TYPES {
+        for &isa in &row_isas {
+            let m = random_matrix(dtype, 37, 512, &mut rng);
+            // A slice too, so the copy starts at a row other than the file's first.
+            let m = m.slice_rows(3, 37).unwrap();
+            let x = random_floats(&mut rng, 9 * m.cols());
+            let (mut want, mut got) = (vec![f32::NAN; 9 * m.rows()], vec![f32::NAN; 9 * m.rows()]);
+            for n in [1, 9] {
+                m.matmul_with(isa, &x[..n * m.cols()], n, &mut want[..n * m.rows()]);
+            }
+            let mut want_row = vec![0f32; m.cols()];
+            m.dequantize_row(30, &mut want_row);
+            assert_eq!(m.packed_bytes(), 0);
+            m.prepare_for(isa);
+            assert_eq!(m.packed_bytes(), m.nbytes(), "{dtype} on {}: the copy is the whole matrix", isa.name());
+            for n in [1, 9] {
+                m.matmul_with(isa, &x[..n * m.cols()], n, &mut got[..n * m.rows()]);
+                assert_eq!(got[..n * m.rows()], want[..n * m.rows()], "{dtype} on {}, {n} tokens", isa.name());
+            }
+            let mut row = vec![0f32; m.cols()];
+            m.dequantize_row(30, &mut row);
+            assert_eq!(row, want_row, "{dtype}");
+            let s = m.slice_rows(10, 20).unwrap();
+            let mut part = vec![0f32; 9 * 10];
+            s.matmul_with(isa, &x, 9, &mut part);
+            for t in 0..9 {
+                assert_eq!(part[t * 10..(t + 1) * 10], want[t * 34 + 10..t * 34 + 20], "{dtype} slice");
+            }
+        }
+    }
+}
+
+#[test]
 fn the_vnni_gemm_kernels_give_the_scalar_kernels_results_bit_for_bit() {
     // Exact integer block sums and the scalar loop's float operations in its order: equal,
     // not close, for every batch size (the kernels' token tiles and their remainders) and
