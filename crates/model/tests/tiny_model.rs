@@ -168,11 +168,13 @@ fn prefault_repacks_what_the_forward_multiplies_so_a_request_repacks_nothing() {
     assert_eq!(repacked, model.repacked_bytes());
     let kernels = tpserve_model::quant::kernel_name();
     if repacked == 0 {
+        // The row kernels on a system without transparent huge pages: no copy is made.
         eprintln!("the {kernels} kernels read the file's blocks as they are: nothing to check here");
         return;
     }
-    // The layers' and the head's Q8_0 rows, padded to groups of 16 rows and 64-byte lines:
-    // the embedding's own copy would double the head's share.
+    // The layers' and the head's Q8_0 rows, padded to groups of 16 rows and 64-byte lines
+    // (or, with the row kernels, copied as they are): the embedding's own copy would double
+    // the head's share.
     let weights = model.weight_bytes() as usize;
     assert!(repacked <= weights + weights / 8, "{repacked} bytes repacked for {weights} bytes of weights ({kernels})");
     Seqs::new(&model, 1, 16).forward(&model, &[(0, &prompt(9), LogitsWanted::Last)]).unwrap();

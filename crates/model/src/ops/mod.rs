@@ -38,12 +38,13 @@ pub trait Matrix: Send + Sync {
     fn cols(&self) -> usize;
     /// Bytes of its block encoding (what the file holds for it).
     fn nbytes(&self) -> usize;
-    /// Bytes of a repacked copy the kernels made of it (host kernels only; 0 elsewhere).
+    /// Bytes of a copy the kernels made of it: repacked, or the rows as they are on huge
+    /// pages (host kernels only; 0 elsewhere).
     fn packed_bytes(&self) -> usize {
         0
     }
-    /// Makes now whatever the kernels would otherwise make on first use (a repacked copy, or
-    /// a copy on huge pages).
+    /// Readies the weights for the kernels: a repacked copy (which the first use would
+    /// otherwise make), or a copy of the rows on huge pages (which only this makes).
     fn prepare(&self) {}
     /// The encoded bytes where they are in host memory (the mapped file), to read their
     /// pages ahead of the first request; empty for a copy in device memory.

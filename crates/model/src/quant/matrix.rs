@@ -7,9 +7,10 @@
 //! above 4 MiB); prefill (n > 1) gives each task a chunk of weight rows small enough to stay
 //! in L1/L2 while all token rows stream past it four at a time. With the AVX-512 VNNI kernels,
 //! Q8_0/Q4_0/Q5_0/Q4_K/Q6_K weights are first repacked (`packed`: 16 rows interleaved) and every
-//! matmul, decode included, runs the GEMM kernel on them. Both layouts live on transparent huge
-//! pages once [`QMatrix::prepare`] ran (`arena`): the row kernels' as a copy of the file's rows,
-//! which they stream 9-12% faster than the mapped file's 4 KiB pages.
+//! matmul, decode included, runs the GEMM kernel on them. The repacked layout lives on
+//! transparent huge pages (`arena`); so does, once [`QMatrix::prepare`] ran, a copy of the
+//! file's rows for the row kernels, which they stream 9-12% faster than the mapped file's
+//! 4 KiB pages.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -111,7 +112,7 @@ impl QMatrix {
     }
 
     /// The encoded rows the row kernels read: the resident copy once made, else the file's.
-    fn weights(&self) -> &[u8] {
+    pub(crate) fn weights(&self) -> &[u8] {
         match self.resident.get() {
             Some(copy) => copy.as_slice(),
             None => self.as_bytes(),
@@ -176,10 +177,11 @@ impl QMatrix {
         self.packed.get().map_or(0, |p| p.nbytes()) + self.resident.get().map_or(0, |r| r.len())
     }
 
-    /// Readies the weights for the kernels this process runs (otherwise the first matmul
-    /// would repack them): repacked where those kernels have a layout of their own, else
-    /// copied as they are onto huge pages, which the row kernels stream faster than the
-    /// mapped file's pages. [`Self::packed_bytes`] then says what that added.
+    /// Readies the weights for the kernels this process runs: repacked where those kernels
+    /// have a layout of their own (otherwise the first matmul would repack them), else, where
+    /// the system has transparent huge pages, copied as they are onto them, which the row
+    /// kernels stream faster than the mapped file's 4 KiB pages (without `prepare` they read
+    /// the file). [`Self::packed_bytes`] then says what that added.
     pub fn prepare(&self) {
         self.prepare_for(active_isa())
     }
@@ -191,7 +193,7 @@ impl QMatrix {
         }
         if self.packs_for(isa) {
             self.packed();
-        } else {
+        } else if super::arena::huge_pages_enabled() {
             self.resident.get_or_init(|| {
                 let mut copy = Region::new(self.nbytes());
                 copy.as_mut_slice().copy_from_slice(self.as_bytes());
