@@ -4,7 +4,7 @@
 //! A decode step streams every weight byte once. On 4 KiB pages that is a TLB miss every
 //! 4 KiB and a hardware prefetcher that starts over at every page boundary; on 2 MiB pages
 //! the same bytes stream faster (docs/PERFORMANCE.md, "The weights on huge pages": batch-1
-//! decode 1.37x with the packed kernels, 1.09x with the row kernels).
+//! decode 1.37x with the packed kernels, 1.09x with the AVX2 row kernels).
 //! Transparent huge pages are commonly in `madvise` mode, where nothing is huge unless asked,
 //! and a matrix of a layer (a few hundred KiB to a few MiB) would not fill an aligned 2 MiB
 //! page of its own: so small regions share 32 MiB chunks, one after the other, and a region

@@ -17,7 +17,8 @@ use super::{scalar, GgmlDType};
 pub enum Isa {
     /// Portable Rust; the reference and the fallback.
     Scalar,
-    /// x86-64 AVX2 + FMA + F16C.
+    /// x86-64 AVX2 + FMA + F16C: the row kernels (`avx2`), and the 256-bit GEMM kernels
+    /// over repacked weights where a type has them (`gemm256::avx2`, `vpmaddubsw`).
     Avx2,
     /// AVX2's kernels, and the 256-bit AVX-VNNI twins of the AVX-512 GEMM kernels over
     /// repacked weights where a type has them (CPUs with AVX-VNNI but no AVX-512).

@@ -5,12 +5,13 @@
 //! `--threads` and runs us inside `pool.install`). Decode (n = 1) splits rows evenly over
 //! the threads (on the calling thread alone below 32 KiB of weights, eight tasks per thread
 //! above 4 MiB); prefill (n > 1) gives each task a chunk of weight rows small enough to stay
-//! in L1/L2 while all token rows stream past it four at a time. With the AVX-512 VNNI kernels,
+//! in L1/L2 while all token rows stream past it four at a time. With AVX2 or better,
 //! Q8_0/Q4_0/Q5_0/Q4_K/Q6_K weights are first repacked (`packed`: 16 rows interleaved) and every
-//! matmul, decode included, runs the GEMM kernel on them. The repacked layout lives on
-//! transparent huge pages (`arena`); so does, once [`QMatrix::prepare`] ran, a copy of the
-//! file's rows for the row kernels, which they stream 9-12% faster than the mapped file's
-//! 4 KiB pages.
+//! matmul, decode included, runs the GEMM kernels on them (`gemm256` with AVX2 or AVX-VNNI,
+//! `avx512`, `amx`); the row kernels remain for the other types and the portable fallback. The
+//! repacked layout lives on transparent huge pages (`arena`); so does, once
+//! [`QMatrix::prepare`] ran, a copy of the file's rows for the row kernels, which they stream
+//! 9-12% faster than the mapped file's 4 KiB pages.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -21,7 +22,8 @@ use super::act::{BlockQ8K32, BlockQ8_0};
 use super::arena::Region;
 use super::blocks::QK_K;
 use super::kernels::{
-    activation_quantizers, active_isa, amx_available, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel, QuantizeQ8K32, QuantizeQ8_0,
+    activation_quantizers, active_isa, amx_available, avx2_available, avx512_vnni_available, avx_vnni_available, select, DotKernels, Isa, Kernel,
+    QuantizeQ8K32, QuantizeQ8_0,
 };
 use super::packed::{packable, Packed, GROUP};
 use super::{dequantize, is_supported, GgmlDType, QuantError};
@@ -162,7 +164,8 @@ impl QMatrix {
             Isa::Avx512Amx => amx_available(),
             Isa::Avx512Vnni => avx512_vnni_available(),
             Isa::AvxVnni => avx_vnni_available(),
-            Isa::Scalar | Isa::Avx2 => false,
+            Isa::Avx2 => avx2_available(),
+            Isa::Scalar => false,
         };
         cpu && packable(self.dtype)
     }
@@ -202,8 +205,9 @@ impl QMatrix {
         }
     }
 
-    /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AVX-512 VNNI kernels,
-    /// or their 256-bit AVX-VNNI twins (the caller checked [`Self::packs_for`] for `isa`).
+    /// [`matmul_with`](Self::matmul_with) on the repacked rows with the AMX or AVX-512 VNNI
+    /// kernels, or their 256-bit twins on AVX-VNNI or AVX2 (the caller checked
+    /// [`Self::packs_for`] for `isa`).
     fn matmul_packed(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], q8_0: QuantizeQ8_0, q8_k32: QuantizeQ8K32) {
         let p = self.packed();
         let (rows, dtype) = (self.rows, self.dtype);
@@ -227,7 +231,8 @@ impl QMatrix {
                         Some(tiles) if worth_a_tile(tn) => super::amx::gemm_group_q4_k(p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
                         Some(_) => in_vnni_calls((t0, tn), o, rows, |ts, o| super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, ts, o, rows, lanes)),
                         None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
-                        None => super::avx_vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
+                        None if isa == Isa::AvxVnni => super::gemm256::vnni::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
+                        None => super::gemm256::avx2::gemm_group_k(dtype, p.group(g), nb, &acts, (t0, tn), o, rows, lanes),
                     }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -251,7 +256,8 @@ impl QMatrix {
                         Some(tiles) if worth_a_tile(tn) => super::amx::gemm_group(dtype, p.group(g), nb, tiles, (t0, tn), o, rows, lanes),
                         Some(_) => in_vnni_calls((t0, tn), o, rows, |ts, o| super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, ts, o, rows, lanes)),
                         None if isa >= Isa::Avx512Vnni => super::avx512::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
-                        None => super::avx_vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
+                        None if isa == Isa::AvxVnni => super::gemm256::vnni::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
+                        None => super::gemm256::avx2::gemm_group(dtype, p.group(g), nb, &acts, &sums, (t0, tn), o, rows, lanes),
                     }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -283,6 +289,23 @@ impl QMatrix {
         if self.packs_for(isa) {
             return self.matmul_packed(isa, x, n, out, q8_0, q8_k32);
         }
+        self.matmul_rows(isa, x, n, out)
+    }
+
+    /// [`matmul_with`](Self::matmul_with) on the row kernels of `isa` (its dot kernels, AVX2's
+    /// at most), packed layout or not: what a type without one runs, and the tests' and the
+    /// benchmark's other side of the packed kernels.
+    pub(crate) fn matmul_rows(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols, "matmul: input is not n x cols");
+        assert_eq!(out.len(), n * self.rows, "matmul: output is not n x rows");
+        if n == 0 || self.rows == 0 {
+            return;
+        }
+        if self.cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let (q8_0, q8_k32) = activation_quantizers(isa);
         let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         match kernel {
             Kernel::F32(k) => self.run(x, self.cols, n, &k, out),

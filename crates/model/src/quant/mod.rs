@@ -11,9 +11,9 @@
 //! - [`act`]: activation quantization (Q8_0 bit-compatible with llama.cpp's).
 //! - `scalar` / `avx2`: the weight-row · activation-row dot kernels.
 //! - `packed`: weights repacked at load, 16 rows interleaved (in memory from `arena`: 2 MiB
-//!   chunks on transparent huge pages); `avx512` / `avx_vnni`: the GEMM
-//!   kernels over them (512-bit, and 256-bit for AVX-VNNI CPUs without AVX-512); `amx`: AMX
-//!   tile kernels over the same layout, for matmuls of 16 tokens and more.
+//!   chunks on transparent huge pages); `avx512` / `gemm256`: the GEMM kernels over them
+//!   (512-bit; 256-bit for AVX-VNNI CPUs without AVX-512 and for AVX2 CPUs without VNNI);
+//!   `amx`: AMX tile kernels over the same layout, for matmuls of 16 tokens and more.
 //! - [`kernels`]: run-time choice between them (`TPSERVE_KERNELS=scalar` forces the fallback).
 //! - [`matrix`]: [`QMatrix`], the weight matrix type the model multiplies with.
 
@@ -30,7 +30,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
-mod avx_vnni;
+mod gemm256;
 mod packed;
 mod scalar;
 

@@ -1,0 +1,440 @@
+//! 256-bit GEMM micro-kernels over the weights [`super::packed`] repacks for the AVX-512
+//! ones: the same layout, the same integer sums, the same float steps in the same order, so
+//! they give the scalar kernels' results bit for bit (and batch invariance by construction).
+//! The code is written once ([`gemm_256`]) and compiled twice, for two instruction sets that
+//! differ in one step, the four-byte dot product `dot4`:
+//! - [`vnni`]: AVX-VNNI's `vpdpbusd`, on CPUs with AVX2 and AVX-VNNI but no AVX-512 (Alder
+//!   Lake and later clients, Sierra Forest, Arrow Lake);
+//! - [`avx2`]: `vpmaddubsw` (two byte products summed into an i16) then `vpmaddwd` (pairs of
+//!   those into an i32), on every AVX2 CPU without VNNI (Haswell to Comet Lake, AMD Zen 1-3).
+//!   An i16 holds the pair exactly for codes of at most 6 bits (2 · 63 · 127); Q8_0's codes,
+//!   stored as `w + 128`, would overflow it, so this path turns them back into signed weights
+//!   and multiplies `|w|` by the activation given `w`'s sign (2 · 128 · 127 fits).
+//!
+//! A packed group holds 16 rows, one per 32-bit lane of a 64-byte line; a 256-bit register
+//! holds eight, so each group is done as two halves of eight rows (bytes 0..32 and 32..64 of
+//! every line, and the matching half of every per-lane scale), each with its own accumulators
+//! and the same code as [`super::avx512`] otherwise: for each block, the codes of eight rows
+//! are decoded once into eight registers and each token's activation bytes are broadcast four
+//! at a time into `vpdpbusd`. The module documentation of `avx512` explains the sums.
+//!
+//! Every kernel is `unsafe`: the caller must have checked the CPU features
+//! ([`super::kernels::avx_vnni_available`] or [`super::kernels::avx2_available`]) and the
+//! lengths listed under `# Safety`. (One generic body over a `Dot4` trait would not do: a
+//! helper compiled without the entry point's features calls the intrinsics instead of
+//! inlining them, 30-70x slower, so every function below carries its module's features.)
+
+use std::arch::x86_64::*;
+
+/// Rows of a packed group in one 256-bit register (one per lane).
+const HALF: usize = 8;
+
+/// 32 bytes from a 32-byte aligned address.
+///
+/// # Safety
+/// AVX2; `p` aligned to 32 and `p..p + 32` readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load256(p: *const u8) -> __m256i {
+    _mm256_load_si256(p as *const __m256i)
+}
+
+/// Four activation bytes `a[o..o + 4]` in every lane.
+///
+/// # Safety
+/// AVX2; `a.add(o)..a.add(o + 4)` readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bcast4(a: *const i8, o: usize) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(a.add(o) as *const i32))
+}
+
+/// Eight f16 values at `p` as f32 lanes.
+///
+/// # Safety
+/// AVX2, F16C; `p..p + 16` readable.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Eight bytes (one per lane) widened to i32 lanes, unsigned or signed.
+///
+/// # Safety
+/// AVX2; `p..p + 8` readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bytes_to_lanes<const SIGNED: bool>(p: *const u8) -> __m256i {
+    let v = _mm_loadl_epi64(p as *const __m128i);
+    if SIGNED {
+        _mm256_cvtepi8_epi32(v)
+    } else {
+        _mm256_cvtepu8_epi32(v)
+    }
+}
+
+/// Stores the lanes of `v` set in `lanes` at `out`.
+///
+/// # Safety
+/// AVX; `out.add(l)` writable for every lane `l` set in `lanes`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_lanes(out: *mut f32, lanes: u8, v: __m256) {
+    if lanes == u8::MAX {
+        _mm256_storeu_ps(out, v);
+    } else {
+        let mut tmp = [0f32; HALF];
+        _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+        for (l, x) in tmp.iter().enumerate() {
+            if lanes & (1 << l) != 0 {
+                *out.add(l) = *x;
+            }
+        }
+    }
+}
+
+/// Calls the macro `$go!(T)` with `T` the literal equal to `$tn` (1..=[`TOKENS`]).
+macro_rules! for_tokens {
+    ($tn:expr, $go:ident) => {
+        match $tn {
+            1 => $go!(1),
+            2 => $go!(2),
+            3 => $go!(3),
+            4 => $go!(4),
+            n => unreachable!("{n} tokens in one kernel call"),
+        }
+    };
+}
+
+/// The most tokens one call of a half kernel takes: four accumulators beside the eight code
+/// registers fit the sixteen ymm registers (eight, as `avx512` takes, spill).
+const TOKENS: usize = 4;
+
+/// Calls `f(h, half_lanes, t, n)` for each half `h` of a group with live lanes (`half_lanes`,
+/// its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t` in `0..tn`.
+#[inline(always)]
+fn for_tiles(tn: usize, lanes: u16, mut f: impl FnMut(usize, u8, usize, usize)) {
+    for h in 0..2 {
+        let half_lanes = (lanes >> (HALF * h)) as u8;
+        if half_lanes == 0 {
+            continue;
+        }
+        let mut t = 0;
+        while t < tn {
+            let n = (tn - t).min(TOKENS);
+            f(h, half_lanes, t, n);
+            t += n;
+        }
+    }
+}
+
+/// The kernels, written once: `gemm_256!(name, "features", q8_unsigned, |acc, w, a| dot4)`
+/// makes module `name` whose every function is compiled for `features`, with `dot4` as the
+/// four-byte dot product step and Q8_0's codes multiplied as stored (`w + 128`) where
+/// `q8_unsigned`, as signed weights otherwise.
+macro_rules! gemm_256 {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $q8_unsigned:literal, |$acc:ident, $w:ident, $a:ident| $dot4:expr) => {
+        $(#[$doc])*
+        pub(super) mod $name {
+            use std::arch::x86_64::*;
+
+            use super::{bcast4, bytes_to_lanes, f16x8, for_tiles, load256, store_lanes, HALF};
+            use crate::quant::act::{BlockQ8K32, BlockQ8_0};
+            use crate::quant::packed::{code_offset, layout};
+            use crate::quant::GgmlDType;
+
+            /// Whether Q8_0's codes are multiplied as stored, `w + 128` (the block sums take
+            /// the offset off), or as signed weights.
+            const Q8_UNSIGNED: bool = $q8_unsigned;
+
+        /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
+        /// most 6 bits unless `Q8_UNSIGNED`), `a` signed activation bytes.
+        ///
+        /// # Safety
+        /// This module's features.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn dot4($acc: __m256i, $w: __m256i, $a: __m256i) -> __m256i {
+            $dot4
+        }
+
+        /// [`dot4`] of signed weights `w`: `|w|` times `a` given `w`'s sign (|w| ≤ 128, |a| ≤ 127).
+        ///
+        /// # Safety
+        /// This module's features.
+        #[target_feature(enable = $features)]
+        #[inline]
+        #[allow(dead_code)] // VNNI multiplies Q8_0's unsigned codes
+        unsafe fn dot4_signed(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+            dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
+        }
+
+        /// The eight registers of one block's codes for rows `8h..8h + 8` of a group (chunk `g` =
+        /// elements `4g..4g+4` of every row, one row per lane): unsigned, but Q8_0's signed where not
+        /// `Q8_UNSIGNED`.
+        ///
+        /// # Safety
+        /// This module's features; `codes` is a block's codes in [`super::packed`]'s layout for
+        /// `dtype`, 64-byte aligned; `h` is 0 or 1.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn decode(dtype: GgmlDType, codes: *const u8, h: usize) -> [__m256i; 8] {
+            let mut w = [_mm256_setzero_si256(); 8];
+            match dtype {
+                GgmlDType::Q8_0 => {
+                    let flip = _mm256_set1_epi8(if Q8_UNSIGNED { 0 } else { i8::MIN });
+                    for (g, w) in w.iter_mut().enumerate() {
+                        *w = _mm256_xor_si256(load256(codes.add(64 * g + 32 * h)), flip);
+                    }
+                }
+                _ => {
+                    let low = _mm256_set1_epi8(0x0F);
+                    for q in 0..4 {
+                        let v = load256(codes.add(64 * q + 32 * h));
+                        w[q] = _mm256_and_si256(v, low);
+                        w[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    }
+                    if dtype == GgmlDType::Q5_0 {
+                        // Mask g's bits 32h..32h + 32: the fifth bits of this half's 32 bytes.
+                        let five = _mm256_set1_epi8(0x10);
+                        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+                        let select = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+                        for (g, w) in w.iter_mut().enumerate() {
+                            let bits = std::ptr::read_unaligned(codes.add(256 + 8 * g + 4 * h) as *const i32);
+                            let bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf), select);
+                            let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+                            *w = _mm256_add_epi8(*w, _mm256_and_si256(set, five));
+                        }
+                    }
+                }
+            }
+            w
+        }
+
+        /// `init` plus the exact integer dot products of 32 elements for eight rows: `w[g]` holds
+        /// elements `4g..4g+4` of each row (unsigned, or signed where `SIGNED`), `a[0..32]` one
+        /// token's (signed). Two chains when a call has few tokens (`T`); the sum is the same integer
+        /// either way.
+        ///
+        /// # Safety
+        /// This module's features; `a..a + 32` readable.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn dot32<const T: usize, const SIGNED: bool>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
+            let (mut i0, mut i1) = (init, _mm256_setzero_si256());
+            for (g, w) in w.iter().enumerate() {
+                let x = bcast4(a, 4 * g);
+                let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
+                *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
+            }
+            if T <= 2 {
+                _mm256_add_epi32(i0, i1)
+            } else {
+                i0
+            }
+        }
+
+        /// Rows `8h..8h + 8` of one Q8_0/Q4_0/Q5_0 group · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) ·
+        /// dot_b` for lanes `l` set in `lanes`.
+        ///
+        /// # Safety
+        /// This module's features; `group` is a group of [`super::packed::Packed`] of `dtype` with `nb`
+        /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
+        /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn half_dot<const T: usize>(
+            dtype: GgmlDType,
+            group: *const u8,
+            nb: usize,
+            h: usize,
+            acts: [*const BlockQ8_0; T],
+            sums: [*const i32; T],
+            out: [*mut f32; T],
+            lanes: u8,
+        ) {
+            let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
+            let scales = group.add(nb * code_bytes);
+            // Signed Q8_0 weights have no offset to take off.
+            let signed = dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED;
+            let neg_offset = if signed { 0 } else { -code_offset(dtype) };
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let w = decode(dtype, group.add(b * code_bytes), h);
+                let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
+                for t in 0..T {
+                    let y = &*acts[t].add(b);
+                    let init = _mm256_set1_epi32(neg_offset * *sums[t].add(b));
+                    let dot = if signed { dot32::<T, true>(&w, init, y.qs.as_ptr()) } else { dot32::<T, false>(&w, init, y.qs.as_ptr()) };
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(y.d));
+                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)));
+                }
+            }
+            for t in 0..T {
+                store_lanes(out[t], lanes, acc[t]);
+            }
+        }
+
+        /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`).
+        ///
+        /// # Safety
+        /// This module's features; `group` a group of [`super::packed::Packed`] of `dtype` (Q4_K or
+        /// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
+        /// `out[t].add(l)` writable for the lanes set.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
+            let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let codes = group.add(b * code_bytes + 32 * h);
+                let meta = group.add(nb * code_bytes + b * meta_bytes);
+                let dw = f16x8(meta.add(16 * h));
+                if dtype == GgmlDType::Q4_K {
+                    for sub in 0..8 {
+                        let mut w = [_mm256_setzero_si256(); 8];
+                        for (g, w) in w.iter_mut().enumerate() {
+                            let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
+                            *w = if sub % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                        }
+                        let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
+                        for t in 0..T {
+                            let y = &*acts[t].add(b);
+                            let dot = dot32::<T, false>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
+                            let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub]));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[t]);
+                        }
+                    }
+                    let dmin = f16x8(meta.add(32 + 16 * h));
+                    let m: [__m256; 8] = std::array::from_fn(|j| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(192 + 16 * j + HALF * h)))));
+                    for t in 0..T {
+                        let y = &*acts[t].add(b);
+                        let mut mins = _mm256_setzero_ps();
+                        for (j, m) in m.iter().enumerate() {
+                            mins = _mm256_fmadd_ps(*m, _mm256_set1_ps(y.s[j]), mins);
+                        }
+                        acc[t] = _mm256_sub_ps(acc[t], mins);
+                    }
+                } else {
+                    let two = _mm256_set1_epi8(0x30);
+                    for sub in 0..16 {
+                        let mut w = [_mm256_setzero_si256(); 4];
+                        for (q, w) in w.iter_mut().enumerate() {
+                            let c = 4 * sub + q;
+                            let v = load256(codes.add(64 * (c % 32)));
+                            let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                            let hb = load256(codes.add(64 * (32 + c % 16)));
+                            // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                            let hb = match c / 16 {
+                                0 => _mm256_slli_epi16::<4>(hb),
+                                1 => _mm256_slli_epi16::<2>(hb),
+                                2 => hb,
+                                _ => _mm256_srli_epi16::<2>(hb),
+                            };
+                            *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
+                        }
+                        let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
+                        for t in 0..T {
+                            let y = &*acts[t].add(b);
+                            let a = y.qs.as_ptr();
+                            let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
+                            for (q, w) in w.iter().enumerate() {
+                                i0 = dot4(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                            }
+                            let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub / 2]));
+                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f, acc[t]);
+                        }
+                    }
+                }
+            }
+            for t in 0..T {
+                store_lanes(out[t], lanes, acc[t]);
+            }
+        }
+
+        /// One group · tokens `t0..t0 + tn` (any `tn`, done [`TOKENS`] at a time for each half of
+        /// the group): `out[(t - t0) * stride + l]` for the group's rows in `lanes`; `acts` and `sums`
+        /// hold every token's `nb` blocks back to back. The arguments of `avx512::gemm_group`.
+        ///
+        /// # Safety
+        /// This module's features; `group` a packed group of `dtype` with `nb` blocks per row; `acts`
+        /// and `sums` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)` writable for the lanes
+        /// `l` set, for `t < tn`.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(in crate::quant) unsafe fn gemm_group(
+            dtype: GgmlDType,
+            group: &[u8],
+            nb: usize,
+            acts: &[BlockQ8_0],
+            sums: &[i32],
+            (t0, tn): (usize, usize),
+            out: *mut f32,
+            stride: usize,
+            lanes: u16,
+        ) {
+            for_tiles(tn, lanes, |h, half_lanes, t, n| {
+                macro_rules! go {
+                    ($t:literal) => {{
+                        let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                        let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
+                        let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                        half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
+                    }};
+                }
+                for_tokens!(n, go)
+            });
+        }
+
+        /// [`gemm_group`] for Q4_K and Q6_K over k-quant activations. The arguments of
+        /// `avx512::gemm_group_k`.
+        ///
+        /// # Safety
+        /// As [`half_dot_k`]; `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
+        /// writable for the lanes `l` set, for `t < tn`.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(in crate::quant) unsafe fn gemm_group_k(
+            dtype: GgmlDType,
+            group: &[u8],
+            nb: usize,
+            acts: &[BlockQ8K32],
+            (t0, tn): (usize, usize),
+            out: *mut f32,
+            stride: usize,
+            lanes: u16,
+        ) {
+            for_tiles(tn, lanes, |h, half_lanes, t, n| {
+                macro_rules! go {
+                    ($t:literal) => {{
+                        let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                        let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                        half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes)
+                    }};
+                }
+                for_tokens!(n, go)
+            });
+        }
+        }
+    };
+}
+
+gemm_256!(
+    /// The kernels on AVX-VNNI (`vpdpbusd`).
+    vnni,
+    "avx2,avxvnni,f16c,fma",
+    true,
+    |acc, w, a| _mm256_dpbusd_avx_epi32(acc, w, a)
+);
+
+gemm_256!(
+    /// The kernels on plain AVX2 (`vpmaddubsw`, `vpmaddwd`).
+    avx2,
+    "avx2,f16c,fma",
+    false,
+    |acc, w, a| _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)))
+);
