@@ -16,7 +16,9 @@
 //! every line, and the matching half of every per-lane scale), each with its own accumulators
 //! and the same code as [`super::avx512`] otherwise: for each block, the codes of eight rows
 //! are decoded once into eight registers and each token's activation bytes are broadcast four
-//! at a time into `vpdpbusd`. The module documentation of `avx512` explains the sums.
+//! at a time into the four-byte dot product (`dot4`). The module documentation of `avx512`
+//! explains the sums. Activation bytes are in -127..=127 (the quantizers of `act` never give
+//! -128 for finite inputs): the AVX2 path's sign trick relies on it.
 //!
 //! Every kernel is `unsafe`: the caller must have checked the CPU features
 //! ([`super::kernels::avx_vnni_available`] or [`super::kernels::avx2_available`]) and the
@@ -149,7 +151,8 @@ macro_rules! gemm_256 {
             const Q8_UNSIGNED: bool = $q8_unsigned;
 
         /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
-        /// most 6 bits unless `Q8_UNSIGNED`), `a` signed activation bytes.
+        /// most 6 bits, or |w| ≤ 128 from [`dot4_signed`], unless `Q8_UNSIGNED`), `a` signed
+        /// activation bytes in -127..=127.
         ///
         /// # Safety
         /// This module's features.
@@ -361,7 +364,8 @@ macro_rules! gemm_256 {
         /// hold every token's `nb` blocks back to back. The arguments of `avx512::gemm_group`.
         ///
         /// # Safety
-        /// This module's features; `group` a packed group of `dtype` with `nb` blocks per row; `acts`
+        /// This module's features; activation codes in -127..=127; `group` a packed group of
+        /// `dtype` with `nb` blocks per row; `acts`
         /// and `sums` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)` writable for the lanes
         /// `l` set, for `t < tn`.
         #[allow(clippy::too_many_arguments)]
@@ -394,7 +398,7 @@ macro_rules! gemm_256 {
         /// `avx512::gemm_group_k`.
         ///
         /// # Safety
-        /// As [`half_dot_k`]; `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
+        /// As [`half_dot_k`]; activation codes in -127..=127; `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
         /// writable for the lanes `l` set, for `t < tn`.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]

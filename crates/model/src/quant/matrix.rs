@@ -43,8 +43,8 @@ pub struct QMatrix {
     data: TensorBytes,
     /// Byte offset of row 0 within `data` (non-zero after `slice_rows`).
     start: usize,
-    /// The rows repacked for the AVX-512 VNNI kernels, made on first use (shared by clones;
-    /// a slice starts without).
+    /// The rows repacked for the GEMM kernels (AVX2 and better), made on first use (shared by
+    /// clones; a slice starts without).
     packed: Arc<OnceLock<Packed>>,
     /// For the row kernels, which read the file's layout: the rows copied onto huge pages
     /// by [`QMatrix::prepare`] (the mapped file's pages are 4 KiB; see `arena`). Shared by

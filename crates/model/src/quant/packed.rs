@@ -56,7 +56,8 @@ pub(crate) struct Packed {
 
 /// What the packed codes of a 32-element format (Q8_0, Q4_0, Q5_0) add to the value they
 /// stand for: Q8_0 is stored as `w + 128` (unsigned for `vpdpbusd`), Q4_0 and Q5_0 keep the
-/// file's `q = w + 8` / `w + 16`. The GEMM kernels take it off as `offset · Σ a`.
+/// file's `q = w + 8` / `w + 16`. The GEMM kernels take it off as `offset · Σ a` (but for
+/// Q8_0 on AVX2 without VNNI, which turns the codes back into signed weights: `gemm256`).
 pub(crate) fn code_offset(dtype: GgmlDType) -> i32 {
     match dtype {
         GgmlDType::Q8_0 => 128,

@@ -247,10 +247,12 @@ fn row_kernels_on_the_resident_copy_give_the_files_results_bit_for_bit() {
         eprintln!("no transparent huge pages here: the row kernels keep the file's rows, no copy to check");
         return;
     }
-    let row_isas: Vec<Isa> = isas().into_iter().filter(|&i| i < Isa::Avx2).collect();
     let mut rng = StdRng::seed_from_u64(23);
     for dtype in TYPES {
-        for &isa in &row_isas {
+        for isa in isas() {
+            if packable(dtype) && isa >= Isa::Avx2 {
+                continue; // these run the packed kernels, on their own copy
+            }
             let what = format!("{dtype} on {}", isa.name());
             // A slice, so the copy starts at a row other than the file's first.
             let m = random_matrix(dtype, 37, 512, &mut rng).slice_rows(3, 37).unwrap();
@@ -281,6 +283,49 @@ fn row_kernels_on_the_resident_copy_give_the_files_results_bit_for_bit() {
             let part = run(&s, 9);
             for t in 0..9 {
                 assert_eq!(part[t * 10..(t + 1) * 10], want9[t * rows + 10..t * rows + 20], "{what}: slice");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_packed_gemm_kernels_are_exact_at_the_extreme_codes() {
+    // The largest codes of each type against the largest activations (±127), signs arranged
+    // so that neighbouring products add up: where a kernel sums byte products in 16 bits
+    // (AVX2's `vpmaddubsw`), this is where it would saturate. Q8_0 alternates rows of -128 and
+    // 127; the others are all ones (codes 15, 31, 63; Q4_K's six-bit scales and mins 63).
+    let packed: Vec<Isa> = available_isas().into_iter().filter(|&i| i >= Isa::Avx2).collect();
+    for dtype in TYPES.into_iter().filter(|&d| packable(d)) {
+        let (rows, cols) = (19, 4 * dtype.block_size());
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            let fill = if dtype == GgmlDType::Q8_0 && r % 2 == 0 {
+                0x80
+            } else {
+                if dtype == GgmlDType::Q8_0 {
+                    0x7F
+                } else {
+                    0xFF
+                }
+            };
+            let mut row = vec![fill; dtype.bytes_for(cols).unwrap()];
+            for block in row.chunks_mut(dtype.type_size()) {
+                for &off in scale_fields(dtype) {
+                    block[off..off + 2].copy_from_slice(&half::f16::from_f32(0.05).to_le_bytes());
+                }
+            }
+            bytes.extend(row);
+        }
+        let m = QMatrix::new(dtype, rows, cols, TensorBytes::Owned(Arc::new(bytes))).unwrap();
+        let signs: [fn(usize) -> f32; 4] = [|_| 1.0, |_| -1.0, |c| if c % 2 == 0 { 1.0 } else { -1.0 }, |c| if c % 4 < 2 { 1.0 } else { -1.0 }];
+        for n in [1, 2, 3, 5] {
+            let x: Vec<f32> = (0..n * cols).map(|i| signs[(i / cols) % 4](i % cols)).collect();
+            let mut want = vec![f32::NAN; n * rows];
+            m.matmul_with(Isa::Scalar, &x, n, &mut want);
+            for &isa in &packed {
+                let mut got = vec![f32::NAN; n * rows];
+                m.matmul_with(isa, &x, n, &mut got);
+                assert_eq!(want, got, "{dtype} on {} n={n}", isa.name());
             }
         }
     }
