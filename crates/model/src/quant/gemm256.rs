@@ -247,7 +247,6 @@ macro_rules! gemm_256 {
         /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
-        #[inline]
         unsafe fn half_dot<const T: usize>(
             dtype: GgmlDType,
             group: *const u8,
@@ -288,7 +287,6 @@ macro_rules! gemm_256 {
         /// `out[t].add(l)` writable for the lanes set.
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
-        #[inline]
         unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
             let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
             let low = _mm256_set1_epi8(0x0F);
