@@ -150,277 +150,277 @@ macro_rules! gemm_256 {
             /// the offset off), or as signed weights.
             const Q8_UNSIGNED: bool = $q8_unsigned;
 
-        /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
-        /// most 6 bits, or |w| ≤ 128 from [`dot4_signed`], unless `Q8_UNSIGNED`), `a` signed
-        /// activation bytes in -127..=127.
-        ///
-        /// # Safety
-        /// This module's features.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn dot4($acc: __m256i, $w: __m256i, $a: __m256i) -> __m256i {
-            $dot4
-        }
+            /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
+            /// most 6 bits, or |w| ≤ 128 from [`dot4_signed`], unless `Q8_UNSIGNED`), `a` signed
+            /// activation bytes in -127..=127.
+            ///
+            /// # Safety
+            /// This module's features.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn dot4($acc: __m256i, $w: __m256i, $a: __m256i) -> __m256i {
+                $dot4
+            }
 
-        /// [`dot4`] of signed weights `w`: `|w|` times `a` given `w`'s sign (|w| ≤ 128, |a| ≤ 127).
-        ///
-        /// # Safety
-        /// This module's features.
-        #[target_feature(enable = $features)]
-        #[inline]
-        #[allow(dead_code)] // VNNI multiplies Q8_0's unsigned codes
-        unsafe fn dot4_signed(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-            dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
-        }
+            /// [`dot4`] of signed weights `w`: `|w|` times `a` given `w`'s sign (|w| ≤ 128, |a| ≤ 127).
+            ///
+            /// # Safety
+            /// This module's features.
+            #[target_feature(enable = $features)]
+            #[inline]
+            #[allow(dead_code)] // VNNI multiplies Q8_0's unsigned codes
+            unsafe fn dot4_signed(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+                dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
+            }
 
-        /// The eight registers of one block's codes for rows `8h..8h + 8` of a group (chunk `g` =
-        /// elements `4g..4g+4` of every row, one row per lane): unsigned, but Q8_0's signed where not
-        /// `Q8_UNSIGNED`.
-        ///
-        /// # Safety
-        /// This module's features; `codes` is a block's codes in [`super::packed`]'s layout for
-        /// `dtype`, 64-byte aligned; `h` is 0 or 1.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn decode(dtype: GgmlDType, codes: *const u8, h: usize) -> [__m256i; 8] {
-            let mut w = [_mm256_setzero_si256(); 8];
-            match dtype {
-                GgmlDType::Q8_0 => {
-                    let flip = _mm256_set1_epi8(if Q8_UNSIGNED { 0 } else { i8::MIN });
-                    for (g, w) in w.iter_mut().enumerate() {
-                        *w = _mm256_xor_si256(load256(codes.add(64 * g + 32 * h)), flip);
-                    }
-                }
-                _ => {
-                    let low = _mm256_set1_epi8(0x0F);
-                    for q in 0..4 {
-                        let v = load256(codes.add(64 * q + 32 * h));
-                        w[q] = _mm256_and_si256(v, low);
-                        w[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                    }
-                    if dtype == GgmlDType::Q5_0 {
-                        // Mask g's bits 32h..32h + 32: the fifth bits of this half's 32 bytes.
-                        let five = _mm256_set1_epi8(0x10);
-                        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-                        let select = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+            /// The eight registers of one block's codes for rows `8h..8h + 8` of a group (chunk `g` =
+            /// elements `4g..4g+4` of every row, one row per lane): unsigned, but Q8_0's signed where not
+            /// `Q8_UNSIGNED`.
+            ///
+            /// # Safety
+            /// This module's features; `codes` is a block's codes in [`crate::quant::packed`]'s layout for
+            /// `dtype`, 64-byte aligned; `h` is 0 or 1.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn decode(dtype: GgmlDType, codes: *const u8, h: usize) -> [__m256i; 8] {
+                let mut w = [_mm256_setzero_si256(); 8];
+                match dtype {
+                    GgmlDType::Q8_0 => {
+                        let flip = _mm256_set1_epi8(if Q8_UNSIGNED { 0 } else { i8::MIN });
                         for (g, w) in w.iter_mut().enumerate() {
-                            let bits = std::ptr::read_unaligned(codes.add(256 + 8 * g + 4 * h) as *const i32);
-                            let bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf), select);
-                            let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
-                            *w = _mm256_add_epi8(*w, _mm256_and_si256(set, five));
+                            *w = _mm256_xor_si256(load256(codes.add(64 * g + 32 * h)), flip);
+                        }
+                    }
+                    _ => {
+                        let low = _mm256_set1_epi8(0x0F);
+                        for q in 0..4 {
+                            let v = load256(codes.add(64 * q + 32 * h));
+                            w[q] = _mm256_and_si256(v, low);
+                            w[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        }
+                        if dtype == GgmlDType::Q5_0 {
+                            // Mask g's bits 32h..32h + 32: the fifth bits of this half's 32 bytes.
+                            let five = _mm256_set1_epi8(0x10);
+                            let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+                            let select = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+                            for (g, w) in w.iter_mut().enumerate() {
+                                let bits = std::ptr::read_unaligned(codes.add(256 + 8 * g + 4 * h) as *const i32);
+                                let bytes = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf), select);
+                                let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+                                *w = _mm256_add_epi8(*w, _mm256_and_si256(set, five));
+                            }
                         }
                     }
                 }
+                w
             }
-            w
-        }
 
-        /// `init` plus the exact integer dot products of 32 elements for eight rows: `w[g]` holds
-        /// elements `4g..4g+4` of each row (unsigned, or signed where `SIGNED`), `a[0..32]` one
-        /// token's (signed). Two chains when a call has few tokens (`T`); the sum is the same integer
-        /// either way.
-        ///
-        /// # Safety
-        /// This module's features; `a..a + 32` readable.
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn dot32<const T: usize, const SIGNED: bool>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
-            let (mut i0, mut i1) = (init, _mm256_setzero_si256());
-            for (g, w) in w.iter().enumerate() {
-                let x = bcast4(a, 4 * g);
-                let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
-                *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
-            }
-            if T <= 2 {
-                _mm256_add_epi32(i0, i1)
-            } else {
-                i0
-            }
-        }
-
-        /// Rows `8h..8h + 8` of one Q8_0/Q4_0/Q5_0 group · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) ·
-        /// dot_b` for lanes `l` set in `lanes`.
-        ///
-        /// # Safety
-        /// This module's features; `group` is a group of [`super::packed::Packed`] of `dtype` with `nb`
-        /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
-        /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set.
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = $features)]
-        unsafe fn half_dot<const T: usize>(
-            dtype: GgmlDType,
-            group: *const u8,
-            nb: usize,
-            h: usize,
-            acts: [*const BlockQ8_0; T],
-            sums: [*const i32; T],
-            out: [*mut f32; T],
-            lanes: u8,
-        ) {
-            let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
-            let scales = group.add(nb * code_bytes);
-            // Signed Q8_0 weights have no offset to take off.
-            let signed = dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED;
-            let neg_offset = if signed { 0 } else { -code_offset(dtype) };
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..nb {
-                let w = decode(dtype, group.add(b * code_bytes), h);
-                let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
-                for t in 0..T {
-                    let y = &*acts[t].add(b);
-                    let init = _mm256_set1_epi32(neg_offset * *sums[t].add(b));
-                    let dot = if signed { dot32::<T, true>(&w, init, y.qs.as_ptr()) } else { dot32::<T, false>(&w, init, y.qs.as_ptr()) };
-                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(y.d));
-                    acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)));
+            /// `init` plus the exact integer dot products of 32 elements for eight rows: `w[g]` holds
+            /// elements `4g..4g+4` of each row (unsigned, or signed where `SIGNED`), `a[0..32]` one
+            /// token's (signed). Two chains when a call has few tokens (`T`); the sum is the same integer
+            /// either way.
+            ///
+            /// # Safety
+            /// This module's features; `a..a + 32` readable.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn dot32<const T: usize, const SIGNED: bool>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
+                let (mut i0, mut i1) = (init, _mm256_setzero_si256());
+                for (g, w) in w.iter().enumerate() {
+                    let x = bcast4(a, 4 * g);
+                    let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
+                    *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
+                }
+                if T <= 2 {
+                    _mm256_add_epi32(i0, i1)
+                } else {
+                    i0
                 }
             }
-            for t in 0..T {
-                store_lanes(out[t], lanes, acc[t]);
-            }
-        }
 
-        /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`).
-        ///
-        /// # Safety
-        /// This module's features; `group` a group of [`super::packed::Packed`] of `dtype` (Q4_K or
-        /// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
-        /// `out[t].add(l)` writable for the lanes set.
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = $features)]
-        unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
-            let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
-            let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..nb {
-                let codes = group.add(b * code_bytes + 32 * h);
-                let meta = group.add(nb * code_bytes + b * meta_bytes);
-                let dw = f16x8(meta.add(16 * h));
-                if dtype == GgmlDType::Q4_K {
-                    for sub in 0..8 {
-                        let mut w = [_mm256_setzero_si256(); 8];
-                        for (g, w) in w.iter_mut().enumerate() {
-                            let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
-                            *w = if sub % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                        }
-                        let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
-                        for t in 0..T {
-                            let y = &*acts[t].add(b);
-                            let dot = dot32::<T, false>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
-                            let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub]));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[t]);
-                        }
-                    }
-                    let dmin = f16x8(meta.add(32 + 16 * h));
-                    let m: [__m256; 8] = std::array::from_fn(|j| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(192 + 16 * j + HALF * h)))));
+            /// Rows `8h..8h + 8` of one Q8_0/Q4_0/Q5_0 group · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) ·
+            /// dot_b` for lanes `l` set in `lanes`.
+            ///
+            /// # Safety
+            /// This module's features; `group` is a group of [`crate::quant::packed::Packed`] of `dtype` with `nb`
+            /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
+            /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            unsafe fn half_dot<const T: usize>(
+                dtype: GgmlDType,
+                group: *const u8,
+                nb: usize,
+                h: usize,
+                acts: [*const BlockQ8_0; T],
+                sums: [*const i32; T],
+                out: [*mut f32; T],
+                lanes: u8,
+            ) {
+                let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
+                let scales = group.add(nb * code_bytes);
+                // Signed Q8_0 weights have no offset to take off.
+                let signed = dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED;
+                let neg_offset = if signed { 0 } else { -code_offset(dtype) };
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..nb {
+                    let w = decode(dtype, group.add(b * code_bytes), h);
+                    let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
                     for t in 0..T {
                         let y = &*acts[t].add(b);
-                        let mut mins = _mm256_setzero_ps();
-                        for (j, m) in m.iter().enumerate() {
-                            mins = _mm256_fmadd_ps(*m, _mm256_set1_ps(y.s[j]), mins);
-                        }
-                        acc[t] = _mm256_sub_ps(acc[t], mins);
+                        let init = _mm256_set1_epi32(neg_offset * *sums[t].add(b));
+                        let dot = if signed { dot32::<T, true>(&w, init, y.qs.as_ptr()) } else { dot32::<T, false>(&w, init, y.qs.as_ptr()) };
+                        let d = _mm256_mul_ps(dw, _mm256_set1_ps(y.d));
+                        acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)));
                     }
-                } else {
-                    let two = _mm256_set1_epi8(0x30);
-                    for sub in 0..16 {
-                        let mut w = [_mm256_setzero_si256(); 4];
-                        for (q, w) in w.iter_mut().enumerate() {
-                            let c = 4 * sub + q;
-                            let v = load256(codes.add(64 * (c % 32)));
-                            let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                            let hb = load256(codes.add(64 * (32 + c % 16)));
-                            // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                            let hb = match c / 16 {
-                                0 => _mm256_slli_epi16::<4>(hb),
-                                1 => _mm256_slli_epi16::<2>(hb),
-                                2 => hb,
-                                _ => _mm256_srli_epi16::<2>(hb),
-                            };
-                            *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
+                }
+                for t in 0..T {
+                    store_lanes(out[t], lanes, acc[t]);
+                }
+            }
+
+            /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`).
+            ///
+            /// # Safety
+            /// This module's features; `group` a group of [`crate::quant::packed::Packed`] of `dtype` (Q4_K or
+            /// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
+            /// `out[t].add(l)` writable for the lanes set.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
+                let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
+                let low = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..nb {
+                    let codes = group.add(b * code_bytes + 32 * h);
+                    let meta = group.add(nb * code_bytes + b * meta_bytes);
+                    let dw = f16x8(meta.add(16 * h));
+                    if dtype == GgmlDType::Q4_K {
+                        for sub in 0..8 {
+                            let mut w = [_mm256_setzero_si256(); 8];
+                            for (g, w) in w.iter_mut().enumerate() {
+                                let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
+                                *w = if sub % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                            }
+                            let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
+                            for t in 0..T {
+                                let y = &*acts[t].add(b);
+                                let dot = dot32::<T, false>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
+                                let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub]));
+                                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[t]);
+                            }
                         }
-                        let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
+                        let dmin = f16x8(meta.add(32 + 16 * h));
+                        let m: [__m256; 8] = std::array::from_fn(|j| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(192 + 16 * j + HALF * h)))));
                         for t in 0..T {
                             let y = &*acts[t].add(b);
-                            let a = y.qs.as_ptr();
-                            let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
-                            for (q, w) in w.iter().enumerate() {
-                                i0 = dot4(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                            let mut mins = _mm256_setzero_ps();
+                            for (j, m) in m.iter().enumerate() {
+                                mins = _mm256_fmadd_ps(*m, _mm256_set1_ps(y.s[j]), mins);
                             }
-                            let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub / 2]));
-                            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f, acc[t]);
+                            acc[t] = _mm256_sub_ps(acc[t], mins);
+                        }
+                    } else {
+                        let two = _mm256_set1_epi8(0x30);
+                        for sub in 0..16 {
+                            let mut w = [_mm256_setzero_si256(); 4];
+                            for (q, w) in w.iter_mut().enumerate() {
+                                let c = 4 * sub + q;
+                                let v = load256(codes.add(64 * (c % 32)));
+                                let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                                let hb = load256(codes.add(64 * (32 + c % 16)));
+                                // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                                let hb = match c / 16 {
+                                    0 => _mm256_slli_epi16::<4>(hb),
+                                    1 => _mm256_slli_epi16::<2>(hb),
+                                    2 => hb,
+                                    _ => _mm256_srli_epi16::<2>(hb),
+                                };
+                                *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
+                            }
+                            let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
+                            for t in 0..T {
+                                let y = &*acts[t].add(b);
+                                let a = y.qs.as_ptr();
+                                let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
+                                for (q, w) in w.iter().enumerate() {
+                                    i0 = dot4(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                                }
+                                let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub / 2]));
+                                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f, acc[t]);
+                            }
                         }
                     }
                 }
-            }
-            for t in 0..T {
-                store_lanes(out[t], lanes, acc[t]);
-            }
-        }
-
-        /// One group · tokens `t0..t0 + tn` (any `tn`, done [`TOKENS`] at a time for each half of
-        /// the group): `out[(t - t0) * stride + l]` for the group's rows in `lanes`; `acts` and `sums`
-        /// hold every token's `nb` blocks back to back. The arguments of `avx512::gemm_group`.
-        ///
-        /// # Safety
-        /// This module's features; activation codes in -127..=127; `group` a packed group of
-        /// `dtype` with `nb` blocks per row; `acts`
-        /// and `sums` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)` writable for the lanes
-        /// `l` set, for `t < tn`.
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn gemm_group(
-            dtype: GgmlDType,
-            group: &[u8],
-            nb: usize,
-            acts: &[BlockQ8_0],
-            sums: &[i32],
-            (t0, tn): (usize, usize),
-            out: *mut f32,
-            stride: usize,
-            lanes: u16,
-        ) {
-            for_tiles(tn, lanes, |h, half_lanes, t, n| {
-                macro_rules! go {
-                    ($t:literal) => {{
-                        let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                        let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
-                        let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                        half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
-                    }};
+                for t in 0..T {
+                    store_lanes(out[t], lanes, acc[t]);
                 }
-                for_tokens!(n, go)
-            });
-        }
+            }
 
-        /// [`gemm_group`] for Q4_K and Q6_K over k-quant activations. The arguments of
-        /// `avx512::gemm_group_k`.
-        ///
-        /// # Safety
-        /// As [`half_dot_k`]; activation codes in -127..=127; `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
-        /// writable for the lanes `l` set, for `t < tn`.
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = $features)]
-        pub(in crate::quant) unsafe fn gemm_group_k(
-            dtype: GgmlDType,
-            group: &[u8],
-            nb: usize,
-            acts: &[BlockQ8K32],
-            (t0, tn): (usize, usize),
-            out: *mut f32,
-            stride: usize,
-            lanes: u16,
-        ) {
-            for_tiles(tn, lanes, |h, half_lanes, t, n| {
-                macro_rules! go {
-                    ($t:literal) => {{
-                        let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                        let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                        half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes)
-                    }};
-                }
-                for_tokens!(n, go)
-            });
-        }
+            /// One group · tokens `t0..t0 + tn` (any `tn`, done [`TOKENS`] at a time for each half of
+            /// the group): `out[(t - t0) * stride + l]` for the group's rows in `lanes`; `acts` and `sums`
+            /// hold every token's `nb` blocks back to back. The arguments of `avx512::gemm_group`.
+            ///
+            /// # Safety
+            /// This module's features; activation codes in -127..=127; `group` a packed group of
+            /// `dtype` with `nb` blocks per row; `acts`
+            /// and `sums` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)` writable for the lanes
+            /// `l` set, for `t < tn`.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) unsafe fn gemm_group(
+                dtype: GgmlDType,
+                group: &[u8],
+                nb: usize,
+                acts: &[BlockQ8_0],
+                sums: &[i32],
+                (t0, tn): (usize, usize),
+                out: *mut f32,
+                stride: usize,
+                lanes: u16,
+            ) {
+                for_tiles(tn, lanes, |h, half_lanes, t, n| {
+                    macro_rules! go {
+                        ($t:literal) => {{
+                            let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                            let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
+                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                            half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
+                        }};
+                    }
+                    for_tokens!(n, go)
+                });
+            }
+
+            /// [`gemm_group`] for Q4_K and Q6_K over k-quant activations. The arguments of
+            /// `avx512::gemm_group_k`.
+            ///
+            /// # Safety
+            /// As [`half_dot_k`]; activation codes in -127..=127; `acts` at least `(t0 + tn) · nb` long; `out.add(t * stride + l)`
+            /// writable for the lanes `l` set, for `t < tn`.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            pub(in crate::quant) unsafe fn gemm_group_k(
+                dtype: GgmlDType,
+                group: &[u8],
+                nb: usize,
+                acts: &[BlockQ8K32],
+                (t0, tn): (usize, usize),
+                out: *mut f32,
+                stride: usize,
+                lanes: u16,
+            ) {
+                for_tiles(tn, lanes, |h, half_lanes, t, n| {
+                    macro_rules! go {
+                        ($t:literal) => {{
+                            let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                            half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes)
+                        }};
+                    }
+                    for_tokens!(n, go)
+                });
+            }
         }
     };
 }
