@@ -150,6 +150,11 @@ macro_rules! gemm_256 {
             /// the offset off), or as signed weights.
             const Q8_UNSIGNED: bool = $q8_unsigned;
 
+            /// Whether `dot4` is `vpmaddubsw`'s (the modules that multiply Q8_0 as signed
+            /// weights): then [`dot32`] sums four chunks' products in 16 bits before widening
+            /// them, exact for codes of at most 5 bits (4 · 2 · 31 · 127 = 31,496 < 2^15).
+            const I16_SUMS: bool = !Q8_UNSIGNED;
+
             /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
             /// most 6 bits, or |w| ≤ 128 from [`dot4_signed`], unless `Q8_UNSIGNED`), `a` signed
             /// activation bytes in -127..=127.
@@ -226,10 +231,24 @@ macro_rules! gemm_256 {
             #[inline]
             unsafe fn dot32<const T: usize, const SIGNED: bool>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
                 let (mut i0, mut i1) = (init, _mm256_setzero_si256());
-                for (g, w) in w.iter().enumerate() {
-                    let x = bcast4(a, 4 * g);
-                    let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
-                    *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
+                if I16_SUMS && !SIGNED {
+                    // Codes of at most 5 bits here (Q4_0, Q5_0, Q4_K): four chunks' pair sums
+                    // add up in 16 bits exactly, then widen once (one `vpmaddwd` per four).
+                    let ones = _mm256_set1_epi16(1);
+                    for q in 0..2 {
+                        let mut s = _mm256_maddubs_epi16(w[4 * q], bcast4(a, 16 * q));
+                        for g in 1..4 {
+                            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[4 * q + g], bcast4(a, 16 * q + 4 * g)));
+                        }
+                        let acc = if T <= 2 && q == 1 { &mut i1 } else { &mut i0 };
+                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(s, ones));
+                    }
+                } else {
+                    for (g, w) in w.iter().enumerate() {
+                        let x = bcast4(a, 4 * g);
+                        let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
+                        *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
+                    }
                 }
                 if T <= 2 {
                     _mm256_add_epi32(i0, i1)
