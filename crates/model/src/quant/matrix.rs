@@ -276,26 +276,19 @@ impl QMatrix {
 
     /// [`matmul`](Self::matmul) with an explicit kernel choice (tests compare both).
     pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols, "matmul: input is not n x cols");
-        assert_eq!(out.len(), n * self.rows, "matmul: output is not n x rows");
-        if n == 0 || self.rows == 0 {
-            return;
-        }
-        if self.cols == 0 {
-            out.fill(0.0);
-            return;
-        }
-        let (q8_0, q8_k32) = activation_quantizers(isa);
-        if self.packs_for(isa) {
-            return self.matmul_packed(isa, x, n, out, q8_0, q8_k32);
-        }
-        self.matmul_rows(isa, x, n, out)
+        self.matmul_on(isa, self.packs_for(isa), x, n, out)
     }
 
     /// [`matmul_with`](Self::matmul_with) on the row kernels of `isa` (its dot kernels, AVX2's
-    /// at most), packed layout or not: what a type without one runs, and the tests' and the
-    /// benchmark's other side of the packed kernels.
+    /// at most), packed layout or not: the benchmark's other side of the packed kernels.
+    #[cfg(test)]
     pub(crate) fn matmul_rows(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_on(isa, false, x, n, out)
+    }
+
+    /// The matmul on `isa`'s packed kernels (`packed`, which the caller checked the CPU and
+    /// type have) or its row kernels.
+    fn matmul_on(&self, isa: Isa, packed: bool, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "matmul: input is not n x cols");
         assert_eq!(out.len(), n * self.rows, "matmul: output is not n x rows");
         if n == 0 || self.rows == 0 {
@@ -306,6 +299,9 @@ impl QMatrix {
             return;
         }
         let (q8_0, q8_k32) = activation_quantizers(isa);
+        if packed {
+            return self.matmul_packed(isa, x, n, out, q8_0, q8_k32);
+        }
         let kernel = select(self.dtype, isa).expect("QMatrix::new only accepts supported types");
         match kernel {
             Kernel::F32(k) => self.run(x, self.cols, n, &k, out),
@@ -325,18 +321,21 @@ impl QMatrix {
     fn run<A: Sync>(&self, acts: &[A], per_tok: usize, n: usize, k: &DotKernels<A>, out: &mut [f32]) {
         let rows = self.rows;
         let threads = rayon::current_num_threads();
+        // The rows as the kernels read them, looked up once (not per row).
+        let weights = self.weights();
+        let row = |r: usize| &weights[r * self.row_bytes..(r + 1) * self.row_bytes];
         if n == 1 {
             let one = k.one;
             let nbytes = self.nbytes();
             if threads == 1 || nbytes < SERIAL_BYTES {
-                out.iter_mut().enumerate().for_each(|(r, o)| *o = one(self.row(r), acts));
+                out.iter_mut().enumerate().for_each(|(r, o)| *o = one(row(r), acts));
                 return;
             }
             let tasks = if nbytes > MANY_TASKS_BYTES { threads * 8 } else { threads };
             let chunk = rows.div_ceil(tasks);
             out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = one(self.row(ci * chunk + j), acts);
+                    *v = one(row(ci * chunk + j), acts);
                 }
             });
             return;
@@ -353,7 +352,7 @@ impl QMatrix {
         let task = |ti: usize| {
             let (r0, r1) = (ti * chunk, ((ti + 1) * chunk).min(rows));
             let act = |t: usize| &acts[t * per_tok..(t + 1) * per_tok];
-            let w = &self.weights()[r0 * self.row_bytes..r1 * self.row_bytes];
+            let w = &weights[r0 * self.row_bytes..r1 * self.row_bytes];
             let mut tile = vec![[0f32; 4]; r1 - r0];
             // Formats that are costly to decode are decoded once for all the task's tokens.
             let mut unpacked_rows = Vec::new();
@@ -379,7 +378,7 @@ impl QMatrix {
             for t in t..n {
                 for r in r0..r1 {
                     // SAFETY: see `OutPtr`; t < n and r < rows.
-                    unsafe { out_ptr.write(t * rows + r, (k.one)(self.row(r), act(t))) };
+                    unsafe { out_ptr.write(t * rows + r, (k.one)(row(r), act(t))) };
                 }
             }
         };

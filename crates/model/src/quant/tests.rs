@@ -299,14 +299,10 @@ fn the_packed_gemm_kernels_are_exact_at_the_extreme_codes() {
         let (rows, cols) = (19, 4 * dtype.block_size());
         let mut bytes = Vec::new();
         for r in 0..rows {
-            let fill = if dtype == GgmlDType::Q8_0 && r % 2 == 0 {
-                0x80
-            } else {
-                if dtype == GgmlDType::Q8_0 {
-                    0x7F
-                } else {
-                    0xFF
-                }
+            let fill = match dtype {
+                GgmlDType::Q8_0 if r % 2 == 0 => 0x80,
+                GgmlDType::Q8_0 => 0x7F,
+                _ => 0xFF,
             };
             let mut row = vec![fill; dtype.bytes_for(cols).unwrap()];
             for block in row.chunks_mut(dtype.type_size()) {
