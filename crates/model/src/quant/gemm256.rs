@@ -16,8 +16,10 @@
 //! every line, and the matching half of every per-lane scale), each with its own accumulators
 //! and the same code as [`super::avx512`] otherwise: for each block, the codes of eight rows
 //! are decoded once into eight registers and each token's activation bytes are broadcast four
-//! at a time into the four-byte dot product (`dot4`). The module documentation of `avx512`
-//! explains the sums. Activation bytes are in -127..=127 (the quantizers of `act` never give
+//! at a time into the four-byte dot product (`dot4`). A call takes up to 32 tokens (the
+//! matmul's `GEMM256_TOKENS`) and runs them four at a time; with more than four, a half
+//! group's codes are decoded once for the call into a per-thread stash ([`with_stash`]) that
+//! every four tokens read back. The module documentation of `avx512` explains the sums. Activation bytes are in -127..=127 (the quantizers of `act` never give
 //! -128 for finite inputs): the AVX2 path's sign trick relies on it.
 //!
 //! Every kernel is `unsafe`: the caller must have checked the CPU features
@@ -114,14 +116,16 @@ macro_rules! for_tokens {
 const TOKENS: usize = 4;
 
 /// Calls `f(h, half_lanes, t, n)` for each half `h` of a group with live lanes (`half_lanes`,
-/// its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t` in `0..tn`.
+/// its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t` in `0..tn`,
+/// after `half(h)` once for that half.
 #[inline(always)]
-fn for_tiles(tn: usize, lanes: u16, mut f: impl FnMut(usize, u8, usize, usize)) {
+fn for_tiles(tn: usize, lanes: u16, mut half: impl FnMut(usize), mut f: impl FnMut(usize, u8, usize, usize)) {
     for h in 0..2 {
         let half_lanes = (lanes >> (HALF * h)) as u8;
         if half_lanes == 0 {
             continue;
         }
+        half(h);
         let mut t = 0;
         while t < tn {
             let n = (tn - t).min(TOKENS);
@@ -129,6 +133,33 @@ fn for_tiles(tn: usize, lanes: u16, mut f: impl FnMut(usize, u8, usize, usize)) 
             t += n;
         }
     }
+}
+
+/// Registers of decoded codes per block in a half group's stash: a block of 32 (Q4_0, Q5_0)
+/// takes 8, a k-quant block of 256 takes 64 (Q4_K's eight sub-blocks of eight chunks, Q6_K's
+/// sixteen of four, in the order the kernels use them).
+const STASH_PER_BLOCK: usize = 8;
+const STASH_PER_BLOCK_K: usize = 64;
+
+thread_local! {
+    /// The decoded codes of the half group a kernel call is on (see [`with_stash`]).
+    static STASH: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's stash, at least `len` registers long. A call with more tokens
+/// than one tile decodes each half group's codes once into it (masking nibbles out, placing
+/// Q5_0's and Q6_K's high bits) and every tile reads them back from L1, instead of each tile
+/// decoding them again: with four tokens a tile, decoding was a third of Q5_0's work and half
+/// of Q6_K's. Kernel calls do not nest, so the borrow is never contended.
+fn with_stash<R>(len: usize, f: impl FnOnce(*mut __m256i) -> R) -> R {
+    STASH.with(|stash| {
+        let mut stash = stash.borrow_mut();
+        if stash.len() < len {
+            // SAFETY: an all-zero __m256i is a valid value.
+            stash.resize(len, unsafe { std::mem::zeroed() });
+        }
+        f(stash.as_mut_ptr())
+    })
 }
 
 /// The kernels, written once: `gemm_256!(name, "features", q8_unsigned, |acc, w, a| dot4)`
@@ -141,7 +172,7 @@ macro_rules! gemm_256 {
         pub(super) mod $name {
             use std::arch::x86_64::*;
 
-            use super::{bcast4, bytes_to_lanes, f16x8, for_tiles, load256, store_lanes, HALF};
+            use super::{bcast4, bytes_to_lanes, f16x8, for_tiles, load256, store_lanes, with_stash, HALF, STASH_PER_BLOCK, STASH_PER_BLOCK_K, TOKENS};
             use crate::quant::act::{BlockQ8K32, BlockQ8_0};
             use crate::quant::packed::{code_offset, layout};
             use crate::quant::GgmlDType;
@@ -156,8 +187,8 @@ macro_rules! gemm_256 {
             const I16_SUMS: bool = !Q8_UNSIGNED;
 
             /// `acc + Σ_{k<4} w[4l+k] · a[4l+k]` in every i32 lane `l`: `w` unsigned codes (of at
-            /// most 6 bits, or |w| ≤ 128 from [`dot4_signed`], unless `Q8_UNSIGNED`), `a` signed
-            /// activation bytes in -127..=127.
+            /// most 6 bits unless `Q8_UNSIGNED`, or |w| ≤ 128 from [`half_dot_q8_signed`]), `a`
+            /// signed activation bytes in -127..=127.
             ///
             /// # Safety
             /// This module's features.
@@ -167,20 +198,9 @@ macro_rules! gemm_256 {
                 $dot4
             }
 
-            /// [`dot4`] of signed weights `w`: `|w|` times `a` given `w`'s sign (|w| ≤ 128, |a| ≤ 127).
-            ///
-            /// # Safety
-            /// This module's features.
-            #[target_feature(enable = $features)]
-            #[inline]
-            #[allow(dead_code)] // VNNI multiplies Q8_0's unsigned codes
-            unsafe fn dot4_signed(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-                dot4(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
-            }
-
             /// The eight registers of one block's codes for rows `8h..8h + 8` of a group (chunk `g` =
-            /// elements `4g..4g+4` of every row, one row per lane): unsigned, but Q8_0's signed where not
-            /// `Q8_UNSIGNED`.
+            /// elements `4g..4g+4` of every row, one row per lane), unsigned (Q8_0's as stored: only
+            /// where `Q8_UNSIGNED`).
             ///
             /// # Safety
             /// This module's features; `codes` is a block's codes in [`crate::quant::packed`]'s layout for
@@ -191,9 +211,9 @@ macro_rules! gemm_256 {
                 let mut w = [_mm256_setzero_si256(); 8];
                 match dtype {
                     GgmlDType::Q8_0 => {
-                        let flip = _mm256_set1_epi8(if Q8_UNSIGNED { 0 } else { i8::MIN });
+                        debug_assert!(Q8_UNSIGNED, "signed Q8_0 is half_dot_q8_signed's");
                         for (g, w) in w.iter_mut().enumerate() {
-                            *w = _mm256_xor_si256(load256(codes.add(64 * g + 32 * h)), flip);
+                            *w = load256(codes.add(64 * g + 32 * h));
                         }
                     }
                     _ => {
@@ -221,17 +241,16 @@ macro_rules! gemm_256 {
             }
 
             /// `init` plus the exact integer dot products of 32 elements for eight rows: `w[g]` holds
-            /// elements `4g..4g+4` of each row (unsigned, or signed where `SIGNED`), `a[0..32]` one
-            /// token's (signed). Two chains when a call has few tokens (`T`); the sum is the same integer
+            /// elements `4g..4g+4` of each row (unsigned), `a[0..32]` one token's (signed). Two chains when a call has few tokens (`T`); the sum is the same integer
             /// either way.
             ///
             /// # Safety
             /// This module's features; `a..a + 32` readable.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn dot32<const T: usize, const SIGNED: bool>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
+            unsafe fn dot32<const T: usize>(w: &[__m256i; 8], init: __m256i, a: *const i8) -> __m256i {
                 let (mut i0, mut i1) = (init, _mm256_setzero_si256());
-                if I16_SUMS && !SIGNED {
+                if I16_SUMS {
                     // Codes of at most 5 bits here (Q4_0, Q5_0, Q4_K): four chunks' pair sums
                     // add up in 16 bits exactly, then widen once (one `vpmaddwd` per four).
                     let ones = _mm256_set1_epi16(1);
@@ -247,7 +266,7 @@ macro_rules! gemm_256 {
                     for (g, w) in w.iter().enumerate() {
                         let x = bcast4(a, 4 * g);
                         let acc = if T <= 2 && g % 2 == 1 { &mut i1 } else { &mut i0 };
-                        *acc = if SIGNED { dot4_signed(*acc, *w, x) } else { dot4(*acc, *w, x) };
+                        *acc = dot4(*acc, *w, x);
                     }
                 }
                 if T <= 2 {
@@ -258,12 +277,14 @@ macro_rules! gemm_256 {
             }
 
             /// Rows `8h..8h + 8` of one Q8_0/Q4_0/Q5_0 group · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) ·
-            /// dot_b` for lanes `l` set in `lanes`.
+            /// dot_b` for lanes `l` set in `lanes`. The codes come decoded from `stash` where given
+            /// (see [`stash_half`]), else are decoded here.
             ///
             /// # Safety
             /// This module's features; `group` is a group of [`crate::quant::packed::Packed`] of `dtype` with `nb`
             /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
-            /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set.
+            /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set; a
+            /// `stash` holds [`stash_half`]'s registers of this half group.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
             unsafe fn half_dot<const T: usize>(
@@ -275,20 +296,25 @@ macro_rules! gemm_256 {
                 sums: [*const i32; T],
                 out: [*mut f32; T],
                 lanes: u8,
+                stash: Option<*const __m256i>,
             ) {
+                if dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED {
+                    return half_dot_q8_signed::<T>(group, nb, h, acts, out, lanes);
+                }
                 let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
                 let scales = group.add(nb * code_bytes);
-                // Signed Q8_0 weights have no offset to take off.
-                let signed = dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED;
-                let neg_offset = if signed { 0 } else { -code_offset(dtype) };
+                let neg_offset = -code_offset(dtype);
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..nb {
-                    let w = decode(dtype, group.add(b * code_bytes), h);
+                    let w = match stash {
+                        Some(stash) => *(stash.add(b * STASH_PER_BLOCK) as *const [__m256i; 8]),
+                        None => decode(dtype, group.add(b * code_bytes), h),
+                    };
                     let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
                     for t in 0..T {
                         let y = &*acts[t].add(b);
                         let init = _mm256_set1_epi32(neg_offset * *sums[t].add(b));
-                        let dot = if signed { dot32::<T, true>(&w, init, y.qs.as_ptr()) } else { dot32::<T, false>(&w, init, y.qs.as_ptr()) };
+                        let dot = dot32::<T>(&w, init, y.qs.as_ptr());
                         let d = _mm256_mul_ps(dw, _mm256_set1_ps(y.d));
                         acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)));
                     }
@@ -298,17 +324,158 @@ macro_rules! gemm_256 {
                 }
             }
 
-            /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`).
+            /// Decodes the codes of rows `8h..8h + 8` of a Q4_0/Q5_0 group, block by block, into
+            /// `stash` ([`STASH_PER_BLOCK`] registers a block, as [`decode`] gives them).
+            ///
+            /// # Safety
+            /// This module's features; `group` as for [`half_dot`]; `stash` writable for `nb` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn stash_half(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, stash: *mut __m256i) {
+                let (code_bytes, _) = layout(dtype).expect("a packed type");
+                for b in 0..nb {
+                    *(stash.add(b * STASH_PER_BLOCK) as *mut [__m256i; 8]) = decode(dtype, group.add(b * code_bytes), h);
+                }
+            }
+
+            /// [`half_dot`] of Q8_0 multiplied as signed weights (the modules without VNNI): `|w|`
+            /// times the activation given `w`'s sign, `vpmaddubsw`'s pairs (2 · 128 · 127) fitting an
+            /// i16 (every `dot4` here is `vpmaddubsw` + `vpmaddwd`, so it is written out with the sign
+            /// step between). Half a block (four chunks) at a time, so that the signed codes and
+            /// their magnitudes, decoded once for the tile, stay in eight registers beside the
+            /// tokens' accumulators (a whole block's sixteen spilled: 40 GMAC/s at 32 tokens here,
+            /// 52 this way). The first half of a group also prefetches the next group's codes: at
+            /// one to eight tokens the kernel waits on memory otherwise.
+            ///
+            /// # Safety
+            /// As [`half_dot`] for Q8_0; the group's codes are followed by its scales (any group is).
+            #[target_feature(enable = $features)]
+            unsafe fn half_dot_q8_signed<const T: usize>(group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8_0; T], out: [*mut f32; T], lanes: u8) {
+                let (code_bytes, meta_bytes) = layout(GgmlDType::Q8_0).expect("a packed type");
+                let scales = group.add(nb * code_bytes);
+                let next_group = nb * (code_bytes + meta_bytes);
+                let flip = _mm256_set1_epi8(i8::MIN);
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..nb {
+                    let codes = group.add(b * code_bytes);
+                    if h == 0 {
+                        // A hint: past the matrix's last group it touches nothing.
+                        for line in 0..code_bytes / 64 {
+                            _mm_prefetch::<_MM_HINT_T0>(codes.add(next_group + 64 * line) as *const i8);
+                        }
+                    }
+                    let mut dot = [_mm256_setzero_si256(); T];
+                    for q in 0..2 {
+                        let w: [__m256i; 4] = std::array::from_fn(|g| _mm256_xor_si256(load256(codes.add(64 * (4 * q + g) + 32 * h)), flip));
+                        let magnitude: [__m256i; 4] = std::array::from_fn(|g| _mm256_abs_epi8(w[g]));
+                        for t in 0..T {
+                            let a = (*acts[t].add(b)).qs.as_ptr();
+                            for g in 0..4 {
+                                let x = _mm256_sign_epi8(bcast4(a, 16 * q + 4 * g), w[g]);
+                                dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[g], x), ones));
+                            }
+                        }
+                    }
+                    let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
+                    for t in 0..T {
+                        let d = _mm256_mul_ps(dw, _mm256_set1_ps((*acts[t].add(b)).d));
+                        acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot[t])));
+                    }
+                }
+                for t in 0..T {
+                    store_lanes(out[t], lanes, acc[t]);
+                }
+            }
+
+            /// Sub-block `sub` (0..8) of a Q4_K block's codes for eight rows: chunk `g` of its 32
+            /// elements in register `g`. `codes` points at the block's codes of this half group.
+            ///
+            /// # Safety
+            /// This module's features; `codes` as [`half_dot_k`] computes it.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4_k_sub(codes: *const u8, sub: usize) -> [__m256i; 8] {
+                let low = _mm256_set1_epi8(0x0F);
+                std::array::from_fn(|g| {
+                    let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
+                    if sub % 2 == 0 {
+                        _mm256_and_si256(v, low)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)
+                    }
+                })
+            }
+
+            /// Sub-block `sub` (0..16) of a Q6_K block's codes for eight rows, unsigned 0..64:
+            /// chunk `4 sub + q` in register `q`.
+            ///
+            /// # Safety
+            /// As [`q4_k_sub`].
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q6_k_sub(codes: *const u8, sub: usize) -> [__m256i; 4] {
+                let low = _mm256_set1_epi8(0x0F);
+                let two = _mm256_set1_epi8(0x30);
+                std::array::from_fn(|q| {
+                    let c = 4 * sub + q;
+                    let v = load256(codes.add(64 * (c % 32)));
+                    let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                    let hb = load256(codes.add(64 * (32 + c % 16)));
+                    // Bits 2y..2y+1 of each byte moved to bits 4..5.
+                    let hb = match c / 16 {
+                        0 => _mm256_slli_epi16::<4>(hb),
+                        1 => _mm256_slli_epi16::<2>(hb),
+                        2 => hb,
+                        _ => _mm256_srli_epi16::<2>(hb),
+                    };
+                    _mm256_or_si256(nib, _mm256_and_si256(hb, two))
+                })
+            }
+
+            /// [`stash_half`] for Q4_K and Q6_K: [`STASH_PER_BLOCK_K`] registers a block, sub-block
+            /// by sub-block as [`q4_k_sub`] / [`q6_k_sub`] give them.
+            ///
+            /// # Safety
+            /// This module's features; `group` as for [`half_dot_k`]; `stash` writable for `nb` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn stash_half_k(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, stash: *mut __m256i) {
+                let (code_bytes, _) = layout(dtype).expect("a packed type");
+                for b in 0..nb {
+                    let codes = group.add(b * code_bytes + 32 * h);
+                    let out = stash.add(b * STASH_PER_BLOCK_K);
+                    if dtype == GgmlDType::Q4_K {
+                        for sub in 0..8 {
+                            *(out.add(8 * sub) as *mut [__m256i; 8]) = q4_k_sub(codes, sub);
+                        }
+                    } else {
+                        for sub in 0..16 {
+                            *(out.add(4 * sub) as *mut [__m256i; 4]) = q6_k_sub(codes, sub);
+                        }
+                    }
+                }
+            }
+
+            /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`),
+            /// the codes decoded from `stash` where given (see [`stash_half_k`]).
             ///
             /// # Safety
             /// This module's features; `group` a group of [`crate::quant::packed::Packed`] of `dtype` (Q4_K or
             /// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
-            /// `out[t].add(l)` writable for the lanes set.
+            /// `out[t].add(l)` writable for the lanes set; a `stash` holds [`stash_half_k`]'s
+            /// registers of this half group.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            unsafe fn half_dot_k<const T: usize>(dtype: GgmlDType, group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8K32; T], out: [*mut f32; T], lanes: u8) {
+            unsafe fn half_dot_k<const T: usize>(
+                dtype: GgmlDType,
+                group: *const u8,
+                nb: usize,
+                h: usize,
+                acts: [*const BlockQ8K32; T],
+                out: [*mut f32; T],
+                lanes: u8,
+                stash: Option<*const __m256i>,
+            ) {
                 let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
-                let low = _mm256_set1_epi8(0x0F);
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..nb {
                     let codes = group.add(b * code_bytes + 32 * h);
@@ -316,15 +483,14 @@ macro_rules! gemm_256 {
                     let dw = f16x8(meta.add(16 * h));
                     if dtype == GgmlDType::Q4_K {
                         for sub in 0..8 {
-                            let mut w = [_mm256_setzero_si256(); 8];
-                            for (g, w) in w.iter_mut().enumerate() {
-                                let v = load256(codes.add(64 * (8 * (sub / 2) + g)));
-                                *w = if sub % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                            }
+                            let w = match stash {
+                                Some(stash) => *(stash.add(b * STASH_PER_BLOCK_K + 8 * sub) as *const [__m256i; 8]),
+                                None => q4_k_sub(codes, sub),
+                            };
                             let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
                             for t in 0..T {
                                 let y = &*acts[t].add(b);
-                                let dot = dot32::<T, false>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
+                                let dot = dot32::<T>(&w, _mm256_setzero_si256(), y.qs.as_ptr().add(32 * sub));
                                 let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub]));
                                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[t]);
                             }
@@ -340,30 +506,31 @@ macro_rules! gemm_256 {
                             acc[t] = _mm256_sub_ps(acc[t], mins);
                         }
                     } else {
-                        let two = _mm256_set1_epi8(0x30);
                         for sub in 0..16 {
-                            let mut w = [_mm256_setzero_si256(); 4];
-                            for (q, w) in w.iter_mut().enumerate() {
-                                let c = 4 * sub + q;
-                                let v = load256(codes.add(64 * (c % 32)));
-                                let nib = if c < 32 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
-                                let hb = load256(codes.add(64 * (32 + c % 16)));
-                                // Bits 2y..2y+1 of each byte moved to bits 4..5.
-                                let hb = match c / 16 {
-                                    0 => _mm256_slli_epi16::<4>(hb),
-                                    1 => _mm256_slli_epi16::<2>(hb),
-                                    2 => hb,
-                                    _ => _mm256_srli_epi16::<2>(hb),
-                                };
-                                *w = _mm256_or_si256(nib, _mm256_and_si256(hb, two));
-                            }
+                            let w = match stash {
+                                Some(stash) => *(stash.add(b * STASH_PER_BLOCK_K + 4 * sub) as *const [__m256i; 4]),
+                                None => q6_k_sub(codes, sub),
+                            };
                             let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
                             for t in 0..T {
                                 let y = &*acts[t].add(b);
                                 let a = y.qs.as_ptr();
                                 let mut i0 = _mm256_set1_epi32(-32 * y.bsums[sub] as i32);
-                                for (q, w) in w.iter().enumerate() {
-                                    i0 = dot4(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                                if I16_SUMS {
+                                    // Six-bit codes: two chunks' pair sums add up in 16 bits
+                                    // exactly (2 · 2 · 63 · 127 = 32,004 < 2^15).
+                                    let ones = _mm256_set1_epi16(1);
+                                    for p in 0..2 {
+                                        let s = _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(w[2 * p], bcast4(a, 16 * sub + 8 * p)),
+                                            _mm256_maddubs_epi16(w[2 * p + 1], bcast4(a, 16 * sub + 8 * p + 4)),
+                                        );
+                                        i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(s, ones));
+                                    }
+                                } else {
+                                    for (q, w) in w.iter().enumerate() {
+                                        i0 = dot4(i0, *w, bcast4(a, 16 * sub + 4 * q));
+                                    }
                                 }
                                 let f = _mm256_mul_ps(wsc, _mm256_set1_ps(y.d[sub / 2]));
                                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), f, acc[t]);
@@ -398,17 +565,26 @@ macro_rules! gemm_256 {
                 stride: usize,
                 lanes: u16,
             ) {
-                for_tiles(tn, lanes, |h, half_lanes, t, n| {
-                    macro_rules! go {
-                        ($t:literal) => {{
-                            let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                            let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
-                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                            half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes)
-                        }};
-                    }
-                    for_tokens!(n, go)
-                });
+                // Q8_0's codes are used as loaded (VNNI), or decoded half a block at a time.
+                let stashed = tn > TOKENS && dtype != GgmlDType::Q8_0;
+                with_stash(if stashed { nb * STASH_PER_BLOCK } else { 0 }, |stash| {
+                    let half = |h| {
+                        if stashed {
+                            stash_half(dtype, group.as_ptr(), nb, h, stash)
+                        }
+                    };
+                    for_tiles(tn, lanes, half, |h, half_lanes, t, n| {
+                        macro_rules! go {
+                            ($t:literal) => {{
+                                let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                                let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
+                                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                                half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stashed.then_some(stash.cast_const()))
+                            }};
+                        }
+                        for_tokens!(n, go)
+                    })
+                })
             }
 
             /// [`gemm_group`] for Q4_K and Q6_K over k-quant activations. The arguments of
@@ -429,16 +605,24 @@ macro_rules! gemm_256 {
                 stride: usize,
                 lanes: u16,
             ) {
-                for_tiles(tn, lanes, |h, half_lanes, t, n| {
-                    macro_rules! go {
-                        ($t:literal) => {{
-                            let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                            half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes)
-                        }};
-                    }
-                    for_tokens!(n, go)
-                });
+                let stashed = tn > TOKENS;
+                with_stash(if stashed { nb * STASH_PER_BLOCK_K } else { 0 }, |stash| {
+                    let half = |h| {
+                        if stashed {
+                            stash_half_k(dtype, group.as_ptr(), nb, h, stash)
+                        }
+                    };
+                    for_tiles(tn, lanes, half, |h, half_lanes, t, n| {
+                        macro_rules! go {
+                            ($t:literal) => {{
+                                let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                                half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stashed.then_some(stash.cast_const()))
+                            }};
+                        }
+                        for_tokens!(n, go)
+                    })
+                })
             }
         }
     };

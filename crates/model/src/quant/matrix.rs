@@ -410,7 +410,7 @@ fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl F
     let tiles = |from: usize, to: usize| (from..to).step_by(tile).map(move |t| (t, (to - t).min(tile)));
     let task = |g0: usize, g1: usize| {
         if tile > TILE_TOKENS {
-            // AMX tiles: the task's groups (about PREFILL_CHUNK_BYTES of codes) for two token
+            // AMX tiles (and the 256-bit kernels' calls): the task's groups (about PREFILL_CHUNK_BYTES of codes) for two token
             // tiles at a time, so that both the codes and the tiles' activations stay in L1
             // (a tile load from L2 stalls). All tokens per group instead: 1.26x the VNNI
             // kernel at 512 tokens, not 1.48x; one tile at a time over the groups: the
@@ -447,6 +447,11 @@ const TILE_TOKENS: usize = super::avx512::TOKENS;
 #[cfg(not(target_arch = "x86_64"))]
 const TILE_TOKENS: usize = 1;
 
+/// Tokens per call of the 256-bit kernels, which run them four at a time and decode a half
+/// group's codes once per call (see `gemm256`): of 8, 16, 32 and 64, 32 and 64 were fastest
+/// (Q5_0 at 32 tokens 65 GMAC/s at 8, 74-76 at 32-64; Q6_K 42 and 49-51).
+const GEMM256_TOKENS: usize = 32;
+
 /// Tokens per AMX tile.
 #[cfg(target_arch = "x86_64")]
 const AMX_TOKENS: usize = super::amx::TOKENS;
@@ -463,6 +468,8 @@ const AMX_MIN_TOKENS: usize = 16;
 fn amx_plan(isa: Isa, n: usize, eligible: bool) -> (bool, usize, usize) {
     if eligible && isa == Isa::Avx512Amx && n >= AMX_MIN_TOKENS {
         (true, AMX_TOKENS, n.next_multiple_of(AMX_TOKENS))
+    } else if matches!(isa, Isa::Avx2 | Isa::AvxVnni) {
+        (false, GEMM256_TOKENS, n)
     } else {
         (false, TILE_TOKENS, n)
     }
