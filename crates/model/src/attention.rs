@@ -73,41 +73,76 @@ const MAX_HEADS_PER_TASK: usize = 8;
 /// `out[i, h] = softmax_j(q[i, h] · k[j, g(h)]) v[j, g(h)]` over the keys query i may see.
 ///
 /// `q` and `out` are `[n_q, n_heads * head_dim]`; the rows of `kv` are `n_kv_heads * head_dim`
-/// wide. The caller has already scaled `q`. Runs on the current rayon pool: with many queries
-/// (prefill) one task takes one query and all the heads of a KV group; with few (decode) one
-/// task per head keeps every thread busy.
+/// wide. The caller has already scaled `q`. One sequence's [`flash_attention_batch`].
 pub fn flash_attention(q: &[f32], kv: KvView<'_>, shape: AttnShape, span: AttnSpan, out: &mut [f32]) {
+    flash_attention_batch(shape, vec![AttnSeq { q, kv, span, out }]);
+}
+
+/// One sequence of a [`flash_attention_batch`]: its queries, its view of the cache, where
+/// they sit, and where their outputs go (`q` and `out` `[n_q, n_heads * head_dim]`).
+pub struct AttnSeq<'a> {
+    /// The queries, already scaled.
+    pub q: &'a [f32],
+    /// The layer's cache through the sequence's block table.
+    pub kv: KvView<'a>,
+    /// The queries' positions.
+    pub span: AttnSpan,
+    /// The outputs, as long as `q`.
+    pub out: &'a mut [f32],
+}
+
+/// [`flash_attention`] for every sequence of a batch at once, on the current rayon pool. A
+/// task takes one query and a whole KV group's heads (each key and value row is then read
+/// once for all of them) unless that would leave threads idle: then fewer heads, down to one
+/// a task. Deciding over the batch rather than per sequence matters at decode: a sequence
+/// has one query, and split head by head a KV head's keys and values were read from memory
+/// once per query head that shares them (twice a layer on each rank of the default model
+/// at tp = 2, four times at tp = 1), where a batch of sequences has tasks enough for every
+/// thread with whole groups. A query's result does not depend on the split (see
+/// [`blocked`]).
+pub fn flash_attention_batch(shape: AttnShape, seqs: Vec<AttnSeq<'_>>) {
     let AttnShape { n_heads, n_kv_heads, head_dim: hd } = shape;
     let kv_dim = n_kv_heads * hd;
-    let (k, v) = (kv.k, kv.v);
-    let group = n_heads / n_kv_heads;
-    let n_q = q.len() / (n_heads * hd);
     // The AVX2 kernels read through raw pointers: these shapes are what keeps them in bounds.
     assert!(n_kv_heads > 0 && n_heads % n_kv_heads == 0, "{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads");
-    assert!(hd > 0 && q.len().is_multiple_of(n_heads * hd), "q is not [n_q, {n_heads} x {hd}]");
-    assert_eq!(q.len(), out.len(), "attention output length");
-    assert_eq!(k.len(), v.len(), "keys and values have different lengths");
-    assert_eq!(k.len() % kv_dim, 0, "keys are not [n_k, {n_kv_heads} x {hd}]");
-    if n_q > 0 {
-        // Every block any query reads must be a block of the pool.
-        let bs = kv.block_size;
-        let rows = k.len() / kv_dim;
-        let keys = span.keys_for(span.q_pos0);
-        let last = span.q_pos0 + n_q - 1;
-        assert!(bs > 0 && last / bs < kv.table.len(), "the block table does not reach position {last}");
-        for &b in &kv.table[keys.start / bs..=last / bs] {
-            assert!((b as usize + 1) * bs <= rows, "block {b} is outside the pool of {rows} rows");
+    assert!(hd > 0, "head dim 0");
+    let group = n_heads / n_kv_heads;
+    let mut queries = 0;
+    for AttnSeq { q, kv, span, out } in &seqs {
+        let (k, v) = (kv.k, kv.v);
+        let n_q = q.len() / (n_heads * hd);
+        assert!(q.len().is_multiple_of(n_heads * hd), "q is not [n_q, {n_heads} x {hd}]");
+        assert_eq!(q.len(), out.len(), "attention output length");
+        assert_eq!(k.len(), v.len(), "keys and values have different lengths");
+        assert_eq!(k.len() % kv_dim, 0, "keys are not [n_k, {n_kv_heads} x {hd}]");
+        if n_q > 0 {
+            // Every block any query reads must be a block of the pool.
+            let bs = kv.block_size;
+            let rows = k.len() / kv_dim;
+            let keys = span.keys_for(span.q_pos0);
+            let last = span.q_pos0 + n_q - 1;
+            assert!(bs > 0 && last / bs < kv.table.len(), "the block table does not reach position {last}");
+            for &b in &kv.table[keys.start / bs..=last / bs] {
+                assert!((b as usize + 1) * bs <= rows, "block {b} is outside the pool of {rows} rows");
+            }
         }
+        queries += n_q;
     }
-    let many_queries = n_q >= 2 * rayon::current_num_threads();
-    let hs = if many_queries { (1..=group.min(MAX_HEADS_PER_TASK)).rev().find(|d| group % d == 0).unwrap_or(1) } else { 1 };
-    out.par_chunks_mut(hs * hd).enumerate().for_each(|(task, o)| {
-        let first = task * hs; // global (query, head) index of the task's first head
+    // Tasks enough to balance the threads (twice as many; one thread needs no split).
+    let threads = rayon::current_num_threads();
+    let wanted = if threads == 1 { 1 } else { 2 * threads };
+    let hs = (1..=group.min(MAX_HEADS_PER_TASK)).rev().find(|&d| group % d == 0 && queries * (n_heads / d) >= wanted).unwrap_or(1);
+    let (inputs, outs): (Vec<_>, Vec<_>) = seqs.into_iter().map(|AttnSeq { q, kv, span, out }| ((q, kv, span), out)).unzip();
+    let tasks: Vec<(usize, usize, &mut [f32])> =
+        outs.into_iter().enumerate().flat_map(|(si, out)| out.chunks_mut(hs * hd).enumerate().map(move |(task, o)| (si, task, o))).collect();
+    tasks.into_par_iter().for_each(|(si, task, o)| {
+        let (q, kv, span) = &inputs[si];
+        let first = task * hs; // the sequence's (query, head) index of the task's first head
         let (i, h0) = (first / n_heads, first % n_heads);
         let g = h0 / group;
         let qs = &q[first * hd..(first + hs) * hd];
         let keys = span.keys_for(span.q_pos0 + i);
-        let args = Attend { qs, k, v, table: kv.table, bs: kv.block_size, kv_dim, kv_off: g * hd, hd, hs, keys };
+        let args = Attend { qs, k: kv.k, v: kv.v, table: kv.table, bs: kv.block_size, kv_dim, kv_off: g * hd, hd, hs, keys };
         #[cfg(target_arch = "x86_64")]
         if simd::use_avx2() && is_x86_feature_detected!("f16c") {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
@@ -525,6 +560,46 @@ mod tests {
             let k_end = (span1.q_pos0 + 1) * 64;
             flash_attention(&q[i * 256..(i + 1) * 256], KvView::contiguous(&k[..k_end], &v[..k_end], 64), shape, span1, &mut one);
             assert_eq!(one, all[i * 256..(i + 1) * 256], "query {i}");
+        }
+    }
+
+    #[test]
+    fn a_batch_of_sequences_gives_each_sequences_own_result_bit_for_bit() {
+        // Five sequences in one shared pool of shuffled blocks: four decoding (one query at
+        // positions 0, 40, 95, 150) and one prefilling 9 queries, through one batched call on
+        // 1 and 3 threads (whole KV groups per task, and split heads), against each sequence
+        // alone. 4 heads over 2 KV heads, head dim 64 (the blocked kernels).
+        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+        let (q_dim, kv_dim, bs, pool_blocks) = (4 * 64, 2 * 64, 16, 64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let pk = f16s(&random_f16s(&mut rng, pool_blocks * bs * kv_dim));
+        let pv = f16s(&random_f16s(&mut rng, pool_blocks * bs * kv_dim));
+        let mut free: Vec<BlockId> = (0..pool_blocks as BlockId).rev().collect();
+        let seqs: Vec<(usize, usize, Vec<BlockId>)> = [(0, 1), (40, 1), (95, 1), (150, 1), (60, 9)]
+            .into_iter()
+            .map(|(pos, n_q): (usize, usize)| (pos, n_q, (0..(pos + n_q).div_ceil(bs)).map(|_| free.remove(rng.gen_range(0..free.len()))).collect()))
+            .collect();
+        let qs: Vec<Vec<f32>> = seqs.iter().map(|&(_, n_q, _)| (0..n_q * q_dim).map(|_| rng.gen_range(-2.0f32..2.0)).collect()).collect();
+        let span = |pos| AttnSpan { q_pos0: pos, window: None };
+        let alone: Vec<Vec<f32>> = seqs
+            .iter()
+            .zip(&qs)
+            .map(|((pos, _, table), q)| {
+                let mut out = vec![0f32; q.len()];
+                flash_attention(q, KvView { k: &pk, v: &pv, table, block_size: bs }, shape, span(*pos), &mut out);
+                out
+            })
+            .collect();
+        for threads in [1, 3] {
+            let mut outs: Vec<Vec<f32>> = qs.iter().map(|q| vec![f32::NAN; q.len()]).collect();
+            let batch = seqs
+                .iter()
+                .zip(&qs)
+                .zip(&mut outs)
+                .map(|(((pos, _, table), q), out)| AttnSeq { q, kv: KvView { k: &pk, v: &pv, table, block_size: bs }, span: span(*pos), out })
+                .collect();
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| flash_attention_batch(shape, batch));
+            assert_eq!(outs, alone, "{threads} threads");
         }
     }
 

@@ -7,7 +7,7 @@ use tpserve_comm::Collective;
 use tpserve_types::kv::BlockId;
 
 use super::{seq_rows, AttnDims, KvMemory, Matrix, Ops};
-use crate::attention::{flash_attention, AttnShape, AttnSpan};
+use crate::attention::{flash_attention_batch, AttnSeq, AttnShape, AttnSpan};
 use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::kv_cache::{KvBook, KvPool};
 use crate::model::{ModelError, SeqChunk};
@@ -183,11 +183,16 @@ impl Ops for Cpu {
         let q_dim = dims.n_heads * dims.head_dim;
         let shape = AttnShape { n_heads: dims.n_heads, n_kv_heads: dims.n_kv_heads, head_dim: dims.head_dim };
         let group = kv.book().group(il);
+        let mut rest = &mut out[..];
+        let mut seqs = Vec::with_capacity(batch.len());
         for (seq, rows) in batch.iter().zip(seq_rows(batch)) {
             let span = AttnSpan { q_pos0: seq.pos, window: dims.window };
             let (a, b) = (rows.start * q_dim, rows.end * q_dim);
-            flash_attention(&q[a..b], kv.view(il, &seq.tables[group]), shape, span, &mut out[a..b]);
+            let (o, tail) = std::mem::take(&mut rest).split_at_mut(b - a);
+            rest = tail;
+            seqs.push(AttnSeq { q: &q[a..b], kv: kv.view(il, &seq.tables[group]), span, out: o });
         }
+        flash_attention_batch(shape, seqs);
         Ok(())
     }
 
