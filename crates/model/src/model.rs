@@ -426,7 +426,7 @@ impl<O: Ops> Model<O> {
     /// states to the next stage). Every rank of every stage is called with the same batch.
     /// A batch that is refused (bad token, block table too short) changes nothing.
     pub fn forward(&self, kv: &mut O::Kv, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_stage(kv, batch, false).map(|o| o.logits)
+        self.forward_stage(kv, batch, false).map(|mut o| o.logits_per_seq().into_iter().map(|l| l.to_vec()).collect())
     }
 
     /// [`Model::forward`], and on the first tensor-parallel rank of the last of several
@@ -438,7 +438,7 @@ impl<O: Ops> Model<O> {
         self.check(kv.book(), batch)?;
         let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if tokens.is_empty() {
-            return Ok(StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() });
+            return Ok(StageOutput::nothing(batch.len()));
         }
         let _span = trace_span!("forward", stage = self.shard.stage, tokens = tokens.len(), seqs = batch.len()).entered();
         let mut x = self.input(&tokens)?;
@@ -557,7 +557,7 @@ impl<O: Ops> Model<O> {
     /// of the output projection) and, with several stages, those rows' normed hidden states.
     fn output(&self, x: &O::Act, batch: &[SeqChunk<'_>], slice_later: bool) -> Result<StageOutput, ModelError> {
         let ops = &self.ops;
-        let nothing = || StageOutput { logits: batch.iter().map(|_| Vec::new()).collect(), hidden: Vec::new() };
+        let nothing = || StageOutput::nothing(batch.len());
         let Some(final_norm) = &self.final_norm else {
             let pp = self.pp_comm.as_ref().expect("a stage before the last has a next stage");
             ops.send(x, pp.as_ref(), self.shard.stage + 1)?;
@@ -596,15 +596,7 @@ impl<O: Ops> Model<O> {
             Some(head) => self.project(head, &sel, rows.len())?,
             None => Vec::new(),
         };
-        let vocab_local = self.vocab_range().len();
-        let mut out = Vec::with_capacity(batch.len());
-        let mut next = 0;
-        for s in batch {
-            let r = rows_of(s);
-            out.push(logits[next * vocab_local..(next + r) * vocab_local].to_vec());
-            next += r;
-        }
-        Ok(StageOutput { logits: out, hidden: hidden_out })
+        Ok(StageOutput { logits, rows: batch.iter().map(rows_of).collect(), hidden: hidden_out })
     }
 
     /// This rank's logits (`[rows, vocab_range().len()]`) for final hidden states another
@@ -637,12 +629,39 @@ impl<O: Ops> Model<O> {
 /// What one stage's forward pass gives back.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageOutput {
-    /// Per sequence, its wanted rows' logits over this rank's vocabulary slice (`[rows,
-    /// vocab_range().len()]`; empty before the last stage and on a rank without a slice).
-    pub logits: Vec<Vec<f32>>,
+    /// The wanted rows' logits over this rank's vocabulary slice, sequence after sequence in
+    /// batch order (`[Σ rows, vocab_range().len()]`; empty before the last stage and on a rank
+    /// without a slice). One buffer, as the projection wrote it: cut into a vector per
+    /// sequence, a step of 32 sequences copied 16 MB a rank (3% of a step on AVX2).
+    pub logits: Vec<f32>,
+    /// Per sequence, how many rows of `logits` are its own (0 where it wants none).
+    pub rows: Vec<usize>,
     /// On the first tensor-parallel rank of the last of several stages: the wanted rows'
     /// final hidden states (`[rows, hidden]`, after the final norm), in batch order; else empty.
     pub hidden: Vec<f32>,
+}
+
+impl StageOutput {
+    /// No logits (nor hidden states) for a batch of `seqs` sequences.
+    fn nothing(seqs: usize) -> Self {
+        Self { logits: Vec::new(), rows: vec![0; seqs], hidden: Vec::new() }
+    }
+
+    /// Per sequence, its rows of [`StageOutput::logits`] (`[rows, width]`, empty where
+    /// there are none).
+    pub fn logits_per_seq(&mut self) -> Vec<&mut [f32]> {
+        let total: usize = self.rows.iter().sum();
+        let width = if total == 0 { 0 } else { self.logits.len() / total };
+        let mut rest = &mut self.logits[..];
+        self.rows
+            .iter()
+            .map(|&r| {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r * width);
+                rest = tail;
+                mine
+            })
+            .collect()
+    }
 }
 
 /// The activations of one forward pass, allocated once and reused by every layer.

@@ -215,7 +215,7 @@ impl Shard {
             plan.seqs.iter().map(|w| SeqChunk { tokens: &w.tokens, pos: w.start_pos, tables: &seqs[&w.seq_id].tables, logits: w.logits }).collect();
         // With several stages, the last one projects its slice now, or with the others later.
         let slice_later = plan.slice_later && !self.shard.first_stage;
-        let out = match self.model.forward(&chunks, slice_later) {
+        let mut out = match self.model.forward(&chunks, slice_later) {
             Ok(o) => o,
             Err(e @ (ModelError::ContextOverflow { .. } | ModelError::BadToken { .. } | ModelError::EmptySequence | ModelError::Kv(_))) => {
                 // Refused before any cache was touched: undo the tables.
@@ -251,7 +251,7 @@ impl Shard {
         let vocab = self.model.vocab_range();
         let mut seqs = Vec::new();
         if self.shard.last_stage && !slice_later && !vocab.is_empty() {
-            for (w, mut l) in plan.seqs.iter().zip(out.logits).filter(|(w, _)| w.logits != LogitsWanted::None) {
+            for (w, l) in plan.seqs.iter().zip(out.logits_per_seq()).filter(|(w, _)| w.logits != LogitsWanted::None) {
                 let st = &self.seqs[&w.seq_id];
                 let rows = l
                     .chunks_exact_mut(vocab.len())
