@@ -651,7 +651,7 @@ impl StageOutput {
     /// there are none).
     pub fn logits_per_seq(&mut self) -> Vec<&mut [f32]> {
         let total: usize = self.rows.iter().sum();
-        let width = if total == 0 { 0 } else { self.logits.len() / total };
+        let width = self.logits.len().checked_div(total).unwrap_or(0);
         let mut rest = &mut self.logits[..];
         self.rows
             .iter()
