@@ -146,12 +146,15 @@ thread_local! {
     static STASH: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's stash, at least `len` registers long. A call with more tokens
+/// Runs `f` with this thread's stash, at least `len` registers long (none where `len` is 0). A call with more tokens
 /// than one tile decodes each half group's codes once into it (masking nibbles out, placing
 /// Q5_0's and Q6_K's high bits) and every tile reads them back from L1, instead of each tile
 /// decoding them again: with four tokens a tile, decoding was a third of Q5_0's work and half
 /// of Q6_K's. Kernel calls do not nest, so the borrow is never contended.
 fn with_stash<R>(len: usize, f: impl FnOnce(*mut __m256i) -> R) -> R {
+    if len == 0 {
+        return f(std::ptr::null_mut());
+    }
     STASH.with(|stash| {
         let mut stash = stash.borrow_mut();
         if stash.len() < len {
@@ -277,17 +280,17 @@ macro_rules! gemm_256 {
             }
 
             /// Rows `8h..8h + 8` of one Q8_0/Q4_0/Q5_0 group · `T` tokens: `out[t][l] = Σ_b (d_w · d_a) ·
-            /// dot_b` for lanes `l` set in `lanes`. The codes come decoded from `stash` where given
+            /// dot_b` for lanes `l` set in `lanes`. The codes come decoded from `stash` where `STASHED`
             /// (see [`stash_half`]), else are decoded here.
             ///
             /// # Safety
             /// This module's features; `group` is a group of [`crate::quant::packed::Packed`] of `dtype` with `nb`
             /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
-            /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set; a
-            /// `stash` holds [`stash_half`]'s registers of this half group.
+            /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set; where
+            /// `STASHED`, `stash` holds [`stash_half`]'s registers of this half group.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            unsafe fn half_dot<const T: usize>(
+            unsafe fn half_dot<const T: usize, const STASHED: bool>(
                 dtype: GgmlDType,
                 group: *const u8,
                 nb: usize,
@@ -296,7 +299,7 @@ macro_rules! gemm_256 {
                 sums: [*const i32; T],
                 out: [*mut f32; T],
                 lanes: u8,
-                stash: Option<*const __m256i>,
+                stash: *const __m256i,
             ) {
                 if dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED {
                     return half_dot_q8_signed::<T>(group, nb, h, acts, out, lanes);
@@ -306,10 +309,7 @@ macro_rules! gemm_256 {
                 let neg_offset = -code_offset(dtype);
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..nb {
-                    let w = match stash {
-                        Some(stash) => *(stash.add(b * STASH_PER_BLOCK) as *const [__m256i; 8]),
-                        None => decode(dtype, group.add(b * code_bytes), h),
-                    };
+                    let w = if STASHED { *(stash.add(b * STASH_PER_BLOCK) as *const [__m256i; 8]) } else { decode(dtype, group.add(b * code_bytes), h) };
                     let dw = f16x8(scales.add(b * meta_bytes + 16 * h));
                     for t in 0..T {
                         let y = &*acts[t].add(b);
@@ -456,16 +456,16 @@ macro_rules! gemm_256 {
             }
 
             /// Rows `8h..8h + 8` of one Q4_K or Q6_K group · `T` tokens (see `avx512`'s `group_dot_k`),
-            /// the codes decoded from `stash` where given (see [`stash_half_k`]).
+            /// the codes decoded from `stash` where `STASHED` (see [`stash_half_k`]).
             ///
             /// # Safety
             /// This module's features; `group` a group of [`crate::quant::packed::Packed`] of `dtype` (Q4_K or
             /// Q6_K) with `nb` blocks per row, 64-byte aligned; every `acts[t]` has `nb` blocks;
-            /// `out[t].add(l)` writable for the lanes set; a `stash` holds [`stash_half_k`]'s
-            /// registers of this half group.
+            /// `out[t].add(l)` writable for the lanes set; where `STASHED`, `stash` holds
+            /// [`stash_half_k`]'s registers of this half group.
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
-            unsafe fn half_dot_k<const T: usize>(
+            unsafe fn half_dot_k<const T: usize, const STASHED: bool>(
                 dtype: GgmlDType,
                 group: *const u8,
                 nb: usize,
@@ -473,7 +473,7 @@ macro_rules! gemm_256 {
                 acts: [*const BlockQ8K32; T],
                 out: [*mut f32; T],
                 lanes: u8,
-                stash: Option<*const __m256i>,
+                stash: *const __m256i,
             ) {
                 let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
                 let mut acc = [_mm256_setzero_ps(); T];
@@ -483,10 +483,7 @@ macro_rules! gemm_256 {
                     let dw = f16x8(meta.add(16 * h));
                     if dtype == GgmlDType::Q4_K {
                         for sub in 0..8 {
-                            let w = match stash {
-                                Some(stash) => *(stash.add(b * STASH_PER_BLOCK_K + 8 * sub) as *const [__m256i; 8]),
-                                None => q4_k_sub(codes, sub),
-                            };
+                            let w = if STASHED { *(stash.add(b * STASH_PER_BLOCK_K + 8 * sub) as *const [__m256i; 8]) } else { q4_k_sub(codes, sub) };
                             let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<false>(meta.add(64 + 16 * sub + HALF * h))));
                             for t in 0..T {
                                 let y = &*acts[t].add(b);
@@ -507,10 +504,7 @@ macro_rules! gemm_256 {
                         }
                     } else {
                         for sub in 0..16 {
-                            let w = match stash {
-                                Some(stash) => *(stash.add(b * STASH_PER_BLOCK_K + 4 * sub) as *const [__m256i; 4]),
-                                None => q6_k_sub(codes, sub),
-                            };
+                            let w = if STASHED { *(stash.add(b * STASH_PER_BLOCK_K + 4 * sub) as *const [__m256i; 4]) } else { q6_k_sub(codes, sub) };
                             let wsc = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(bytes_to_lanes::<true>(meta.add(32 + 16 * sub + HALF * h))));
                             for t in 0..T {
                                 let y = &*acts[t].add(b);
@@ -579,7 +573,11 @@ macro_rules! gemm_256 {
                                 let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
                                 let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
                                 let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                                half_dot::<$t>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stashed.then_some(stash.cast_const()))
+                                if stashed {
+                                    half_dot::<$t, true>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash)
+                                } else {
+                                    half_dot::<$t, false>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash)
+                                }
                             }};
                         }
                         for_tokens!(n, go)
@@ -617,7 +615,11 @@ macro_rules! gemm_256 {
                             ($t:literal) => {{
                                 let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
                                 let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                                half_dot_k::<$t>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stashed.then_some(stash.cast_const()))
+                                if stashed {
+                                    half_dot_k::<$t, true>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
+                                } else {
+                                    half_dot_k::<$t, false>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
+                                }
                             }};
                         }
                         for_tokens!(n, go)
