@@ -146,11 +146,14 @@ thread_local! {
     static STASH: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's stash, at least `len` registers long (none where `len` is 0). A call with more tokens
-/// than one tile decodes each half group's codes once into it (masking nibbles out, placing
-/// Q5_0's and Q6_K's high bits) and every tile reads them back from L1, instead of each tile
-/// decoding them again: with four tokens a tile, decoding was a third of Q5_0's work and half
-/// of Q6_K's. Kernel calls do not nest, so the borrow is never contended.
+/// Runs `f` with this thread's stash, at least `len` registers long (none where `len` is 0).
+/// A call with more tokens than one tile decodes each half group's codes once into it
+/// (masking nibbles out, placing Q5_0's and Q6_K's high bits) and every tile reads them back
+/// from L1, instead of each tile decoding them again: with four tokens a tile, decoding was a
+/// third of Q5_0's work and half of Q6_K's. (AVX2's signed Q8_0 codes and their magnitudes
+/// stashed too ran no faster at 32 tokens and 0.9x at 8: loading two registers a chunk cost
+/// what the sign flip and `vpabsb` did.) Kernel calls do not nest, so the borrow is never
+/// contended.
 fn with_stash<R>(len: usize, f: impl FnOnce(*mut __m256i) -> R) -> R {
     if len == 0 {
         return f(std::ptr::null_mut());
@@ -361,7 +364,7 @@ macro_rules! gemm_256 {
                     if h == 0 {
                         // A hint: past the matrix's last group it touches nothing.
                         for line in 0..code_bytes / 64 {
-                            _mm_prefetch::<_MM_HINT_T0>(codes.add(next_group + 64 * line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(next_group + 64 * line) as *const i8);
                         }
                     }
                     let mut dot = [_mm256_setzero_si256(); T];
