@@ -583,8 +583,9 @@ mod tests {
     fn a_batch_of_sequences_gives_each_sequences_own_result_bit_for_bit() {
         // Five sequences in one shared pool of shuffled blocks: four decoding (one query at
         // positions 0, 40, 95, 150) and one prefilling 9 queries, through one batched call on
-        // 1 and 3 threads (whole KV groups per task, and split heads), against each sequence
-        // alone. 4 heads over 2 KV heads, head dim 64 (the blocked kernels).
+        // 1, 3 and 16 threads (13 queries: whole KV groups per task below 14 threads, heads
+        // split one a task at 16), against each sequence alone. 4 heads over 2 KV heads, head
+        // dim 64 (the blocked kernels).
         let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
         let (q_dim, kv_dim, bs, pool_blocks) = (4 * 64, 2 * 64, 16, 64);
         let mut rng = rand::rngs::StdRng::seed_from_u64(31);
@@ -606,7 +607,7 @@ mod tests {
                 out
             })
             .collect();
-        for threads in [1, 3] {
+        for threads in [1, 3, 16] {
             let mut outs: Vec<Vec<f32>> = qs.iter().map(|q| vec![f32::NAN; q.len()]).collect();
             let batch = seqs
                 .iter()

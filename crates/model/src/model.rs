@@ -653,6 +653,7 @@ impl StageOutput {
     pub fn logits_per_seq(&mut self) -> Vec<&mut [f32]> {
         let total: usize = self.rows.iter().sum();
         let width = self.logits.len().checked_div(total).unwrap_or(0);
+        debug_assert_eq!(self.logits.len(), total * width, "logits are not whole rows");
         let mut rest = &mut self.logits[..];
         self.rows
             .iter()

@@ -149,7 +149,7 @@ thread_local! {
 /// Runs `f` with this thread's stash, at least `len` registers long (none where `len` is 0).
 /// A call with more tokens than one tile decodes each half group's codes once into it
 /// (masking nibbles out, placing Q5_0's and Q6_K's high bits) and every tile reads them back
-/// from L1, instead of each tile decoding them again: with four tokens a tile, decoding was a
+/// from L1 (or L2, past a few thousand columns), instead of each tile decoding them again: with four tokens a tile, decoding was a
 /// third of Q5_0's work and half of Q6_K's. (AVX2's signed Q8_0 codes and their magnitudes
 /// stashed too ran no faster at 32 tokens and 0.9x at 8: loading two registers a chunk cost
 /// what the sign flip and `vpabsb` did.) Kernel calls do not nest, so the borrow is never
@@ -290,7 +290,8 @@ macro_rules! gemm_256 {
             /// This module's features; `group` is a group of [`crate::quant::packed::Packed`] of `dtype` with `nb`
             /// blocks per row (64-byte aligned); every `acts[t]` and `sums[t]` has `nb` readable elements,
             /// `sums[t][b]` being `Σ acts[t][b].qs`; `out[t].add(l)` writable for the lanes set; where
-            /// `STASHED`, `stash` holds [`stash_half`]'s registers of this half group.
+            /// `STASHED`, `stash` holds [`stash_half`]'s registers of this half group. `prefetch`: see
+            /// [`half_dot_q8_signed`].
             #[allow(clippy::too_many_arguments)]
             #[target_feature(enable = $features)]
             unsafe fn half_dot<const T: usize, const STASHED: bool>(
@@ -303,9 +304,10 @@ macro_rules! gemm_256 {
                 out: [*mut f32; T],
                 lanes: u8,
                 stash: *const __m256i,
+                prefetch: bool,
             ) {
                 if dtype == GgmlDType::Q8_0 && !Q8_UNSIGNED {
-                    return half_dot_q8_signed::<T>(group, nb, h, acts, out, lanes);
+                    return half_dot_q8_signed::<T>(group, nb, h, acts, out, lanes, prefetch);
                 }
                 let (code_bytes, meta_bytes) = layout(dtype).expect("a packed type");
                 let scales = group.add(nb * code_bytes);
@@ -346,22 +348,32 @@ macro_rules! gemm_256 {
             /// step between). Half a block (four chunks) at a time, so that the signed codes and
             /// their magnitudes, decoded once for the tile, stay in eight registers beside the
             /// tokens' accumulators (a whole block's sixteen spilled: 40 GMAC/s at 32 tokens here,
-            /// 52 this way). The first half of a group also prefetches the next group's codes: at
-            /// one to eight tokens the kernel waits on memory otherwise.
+            /// 52 this way). Where `prefetch` (the first tile of a group's first half) it also asks
+            /// for the next group's codes: at one to eight tokens the kernel waits on memory otherwise.
             ///
             /// # Safety
             /// As [`half_dot`] for Q8_0; the group's codes are followed by its scales (any group is).
             #[target_feature(enable = $features)]
-            unsafe fn half_dot_q8_signed<const T: usize>(group: *const u8, nb: usize, h: usize, acts: [*const BlockQ8_0; T], out: [*mut f32; T], lanes: u8) {
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn half_dot_q8_signed<const T: usize>(
+                group: *const u8,
+                nb: usize,
+                h: usize,
+                acts: [*const BlockQ8_0; T],
+                out: [*mut f32; T],
+                lanes: u8,
+                prefetch: bool,
+            ) {
                 let (code_bytes, meta_bytes) = layout(GgmlDType::Q8_0).expect("a packed type");
                 let scales = group.add(nb * code_bytes);
-                let next_group = nb * (code_bytes + meta_bytes);
+                // Groups are padded to whole lines (`packed::Packed`).
+                let next_group = (nb * (code_bytes + meta_bytes)).next_multiple_of(64);
                 let flip = _mm256_set1_epi8(i8::MIN);
                 let ones = _mm256_set1_epi16(1);
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..nb {
                     let codes = group.add(b * code_bytes);
-                    if h == 0 {
+                    if prefetch {
                         // A hint: past the matrix's last group it touches nothing.
                         for line in 0..code_bytes / 64 {
                             _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(next_group + 64 * line) as *const i8);
@@ -577,9 +589,9 @@ macro_rules! gemm_256 {
                                 let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
                                 let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
                                 if stashed {
-                                    half_dot::<$t, true>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash)
+                                    half_dot::<$t, true>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
                                 } else {
-                                    half_dot::<$t, false>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash)
+                                    half_dot::<$t, false>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
                                 }
                             }};
                         }
