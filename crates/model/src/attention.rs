@@ -223,10 +223,10 @@ mod blocked {
     use half::f16;
 
     use super::{Attend, MAX_HEADS_PER_TASK, TILE};
+    use crate::simd::x86::hsum;
 
     /// How many key rows ahead [`scores`] prefetches.
     const PREFETCH: usize = 8;
-    use crate::simd::x86::hsum;
 
     /// Eight f16 values at `p` widened to f32.
     ///

@@ -115,24 +115,30 @@ macro_rules! for_tokens {
 /// registers fit the sixteen ymm registers (eight, as `avx512` takes, spill).
 const TOKENS: usize = 4;
 
-/// Calls `f(h, half_lanes, t, n)` for each half `h` of a group with live lanes (`half_lanes`,
-/// its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t` in `0..tn`,
-/// after `half(h)` once for that half.
+/// Calls `f(h, half_lanes, t, n, stash)` for each half `h` of a group with live lanes
+/// (`half_lanes`, its eight bits of `lanes`) and each tile of `n` ≤ [`TOKENS`] tokens from `t`
+/// in `0..tn`. With `stash_len` > 0, `fill(h, stash)` first decodes the half group into this
+/// thread's stash of that many registers ([`with_stash`]), which the tiles then read; with 0,
+/// `stash` is null and `fill` is not called.
 #[inline(always)]
-fn for_tiles(tn: usize, lanes: u16, mut half: impl FnMut(usize), mut f: impl FnMut(usize, u8, usize, usize)) {
-    for h in 0..2 {
-        let half_lanes = (lanes >> (HALF * h)) as u8;
-        if half_lanes == 0 {
-            continue;
+fn for_tiles(tn: usize, lanes: u16, stash_len: usize, mut fill: impl FnMut(usize, *mut __m256i), mut f: impl FnMut(usize, u8, usize, usize, *mut __m256i)) {
+    with_stash(stash_len, |stash| {
+        for h in 0..2 {
+            let half_lanes = (lanes >> (HALF * h)) as u8;
+            if half_lanes == 0 {
+                continue;
+            }
+            if stash_len > 0 {
+                fill(h, stash);
+            }
+            let mut t = 0;
+            while t < tn {
+                let n = (tn - t).min(TOKENS);
+                f(h, half_lanes, t, n, stash);
+                t += n;
+            }
         }
-        half(h);
-        let mut t = 0;
-        while t < tn {
-            let n = (tn - t).min(TOKENS);
-            f(h, half_lanes, t, n);
-            t += n;
-        }
-    }
+    })
 }
 
 /// Registers of decoded codes per block in a half group's stash: a block of 32 (Q4_0, Q5_0)
@@ -149,11 +155,11 @@ thread_local! {
 /// Runs `f` with this thread's stash, at least `len` registers long (none where `len` is 0).
 /// A call with more tokens than one tile decodes each half group's codes once into it
 /// (masking nibbles out, placing Q5_0's and Q6_K's high bits) and every tile reads them back
-/// from L1 (or L2, past a few thousand columns), instead of each tile decoding them again: with four tokens a tile, decoding was a
-/// third of Q5_0's work and half of Q6_K's. (AVX2's signed Q8_0 codes and their magnitudes
-/// stashed too ran no faster at 32 tokens and 0.9x at 8: loading two registers a chunk cost
-/// what the sign flip and `vpabsb` did.) Kernel calls do not nest, so the borrow is never
-/// contended.
+/// from L1 (or L2, past a few thousand columns), instead of each tile decoding them again:
+/// with four tokens a tile, decoding was a third of Q5_0's work and half of Q6_K's. (AVX2's
+/// signed Q8_0 codes and their magnitudes stashed too ran no faster at 32 tokens and 0.9x at
+/// 8: loading two registers a chunk cost what the sign flip and `vpabsb` did.) Kernel calls
+/// do not nest, so the borrow is never contended.
 fn with_stash<R>(len: usize, f: impl FnOnce(*mut __m256i) -> R) -> R {
     if len == 0 {
         return f(std::ptr::null_mut());
@@ -178,7 +184,7 @@ macro_rules! gemm_256 {
         pub(super) mod $name {
             use std::arch::x86_64::*;
 
-            use super::{bcast4, bytes_to_lanes, f16x8, for_tiles, load256, store_lanes, with_stash, HALF, STASH_PER_BLOCK, STASH_PER_BLOCK_K, TOKENS};
+            use super::{bcast4, bytes_to_lanes, f16x8, for_tiles, load256, store_lanes, HALF, STASH_PER_BLOCK, STASH_PER_BLOCK_K, TOKENS};
             use crate::quant::act::{BlockQ8K32, BlockQ8_0};
             use crate::quant::packed::{code_offset, layout};
             use crate::quant::GgmlDType;
@@ -576,27 +582,21 @@ macro_rules! gemm_256 {
             ) {
                 // Q8_0's codes are used as loaded (VNNI), or decoded half a block at a time.
                 let stashed = tn > TOKENS && dtype != GgmlDType::Q8_0;
-                with_stash(if stashed { nb * STASH_PER_BLOCK } else { 0 }, |stash| {
-                    let half = |h| {
-                        if stashed {
-                            stash_half(dtype, group.as_ptr(), nb, h, stash)
-                        }
-                    };
-                    for_tiles(tn, lanes, half, |h, half_lanes, t, n| {
-                        macro_rules! go {
-                            ($t:literal) => {{
-                                let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                                let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
-                                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                                if stashed {
-                                    half_dot::<$t, true>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
-                                } else {
-                                    half_dot::<$t, false>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
-                                }
-                            }};
-                        }
-                        for_tokens!(n, go)
-                    })
+                let fill = |h, stash| stash_half(dtype, group.as_ptr(), nb, h, stash);
+                for_tiles(tn, lanes, if stashed { nb * STASH_PER_BLOCK } else { 0 }, fill, |h, half_lanes, t, n, stash| {
+                    macro_rules! go {
+                        ($t:literal) => {{
+                            let a: [*const BlockQ8_0; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                            let s: [*const i32; $t] = std::array::from_fn(|i| sums.as_ptr().add((t0 + t + i) * nb));
+                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                            if stashed {
+                                half_dot::<$t, true>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
+                            } else {
+                                half_dot::<$t, false>(dtype, group.as_ptr(), nb, h, a, s, o, half_lanes, stash, h == 0 && t == 0)
+                            }
+                        }};
+                    }
+                    for_tokens!(n, go)
                 })
             }
 
@@ -619,26 +619,20 @@ macro_rules! gemm_256 {
                 lanes: u16,
             ) {
                 let stashed = tn > TOKENS;
-                with_stash(if stashed { nb * STASH_PER_BLOCK_K } else { 0 }, |stash| {
-                    let half = |h| {
-                        if stashed {
-                            stash_half_k(dtype, group.as_ptr(), nb, h, stash)
-                        }
-                    };
-                    for_tiles(tn, lanes, half, |h, half_lanes, t, n| {
-                        macro_rules! go {
-                            ($t:literal) => {{
-                                let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
-                                let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
-                                if stashed {
-                                    half_dot_k::<$t, true>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
-                                } else {
-                                    half_dot_k::<$t, false>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
-                                }
-                            }};
-                        }
-                        for_tokens!(n, go)
-                    })
+                let fill = |h, stash| stash_half_k(dtype, group.as_ptr(), nb, h, stash);
+                for_tiles(tn, lanes, if stashed { nb * STASH_PER_BLOCK_K } else { 0 }, fill, |h, half_lanes, t, n, stash| {
+                    macro_rules! go {
+                        ($t:literal) => {{
+                            let a: [*const BlockQ8K32; $t] = std::array::from_fn(|i| acts.as_ptr().add((t0 + t + i) * nb));
+                            let o: [*mut f32; $t] = std::array::from_fn(|i| out.add((t + i) * stride + HALF * h));
+                            if stashed {
+                                half_dot_k::<$t, true>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
+                            } else {
+                                half_dot_k::<$t, false>(dtype, group.as_ptr(), nb, h, a, o, half_lanes, stash)
+                            }
+                        }};
+                    }
+                    for_tokens!(n, go)
                 })
             }
         }

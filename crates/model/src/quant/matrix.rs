@@ -410,8 +410,8 @@ fn run_packed(p: &Packed, n: usize, tile: usize, out: &mut [f32], kernel: impl F
     let tiles = |from: usize, to: usize| (from..to).step_by(tile).map(move |t| (t, (to - t).min(tile)));
     let task = |g0: usize, g1: usize| {
         if tile > TILE_TOKENS {
-            // AMX tiles (and the 256-bit kernels' calls): the task's groups (about PREFILL_CHUNK_BYTES of codes) for two token
-            // tiles at a time, so that both the codes and the tiles' activations stay in L1
+            // AMX tiles (and the 256-bit kernels' calls): the task's groups (about
+            // PREFILL_CHUNK_BYTES of codes) for two token tiles at a time, so that both the codes and the tiles' activations stay in L1
             // (a tile load from L2 stalls). All tokens per group instead: 1.26x the VNNI
             // kernel at 512 tokens, not 1.48x; one tile at a time over the groups: the
             // 262k-row head at 32 tokens 1.02x, not 1.45x.
