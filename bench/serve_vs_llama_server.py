@@ -6,6 +6,7 @@ start the server on a free port, send one short warm-up request (not measured), 
 send `--requests-per-client` streamed /v1/completions requests each, back to back, then stop it.
   - tpserve: `tpserve up --tp 2 --port P --model M` (two worker processes on loopback, the cores
     shared out among them, i.e. 1 thread each on 2 cores); ready when stderr says `ready:`.
+    `--layout="--pp 2"` runs another split instead (two pipeline stages here).
   - llama-server: `llama-server -m M --port P -np S -t 2 -cb -c 1024*S` with S = max(8, N) slots,
     so that every client has a slot; ready when GET /health answers 200.
 The order of the two systems flips every rep, so that a slow drift of the machine does not favour one.
@@ -150,7 +151,7 @@ def start(system, a, tmp, n_clients, rep):
     port = free_port()
     log = os.path.join(tmp, f"{system}-c{n_clients}-rep{rep}.log")
     if system == "tpserve":
-        cmd = [a.tpserve, "up", "--tp", "2", "--port", str(port), "--model", a.model] + shlex.split(a.tpserve_args)
+        cmd = [a.tpserve, "up"] + shlex.split(a.layout) + ["--port", str(port), "--model", a.model] + shlex.split(a.tpserve_args)
         s = Server(system, cmd, os.environ.copy(), log, port)
         s.wait_ready(lambda: "ready:" in s.log_text(), a.start_timeout)
     else:
@@ -290,6 +291,7 @@ def fmt(x, nd=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tpserve", default=default_tpserve(), help="the tpserve binary (default: $CARGO_TARGET_DIR/release/tpserve or ~/.cache/tpserve-ci-target/release/tpserve)")
+    ap.add_argument("--layout", default="--tp 2", help='how `tpserve up` splits the model, one string: --layout="--pp 2" (default "--tp 2")')
     ap.add_argument("--tpserve-args", default="", help='extra flags for `tpserve up`, one string: --tpserve-args="--max-num-seqs 64" (with "=")')
     ap.add_argument("--llama-server", help="the llama-server binary (default: found in ~/llama-venv, see above)")
     ap.add_argument("--llama-args", default="", help='extra flags for llama-server, one string: --llama-args="--no-webui" (with "=")')
@@ -319,7 +321,7 @@ def main():
     warmup = prompts.pop()
     print(f"prompt tokens: min {min(prompt_tokens)}, median {statistics.median(prompt_tokens)}, max {max(prompt_tokens)}; "
           f"{a.max_tokens} new tokens each, {a.requests_per_client} requests per client, {a.reps} reps", flush=True)
-    print(f"tpserve:      {a.tpserve} up --tp 2 {a.tpserve_args}".rstrip())
+    print(f"tpserve:      {a.tpserve} up {a.layout} {a.tpserve_args}".rstrip())
     print(f"llama-server: {a.llama_binary} -np max(8,N) -t 2 -cb -c 1024*max(8,N) {a.llama_args}".rstrip())
     print(f"server logs:  {tmp}", flush=True)
 
@@ -354,7 +356,7 @@ def main():
                 raw.append(entry)
 
     # Medians over the reps, per system and level, and the ratios.
-    print(f"\n### tpserve (tp=2) vs llama-server: medians of {a.reps} reps, {round(statistics.median(prompt_tokens))}-token prompts, "
+    print(f"\n### tpserve ({a.layout}) vs llama-server: medians of {a.reps} reps, {round(statistics.median(prompt_tokens))}-token prompts, "
           f"{a.max_tokens} new tokens, {a.requests_per_client} requests per client\n")
     print("| clients | metric | tpserve | llama-server | tpserve / llama-server |")
     print("|---:|---|---:|---:|---:|")
